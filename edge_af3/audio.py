@@ -1,0 +1,158 @@
+"""Audio in: decode, check, downmix to mono and resample to 16 kHz (numpy + soundfile + soxr).
+
+The steps are the ones transformers' own `load_audio` takes (soundfile decode, average the
+channels, soxr "HQ" resampling, length `ceil(n * 16000 / sr)`), so a file gives the reference
+the same samples it gives us.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Union
+
+import numpy as np
+
+from .constants import SAMPLE_RATE
+
+AudioSource = Union[str, os.PathLike, bytes, np.ndarray, "Audio", tuple]
+
+
+class AudioError(ValueError):
+    """Audio that cannot be used: missing, undecodable, empty or not finite."""
+
+
+@dataclass(frozen=True)
+class Audio:
+    """Mono float32 samples at 16 kHz, plus where they came from."""
+
+    samples: np.ndarray  # [n] float32
+    source_rate: int
+    source_channels: int
+    name: str = "<array>"
+
+    @property
+    def seconds(self) -> float:
+        return self.samples.shape[0] / SAMPLE_RATE
+
+
+def _check_finite(x: np.ndarray, name: str) -> None:
+    if x.size == 0:
+        raise AudioError(f"{name}: the audio has no samples")
+    if not np.isfinite(x).all():
+        bad = int((~np.isfinite(x)).sum())
+        raise AudioError(f"{name}: the audio holds {bad} NaN or infinite sample(s); clean it first")
+
+
+def to_mono(x: np.ndarray) -> np.ndarray:
+    """[n] or [n, channels] -> [n]: channels are averaged, as librosa and transformers do."""
+    if x.ndim == 1:
+        return x
+    if x.ndim == 2:
+        return x.mean(axis=1)
+    raise AudioError(f"expected [samples] or [samples, channels], got shape {tuple(x.shape)}")
+
+
+def resample(x: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
+    """Band-limited resampling with soxr (HQ), trimmed/padded to ceil(n * target / rate)."""
+    if rate == target:
+        return x
+    if rate <= 0:
+        raise AudioError(f"invalid sample rate {rate}")
+    import soxr
+
+    y = soxr.resample(np.ascontiguousarray(x, dtype=np.float64), rate, target, quality="soxr_hq")
+    n = math.ceil(x.shape[0] * target / rate)
+    if y.shape[0] > n:
+        y = y[:n]
+    elif y.shape[0] < n:
+        y = np.pad(y, (0, n - y.shape[0]))
+    return y
+
+
+def _check_riff(head: bytes, total: int, name: str) -> None:
+    """A WAV whose data chunk claims more bytes than the file holds was cut short: say so.
+
+    libsndfile would quietly return the samples that are there; a truncated upload or copy
+    should not pass for a shorter clip.
+    """
+    if len(head) < 12 or head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return
+    pos = 12
+    while pos + 8 <= len(head):
+        cid, size = head[pos : pos + 4], int.from_bytes(head[pos + 4 : pos + 8], "little")
+        if cid == b"data":
+            if size != 0xFFFFFFFF and pos + 8 + size > total:  # 0xFFFFFFFF: streamed, size unknown
+                raise AudioError(
+                    f"{name}: truncated WAV (the data chunk declares {size} bytes, the file holds "
+                    f"{max(0, total - pos - 8)})"
+                )
+            return
+        pos += 8 + size + (size & 1)
+
+
+def _decode(data, name: str) -> tuple[np.ndarray, int, int]:
+    import soundfile as sf
+
+    if isinstance(data, io.BytesIO):
+        _check_riff(data.getvalue()[:65536], len(data.getvalue()), name)
+    else:
+        with open(data, "rb") as f:
+            _check_riff(f.read(65536), os.fstat(f.fileno()).st_size, name)
+
+    try:
+        x, rate = sf.read(data, dtype="float64", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:  # LibsndfileError covers most
+        raise AudioError(f"{name}: not a readable audio file ({e})") from e
+    return x, int(rate), int(x.shape[1])
+
+
+def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str | None = None) -> Audio:
+    """Turn a path, raw file bytes, an array (+ its rate) or an `Audio` into 16 kHz mono float32.
+
+    Arrays are [n] or [n, channels]; integer arrays are scaled by their type's full range.
+    Raises `AudioError` (a `ValueError`) with the reason for anything unusable.
+    """
+    if isinstance(source, Audio):
+        return source
+    if isinstance(source, tuple) and len(source) == 2:
+        source, sample_rate = source
+    if isinstance(source, (str, os.PathLike)):
+        path = Path(source)
+        label = name or str(path)
+        if not path.exists():
+            raise AudioError(f"{label}: no such file")
+        if not path.is_file():
+            raise AudioError(f"{label}: not a file")
+        x, rate, channels = _decode(str(path), label)
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        label = name or "<bytes>"
+        if len(source) == 0:
+            raise AudioError(f"{label}: empty byte string")
+        x, rate, channels = _decode(io.BytesIO(bytes(source)), label)
+    elif isinstance(source, np.ndarray):
+        label = name or "<array>"
+        if sample_rate is None:
+            raise AudioError(f"{label}: an array needs its sample rate, e.g. (array, 16000)")
+        x = source
+        if np.issubdtype(x.dtype, np.integer):
+            info = np.iinfo(x.dtype)
+            x = (x.astype(np.float64) - (info.max + info.min + 1) / 2) / ((info.max - info.min + 1) / 2)
+        elif not np.issubdtype(x.dtype, np.floating):
+            raise AudioError(f"{label}: unsupported sample type {x.dtype}")
+        rate = int(sample_rate)
+        channels = 1 if x.ndim == 1 else int(x.shape[1])
+    else:
+        raise AudioError(f"unsupported audio input of type {type(source).__name__}")
+
+    x = np.asarray(x)
+    _check_finite(x, label)
+    mono = to_mono(x)
+    if rate < 1000:
+        raise AudioError(f"{label}: sample rate {rate} Hz is not a real audio rate")
+    out = resample(mono, rate).astype(np.float32)
+    _check_finite(out, label)
+    return Audio(samples=out, source_rate=rate, source_channels=channels, name=label)

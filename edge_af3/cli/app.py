@@ -1,0 +1,165 @@
+"""`edge-af3 ...` commands. Each is a few lines over the library; errors become one clear line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+import warnings
+from importlib import resources
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+app = typer.Typer(
+    name="edge-af3",
+    help="Run NVIDIA Audio Flamingo 3 on the edge: export, ask, chat, listen.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+
+def bundled_clip() -> Path:
+    """The short speech clip shipped with the package (espeak-ng, 16 kHz FLAC)."""
+    return Path(str(resources.files("edge_af3") / "data" / "clip.flac"))
+
+
+def cache_root() -> Path:
+    from ..reference.vocab import cache_dir
+
+    return cache_dir()
+
+
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code)
+
+
+@app.command("make-tiny")
+def make_tiny(
+    out_dir: Path = typer.Argument(..., help="Folder to write the checkpoint into."),
+    shape: str = typer.Option("tiny", "--shape", help="tiny | bench-small | full"),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
+) -> None:
+    """Write a randomly initialised AF3 checkpoint in the real HF layout (real Qwen2 vocabulary).
+
+    Example: edge-af3 make-tiny ./af3-tiny --shape tiny --seed 0
+    """
+    from ..reference.tiny import SHAPES, make_checkpoint, tensor_specs
+
+    if shape not in SHAPES:
+        raise fail(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    from rich.progress import Progress
+
+    n = len(tensor_specs(SHAPES[shape]))
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"writing {shape} checkpoint", total=n)
+            path = make_checkpoint(out_dir, shape=shape, seed=seed, force=force, progress=lambda _: bar.advance(task))
+    except (FileExistsError, ValueError) as e:
+        raise fail(str(e))
+    console.print(f"[green]wrote[/] {path} ({shape}, seed {seed}, {n} tensors)")
+
+
+@app.command("features")
+def features_cmd(
+    audio: Path = typer.Argument(..., help="Audio file (wav, flac, ogg, mp3)."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Show what AF3 sees of a clip: windows, mask, audio token count, log-mel range.
+
+    Example: edge-af3 features clip.wav --json
+    """
+    from ..audio import AudioError, load_audio
+    from ..features import extract_features
+
+    try:
+        t0 = time.perf_counter()
+        clip = load_audio(audio)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            feats = extract_features(clip)
+        ms = (time.perf_counter() - t0) * 1000
+    except AudioError as e:
+        raise fail(str(e))
+    for w in caught:
+        console.print(f"[yellow]warning:[/] {w.message}")
+    info = {
+        "file": str(audio),
+        "source_rate": clip.source_rate,
+        "source_channels": clip.source_channels,
+        "seconds": round(clip.seconds, 3),
+        "seconds_used": round(feats.seconds, 3),
+        "truncated": feats.truncated,
+        "windows": feats.windows,
+        "valid_frames": [int(m) for m in feats.mask.sum(axis=1)],
+        "rows_per_window": list(feats.rows_per_window),
+        "audio_tokens": feats.n_tokens,
+        "log_mel_min": float(feats.features.min()),
+        "log_mel_max": float(feats.features.max()),
+        "ms": round(ms, 1),
+    }
+    if as_json:
+        out.print_json(json.dumps(info))
+        return
+    out.print(
+        f"{audio}: {info['seconds']} s ({clip.source_rate} Hz, {clip.source_channels} ch) -> "
+        f"{feats.windows} window(s), {feats.n_tokens} audio tokens, log-mel "
+        f"[{info['log_mel_min']:.3f}, {info['log_mel_max']:.3f}], {ms:.1f} ms"
+    )
+
+
+@app.command("demo")
+def demo(
+    model: Optional[str] = typer.Option(None, "--model", envvar="EDGE_AF3_MODEL", help="Checkpoint folder or Hub id."),
+    audio: Optional[Path] = typer.Option(None, "--audio", help="Clip to use (default: the bundled one)."),
+) -> None:
+    """The main job: make (or reuse) a tiny checkpoint and show how AF3 reads the bundled clip.
+
+    Example: edge-af3 demo
+    """
+    from ..features import extract_features
+    from ..reference.loader import CheckpointError, read_config, resolve_checkpoint
+    from ..reference.tiny import make_checkpoint
+
+    clip = audio or bundled_clip()
+    try:
+        if model is None:
+            path = cache_root() / "checkpoints" / "tiny-seed0"
+            if not (path / "config.json").exists():
+                console.print(f"building a tiny AF3 checkpoint in {path} (once)")
+                make_checkpoint(path, shape="tiny", seed=0, force=True)
+        else:
+            path = resolve_checkpoint(model)
+        cfg = read_config(path)
+    except CheckpointError as e:
+        raise fail(str(e))
+    t0 = time.perf_counter()
+    feats = extract_features(clip)
+    t_feat = (time.perf_counter() - t0) * 1000
+    text = cfg["text_config"]
+    out.print(f"checkpoint  {path}")
+    out.print(f"  LLM       {text['num_hidden_layers']} layers, hidden {text['hidden_size']}, vocab {text['vocab_size']}")
+    out.print(f"clip        {clip}  {feats.seconds:.2f} s")
+    out.print(f"features    {feats.windows} x 128 x 3000 log-mel in {t_feat:.1f} ms")
+    out.print(f"audio       {feats.n_tokens} <sound> tokens ({', '.join(map(str, feats.rows_per_window))} per window)")
+
+
+def main() -> None:
+    """Console entry point: Ctrl-C exits 130 without a traceback."""
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
+    try:
+        app()
+    except KeyboardInterrupt:
+        console.print("interrupted")
+        sys.exit(130)
+
+

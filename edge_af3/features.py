@@ -1,0 +1,204 @@
+"""Log-mel features, masks and audio-token counts, exactly as AF3's processor makes them (numpy).
+
+A clip is cut into at most 20 contiguous 30 s windows; each window is zero-padded to 480 000
+samples *before* the STFT, so every window has 3 000 frames and its own log-mel maximum.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .audio import Audio, AudioError, AudioSource, load_audio
+from .constants import (
+    DYNAMIC_RANGE,
+    HOP_LENGTH,
+    LOG_FLOOR,
+    MAX_SAMPLES,
+    MAX_WINDOWS,
+    N_FFT,
+    N_FRAMES,
+    N_MELS,
+    N_SAMPLES,
+    SAMPLE_RATE,
+    rows_for_frames,
+)
+
+
+class AudioTooLongWarning(UserWarning):
+    """The clip is longer than AF3's 10 minutes; only the first 600 s are used."""
+
+
+@dataclass(frozen=True)
+class AudioFeatures:
+    """What the encoder needs for one clip."""
+
+    features: np.ndarray  # [W, 128, 3000] float32 log-mel, per-window normalised
+    mask: np.ndarray  # [W, 3000] int64, 1 where a frame covers real samples
+    rows_per_window: tuple[int, ...]  # encoder rows kept from each window (<= 750)
+    seconds: float  # duration used (after the 600 s cap)
+    truncated: bool  # True when the clip was cut to 600 s
+
+    @property
+    def windows(self) -> int:
+        return self.features.shape[0]
+
+    @property
+    def n_tokens(self) -> int:
+        """How many `<sound>` slots this clip fills in the prompt."""
+        return sum(self.rows_per_window)
+
+
+def _hz_to_mel(hz: np.ndarray) -> np.ndarray:
+    """Slaney mel scale: linear to 1 kHz, logarithmic above."""
+    hz = np.asarray(hz, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz, min_log_mel = 1000.0, 1000.0 / f_sp
+    logstep = math.log(6.4) / 27.0
+    mel = hz / f_sp
+    high = hz >= min_log_hz
+    return np.where(high, min_log_mel + np.log(np.maximum(hz, min_log_hz) / min_log_hz) / logstep, mel)
+
+
+def _mel_to_hz(mel: np.ndarray) -> np.ndarray:
+    mel = np.asarray(mel, dtype=np.float64)
+    f_sp = 200.0 / 3.0
+    min_log_hz, min_log_mel = 1000.0, 1000.0 / f_sp
+    logstep = math.log(6.4) / 27.0
+    return np.where(mel >= min_log_mel, min_log_hz * np.exp(logstep * (mel - min_log_mel)), mel * f_sp)
+
+
+@lru_cache(maxsize=4)
+def mel_filters(n_mels: int = N_MELS) -> np.ndarray:
+    """Slaney-normalised triangular filters [201, n_mels] over 0-8 kHz (float32)."""
+    n_freqs = N_FFT // 2 + 1
+    fft_freqs = np.linspace(0.0, SAMPLE_RATE / 2, n_freqs)
+    mel_pts = np.linspace(_hz_to_mel(0.0), _hz_to_mel(SAMPLE_RATE / 2), n_mels + 2)
+    hz_pts = _mel_to_hz(mel_pts)  # [n_mels + 2] filter edges
+    widths = np.diff(hz_pts)
+    slopes = hz_pts[None, :] - fft_freqs[:, None]  # [201, n_mels + 2]
+    rising = -slopes[:, :-2] / widths[:-1]
+    falling = slopes[:, 2:] / widths[1:]
+    bank = np.maximum(0.0, np.minimum(rising, falling))
+    bank *= 2.0 / (hz_pts[2:] - hz_pts[:-2])  # slaney: equal area per filter
+    return bank.astype(np.float32)
+
+
+@lru_cache(maxsize=1)
+def _hann() -> np.ndarray:
+    n = np.arange(N_FFT, dtype=np.float64)
+    return 0.5 - 0.5 * np.cos(2.0 * np.pi * n / N_FFT)  # periodic Hann
+
+
+@lru_cache(maxsize=1)
+def _mel_filters64_t() -> np.ndarray:
+    return np.ascontiguousarray(mel_filters().astype(np.float64).T)  # [128, 201]
+
+
+FRAMES_PER_TASK = 750  # a window's 3000 frames are cut into 4 tasks so every core has work
+
+
+@lru_cache(maxsize=1)
+def _pool() -> ThreadPoolExecutor:
+    # numpy's FFT and BLAS calls release the GIL, so threads run the tasks in parallel.
+    return ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1)), thread_name_prefix="edge-af3-mel")
+
+
+def _mel_power(padded: np.ndarray, out: np.ndarray, start: int, stop: int) -> None:
+    """Mel power of frames [start, stop) of one reflect-padded window into out[:, start:stop].
+
+    Computed in float64: the reference (torch, float32) is itself off by up to ~1e-4 in deep
+    spectral dips, so the exact value is the surest way to stay within that of it.
+    """
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[start * HOP_LENGTH : stop * HOP_LENGTH : HOP_LENGTH]
+    spec = np.fft.rfft(frames * _hann(), axis=-1)  # [frames, 201]
+    power = spec.real * spec.real
+    power += spec.imag * spec.imag
+    np.matmul(_mel_filters64_t(), power.T, out=out[:, start:stop])  # [128, frames]
+
+
+def _normalise(mel: np.ndarray, out: np.ndarray) -> None:
+    """log10 with a 1e-10 floor, clamp to this window's max - 8, then (x + 4) / 4, into float32."""
+    log = np.log10(np.maximum(mel, LOG_FLOOR, out=mel), out=mel)
+    np.maximum(log, log.max() - DYNAMIC_RANGE, out=log)  # per-window dynamic range
+    log += 4.0
+    np.multiply(log, 0.25, out=out, casting="same_kind")
+
+
+def log_mel(windows: np.ndarray) -> np.ndarray:
+    """Zero-padded 30 s windows [W, 480000] -> normalised log-mel [W, 128, 3000] float32.
+
+    Centred STFT (reflect padding), power spectrum, the last frame dropped, Slaney mel, then
+    `_normalise`. Work is cut into (window, frame range) tasks on a thread pool.
+    """
+    pad = N_FFT // 2
+    out = np.empty((windows.shape[0], N_MELS, N_FRAMES), dtype=np.float32)
+    pending = []
+    for w in range(windows.shape[0]):
+        padded = np.pad(windows[w].astype(np.float64), pad, mode="reflect")
+        mel = np.empty((N_MELS, N_FRAMES), dtype=np.float64)
+        jobs = [
+            _pool().submit(_mel_power, padded, mel, a, min(a + FRAMES_PER_TASK, N_FRAMES))
+            for a in range(0, N_FRAMES, FRAMES_PER_TASK)
+        ]
+        pending.append((w, mel, jobs))
+    finals = []
+    for w, mel, jobs in pending:
+        for job in jobs:
+            job.result()
+        finals.append(_pool().submit(_normalise, mel, out[w]))
+    for job in finals:
+        job.result()
+    return out
+
+
+def window_lengths(n_samples: int) -> list[int]:
+    """Valid samples in each 30 s window of an n-sample clip (already capped at 600 s)."""
+    n_windows = max(1, math.ceil(n_samples / N_SAMPLES))
+    return [min(N_SAMPLES, n_samples - w * N_SAMPLES) for w in range(n_windows)]
+
+
+def token_count(n_samples: int) -> int:
+    """Audio tokens AF3 spends on an n-sample 16 kHz clip (after the 600 s cap)."""
+    return sum(rows_for_frames(math.ceil(v / HOP_LENGTH)) for v in window_lengths(min(n_samples, MAX_SAMPLES)))
+
+
+def extract_features(audio: AudioSource | Audio, sample_rate: int | None = None) -> AudioFeatures:
+    """Audio (path, bytes, array + rate, `Audio`) -> `AudioFeatures` for the encoder."""
+    clip = audio if isinstance(audio, Audio) else load_audio(audio, sample_rate)
+    samples = clip.samples
+    if samples.size == 0:
+        raise AudioError(f"{clip.name}: the audio has no samples")
+    truncated = samples.shape[0] > MAX_SAMPLES
+    if truncated:
+        warnings.warn(
+            f"{clip.name}: {clip.seconds:.1f} s is longer than AF3's {MAX_SAMPLES // SAMPLE_RATE} s; "
+            f"only the first {MAX_SAMPLES // SAMPLE_RATE} s are used",
+            AudioTooLongWarning,
+            stacklevel=2,
+        )
+        samples = samples[:MAX_SAMPLES]
+    lengths = window_lengths(samples.shape[0])
+    assert len(lengths) <= MAX_WINDOWS
+    windows = np.zeros((len(lengths), N_SAMPLES), dtype=np.float32)  # zero-padded before the STFT
+    mask = np.zeros((len(lengths), N_FRAMES), dtype=np.int64)
+    rows = []
+    for w, valid in enumerate(lengths):
+        windows[w, :valid] = samples[w * N_SAMPLES : w * N_SAMPLES + valid]
+        frames = math.ceil(valid / HOP_LENGTH)
+        mask[w, :frames] = 1
+        rows.append(rows_for_frames(frames))
+    feats = log_mel(windows)
+    return AudioFeatures(
+        features=feats,
+        mask=mask,
+        rows_per_window=tuple(rows),
+        seconds=samples.shape[0] / SAMPLE_RATE,
+        truncated=truncated,
+    )

@@ -1,0 +1,286 @@
+"""Randomly initialised AF3 checkpoints in the real HF layout, for tests and benchmarks.
+
+`make_checkpoint(out, shape=..., seed=...)` writes config, generation config, safetensors (sharded
+past 2 GiB, tensor by tensor so the full 8B shape never sits in RAM twice), the real Qwen2
+tokenizer with AF3's special tokens, the processor's chat template and feature-extractor config.
+Weight names are the on-disk names of `nvidia/audio-flamingo-3-hf` (`audio_tower.*`,
+`multi_modal_projector.linear_{1,2}.*`, `language_model.model.*`, `language_model.lm_head.weight`).
+Same shape and seed give the same bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+from ..constants import BOS_TOKEN_ID, EOS_TOKEN_ID, SOUND_TOKEN_ID, VOCAB_SIZE
+
+# The processor's chat template, as transformers' AF3 conversion writes it: `<sound>` once per
+# message that carries audio, before the message's text parts (concatenated, no separator).
+CHAT_TEMPLATE = (
+    "{% if messages[0]['role'] != 'system' %}"
+    "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+    "{% endif %}"
+    "{% for m in messages if m['content'] is not none %}"
+    "<|im_start|>{{ m['role'] }}\n"
+    "{% if m['content'] is string %}"
+    "{{ m['content'] }}"
+    "{% else %}"
+    "{% set audio = namespace(found=False) %}"
+    "{% set text_buf = namespace(v='') %}"
+    "{% for c in m['content'] %}"
+    "{% if c.get('type') == 'audio' or 'audio' in c %}"
+    "{% set audio.found = True %}"
+    "{% elif c.get('type') == 'text' or 'text' in c %}"
+    "{% set text_buf.v = text_buf.v + c['text'] %}"
+    "{% endif %}"
+    "{% endfor %}"
+    "{% if audio.found %}{{ '<sound>' }}{% endif %}{{ text_buf.v }}"
+    "{% endif %}"
+    "<|im_end|>\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}"
+    "<|im_start|>assistant\n"
+    "{% endif %}"
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    enc_layers: int
+    enc_hidden: int
+    enc_heads: int
+    enc_ffn: int
+    llm_layers: int
+    llm_hidden: int
+    llm_heads: int
+    llm_kv_heads: int
+    llm_ffn: int
+    dtype: str  # on-disk dtype
+
+
+SHAPES = {
+    # Tests: >= 4 encoder layers so llama.cpp's mmproj converter accepts it; a 2-layer LLM.
+    "tiny": Shape("tiny", 4, 128, 2, 256, 2, 64, 2, 1, 128, "float32"),
+    # CPU benchmarks: a Whisper-small encoder and a Qwen2.5-0.5B-shaped LLM.
+    "bench-small": Shape("bench-small", 12, 768, 12, 3072, 24, 896, 14, 2, 4864, "bfloat16"),
+    # The real AF3: AF-Whisper (large-v3 shape) + Qwen2.5-7B.
+    "full": Shape("full", 32, 1280, 20, 5120, 28, 3584, 28, 4, 18944, "bfloat16"),
+}
+
+SHARD_BYTES = 2 << 30
+
+
+def config_dict(shape: Shape) -> dict:
+    """The AF3 config for `shape`, built through transformers so every default is its own."""
+    from transformers import AudioFlamingo3Config, AudioFlamingo3EncoderConfig, Qwen2Config
+
+    audio = AudioFlamingo3EncoderConfig(
+        num_mel_bins=128,
+        num_hidden_layers=shape.enc_layers,
+        num_attention_heads=shape.enc_heads,
+        intermediate_size=shape.enc_ffn,
+        hidden_size=shape.enc_hidden,
+        max_source_positions=1500,
+    )
+    text = Qwen2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=shape.llm_hidden,
+        intermediate_size=shape.llm_ffn,
+        num_hidden_layers=shape.llm_layers,
+        num_attention_heads=shape.llm_heads,
+        num_key_value_heads=shape.llm_kv_heads,
+        max_position_embeddings=32768,
+        rms_norm_eps=1e-6,
+        rope_theta=1_000_000.0,
+        tie_word_embeddings=False,
+        bos_token_id=151643,
+        eos_token_id=EOS_TOKEN_ID,
+        use_cache=True,
+        dtype=shape.dtype,
+    )
+    cfg = AudioFlamingo3Config(audio_config=audio, text_config=text, audio_token_id=SOUND_TOKEN_ID)
+    cfg.dtype = shape.dtype
+    return cfg
+
+
+def tensor_specs(shape: Shape) -> list[tuple[str, tuple[int, ...], str]]:
+    """(on-disk name, shape, init kind) for every tensor of the checkpoint, in a fixed order."""
+    e, f, h, q = shape.enc_hidden, shape.enc_ffn, shape.llm_hidden, shape.llm_ffn
+    kv = shape.llm_kv_heads * (h // shape.llm_heads)
+    specs = [
+        ("audio_tower.conv1.weight", (e, 128, 3), "linear"),
+        ("audio_tower.conv1.bias", (e,), "bias"),
+        ("audio_tower.conv2.weight", (e, e, 3), "linear"),
+        ("audio_tower.conv2.bias", (e,), "bias"),
+        ("audio_tower.embed_positions.weight", (1500, e), "embed"),
+    ]
+    for i in range(shape.enc_layers):
+        p = f"audio_tower.layers.{i}."
+        specs += [
+            (p + "self_attn.q_proj.weight", (e, e), "linear"),
+            (p + "self_attn.q_proj.bias", (e,), "bias"),
+            (p + "self_attn.k_proj.weight", (e, e), "linear"),  # k has no bias
+            (p + "self_attn.v_proj.weight", (e, e), "linear"),
+            (p + "self_attn.v_proj.bias", (e,), "bias"),
+            (p + "self_attn.out_proj.weight", (e, e), "linear"),
+            (p + "self_attn.out_proj.bias", (e,), "bias"),
+            (p + "self_attn_layer_norm.weight", (e,), "norm"),
+            (p + "self_attn_layer_norm.bias", (e,), "bias"),
+            (p + "fc1.weight", (f, e), "linear"),
+            (p + "fc1.bias", (f,), "bias"),
+            (p + "fc2.weight", (e, f), "linear"),
+            (p + "fc2.bias", (e,), "bias"),
+            (p + "final_layer_norm.weight", (e,), "norm"),
+            (p + "final_layer_norm.bias", (e,), "bias"),
+        ]
+    specs += [
+        ("audio_tower.layer_norm.weight", (e,), "norm"),
+        ("audio_tower.layer_norm.bias", (e,), "bias"),
+        ("multi_modal_projector.linear_1.weight", (h, e), "linear"),
+        ("multi_modal_projector.linear_1.bias", (h,), "bias"),
+        ("multi_modal_projector.linear_2.weight", (h, h), "linear"),
+        ("multi_modal_projector.linear_2.bias", (h,), "bias"),
+        ("language_model.model.embed_tokens.weight", (VOCAB_SIZE, h), "embed"),
+    ]
+    for i in range(shape.llm_layers):
+        p = f"language_model.model.layers.{i}."
+        specs += [
+            (p + "self_attn.q_proj.weight", (h, h), "linear"),
+            (p + "self_attn.q_proj.bias", (h,), "bias"),
+            (p + "self_attn.k_proj.weight", (kv, h), "linear"),
+            (p + "self_attn.k_proj.bias", (kv,), "bias"),
+            (p + "self_attn.v_proj.weight", (kv, h), "linear"),
+            (p + "self_attn.v_proj.bias", (kv,), "bias"),
+            (p + "self_attn.o_proj.weight", (h, h), "linear"),
+            (p + "mlp.gate_proj.weight", (q, h), "linear"),
+            (p + "mlp.up_proj.weight", (q, h), "linear"),
+            (p + "mlp.down_proj.weight", (h, q), "linear"),
+            (p + "input_layernorm.weight", (h,), "norm"),
+            (p + "post_attention_layernorm.weight", (h,), "norm"),
+        ]
+    specs += [
+        ("language_model.model.norm.weight", (h,), "norm"),
+        ("language_model.lm_head.weight", (VOCAB_SIZE, h), "head"),
+    ]
+    return specs
+
+
+def _random_tensor(name: str, dims: tuple[int, ...], kind: str, seed: int, dtype: str):
+    import torch
+
+    digest = hashlib.sha256(f"{seed}:{name}".encode()).digest()
+    gen = torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") & ((1 << 63) - 1))
+    x = torch.randn(dims, generator=gen, dtype=torch.float32)
+    fan_in = 1
+    for d in dims[1:]:
+        fan_in *= d
+    if kind == "linear":
+        x *= fan_in**-0.5  # keeps activations O(1) through random layers
+    elif kind == "bias":
+        x *= 0.02
+    elif kind == "norm":
+        x = 1.0 + 0.1 * x
+    elif kind == "embed":
+        x *= 1.0
+    elif kind == "head":
+        x *= 3.0 * dims[1] ** -0.5  # logits ~ N(0, 9): clear greedy winners, stable parity
+    return x.to(getattr(torch, dtype)).contiguous()
+
+
+def _write_shards(out: Path, specs, make: Callable[[str, tuple, str], object], progress=None) -> None:
+    """Stream tensors into <= 2 GiB safetensors shards (+ index when more than one)."""
+    from safetensors.torch import save_file
+
+    def groups() -> Iterator[list]:
+        group, size = [], 0
+        for spec in specs:
+            nbytes = 1
+            for d in spec[1]:
+                nbytes *= d
+            nbytes *= 4
+            if group and size + nbytes > SHARD_BYTES:
+                yield group
+                group, size = [], 0
+            group.append(spec)
+            size += nbytes
+        if group:
+            yield group
+
+    shard_specs = list(groups())
+    n = len(shard_specs)
+    weight_map, total = {}, 0
+    for k, group in enumerate(shard_specs):
+        fname = "model.safetensors" if n == 1 else f"model-{k + 1:05d}-of-{n:05d}.safetensors"
+        tensors = {}
+        for name, dims, kind in group:
+            tensors[name] = make(name, dims, kind)
+            total += tensors[name].numel() * tensors[name].element_size()
+            weight_map[name] = fname
+            if progress:
+                progress(name)
+        save_file(tensors, str(out / fname), metadata={"format": "pt"})
+        del tensors
+    if n > 1:
+        index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+        (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def _write_processor(out: Path) -> None:
+    from transformers import AudioFlamingo3Processor, AutoTokenizer, WhisperFeatureExtractor
+
+    from .vocab import write_tokenizer
+
+    with tempfile.TemporaryDirectory() as tmp:
+        write_tokenizer(Path(tmp), chat_template=CHAT_TEMPLATE)
+        tokenizer = AutoTokenizer.from_pretrained(tmp)
+        processor = AudioFlamingo3Processor(
+            feature_extractor=WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
+            tokenizer=tokenizer,
+            chat_template=CHAT_TEMPLATE,
+        )
+        processor.save_pretrained(str(out))
+        for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files the real repo also has
+            shutil.copyfile(Path(tmp) / name, out / name)
+
+
+def make_checkpoint(out: str | os.PathLike, *, shape: str = "tiny", seed: int = 0, force: bool = False,
+                    progress: Callable[[str], None] | None = None) -> Path:  # fmt: skip
+    """Write a random AF3 checkpoint of `shape` to `out` (atomically: temp folder, then rename)."""
+    from transformers import GenerationConfig
+
+    if shape not in SHAPES:
+        raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    spec = SHAPES[shape]
+    out = Path(out).resolve()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    try:
+        config_dict(spec).save_pretrained(str(tmp))
+        GenerationConfig(
+            bos_token_id=BOS_TOKEN_ID,
+            eos_token_id=[EOS_TOKEN_ID, 151643],
+            pad_token_id=151643,
+            do_sample=False,
+            max_new_tokens=500,
+        ).save_pretrained(str(tmp))
+        _write_processor(tmp)
+        make = lambda n, d, k: _random_tensor(n, d, k, seed, spec.dtype)  # noqa: E731
+        _write_shards(tmp, tensor_specs(spec), make, progress)
+        (tmp / "edge_af3_tiny.json").write_text(json.dumps({"shape": shape, "seed": seed}) + "\n")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

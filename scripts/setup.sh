@@ -1,0 +1,46 @@
+#!/usr/bin/env bash
+# One-stop set-up on a fresh Debian/Ubuntu machine: system packages (when root), a venv in .venv,
+# the CPU build of torch (pinned: a bare `torch` pulls a multi-GB CUDA build), llama-cpp-python
+# built from its sdist, and edge-af3 with its extras. Safe to run again: it skips what is there.
+#   scripts/setup.sh            runtime + export + mic extras
+#   scripts/setup.sh --dev      ... + test tools
+set -euo pipefail
+cd "$(dirname "$0")/.."
+EXTRAS="export,mic"
+[ "${1:-}" = "--dev" ] && EXTRAS="export,mic,dev"
+TORCH_PIN="torch==2.13.0"
+LLAMA_PIN="llama-cpp-python==0.3.36"
+APT_PKGS="libsndfile1 libportaudio2 espeak-ng sox alsa-utils tmux pulseaudio pulseaudio-utils libasound2-plugins"
+
+if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  missing=$(for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
+  if [ -n "$missing" ]; then
+    echo "[setup] apt-get install $missing"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $missing >/dev/null
+  fi
+else
+  echo "[setup] not root or no apt-get: make sure these are installed: $APT_PKGS"
+fi
+
+PY=${PYTHON:-python3}
+[ -x .venv/bin/python ] || "$PY" -m venv .venv
+. .venv/bin/activate
+python -m pip install -q --upgrade pip wheel
+python -m pip install -q "$TORCH_PIN"
+
+# llama-cpp-python ships only an sdist; keep it (the test checkpoints read llama.cpp's Qwen2
+# vocabulary from it) and build it once (pip caches the wheel).
+SDIST_DIR=.cache/sdist
+mkdir -p "$SDIST_DIR"
+SDIST=$(ls "$SDIST_DIR"/llama_cpp_python-0.3.36.tar.gz 2>/dev/null || true)
+if [ -z "$SDIST" ]; then
+  python -m pip download -q --no-deps --no-binary :all: "$LLAMA_PIN" -d "$SDIST_DIR"
+  SDIST="$SDIST_DIR/llama_cpp_python-0.3.36.tar.gz"
+fi
+if ! python -c "import llama_cpp" >/dev/null 2>&1; then
+  echo "[setup] building llama-cpp-python (about 8 minutes on 2 cores the first time)"
+  python -m pip install -q "$SDIST"
+fi
+python -m pip install -q -e ".[$EXTRAS]"
+echo "[setup] done: $(python -c 'import edge_af3, llama_cpp, onnxruntime, torch, transformers; print("edge-af3", edge_af3.__version__, "| llama-cpp-python", llama_cpp.__version__, "| onnxruntime", onnxruntime.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)')"

@@ -1,0 +1,74 @@
+"""Shared fixtures: one tiny AF3 checkpoint and its transformers reference per test session."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_SDIST = ROOT / ".cache" / "sdist" / "llama_cpp_python-0.3.36.tar.gz"
+if _SDIST.exists():  # scripts/setup.sh keeps the sdist it built llama-cpp-python from
+    os.environ.setdefault("EDGE_AF3_LLAMA_SDIST", str(_SDIST))
+
+REAL_CLIP = Path("/usr/share/sounds/alsa/Front_Center.wav")  # a real recording (alsa-utils), 48 kHz
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory) -> Path:
+    from edge_af3.reference.tiny import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt") / "af3-tiny", shape="tiny", seed=0)
+
+
+@pytest.fixture(scope="session")
+def reference(tiny_ckpt):
+    from edge_af3.reference.loader import load_reference
+
+    return load_reference(tiny_ckpt)
+
+
+@pytest.fixture(scope="session")
+def speech_wav(tmp_path_factory) -> Path:
+    """Synthetic speech from espeak-ng (22.05 kHz mono WAV)."""
+    exe = shutil.which("espeak-ng")
+    assert exe, "espeak-ng is required (scripts/setup.sh installs it)"
+    path = tmp_path_factory.mktemp("speech") / "speech.wav"
+    subprocess.run([exe, "-w", str(path), "Transcribe the input speech, then describe the sounds."], check=True)
+    return path
+
+
+@pytest.fixture(scope="session")
+def real_clip() -> Path:
+    assert REAL_CLIP.exists(), "alsa-utils' recorded clips are required (scripts/setup.sh installs alsa-utils)"
+    return REAL_CLIP
+
+
+def noise(seconds: float, seed: int = 0, rate: int = 16000) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return (0.1 * rng.standard_normal(int(round(seconds * rate)))).astype(np.float32)
+
+
+def sweep(seconds: float, rate: int = 16000) -> np.ndarray:
+    t = np.arange(int(seconds * rate)) / rate
+    f0, f1 = 50.0, 7900.0
+    phase = 2 * np.pi * f0 * seconds / np.log(f1 / f0) * (np.exp(t / seconds * np.log(f1 / f0)) - 1)
+    return (0.5 * np.sin(phase)).astype(np.float32)
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:
+    """`edge-af3 ARGS` in a real subprocess (the installed console script's module)."""
+    full_env = dict(os.environ, **(env or {}))
+    return subprocess.run(
+        [sys.executable, "-m", "edge_af3", *args],
+        capture_output=True,
+        text=True,
+        env=full_env,
+        timeout=timeout,
+        cwd=cwd,
+    )
