@@ -40,7 +40,7 @@ if [ -z "$SDIST" ]; then
 fi
 if ! python -c "import llama_cpp" >/dev/null 2>&1; then
   echo "[setup] building llama-cpp-python (about 8 minutes on 2 cores the first time)"
-  python -m pip install -q "$SDIST"
+  python -m pip install -q "$LLAMA_PIN"  # from the index, so pip caches the built wheel
 fi
 python -m pip install -q -e ".[$EXTRAS]"
 echo "[setup] done: $(python -c 'import edge_af3, llama_cpp, onnxruntime, torch, transformers; print("edge-af3", edge_af3.__version__, "| llama-cpp-python", llama_cpp.__version__, "| onnxruntime", onnxruntime.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)')"
