@@ -69,6 +69,41 @@ def make_tiny(
     console.print(f"[green]wrote[/] {path} ({shape}, seed {seed}, {n} tensors)")
 
 
+@app.command("export")
+def export_cmd(
+    src: str = typer.Argument(..., help="AF3 checkpoint: a local HF folder or a Hub id (nvidia/audio-flamingo-3-hf)."),
+    out_dir: Path = typer.Argument(..., help="Bundle folder to create."),
+    quant: str = typer.Option("q4_k_m", "--quant", help="LLM weights: q4_k_m | q4_0 | q8_0 | f16 | f32"),
+    encoder_precision: str = typer.Option("fp32", "--encoder-precision", help="fp32 | fp16 | int8"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity checks against PyTorch."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest's verification as JSON."),
+) -> None:
+    """Export an AF3 checkpoint into a verified bundle (ONNX encoder + GGUF LLM + manifest).
+
+    Example: edge-af3 export nvidia/audio-flamingo-3-hf ./af3 --quant q4_k_m
+    """
+    from ..export import export
+    from ..reference.loader import CheckpointError
+
+    try:
+        with console.status("exporting") as status:
+            path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
+                          verify=not no_verify, revision=revision,
+                          progress=lambda msg: (status.update(msg), console.log(msg)))  # fmt: skip
+    except (CheckpointError, FileExistsError, ValueError) as e:
+        raise fail(str(e))
+    manifest = json.loads((path / "manifest.json").read_text())
+    if as_json:
+        out.print_json(json.dumps({"bundle": str(path), "verification": manifest["verification"],
+                                   "files": manifest["files"]}))  # fmt: skip
+        return
+    for stage, result in manifest["verification"].items():
+        out.print(f"{stage:8s} " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    out.print(f"[green]bundle[/] {path} ({manifest['export_seconds']} s)")
+
+
 @app.command("features")
 def features_cmd(
     audio: Path = typer.Argument(..., help="Audio file (wav, flac, ogg, mp3)."),

@@ -1,0 +1,255 @@
+"""The LLM engine: llama.cpp through llama-cpp-python's low-level API.
+
+A llama.cpp batch carries either token ids or float embeddings, so text and audio rows go in
+separate `llama_decode` calls at consecutive positions. Every decode is cut to `n_batch` rows:
+a larger one trips a C assert that aborts the whole process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+_LOG_LOCK = threading.Lock()
+_LOG_CB = None
+
+
+def _quiet_logs(verbose: bool) -> None:
+    """Silence llama.cpp's native logging unless asked (set once per process)."""
+    global _LOG_CB
+    import llama_cpp
+
+    with _LOG_LOCK:
+        if _LOG_CB is None:
+
+            @llama_cpp.llama_log_callback
+            def _cb(level, text, user_data):  # noqa: ARG001
+                if _VERBOSE[0]:
+                    os.write(2, text)
+
+            _LOG_CB = _cb
+            llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+            llama_cpp.llama_backend_init()
+        _VERBOSE[0] = verbose
+
+
+_VERBOSE = [False]
+
+
+KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
+
+
+class ContextOverflowError(ValueError):
+    """The prompt (text + audio rows) does not fit the context."""
+
+
+@dataclass(frozen=True)
+class SamplerOptions:
+    temperature: float = 0.0  # 0 = greedy
+    top_k: int = 0  # 0 = off
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class LlamaEngine:
+    """One llama.cpp model + context + one sequence; `n_past` is where the next row goes."""
+
+    def __init__(self, gguf: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512, threads: int | None = None,
+                 n_gpu_layers: int = 0, flash_attn: bool | None = None, kv_type: str = "f16",
+                 verbose: bool = False):  # fmt: skip
+        import llama_cpp
+
+        self._ll = llama_cpp
+        _quiet_logs(verbose)
+        path = Path(gguf)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such GGUF file")
+        mp = llama_cpp.llama_model_default_params()
+        mp.n_gpu_layers = n_gpu_layers
+        self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
+        if not self.model:
+            raise RuntimeError(f"llama.cpp could not load {path}")
+        cp = llama_cpp.llama_context_default_params()
+        cp.n_ctx = n_ctx
+        cp.n_batch = n_batch
+        cp.n_ubatch = n_batch
+        n_threads = threads or max(1, os.cpu_count() or 1)
+        cp.n_threads = n_threads
+        cp.n_threads_batch = n_threads
+        cp.no_perf = True
+        if kv_type not in KV_TYPES:
+            raise ValueError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
+        cp.type_k = cp.type_v = KV_TYPES[kv_type]
+        if flash_attn is not None:
+            cp.flash_attn_type = 1 if flash_attn else 0
+        self.ctx = llama_cpp.llama_init_from_model(self.model, cp)
+        if not self.ctx:
+            llama_cpp.llama_model_free(self.model)
+            raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
+        self.vocab = llama_cpp.llama_model_get_vocab(self.model)
+        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_batch = n_batch
+        self.n_embd = llama_cpp.llama_model_n_embd(self.model)
+        self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+        self._tok = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._emb = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+        self.n_past = 0
+        self.decoded_rows = 0  # counters that tests read: work actually done
+        self.decode_calls = 0
+
+    # -- decoding -------------------------------------------------------------------------
+    def _check_room(self, n: int) -> None:
+        if self.n_past + n > self.n_ctx:
+            raise ContextOverflowError(
+                f"the prompt needs {self.n_past + n} positions but n_ctx is {self.n_ctx}; "
+                f"load the model with n_ctx >= {self.n_past + n}"
+            )
+
+    def _run(self, batch, n: int, want_logits: str) -> None:
+        batch.n_tokens = n
+        for i in range(n):
+            batch.pos[i] = self.n_past + i
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = 0
+            batch.logits[i] = 1 if (want_logits == "all" or (want_logits == "last" and i == n - 1)) else 0
+        rc = self._ll.llama_decode(self.ctx, batch)
+        if rc != 0:
+            raise RuntimeError(f"llama_decode failed with code {rc} at position {self.n_past}")
+        self.n_past += n
+        self.decoded_rows += n
+        self.decode_calls += 1
+
+    def _logits_rows(self, n: int) -> np.ndarray:
+        out = np.empty((n, self.n_vocab), dtype=np.float32)
+        for i in range(n):
+            ptr = self._ll.llama_get_logits_ith(self.ctx, i)
+            out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return out
+
+    def decode_tokens(self, ids: Sequence[int], *, logits: str = "last") -> np.ndarray | None:
+        """Feed token ids. logits: 'last' -> [vocab] of the last id, 'all' -> [n, vocab], 'none'."""
+        ids = list(ids)
+        self._check_room(len(ids))
+        collected = []
+        for start in range(0, len(ids), self.n_batch):
+            chunk = ids[start : start + self.n_batch]
+            last_chunk = start + self.n_batch >= len(ids)
+            for i, t in enumerate(chunk):
+                self._tok.token[i] = t
+            mode = logits if (logits == "all" or last_chunk) else "none"
+            self._run(self._tok, len(chunk), mode)
+            if mode == "all":
+                collected.append(self._logits_rows(len(chunk)))
+        if logits == "all":
+            return np.concatenate(collected) if collected else np.empty((0, self.n_vocab), np.float32)
+        if logits == "last" and ids:
+            return self.last_logits(len(ids) - 1 - (len(ids) - 1) // self.n_batch * self.n_batch)
+        return None
+
+    def decode_embeddings(self, rows: np.ndarray, *, logits: str = "none") -> np.ndarray | None:
+        """Feed float rows [n, n_embd] (audio) at the next positions, n_batch rows per decode."""
+        rows = np.ascontiguousarray(rows, dtype=np.float32)
+        if rows.ndim != 2 or rows.shape[1] != self.n_embd:
+            raise ValueError(f"embedding rows must be [n, {self.n_embd}], got {rows.shape}")
+        self._check_room(rows.shape[0])
+        collected = []
+        for start in range(0, rows.shape[0], self.n_batch):
+            chunk = rows[start : start + self.n_batch]
+            ctypes.memmove(self._emb.embd, chunk.ctypes.data, chunk.nbytes)
+            last_chunk = start + self.n_batch >= rows.shape[0]
+            mode = logits if (logits == "all" or last_chunk) else "none"
+            self._run(self._emb, chunk.shape[0], mode)
+            if mode == "all":
+                collected.append(self._logits_rows(chunk.shape[0]))
+        if logits == "all":
+            return np.concatenate(collected)
+        if logits == "last":
+            return self.last_logits((rows.shape[0] - 1) % self.n_batch)
+        return None
+
+    def last_logits(self, index: int = -1) -> np.ndarray:
+        ptr = self._ll.llama_get_logits_ith(self.ctx, index)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def truncate(self, n_past: int) -> None:
+        """Forget every position >= n_past (the KV cache keeps the prefix)."""
+        mem = self._ll.llama_get_memory(self.ctx)
+        self._ll.llama_memory_seq_rm(mem, 0, n_past, -1)
+        self.n_past = n_past
+
+    def reset(self) -> None:
+        self._ll.llama_memory_clear(self._ll.llama_get_memory(self.ctx), True)
+        self.n_past = 0
+
+    # -- vocabulary -----------------------------------------------------------------------
+    def tokenize(self, text: str, *, special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (self._ll.llama_token * cap)()
+        n = self._ll.llama_tokenize(self.vocab, data, len(data), buf, cap, False, special)
+        if n < 0:
+            raise RuntimeError("llama_tokenize: buffer too small")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = self._ll.llama_token_to_piece(self.vocab, token, buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = self._ll.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
+        return buf.raw[:n]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self._ll.llama_vocab_is_eog(self.vocab, token))
+
+    # -- sampling -------------------------------------------------------------------------
+    def make_sampler(self, opts: SamplerOptions):
+        ll = self._ll
+        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if opts.temperature <= 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            return chain
+        if opts.top_k > 0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(opts.top_k))
+        if opts.top_p < 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(opts.top_p, 1))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(opts.temperature))
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(opts.seed & 0xFFFFFFFF))
+        return chain
+
+    def sample(self, sampler) -> int:
+        """Sample from the logits of the last decoded row (the sampler accepts the token)."""
+        return int(self._ll.llama_sampler_sample(sampler, self.ctx, -1))
+
+    def free_sampler(self, sampler) -> None:
+        self._ll.llama_sampler_free(sampler)
+
+    # -- lifetime -------------------------------------------------------------------------
+    def close(self) -> None:
+        ll = self._ll
+        if getattr(self, "ctx", None):
+            ll.llama_batch_free(self._tok)
+            ll.llama_batch_free(self._emb)
+            ll.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            ll.llama_model_free(self.model)
+            self.model = None
+
+    def __enter__(self) -> "LlamaEngine":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass

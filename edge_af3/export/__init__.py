@@ -1,0 +1,214 @@
+"""`export(src, out)`: an AF3 checkpoint -> a self-describing, verified bundle, written atomically.
+
+    bundle/
+      encoder.onnx            audio tower + pool + LayerNorm + projector ([N,128,3000] -> [N,750,H])
+      llm-<quant>.gguf        the Qwen2 LLM (our converter + llama.cpp's quantizer)
+      manifest.json           source hashes, versions, shapes, special ids, features, outputs, checks
+
+Work happens in a hidden sibling folder that is renamed to OUT at the very end; any failure or
+Ctrl-C removes it, so OUT is either the whole bundle or absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shutil
+import tempfile
+import time
+from importlib import metadata
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from .. import __version__
+from ..bundle import FORMAT_VERSION, MANIFEST, describe, sha256_file
+from ..constants import (
+    BOS_TOKEN_ID,
+    EOS_TOKEN_ID,
+    HOP_LENGTH,
+    MAX_WINDOWS,
+    N_FFT,
+    N_FRAMES,
+    N_MELS,
+    PAD_TOKEN_ID,
+    ROWS_PER_WINDOW,
+    SAMPLE_RATE,
+    SOUND_TOKEN_ID,
+)
+from .gguf_llm import QUANTS, quantize, write_gguf
+from .onnx_encoder import PRECISIONS, export_encoder, load_encoder
+
+Progress = Callable[[str], None]
+
+PROBE_TEXT = "Describe the sound in one sentence. Ünïcödé, 数字 42, emoji 🦙 and code `x = f(y)`."
+
+
+def _versions() -> dict[str, str]:
+    out = {"edge-af3": __version__, "python": platform.python_version()}
+    for pkg in ("torch", "transformers", "onnx", "onnxruntime", "gguf", "llama-cpp-python", "safetensors"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+def _source_files(ckpt: Path) -> dict[str, str]:
+    return {
+        str(p.relative_to(ckpt)): sha256_file(p)
+        for p in sorted(ckpt.rglob("*"))
+        if p.is_file() and not p.name.startswith(".")
+    }
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
+
+
+def verify_encoder(encoder_path: Path, wrapper) -> dict:
+    """ONNX Runtime vs PyTorch on a 45 s probe (two windows, the second half padded)."""
+    import onnxruntime as ort
+    import torch
+
+    from ..features import extract_features
+
+    x = (0.1 * np.random.default_rng(1234).standard_normal(45 * SAMPLE_RATE)).astype(np.float32)
+    feats = extract_features((x, SAMPLE_RATE))
+    sess = ort.InferenceSession(str(encoder_path), providers=["CPUExecutionProvider"])
+    got = sess.run(None, {"input_features": feats.features, "input_features_mask": feats.mask})[0]
+    with torch.inference_mode():
+        want = wrapper(torch.from_numpy(feats.features), torch.from_numpy(feats.mask)).numpy()
+    valid = [got[w, :n] for w, n in enumerate(feats.rows_per_window)], [want[w, :n] for w, n in enumerate(feats.rows_per_window)]
+    g, r = np.concatenate(valid[0]), np.concatenate(valid[1])
+    return {"probe": "45 s noise, 2 windows", "max_abs_diff": float(np.abs(g - r).max()), "cosine": _cosine(g, r)}
+
+
+def verify_llm(gguf_path: Path, ckpt: Path, quant: str) -> dict:
+    """GGUF logits (llama.cpp, f32 KV, no flash attention) vs transformers on a probe prompt."""
+    from ..engines.llamacpp import LlamaEngine
+    from ..reference.loader import load_reference
+
+    ref = load_reference(ckpt)
+    conv = [{"role": "user", "content": [{"type": "text", "text": PROBE_TEXT}]}]
+    ids = ref.inputs(conv)["input_ids"][0].tolist()
+    want = ref.logits(conv)
+    del ref
+    with LlamaEngine(gguf_path, n_ctx=max(256, len(ids) + 8), n_batch=256, kv_type="f32", flash_attn=False) as eng:
+        same_tokens = eng.tokenize(_decode_ids(ckpt, ids)) == ids
+        got = eng.decode_tokens(ids, logits="all")
+    p = _softmax(want)
+    kl = float(np.mean(np.sum(p * (np.log(p + 1e-30) - np.log(_softmax(got) + 1e-30)), axis=-1)))
+    out = {
+        "probe_tokens": len(ids),
+        "tokenization_identical": bool(same_tokens),
+        "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+        "kl_divergence": kl,
+    }
+    if quant in ("f32", "f16"):
+        out["max_abs_diff"] = float(np.abs(got - want).max())
+    return out
+
+
+def _decode_ids(ckpt: Path, ids: list[int]) -> str:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(ckpt)).decode(ids)
+
+
+def _softmax(x: np.ndarray) -> np.ndarray:
+    x = x.astype(np.float64)
+    e = np.exp(x - x.max(axis=-1, keepdims=True))
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k_m", encoder_precision: str = "fp32",
+           force: bool = False, verify: bool = True, revision: str | None = None,
+           progress: Progress | None = None) -> Path:  # fmt: skip
+    """Export checkpoint `src` (folder or Hub id) into the bundle folder `out`; returns its path."""
+    from ..reference.loader import read_config, resolve_checkpoint, weight_files
+
+    say = progress or (lambda _msg: None)
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    if encoder_precision not in PRECISIONS:
+        raise ValueError(f"unknown encoder precision {encoder_precision!r}; choose one of {', '.join(PRECISIONS)}")
+    out = Path(out).expanduser().resolve()
+    if out.exists() and not force:
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    say(f"resolving {src}")
+    ckpt = resolve_checkpoint(src, revision=revision)
+    cfg = read_config(ckpt)
+    weight_files(ckpt)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    t_start = time.perf_counter()
+    try:
+        say("exporting the audio encoder to ONNX")
+        wrapper = load_encoder(ckpt)
+        enc_path = export_encoder(wrapper, tmp / "encoder.onnx", precision=encoder_precision)
+        checks = {}
+        if verify:
+            say("verifying the ONNX encoder against PyTorch")
+            checks["encoder"] = verify_encoder(enc_path, wrapper)
+        del wrapper
+
+        text = cfg["text_config"]
+        n_params = text["vocab_size"] * text["hidden_size"] * 2 + text["num_hidden_layers"] * (
+            4 * text["hidden_size"] ** 2 + 3 * text["hidden_size"] * text["intermediate_size"]
+        )
+        base = "f32" if (quant == "f32" or n_params < 2_000_000_000) else "f16"
+        base_path = tmp / f"llm-{base}.gguf"
+        say(f"writing the LLM as {base.upper()} GGUF")
+        write_gguf(ckpt, base_path, ftype=base)
+        llm_path = tmp / f"llm-{quant}.gguf"
+        if quant != base:
+            say(f"quantizing to {quant.upper()} with llama.cpp")
+            quantize(base_path, llm_path, quant)
+            base_path.unlink()
+        if verify:
+            say("verifying GGUF logits against transformers")
+            checks["llm"] = verify_llm(llm_path, ckpt, quant)
+
+        files = {p.name: describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        audio = cfg["audio_config"]
+        manifest = {
+            "format_version": FORMAT_VERSION,
+            "created_unix": int(time.time()),
+            "source": {"id": str(src), "path": str(ckpt), "revision": revision, "files": _source_files(ckpt)},
+            "exporter": _versions(),
+            "model": {
+                "model_type": cfg["model_type"],
+                "encoder_layers": audio["num_hidden_layers"],
+                "encoder_hidden": audio["hidden_size"],
+                "llm_layers": text["num_hidden_layers"],
+                "llm_hidden": text["hidden_size"],
+                "vocab_size": text["vocab_size"],
+            },
+            "special_ids": {"sound": cfg.get("audio_token_id", SOUND_TOKEN_ID), "eos": EOS_TOKEN_ID,
+                            "bos": BOS_TOKEN_ID, "pad": PAD_TOKEN_ID},  # fmt: skip
+            "features": {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "n_mels": N_MELS,
+                         "frames_per_window": N_FRAMES, "rows_per_window": ROWS_PER_WINDOW,
+                         "max_windows": MAX_WINDOWS},  # fmt: skip
+            "encoder": {"file": "encoder.onnx", "precision": encoder_precision, "opset": 17,
+                        "inputs": ["input_features", "input_features_mask"], "output": "audio_rows"},  # fmt: skip
+            "llm": {"file": llm_path.name, "quant": quant, "arch": "qwen2"},
+            "chat_template": (ckpt / "chat_template.jinja").read_text("utf-8")
+            if (ckpt / "chat_template.jinja").exists()
+            else None,
+            "verification": checks,
+            "export_seconds": round(time.perf_counter() - t_start, 1),
+            "files": files,
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    say(f"bundle ready: {out}")
+    return out

@@ -1,0 +1,179 @@
+"""Qwen2 LLM of an AF3 checkpoint -> GGUF (our own converter), then llama.cpp's quantizer.
+
+Tensors are streamed one at a time from the safetensors shards into the file (header and
+tensor infos first, then the data), so the 7B model is never held in RAM as a whole.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from ..constants import EOS_TOKEN_ID
+
+QUANTS = {  # name -> llama_ftype
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q8_0": 7,
+    "q4_k_m": 15,
+}
+
+_LAYER_MAP = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+    "input_layernorm": "attn_norm",
+    "post_attention_layernorm": "ffn_norm",
+}
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """On-disk HF name of an LLM tensor -> llama.cpp's qwen2 tensor name (None: not an LLM tensor)."""
+    for prefix in ("language_model.model.", "model.language_model.", "language_model."):
+        if hf_name.startswith(prefix):
+            rest = hf_name[len(prefix) :]
+            break
+    else:
+        if hf_name.startswith("lm_head."):
+            rest = hf_name
+        else:
+            return None
+    if rest.startswith("lm_head."):
+        return "output." + rest.split(".", 1)[1]
+    if rest == "embed_tokens.weight":
+        return "token_embd.weight"
+    if rest.startswith("norm."):
+        return "output_norm." + rest.split(".", 1)[1]
+    if rest.startswith("layers."):
+        _, idx, tail = rest.split(".", 2)
+        module, kind = tail.rsplit(".", 1)
+        if module in _LAYER_MAP:
+            return f"blk.{idx}.{_LAYER_MAP[module]}.{kind}"
+    raise ValueError(f"unexpected LLM tensor {hf_name!r}")
+
+
+def read_tokenizer(ckpt: Path, n_rows: int) -> tuple[list[str], list[int], list[str]]:
+    """(tokens, token types, merges) from tokenizer.json, padded with unused entries to n_rows."""
+    doc = json.loads((ckpt / "tokenizer.json").read_text("utf-8"))
+    model = doc["model"]
+    if model.get("type") != "BPE":
+        raise ValueError(f"{ckpt}: expected a byte-level BPE tokenizer, got {model.get('type')}")
+    by_id: dict[int, tuple[str, int]] = {i: (t, 1) for t, i in model["vocab"].items()}  # 1 = NORMAL
+    for added in doc.get("added_tokens", []):
+        by_id[added["id"]] = (added["content"], 3 if added.get("special") else 4)  # CONTROL / USER_DEFINED
+    if max(by_id) >= n_rows:
+        raise ValueError(f"{ckpt}: tokenizer has id {max(by_id)} but the embedding has {n_rows} rows")
+    tokens, types = [], []
+    for i in range(n_rows):
+        tok, kind = by_id.get(i, (f"[PAD{i}]", 5))  # 5 = UNUSED
+        tokens.append(tok)
+        types.append(kind)
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
+    return tokens, types, merges
+
+
+def write_gguf(ckpt: Path, out: Path, *, ftype: str = "f32", progress: Callable[[str], None] | None = None) -> Path:
+    """Write the LLM of `ckpt` as an F32 or F16 GGUF at `out`."""
+    import gguf
+    import torch
+    from safetensors import safe_open
+
+    from ..reference.loader import read_config, weight_files
+
+    if ftype not in ("f32", "f16"):
+        raise ValueError("write_gguf writes f32 or f16; quantize() makes the others")
+    cfg = read_config(ckpt)
+    text = cfg["text_config"]
+    rope = text.get("rope_parameters") or {}
+    theta = float(rope.get("rope_theta", text.get("rope_theta", 1_000_000.0)))
+    if rope.get("rope_type", "default") not in ("default", None):
+        raise ValueError(f"unsupported rope type {rope.get('rope_type')!r}")
+    template_path = ckpt / "chat_template.jinja"
+    template = template_path.read_text("utf-8") if template_path.exists() else None
+
+    entries = []  # (gguf name, hf name, file, shape)
+    for f in weight_files(ckpt):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                g = gguf_name(name)
+                if g is not None:
+                    entries.append((g, name, f, tuple(sf.get_slice(name).get_shape())))
+    entries.sort(key=lambda e: e[0])
+    names = {e[0] for e in entries}
+    if "output.weight" not in names:
+        if text.get("tie_word_embeddings"):
+            entries.append(("output.weight",) + next(e for e in entries if e[0] == "token_embd.weight")[1:])
+        else:
+            raise ValueError(f"{ckpt}: no lm_head weight")
+    n_rows = next(e[3][0] for e in entries if e[0] == "token_embd.weight")
+    tokens, types, merges = read_tokenizer(ckpt, n_rows)
+
+    w = gguf.GGUFWriter(str(out), "qwen2")
+    w.add_name(cfg.get("_name_or_path") or ckpt.name)
+    w.add_context_length(int(text.get("max_position_embeddings", 32768)))
+    w.add_embedding_length(int(text["hidden_size"]))
+    w.add_block_count(int(text["num_hidden_layers"]))
+    w.add_feed_forward_length(int(text["intermediate_size"]))
+    w.add_head_count(int(text["num_attention_heads"]))
+    w.add_head_count_kv(int(text.get("num_key_value_heads", text["num_attention_heads"])))
+    w.add_rope_freq_base(theta)
+    w.add_layer_norm_rms_eps(float(text.get("rms_norm_eps", 1e-6)))
+    w.add_file_type(QUANTS[ftype])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("qwen2")
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
+    w.add_eos_token_id(EOS_TOKEN_ID)
+    w.add_bos_token_id(151643)
+    w.add_pad_token_id(151643)
+    w.add_add_bos_token(False)
+    if template:
+        w.add_chat_template(template)
+
+    def out_dtype(shape):
+        return np.float16 if (ftype == "f16" and len(shape) == 2) else np.float32
+
+    for g, _, _, shape in entries:
+        dt = np.dtype(out_dtype(shape))
+        w.add_tensor_info(g, shape, dt, int(np.prod(shape)) * dt.itemsize)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    handles = {}
+    try:
+        for g, hf, f, shape in entries:
+            if f not in handles:
+                handles[f] = safe_open(str(f), framework="pt")
+            t = handles[f].get_tensor(hf).to(torch.float32).numpy()
+            w.write_tensor_data(t.astype(out_dtype(shape), copy=False))
+            del t
+            if progress:
+                progress(g)
+    finally:
+        handles.clear()
+        w.close()
+    return out
+
+
+def quantize(src: Path, dst: Path, quant: str, *, threads: int = 0) -> Path:
+    """llama.cpp's quantizer (through llama-cpp-python) from an F16/F32 GGUF."""
+    import llama_cpp
+
+    if quant not in QUANTS:
+        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = QUANTS[quant]
+    params.nthread = threads
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params)
+    if rc != 0:
+        raise RuntimeError(f"llama.cpp could not quantize {src} to {quant} (code {rc})")
+    return dst

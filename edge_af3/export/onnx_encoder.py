@@ -1,0 +1,112 @@
+"""Audio tower + pooling + final LayerNorm + projector -> encoder.onnx.
+
+Inputs `input_features` [N,128,3000] float32 and `input_features_mask` [N,3000] int64; output
+`audio_rows` [N,750,H] float32 (all 750 rows; the runtime keeps the valid ones per window).
+Dynamic N, opset 17 (LayerNorm as one op so TensorRT can keep it in fp32).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from ..constants import N_FRAMES, N_MELS
+
+OPSET = 17
+INPUTS = ("input_features", "input_features_mask")
+OUTPUT = "audio_rows"
+
+
+def load_encoder(ckpt: Path):
+    """Audio tower + projector of a checkpoint, alone (the LLM is never loaded), fp32, eval."""
+    from safetensors import safe_open
+    from transformers import AudioFlamingo3Config
+    from transformers.models.audioflamingo3.modeling_audioflamingo3 import (
+        AudioFlamingo3Encoder,
+        AudioFlamingo3MultiModalProjector,
+    )
+
+    from ..reference.loader import weight_files
+
+    cfg = AudioFlamingo3Config.from_pretrained(str(ckpt))
+    cfg.audio_config._attn_implementation = "eager"
+    wrapper = _Wrapper(AudioFlamingo3Encoder(cfg.audio_config), AudioFlamingo3MultiModalProjector(cfg))
+    state = {}
+    for f in weight_files(ckpt):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                key = name.removeprefix("model.")
+                if key.startswith("audio_tower."):
+                    state["tower." + key[len("audio_tower.") :]] = sf.get_tensor(name).to(torch.float32)
+                elif key.startswith("multi_modal_projector."):
+                    state["projector." + key[len("multi_modal_projector.") :]] = sf.get_tensor(name).to(torch.float32)
+    missing, unexpected = wrapper.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{ckpt}: encoder weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    return wrapper.float().eval()
+
+
+class _Wrapper(torch.nn.Module):
+    def __init__(self, tower, projector):
+        super().__init__()
+        self.tower = tower
+        self.projector = projector
+
+    def forward(self, input_features, input_features_mask):
+        hidden = self.tower(input_features, input_features_mask=input_features_mask).last_hidden_state
+        return self.projector(hidden)  # [N, 750, H]
+
+
+PRECISIONS = ("fp32", "fp16", "int8")
+
+
+def export_encoder(wrapper, out: Path, *, precision: str = "fp32") -> Path:
+    """Write `out` from `load_encoder(...)` (weights as external data when large)."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"unknown encoder precision {precision!r}; choose fp32, fp16 or int8")
+    feats = torch.zeros(2, N_MELS, N_FRAMES)
+    mask = torch.ones(2, N_FRAMES, dtype=torch.int64)
+    mask[1, 1000:] = 0
+    n_params = sum(p.numel() for p in wrapper.parameters())
+    large = n_params * 4 > 1_800_000_000  # protobuf's 2 GB limit
+    fp32_path = out if precision == "fp32" else out.with_name(out.stem + ".fp32.onnx")
+    with torch.inference_mode():
+        torch.onnx.export(
+            wrapper,
+            (feats, mask),
+            str(fp32_path),
+            input_names=list(INPUTS),
+            output_names=[OUTPUT],
+            dynamic_axes={INPUTS[0]: {0: "windows"}, INPUTS[1]: {0: "windows"}, OUTPUT: {0: "windows"}},
+            opset_version=OPSET,
+            dynamo=False,
+            external_data=large,
+        )
+    if precision == "fp32":
+        return out
+    try:
+        if precision == "fp16":
+            _to_fp16(fp32_path, out, large)
+        else:
+            from onnxruntime.quantization import QuantType, quantize_dynamic
+
+            quantize_dynamic(str(fp32_path), str(out), weight_type=QuantType.QInt8, use_external_data_format=large)
+    finally:
+        for p in fp32_path.parent.glob(fp32_path.name + "*"):
+            p.unlink()
+    return out
+
+
+def _to_fp16(src: Path, dst: Path, large: bool) -> None:
+    """fp16 weights and matmuls; LayerNorm, Softmax and the mask arithmetic stay in fp32."""
+    import onnx
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(src))
+    half = convert_float_to_float16(
+        model,
+        keep_io_types=True,
+        op_block_list=["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Div", "Erf"],
+    )
+    onnx.save(half, str(dst), save_as_external_data=large)

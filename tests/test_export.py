@@ -1,0 +1,163 @@
+"""Exporters: ONNX encoder and GGUF LLM against the transformers reference; refusals; atomicity."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+
+from edge_af3.bundle import BundleError, open_bundle
+from edge_af3.engines.llamacpp import LlamaEngine
+from edge_af3.export import export
+from edge_af3.features import extract_features
+from edge_af3.reference.loader import CheckpointError
+
+from .conftest import noise, run_cli
+
+
+@pytest.fixture(scope="session")
+def bundle_f32(tiny_ckpt, tmp_path_factory):
+    return export(tiny_ckpt, tmp_path_factory.mktemp("bundles") / "f32", quant="f32")
+
+
+def rows(session, feats):
+    out = session.run(None, {"input_features": feats.features, "input_features_mask": feats.mask})[0]
+    return np.concatenate([out[w, :n] for w, n in enumerate(feats.rows_per_window)])
+
+
+def reference_rows(reference, feats):
+    r = reference.audio_rows(feats.features, feats.mask)
+    return np.concatenate([r[w, :n] for w, n in enumerate(feats.rows_per_window)])
+
+
+def test_onnx_fp32_matches_reference(bundle_f32, reference):
+    sess = ort.InferenceSession(str(bundle_f32 / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    for seconds in (0.5, 10.0, 45.0):
+        feats = extract_features((noise(seconds, seed=7), 16000))
+        got, want = rows(sess, feats), reference_rows(reference, feats)
+        assert got.shape == want.shape == (feats.n_tokens, 64)
+        assert np.abs(got - want).max() <= 1e-4
+
+
+@pytest.mark.parametrize("precision, min_cos", [("fp16", 0.999), ("int8", 0.99)])
+def test_onnx_reduced_precision(tiny_ckpt, tmp_path, reference, precision, min_cos):
+    b = export(tiny_ckpt, tmp_path / precision, quant="q8_0", encoder_precision=precision, verify=False)
+    sess = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    feats = extract_features((noise(20.0, seed=9), 16000))
+    got, want = rows(sess, feats).ravel(), reference_rows(reference, feats).ravel()
+    assert got @ want / (np.linalg.norm(got) * np.linalg.norm(want)) >= min_cos
+
+
+def test_gguf_f32_logits_match_reference(bundle_f32, reference):
+    conv = [{"role": "user", "content": [{"type": "text", "text": "What is in this recording? Answer briefly."}]}]
+    ids = reference.inputs(conv)["input_ids"][0].tolist()
+    want = reference.logits(conv)
+    with LlamaEngine(bundle_f32 / "llm-f32.gguf", n_ctx=256, n_batch=8, kv_type="f32", flash_attn=False) as eng:
+        got = eng.decode_tokens(ids, logits="all")  # several n_batch chunks
+    assert np.abs(got - want).max() <= 1e-3
+
+
+CORPUS = [
+    "Hello world", " leading space", "ASCII: the quick brown fox jumps over 13 lazy dogs!",
+    "Accents: déjà vu, naïve café, Ångström, Ünïcödé", "CJK: 你好，世界。日本語のテキスト。한국어 문장",
+    "Emoji: 🦙🎵🔊 👩‍👩‍👧", "Code:\n```python\ndef f(x):\n\treturn {'a': x**2}  # comment\n```",
+    "Numbers 1234567890 and 3.14159e-10", "Mixed\r\nline\n\n\nbreaks   and\ttabs", "",
+]  # fmt: skip
+
+
+def test_gguf_tokenization_identical(bundle_f32, reference):
+    from edge_af3.reference.vocab import SPECIAL_TOKENS
+
+    tok = reference.processor.tokenizer
+    specials = "".join(c for c, _ in SPECIAL_TOKENS)
+    texts = CORPUS + [specials, f"<|im_start|>user\n<sound>{CORPUS[4]}<|im_end|>\n"]
+    with LlamaEngine(bundle_f32 / "llm-f32.gguf", n_ctx=64) as eng:
+        for text in texts:
+            assert eng.tokenize(text) == tok(text, add_special_tokens=False).input_ids, repr(text)
+        ids = tok(CORPUS[5], add_special_tokens=False).input_ids
+        assert b"".join(eng.piece(i) for i in ids).decode() == CORPUS[5]
+
+
+def test_manifest_and_bundle_checks(bundle_f32, tmp_path):
+    m = json.loads((bundle_f32 / "manifest.json").read_text())
+    assert m["special_ids"]["sound"] == 151669 and m["llm"]["quant"] == "f32"
+    assert set(m["files"]) == {"encoder.onnx", "llm-f32.gguf"}
+    assert m["verification"]["encoder"]["max_abs_diff"] <= 1e-4
+    assert m["verification"]["llm"]["max_abs_diff"] <= 1e-3
+    assert m["verification"]["llm"]["tokenization_identical"] is True
+    assert "model.safetensors" in m["source"]["files"]
+    assert tuple(int(v) for v in m["exporter"]["transformers"].split(".")[:2]) >= (5, 5)
+    assert open_bundle(bundle_f32).llm.name == "llm-f32.gguf"
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle_f32, broken)
+    with open(broken / "encoder.onnx", "r+b") as f:  # same size, one byte changed
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 0xFF]))
+    with pytest.raises(BundleError, match="sha256"):
+        open_bundle(broken)
+    (broken / "llm-f32.gguf").unlink()
+    with pytest.raises(BundleError, match="missing"):
+        open_bundle(broken)
+    with pytest.raises(BundleError, match="not an edge-af3 bundle"):
+        open_bundle(tmp_path)
+
+
+def test_quantized_exports_report_agreement(tiny_ckpt, tmp_path):
+    for quant in ("q8_0", "q4_0", "q4_k_m", "f16"):
+        b = export(tiny_ckpt, tmp_path / quant, quant=quant)
+        v = json.loads((b / "manifest.json").read_text())["verification"]["llm"]
+        assert (b / f"llm-{quant}.gguf").is_file() and v["tokenization_identical"]
+        assert 0.0 <= v["kl_divergence"] and 0.0 <= v["top1_agreement"] <= 1.0
+        if quant in ("q8_0", "f16"):
+            assert v["top1_agreement"] >= 0.9
+
+
+def test_refusals(tiny_ckpt, tmp_path):
+    qwen = tmp_path / "qwen"
+    qwen.mkdir()
+    (qwen / "config.json").write_text(json.dumps({"model_type": "qwen2"}))
+    whisper = tmp_path / "whisper"
+    whisper.mkdir()
+    (whisper / "config.json").write_text(json.dumps({"model_type": "whisper"}))
+    for src in (qwen, whisper):
+        with pytest.raises(CheckpointError, match="not 'audioflamingo3'"):
+            export(src, tmp_path / "o1")
+    noshard = tmp_path / "noshard"
+    shutil.copytree(tiny_ckpt, noshard)
+    (noshard / "model.safetensors").unlink()
+    with pytest.raises(CheckpointError, match="no model.safetensors"):
+        export(noshard, tmp_path / "o2")
+    with pytest.raises(ValueError, match="unknown quant"):
+        export(tiny_ckpt, tmp_path / "o3", quant="q3_xs")
+    (tmp_path / "exists").mkdir()
+    with pytest.raises(FileExistsError, match="--force"):
+        export(tiny_ckpt, tmp_path / "exists")
+    assert not any(p.name.startswith(("o1", "o2", "o3", ".o")) for p in tmp_path.iterdir())
+
+
+def test_failed_export_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
+    import edge_af3.export as ex
+
+    def crash(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(ex, "write_gguf", crash)
+    with pytest.raises(KeyboardInterrupt):
+        export(tiny_ckpt, tmp_path / "bundle", quant="f32", verify=False)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_export_subprocess(tiny_ckpt, tmp_path):
+    res = run_cli("export", str(tiny_ckpt), str(tmp_path / "b"), "--quant", "q8_0", "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    info = json.loads(res.stdout)
+    assert info["verification"]["encoder"]["max_abs_diff"] <= 1e-4
+    res = run_cli("export", str(tiny_ckpt), str(tmp_path / "b"))
+    assert res.returncode == 1 and "exists" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("export", str(tiny_ckpt), str(tmp_path / "c"), "--quant", "bogus")
+    assert res.returncode == 1 and "unknown quant" in res.stderr
