@@ -5,11 +5,21 @@ The inference path (audio -> features -> encoder engine -> llama.cpp) needs no t
 """
 
 from .audio import Audio, AudioError, load_audio
+from .bundle import Bundle, BundleError, open_bundle
 from .features import AudioFeatures, AudioTooLongWarning, extract_features, token_count
+from .runtime import AF3, Answer, ChatSession, GenerationOptions, Timings
 
 __version__ = "0.1.0"
 
 __all__ = [
+    "AF3",
+    "Answer",
+    "Bundle",
+    "BundleError",
+    "ChatSession",
+    "GenerationOptions",
+    "Timings",
+    "open_bundle",
     "Audio",
     "AudioError",
     "AudioFeatures",

@@ -154,38 +154,58 @@ def features_cmd(
 
 @app.command("demo")
 def demo(
-    model: Optional[str] = typer.Option(None, "--model", envvar="EDGE_AF3_MODEL", help="Checkpoint folder or Hub id."),
+    model: Optional[str] = typer.Option(None, "--model", envvar="EDGE_AF3_MODEL",
+                                        help="Bundle, checkpoint folder or Hub id (default: a tiny random AF3)."),  # fmt: skip
     audio: Optional[Path] = typer.Option(None, "--audio", help="Clip to use (default: the bundled one)."),
+    prompt: str = typer.Option("What do you hear? Transcribe any speech.", "--prompt"),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens"),
 ) -> None:
-    """The main job: make (or reuse) a tiny checkpoint and show how AF3 reads the bundled clip.
+    """The main job: export (once, cached) and run AF3 on a clip, streaming the answer with timings.
 
-    Example: edge-af3 demo
+    Without --model it builds a tiny randomly initialised AF3 (its answer is gibberish by design;
+    the pipeline, token counts and timings are real).
+
+    Example: edge-af3 demo --model ./af3-bundle --audio clip.wav
     """
     from ..features import extract_features
-    from ..reference.loader import CheckpointError, read_config, resolve_checkpoint
+    from ..reference.loader import CheckpointError
     from ..reference.tiny import make_checkpoint
+    from ..runtime import AF3
 
     clip = audio or bundled_clip()
     try:
         if model is None:
-            path = cache_root() / "checkpoints" / "tiny-seed0"
-            if not (path / "config.json").exists():
-                console.print(f"building a tiny AF3 checkpoint in {path} (once)")
-                make_checkpoint(path, shape="tiny", seed=0, force=True)
+            ckpt = cache_root() / "checkpoints" / "tiny-seed0"
+            if not (ckpt / "config.json").exists():
+                console.print(f"building a tiny AF3 checkpoint in {ckpt} (once)")
+                make_checkpoint(ckpt, shape="tiny", seed=0, force=True)
+            source = str(ckpt)
         else:
-            path = resolve_checkpoint(model)
-        cfg = read_config(path)
-    except CheckpointError as e:
+            source = model
+        with console.status("loading (a checkpoint is exported once into the cache)"):
+            af3 = AF3.load(source, n_ctx=4096)
+    except (CheckpointError, ValueError, FileNotFoundError) as e:
         raise fail(str(e))
-    t0 = time.perf_counter()
     feats = extract_features(clip)
-    t_feat = (time.perf_counter() - t0) * 1000
-    text = cfg["text_config"]
-    out.print(f"checkpoint  {path}")
-    out.print(f"  LLM       {text['num_hidden_layers']} layers, hidden {text['hidden_size']}, vocab {text['vocab_size']}")
-    out.print(f"clip        {clip}  {feats.seconds:.2f} s")
-    out.print(f"features    {feats.windows} x 128 x 3000 log-mel in {t_feat:.1f} ms")
-    out.print(f"audio       {feats.n_tokens} <sound> tokens ({', '.join(map(str, feats.rows_per_window))} per window)")
+    out.print(f"bundle      {af3.bundle.path}")
+    out.print(f"clip        {clip}  {feats.seconds:.2f} s -> {feats.windows} window(s), {feats.n_tokens} <sound> tokens")
+    out.print(f"question    {prompt}")
+    out.print("answer      ", end="")
+    session = af3.chat()
+    pieces = session.stream(prompt, audio=clip, max_new_tokens=max_new_tokens)
+    for piece in pieces:
+        out.print(piece, end="", markup=False, highlight=False)
+    out.print()
+    answer = session.send("In one word?", max_new_tokens=4)  # a follow-up reuses the KV cache
+    t = answer.timings
+    out.print(f"follow-up   {answer.text!r} (prefill {t.prefill_ms:.1f} ms, no re-encoding)")
+    first = af3.ask(clip, prompt, max_new_tokens=max_new_tokens).timings  # cached rows: encoder skipped
+    out.print(
+        f"timings     features {first.features_ms:.1f} ms | encoder {first.encoder_ms:.1f} ms (cached) | "
+        f"prefill {first.prefill_ms:.1f} ms | first token {first.first_token_ms:.1f} ms | "
+        f"decode {first.decode_tokens_per_s:.1f} tok/s"
+    )
+    af3.close()
 
 
 def main() -> None:

@@ -14,8 +14,6 @@ from __future__ import annotations
 import json
 import os
 import platform
-import shutil
-import tempfile
 import time
 from importlib import metadata
 from pathlib import Path
@@ -24,7 +22,7 @@ from typing import Callable
 import numpy as np
 
 from .. import __version__
-from ..bundle import FORMAT_VERSION, MANIFEST, describe, sha256_file
+from ..bundle import FORMAT_VERSION, MANIFEST, describe, sha256_file, staged_folder
 from ..constants import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -143,10 +141,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
     ckpt = resolve_checkpoint(src, revision=revision)
     cfg = read_config(ckpt)
     weight_files(ckpt)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
     t_start = time.perf_counter()
-    try:
+    with staged_folder(out, force=force) as tmp:
         say("exporting the audio encoder to ONNX")
         wrapper = load_encoder(ckpt)
         enc_path = export_encoder(wrapper, tmp / "encoder.onnx", precision=encoder_precision)
@@ -204,11 +200,5 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
             "files": files,
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", "utf-8")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     say(f"bundle ready: {out}")
     return out

@@ -168,6 +168,9 @@ def quantize(src: Path, dst: Path, quant: str, *, threads: int = 0) -> Path:
     """llama.cpp's quantizer (through llama-cpp-python) from an F16/F32 GGUF."""
     import llama_cpp
 
+    from ..engines.llamacpp import _quiet_logs
+
+    _quiet_logs(False)  # llama.cpp's quantizer logs every tensor otherwise
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     params = llama_cpp.llama_model_quantize_default_params()

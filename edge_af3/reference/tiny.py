@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
+from ..bundle import staged_folder
 from ..constants import BOS_TOKEN_ID, EOS_TOKEN_ID, SOUND_TOKEN_ID, VOCAB_SIZE
 
 # The processor's chat template, as transformers' AF3 conversion writes it: `<sound>` once per
@@ -260,11 +261,7 @@ def make_checkpoint(out: str | os.PathLike, *, shape: str = "tiny", seed: int = 
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
     spec = SHAPES[shape]
     out = Path(out).resolve()
-    if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass force=True (--force) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    try:
+    with staged_folder(out, force=force) as tmp:
         config_dict(spec).save_pretrained(str(tmp))
         GenerationConfig(
             bos_token_id=BOS_TOKEN_ID,
@@ -277,10 +274,4 @@ def make_checkpoint(out: str | os.PathLike, *, shape: str = "tiny", seed: int = 
         make = lambda n, d, k: _random_tensor(n, d, k, seed, spec.dtype)  # noqa: E731
         _write_shards(tmp, tensor_specs(spec), make, progress)
         (tmp / "edge_af3_tiny.json").write_text(json.dumps({"shape": shape, "seed": seed}) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out

@@ -9,7 +9,6 @@ real ids, so token ids in our tests are the ids the real AF3 uses.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import shutil
@@ -19,6 +18,7 @@ import tarfile
 import tempfile
 from pathlib import Path
 
+from ..bundle import sha256_file
 from ..constants import BOS_TOKEN_ID, EOS_TOKEN, PAD_TOKEN_ID, SOUND_TOKEN, SOUND_TOKEN_ID, VOCAB_SIZE
 
 SDIST_REQUIREMENT = "llama-cpp-python==0.3.36"
@@ -79,14 +79,6 @@ def cache_dir() -> Path:
     return Path(root)
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _extract(sdist: Path, dest: Path) -> None:
     with tarfile.open(sdist, "r:gz") as tar:
         member = tar.getmember(SDIST_MEMBER)
@@ -96,7 +88,7 @@ def _extract(sdist: Path, dest: Path) -> None:
         tmp = dest.with_suffix(".partial")
         with open(tmp, "wb") as out:
             shutil.copyfileobj(src, out)
-    if _sha256(tmp) != VOCAB_SHA256:
+    if sha256_file(tmp) != VOCAB_SHA256:
         tmp.unlink()
         raise RuntimeError(f"{sdist}: {SDIST_MEMBER} does not have the expected sha256 {VOCAB_SHA256}")
     os.replace(tmp, dest)
@@ -109,7 +101,7 @@ def qwen2_vocab_path() -> Path:
     llama-cpp-python and reuses it here).
     """
     dest = cache_dir() / "vocab" / "ggml-vocab-qwen2.gguf"
-    if dest.exists() and _sha256(dest) == VOCAB_SHA256:
+    if dest.exists() and sha256_file(dest) == VOCAB_SHA256:
         return dest
     dest.parent.mkdir(parents=True, exist_ok=True)
     local = os.environ.get("EDGE_AF3_LLAMA_SDIST")

@@ -1,0 +1,328 @@
+"""The fused runtime: features (numpy) -> encoder (ONNX Runtime) -> audio rows into llama.cpp at
+the `<sound>` slots -> streamed text. No torch.
+
+    model = AF3.load("./af3-bundle")
+    print(model.ask("clip.wav", "What do you hear?").text)
+    for piece in model.stream("clip.wav", "Describe it."): print(piece, end="")
+    chat = model.chat(); chat.send("What is this?", audio="clip.wav"); chat.send("And the tempo?")
+"""
+
+from __future__ import annotations
+
+import codecs
+import hashlib
+import os
+import threading
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import numpy as np
+
+from .audio import Audio, AudioSource, load_audio
+from .bundle import Bundle, open_bundle
+from .constants import EOS_TOKEN_ID, THINK_SUFFIX
+from .engines.llamacpp import LlamaEngine, SamplerOptions
+from .engines.onnx import OnnxEncoder
+from .features import extract_features
+from .prompt import Message, render, split_sound
+
+
+@dataclass(frozen=True)
+class Timings:
+    features_ms: float = 0.0
+    encoder_ms: float = 0.0
+    prefill_ms: float = 0.0
+    first_token_ms: float = 0.0  # from the call to the first token
+    decode_tokens_per_s: float = 0.0
+    audio_tokens: int = 0
+    prompt_tokens: int = 0
+
+
+@dataclass(frozen=True)
+class Answer:
+    text: str
+    tokens: tuple[int, ...]
+    timings: Timings
+
+
+@dataclass(frozen=True)
+class GenerationOptions:
+    max_new_tokens: int = 500
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int = 0
+    think: bool = False
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError("max_new_tokens must be >= 1")
+        if self.temperature < 0 or not 0 < self.top_p <= 1 or self.top_k < 0:
+            raise ValueError("temperature >= 0, 0 < top_p <= 1 and top_k >= 0 are required")
+
+
+def _as_list(audio) -> list:
+    if audio is None:
+        return []
+    if isinstance(audio, list):
+        return audio
+    return [audio]
+
+
+@dataclass
+class _Stats:
+    features_ms: float = 0.0
+    encoder_ms: float = 0.0
+    audio_tokens: int = 0
+
+
+class AF3:
+    """An exported AF3 bundle, loaded: one encoder session and one llama.cpp context."""
+
+    def __init__(self, bundle: Bundle, *, n_ctx: int = 8192, threads: int | None = None, n_batch: int = 512,
+                 kv_type: str = "f16", flash_attn: bool | None = None, cache_size: int = 16):  # fmt: skip
+        self.bundle = bundle
+        self.template = bundle.manifest.get("chat_template")
+        if not self.template:
+            raise ValueError(f"{bundle.path}: the manifest has no chat template")
+        self.encoder = OnnxEncoder(bundle.encoder, threads=threads)
+        self.llm = LlamaEngine(bundle.llm, n_ctx=n_ctx, n_batch=n_batch, threads=threads, kv_type=kv_type,
+                               flash_attn=flash_attn)  # fmt: skip
+        if self.llm.n_embd != bundle.hidden_size:
+            raise ValueError(f"{bundle.path}: LLM width {self.llm.n_embd} != encoder rows {bundle.hidden_size}")
+        self.lock = threading.RLock()  # one llama.cpp context: one generation at a time
+        self._rows: OrderedDict[str, np.ndarray] = OrderedDict()  # audio hash -> rows [N, H]
+        self._cache_size = cache_size
+        self._owner: object | None = None  # which session's tokens are in the KV cache
+
+    @classmethod
+    def load(cls, source: str | os.PathLike, *, device: str = "auto", n_ctx: int = 8192, threads: int | None = None,
+             check_hashes: bool = True, quant: str = "q4_k_m", **kwargs) -> "AF3":  # fmt: skip
+        """Load a bundle; a checkpoint folder or Hub id is exported once into the cache, then reused."""
+        if device not in ("auto", "cpu", "cuda"):
+            raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+        path = Path(source).expanduser()
+        if not (path / "manifest.json").is_file():
+            path = _exported(source, quant)
+        return cls(open_bundle(path, check_hashes=check_hashes), n_ctx=n_ctx, threads=threads, **kwargs)
+
+    # -- audio -----------------------------------------------------------------------------
+    def audio_rows(self, audio: AudioSource, stats: _Stats | None = None) -> np.ndarray:
+        """Projected rows [N, H] for one clip; the same samples are encoded only once."""
+        clip = audio if isinstance(audio, Audio) else load_audio(audio)
+        key = hashlib.sha256(clip.samples.tobytes()).hexdigest()
+        if key in self._rows:
+            self._rows.move_to_end(key)
+            if stats:
+                stats.audio_tokens += self._rows[key].shape[0]
+            return self._rows[key]
+        t0 = time.perf_counter()
+        feats = extract_features(clip)
+        t1 = time.perf_counter()
+        out = self.encoder.encode(feats.features, feats.mask)  # [W, 750, H], all windows in one run
+        rows = np.concatenate([out[w, :n] for w, n in enumerate(feats.rows_per_window)])
+        t2 = time.perf_counter()
+        if stats:
+            stats.features_ms += (t1 - t0) * 1000
+            stats.encoder_ms += (t2 - t1) * 1000
+            stats.audio_tokens += rows.shape[0]
+        self._rows[key] = rows
+        while len(self._rows) > self._cache_size:
+            self._rows.popitem(last=False)
+        return rows
+
+    # -- one-shot questions ----------------------------------------------------------------
+    def stream(self, audio, prompt: str, **options) -> Iterator[str]:
+        """Text pieces as they are produced for one question about `audio` (or a list of clips)."""
+        session = self.chat()
+        return session.stream(prompt, audio=audio, **options)
+
+    def ask(self, audio, prompt: str, **options) -> Answer:
+        session = self.chat()
+        return session.send(prompt, audio=audio, **options)
+
+    def chat(self, system: str | None = None) -> "ChatSession":
+        return ChatSession(self, system)
+
+    def close(self) -> None:
+        self.llm.close()
+
+    def __enter__(self) -> "AF3":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _exported(source, quant: str) -> Path:
+    """Export a checkpoint (folder or Hub id) once into ~/.cache/edge-af3/bundles and reuse it."""
+    from .reference.loader import resolve_checkpoint
+    from .reference.vocab import cache_dir
+
+    ckpt = resolve_checkpoint(source)
+    key = hashlib.sha256(f"{ckpt.resolve()}:{quant}".encode()).hexdigest()[:16]
+    out = cache_dir() / "bundles" / f"{ckpt.name}-{quant}-{key}"
+    if not (out / "manifest.json").is_file():
+        from .export import export
+
+        export(ckpt, out, quant=quant, force=True)
+    return out
+
+
+@dataclass
+class _Turn:
+    messages: list = field(default_factory=list)
+
+
+class ChatSession:
+    """A conversation that keeps its KV cache: a follow-up costs only its own tokens."""
+
+    def __init__(self, model: AF3, system: str | None = None):
+        self.model = model
+        self.system = system
+        self.reset()
+
+    def reset(self) -> None:
+        self.messages: list[Message] = [Message("system", self.system)] if self.system is not None else []
+        self.audio: list[np.ndarray] = []  # rows of every audio so far, in prompt order
+        self.rendered = ""  # prompt text whose tokens are in the KV cache
+        self.n_past = 0
+        self.prefilled_tokens = 0  # counters for tests: work actually done
+        if self.model._owner is self:
+            self.model._owner = None
+
+    # The KV cache holds `self.rendered` (with audio rows at its <sound> slots) at [0, n_past).
+    def _sync(self, stats: _Stats) -> None:
+        """Make the KV cache hold this session's history (after another session used it)."""
+        llm = self.model.llm
+        if self.model._owner is self:
+            llm.truncate(self.n_past)
+            return
+        llm.reset()
+        self.model._owner = self
+        self.n_past = 0
+        if self.rendered:
+            self._prefill(self.rendered, self.audio, stats)
+
+    def _prefill(self, text: str, rows: Sequence[np.ndarray], stats: _Stats) -> None:
+        pieces = split_sound(text)
+        if len(pieces) != len(rows) + 1:
+            raise ValueError(f"the prompt has {len(pieces) - 1} <sound> slots for {len(rows)} audio clip(s)")
+        llm = self.model.llm
+        needed = llm.n_past + sum(len(llm.tokenize(p)) for p in pieces) + sum(r.shape[0] for r in rows)
+        if needed > llm.n_ctx:
+            raise ValueError(f"the prompt needs {needed} positions but n_ctx is {llm.n_ctx}; load with n_ctx >= {needed + 512}")
+        for i, piece in enumerate(pieces):
+            ids = llm.tokenize(piece)
+            last = i == len(pieces) - 1
+            if ids:  # the last decode of the prompt keeps its logits for the first sample
+                llm.decode_tokens(ids, logits="last" if last else "none")
+                self.prefilled_tokens += len(ids)
+            if i < len(rows):
+                llm.decode_embeddings(rows[i], logits="last" if (last or not pieces[i + 1]) else "none")
+                self.prefilled_tokens += rows[i].shape[0]
+        self.n_past = llm.n_past
+
+    def stream(self, text: str, *, audio=None, **options) -> Iterator[str]:
+        opts = GenerationOptions(**options)
+        return self._generate(text, audio, opts, None)
+
+    def send(self, text: str, *, audio=None, **options) -> Answer:
+        opts = GenerationOptions(**options)
+        box: list[Answer] = []
+        for _ in self._generate(text, audio, opts, box):
+            pass
+        return box[0]
+
+    def _generate(self, text: str, audio, opts: GenerationOptions, box) -> Iterator[str]:
+        model, llm = self.model, self.model.llm
+        t_start = time.perf_counter()
+        stats = _Stats()
+        clips = [model.audio_rows(a, stats) for a in _as_list(audio)]  # before the lock: no KV touched
+        user = Message("user", text + (THINK_SUFFIX if opts.think else ""), n_audio=len(clips))
+        new_messages = self.messages + [user]
+        full = render(model.template, new_messages, add_generation_prompt=True)
+        if not full.startswith(self.rendered):
+            raise RuntimeError("the chat template does not render conversations incrementally")
+        with model.lock:
+            self._sync(stats)
+            start_past = self.n_past
+            t0 = time.perf_counter()
+            try:
+                self._prefill(full[len(self.rendered) :], clips, stats)
+            except BaseException:
+                llm.truncate(start_past)
+                self.n_past = start_past
+                raise
+            t_prefill = time.perf_counter() - t0
+            sampler = llm.make_sampler(SamplerOptions(opts.temperature, opts.top_k, opts.top_p, opts.seed))
+            decoder = codecs.getincrementaldecoder("utf-8")("replace")
+            tokens: list[int] = []
+            t_first = None
+            finished = False
+            try:
+                while len(tokens) < opts.max_new_tokens:
+                    tok = llm.sample(sampler)
+                    if t_first is None:
+                        t_first = time.perf_counter()
+                    if tok == EOS_TOKEN_ID or llm.is_eog(tok):
+                        break
+                    tokens.append(tok)
+                    piece = decoder.decode(llm.piece(tok))
+                    llm.decode_tokens([tok], logits="last")
+                    if piece:
+                        yield piece
+                tail = decoder.decode(b"", final=True)
+                if tail:
+                    yield tail
+                finished = True
+            finally:
+                llm.free_sampler(sampler)
+                reply = b"".join(llm.piece(t) for t in tokens).decode("utf-8", "replace")
+                if finished:
+                    self._commit(full, user, reply, tokens, clips)
+                else:  # interrupted: forget this turn, keep the session usable
+                    llm.truncate(start_past)
+                    self.n_past = start_past
+        t_end = time.perf_counter()
+        n = len(tokens)
+        decode_s = t_end - (t_first or t_end)
+        timings = Timings(
+            features_ms=stats.features_ms,
+            encoder_ms=stats.encoder_ms,
+            prefill_ms=t_prefill * 1000,
+            first_token_ms=((t_first or t_end) - t_start) * 1000,
+            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            audio_tokens=stats.audio_tokens,
+            prompt_tokens=self.n_past,
+        )
+        if box is not None:
+            box.append(Answer(text=reply, tokens=tuple(tokens), timings=timings))
+
+    def _commit(self, full: str, user: Message, reply: str, tokens: list[int], clips: list[np.ndarray]) -> None:
+        """Put the finished turn in the history; the KV cache then holds exactly the rendered text.
+
+        The reference re-tokenises the reply text on the next turn; when that differs from the
+        sampled ids, only the reply is re-decoded (never the earlier prompt or the audio).
+        """
+        llm = self.model.llm
+        prompt_end = llm.n_past - len(tokens)
+        self.messages = self.messages + [user, Message("assistant", reply)]
+        self.audio = self.audio + clips
+        rendered = render(self.model.template, self.messages, add_generation_prompt=False)
+        tail = rendered[len(full) :]
+        canonical = llm.tokenize(tail)
+        if canonical[: len(tokens)] == tokens:
+            llm.truncate(prompt_end + len(tokens))
+            rest = canonical[len(tokens) :]
+        else:
+            llm.truncate(prompt_end)
+            rest = canonical
+        if rest:
+            llm.decode_tokens(rest, logits="none")
+            self.prefilled_tokens += len(rest)
+        self.rendered = rendered
+        self.n_past = llm.n_past
