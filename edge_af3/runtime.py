@@ -15,7 +15,7 @@ import os
 import threading
 import time
 from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -170,11 +170,6 @@ def _exported(source, quant: str) -> Path:
 
         export(ckpt, out, quant=quant, force=True)
     return out
-
-
-@dataclass
-class _Turn:
-    messages: list = field(default_factory=list)
 
 
 class ChatSession:
