@@ -149,7 +149,7 @@ class LlamaEngine:
         if logits == "all":
             return np.concatenate(collected) if collected else np.empty((0, self.n_vocab), np.float32)
         if logits == "last" and ids:
-            return self.last_logits(len(ids) - 1 - (len(ids) - 1) // self.n_batch * self.n_batch)
+            return self.last_logits((len(ids) - 1) % self.n_batch)
         return None
 
     def decode_embeddings(self, rows: np.ndarray, *, logits: str = "none") -> np.ndarray | None:
