@@ -70,6 +70,12 @@ class Bundle:
         return self.path / self.manifest["llm"]["file"]
 
     @property
+    def mmproj(self) -> Path | None:
+        """llama.cpp's mmproj GGUF when the bundle was exported with `--mmproj`."""
+        mm = self.manifest.get("mmproj")
+        return self.path / mm["file"] if mm else None
+
+    @property
     def hidden_size(self) -> int:
         return int(self.manifest["model"]["llm_hidden"])
 

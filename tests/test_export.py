@@ -161,3 +161,40 @@ def test_cli_export_subprocess(tiny_ckpt, tmp_path):
     assert res.returncode == 1 and "exists" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("export", str(tiny_ckpt), str(tmp_path / "c"), "--quant", "bogus")
     assert res.returncode == 1 and "unknown quant" in res.stderr
+
+
+def test_mmproj_runs_in_llama_cpp(tiny_ckpt, tmp_path, reference):
+    """`--mmproj` writes a file stock llama.cpp (libmtmd) loads; on a full 30 s window, where llama.cpp's
+    audio path agrees with the model, its rows match the reference's."""
+    from edge_af3.engines.mtmd import MARKER, MtmdAudio
+
+    b = export(tiny_ckpt, tmp_path / "b", quant="q8_0", mmproj=True)
+    m = json.loads((b / "manifest.json").read_text())
+    assert m["mmproj"]["file"] == "mmproj-f16.gguf" and "mmproj-f16.gguf" in m["files"]
+    assert m["verification"]["mmproj"]["cosine"] >= 0.999
+    clip = noise(30.0, seed=3)
+    feats = extract_features((clip, 16000))
+    want = reference_rows(reference, feats)
+    with LlamaEngine(b / "llm-q8_0.gguf", n_ctx=4096) as eng, MtmdAudio(b / "mmproj-f16.gguf", eng) as mt:
+        got = mt.audio_rows(clip)
+        # llama.cpp's known AF3 deviations (docs/architecture.md): an extra window at exactly 30 s,
+        # and no padding mask, so a 5 s clip costs a whole window
+        assert got.shape == (1500, 64) and mt.audio_rows(clip[: 5 * 16000]).shape == (750, 64)
+        cos = float((got[:750] * want).sum() / (np.linalg.norm(got[:750]) * np.linalg.norm(want)))
+        assert cos >= 0.999
+        info = mt.prefill(f"<|im_start|>user\n{MARKER}What is this?<|im_end|>\n<|im_start|>assistant\n", [clip[:80000]])
+        assert info["audio_tokens"] == 750 and eng.n_past == info["tokens"]
+        assert np.isfinite(eng.last_logits()).all()
+
+
+def test_large_encoder_goes_to_one_data_file(tiny_ckpt, tmp_path, reference, monkeypatch):
+    import edge_af3.export.onnx_encoder as oe
+
+    monkeypatch.setattr(oe, "EXTERNAL_BYTES", 0)  # take the >2 GB path on the tiny model
+    b = export(tiny_ckpt, tmp_path / "b", quant="q8_0", verify=False)
+    assert sorted(p.name for p in b.iterdir()) == ["encoder.onnx", "encoder.onnx.data", "llm-q8_0.gguf", "manifest.json"]
+    assert (b / "encoder.onnx").stat().st_size < 200_000 < (b / "encoder.onnx.data").stat().st_size
+    assert "encoder.onnx.data" in open_bundle(b).manifest["files"]
+    sess = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])
+    feats = extract_features((noise(12.0, seed=5), 16000))
+    assert np.abs(rows(sess, feats) - reference_rows(reference, feats)).max() <= 1e-4

@@ -78,11 +78,15 @@ def export_cmd(
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity checks against PyTorch."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    mmproj: bool = typer.Option(False, "--mmproj", help="Also write llama.cpp's mmproj GGUF (musicflamingo)."),
+    mmproj_type: str = typer.Option("f16", "--mmproj-type", help="mmproj weights: f16 | f32"),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest's verification as JSON."),
 ) -> None:
     """Export an AF3 checkpoint into a verified bundle (ONNX encoder + GGUF LLM + manifest).
 
-    Example: edge-af3 export nvidia/audio-flamingo-3-hf ./af3 --quant q4_k_m
+    Examples:
+      edge-af3 export nvidia/audio-flamingo-3-hf ./af3 --quant q4_k_m
+      edge-af3 export ./my-af3-finetune ./af3-q8 --quant q8_0 --encoder-precision fp16 --mmproj
     """
     from ..export import export
     from ..reference.loader import CheckpointError
@@ -90,7 +94,7 @@ def export_cmd(
     try:
         with console.status("exporting") as status:
             path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
-                          verify=not no_verify, revision=revision,
+                          verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type,
                           progress=lambda msg: (status.update(msg), console.log(msg)))  # fmt: skip
     except (CheckpointError, FileExistsError, ValueError) as e:
         raise fail(str(e))

@@ -3,6 +3,8 @@
     bundle/
       encoder.onnx            audio tower + pool + LayerNorm + projector ([N,128,3000] -> [N,750,H])
       llm-<quant>.gguf        the Qwen2 LLM (our converter + llama.cpp's quantizer)
+      mmproj-<type>.gguf      with mmproj=True: llama.cpp's `musicflamingo` audio projector, so the
+                              bundle also runs in stock llama.cpp (llama-mtmd-cli) and its AF3 path
       manifest.json           source hashes, versions, shapes, special ids, features, outputs, checks
 
 Work happens in a hidden sibling folder that is renamed to OUT at the very end; any failure or
@@ -37,6 +39,7 @@ from ..constants import (
     SOUND_TOKEN_ID,
 )
 from .gguf_llm import QUANTS, quantize, write_gguf
+from .gguf_mmproj import MMPROJ_TYPES, write_mmproj
 from .onnx_encoder import PRECISIONS, export_encoder, load_encoder
 
 Progress = Callable[[str], None]
@@ -85,16 +88,48 @@ def verify_encoder(encoder_path: Path, wrapper) -> dict:
     return {"probe": "45 s noise, 2 windows", "max_abs_diff": float(np.abs(g - r).max()), "cosine": _cosine(g, r)}
 
 
-def verify_llm(gguf_path: Path, ckpt: Path, quant: str) -> dict:
-    """GGUF logits (llama.cpp, f32 KV, no flash attention) vs transformers on a probe prompt."""
+def verify_mmproj(mmproj_path: Path, llm_path: Path, wrapper) -> dict:
+    """llama.cpp's mtmd on our mmproj vs PyTorch, on a full 30 s window (where mtmd's audio path agrees
+    with the model: no padding, so neither its missing mask nor its global log-mel max matter)."""
+    import torch
+
+    from ..engines.llamacpp import LlamaEngine
+    from ..engines.mtmd import MtmdAudio
+    from ..features import extract_features
+
+    x = (0.1 * np.random.default_rng(4321).standard_normal(30 * SAMPLE_RATE)).astype(np.float32)
+    feats = extract_features((x, SAMPLE_RATE))
+    with torch.inference_mode():
+        want = wrapper(torch.from_numpy(feats.features), torch.from_numpy(feats.mask)).numpy()[0]
+    with LlamaEngine(llm_path, n_ctx=512, n_batch=512) as eng, MtmdAudio(mmproj_path, eng) as mt:
+        got = mt.audio_rows(x)
+        five = mt.audio_rows(x[: 5 * SAMPLE_RATE]).shape[0]
+    return {
+        "probe": "30 s noise, first window",
+        "cosine": _cosine(got[:ROWS_PER_WINDOW], want),
+        "max_abs_diff": float(np.abs(got[:ROWS_PER_WINDOW] - want).max()),
+        "mtmd_audio_tokens_30s": int(got.shape[0]),
+        "mtmd_audio_tokens_5s": int(five),
+    }
+
+
+def verify_llm(gguf_path: Path, ckpt: Path, quant: str, *, dtype: str = "float32") -> dict:
+    """GGUF logits (llama.cpp, f32 KV, no flash attention) vs transformers on a probe prompt.
+
+    `dtype` is the reference's: float32 for small models; bfloat16 (the checkpoint's own dtype) for
+    the 7B, whose float32 copy (30 GB) would not fit next to anything on a 24 GiB machine.
+    """
+    import gc
+
     from ..engines.llamacpp import LlamaEngine
     from ..reference.loader import load_reference
 
-    ref = load_reference(ckpt)
+    ref = load_reference(ckpt, dtype=dtype)
     conv = [{"role": "user", "content": [{"type": "text", "text": PROBE_TEXT}]}]
     ids = ref.inputs(conv)["input_ids"][0].tolist()
     want = ref.logits(conv)
     del ref
+    gc.collect()
     with LlamaEngine(gguf_path, n_ctx=max(256, len(ids) + 8), n_batch=256, kv_type="f32", flash_attn=False) as eng:
         same_tokens = eng.tokenize(_decode_ids(ckpt, ids)) == ids
         got = eng.decode_tokens(ids, logits="all")
@@ -105,6 +140,7 @@ def verify_llm(gguf_path: Path, ckpt: Path, quant: str) -> dict:
         "tokenization_identical": bool(same_tokens),
         "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
         "kl_divergence": kl,
+        "reference_dtype": dtype,
     }
     if quant in ("f32", "f16"):
         out["max_abs_diff"] = float(np.abs(got - want).max())
@@ -124,8 +160,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k_m", encoder_precision: str = "fp32",
-           force: bool = False, verify: bool = True, revision: str | None = None,
-           progress: Progress | None = None) -> Path:  # fmt: skip
+           force: bool = False, verify: bool = True, revision: str | None = None, mmproj: bool = False,
+           mmproj_type: str = "f16", progress: Progress | None = None) -> Path:  # fmt: skip
     """Export checkpoint `src` (folder or Hub id) into the bundle folder `out`; returns its path."""
     from ..reference.loader import read_config, resolve_checkpoint, weight_files
 
@@ -134,6 +170,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
         raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     if encoder_precision not in PRECISIONS:
         raise ValueError(f"unknown encoder precision {encoder_precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if mmproj_type not in MMPROJ_TYPES:
+        raise ValueError(f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
@@ -141,6 +179,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
     ckpt = resolve_checkpoint(src, revision=revision)
     cfg = read_config(ckpt)
     weight_files(ckpt)
+    if mmproj and cfg["audio_config"]["num_hidden_layers"] < 3:
+        raise ValueError(f"{ckpt}: llama.cpp's mmproj needs >= 3 encoder layers")
     t_start = time.perf_counter()
     with staged_folder(out, force=force) as tmp:
         say("exporting the audio encoder to ONNX")
@@ -150,7 +190,6 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
         if verify:
             say("verifying the ONNX encoder against PyTorch")
             checks["encoder"] = verify_encoder(enc_path, wrapper)
-        del wrapper
 
         text = cfg["text_config"]
         n_params = text["vocab_size"] * text["hidden_size"] * 2 + text["num_hidden_layers"] * (
@@ -165,9 +204,17 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
             say(f"quantizing to {quant.upper()} with llama.cpp")
             quantize(base_path, llm_path, quant)
             base_path.unlink()
+        mm_path = None
+        if mmproj:
+            say(f"writing llama.cpp's mmproj ({mmproj_type.upper()})")
+            mm_path = write_mmproj(ckpt, tmp / f"mmproj-{mmproj_type}.gguf", ftype=mmproj_type)
+            if verify:
+                say("verifying the mmproj with llama.cpp's mtmd against PyTorch")
+                checks["mmproj"] = verify_mmproj(mm_path, llm_path, wrapper)
+        del wrapper  # before the LLM reference is loaded: the full model is tight on a 24 GiB machine
         if verify:
             say("verifying GGUF logits against transformers")
-            checks["llm"] = verify_llm(llm_path, ckpt, quant)
+            checks["llm"] = verify_llm(llm_path, ckpt, quant, dtype="bfloat16" if n_params >= 2_000_000_000 else "float32")
 
         files = {p.name: describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         audio = cfg["audio_config"]
@@ -192,6 +239,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
             "encoder": {"file": "encoder.onnx", "precision": encoder_precision, "opset": 17,
                         "inputs": ["input_features", "input_features_mask"], "output": "audio_rows"},  # fmt: skip
             "llm": {"file": llm_path.name, "quant": quant, "arch": "qwen2"},
+            "mmproj": {"file": mm_path.name, "type": mmproj_type, "projector": "musicflamingo"} if mm_path else None,
             "chat_template": (ckpt / "chat_template.jinja").read_text("utf-8")
             if (ckpt / "chat_template.jinja").exists()
             else None,

@@ -83,10 +83,8 @@ def read_tokenizer(ckpt: Path, n_rows: int) -> tuple[list[str], list[int], list[
 def write_gguf(ckpt: Path, out: Path, *, ftype: str = "f32", progress: Callable[[str], None] | None = None) -> Path:
     """Write the LLM of `ckpt` as an F32 or F16 GGUF at `out`."""
     import gguf
-    import torch
-    from safetensors import safe_open
 
-    from ..reference.loader import read_config, weight_files
+    from ..reference.loader import read_config
 
     if ftype not in ("f32", "f16"):
         raise ValueError("write_gguf writes f32 or f16; quantize() makes the others")
@@ -99,14 +97,7 @@ def write_gguf(ckpt: Path, out: Path, *, ftype: str = "f32", progress: Callable[
     template_path = ckpt / "chat_template.jinja"
     template = template_path.read_text("utf-8") if template_path.exists() else None
 
-    entries = []  # (gguf name, hf name, file, shape)
-    for f in weight_files(ckpt):
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                g = gguf_name(name)
-                if g is not None:
-                    entries.append((g, name, f, tuple(sf.get_slice(name).get_shape())))
-    entries.sort(key=lambda e: e[0])
+    entries = list_tensors(ckpt, gguf_name)
     names = {e[0] for e in entries}
     if "output.weight" not in names:
         if text.get("tie_word_embeddings"):
@@ -139,29 +130,57 @@ def write_gguf(ckpt: Path, out: Path, *, ftype: str = "f32", progress: Callable[
     if template:
         w.add_chat_template(template)
 
-    def out_dtype(shape):
+    def out_dtype(g: str, shape: tuple) -> type:
         return np.float16 if (ftype == "f16" and len(shape) == 2) else np.float32
 
-    for g, _, _, shape in entries:
-        dt = np.dtype(out_dtype(shape))
-        w.add_tensor_info(g, shape, dt, int(np.prod(shape)) * dt.itemsize)
+    stream_tensors(w, entries, out_dtype, progress=progress)
+    return out
+
+
+def list_tensors(ckpt: Path, mapper: Callable[[str], str | None]) -> list[tuple[str, str, Path, tuple]]:
+    """(gguf name, HF name, shard, shape) of every tensor `mapper` names, sorted by gguf name."""
+    from safetensors import safe_open
+
+    from ..reference.loader import weight_files
+
+    entries = []
+    for f in weight_files(ckpt):
+        with safe_open(str(f), framework="pt") as sf:
+            for name in sf.keys():
+                g = mapper(name)
+                if g is not None:
+                    entries.append((g, name, f, tuple(sf.get_slice(name).get_shape())))
+    entries.sort(key=lambda e: e[0])
+    return entries
+
+
+def stream_tensors(w, entries, out_dtype: Callable[[str, tuple], type], *,
+                   reshape: Callable[[str, tuple], tuple] | None = None,
+                   progress: Callable[[str], None] | None = None) -> None:  # fmt: skip
+    """Write the header, then each tensor read from its shard one at a time, then close `w`."""
+    import torch
+    from safetensors import safe_open
+
+    shapes = {g: (reshape(g, shape) if reshape else shape) for g, _, _, shape in entries}
+    for g, _, _, _ in entries:
+        dt = np.dtype(out_dtype(g, shapes[g]))
+        w.add_tensor_info(g, shapes[g], dt, int(np.prod(shapes[g])) * dt.itemsize)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     handles = {}
     try:
-        for g, hf, f, shape in entries:
+        for g, hf, f, _ in entries:
             if f not in handles:
                 handles[f] = safe_open(str(f), framework="pt")
-            t = handles[f].get_tensor(hf).to(torch.float32).numpy()
-            w.write_tensor_data(t.astype(out_dtype(shape), copy=False))
+            t = handles[f].get_tensor(hf).to(torch.float32).numpy().reshape(shapes[g])
+            w.write_tensor_data(t.astype(out_dtype(g, shapes[g]), copy=False))
             del t
             if progress:
                 progress(g)
     finally:
         handles.clear()
         w.close()
-    return out
 
 
 def quantize(src: Path, dst: Path, quant: str, *, threads: int = 0) -> Path:

@@ -16,6 +16,7 @@ from ..constants import N_FRAMES, N_MELS
 OPSET = 17
 INPUTS = ("input_features", "input_features_mask")
 OUTPUT = "audio_rows"
+EXTERNAL_BYTES = 1_800_000_000  # above this the weights go to `<file>.data` (protobuf's limit is 2 GB)
 
 
 def load_encoder(ckpt: Path):
@@ -62,43 +63,66 @@ PRECISIONS = ("fp32", "fp16", "int8")
 
 
 def export_encoder(wrapper, out: Path, *, precision: str = "fp32") -> Path:
-    """Write `out` from `load_encoder(...)` (weights as external data when large)."""
+    """Write `out` from `load_encoder(...)`; weights above 2 GB go to one `<out>.data` file beside it."""
+    import shutil
+
     if precision not in PRECISIONS:
         raise ValueError(f"unknown encoder precision {precision!r}; choose fp32, fp16 or int8")
     feats = torch.zeros(2, N_MELS, N_FRAMES)
     mask = torch.ones(2, N_FRAMES, dtype=torch.int64)
     mask[1, 1000:] = 0
     n_params = sum(p.numel() for p in wrapper.parameters())
-    large = n_params * 4 > 1_800_000_000  # protobuf's 2 GB limit
-    fp32_path = out if precision == "fp32" else out.with_name(out.stem + ".fp32.onnx")
-    with torch.inference_mode():
-        torch.onnx.export(
-            wrapper,
-            (feats, mask),
-            str(fp32_path),
-            input_names=list(INPUTS),
-            output_names=[OUTPUT],
-            dynamic_axes={INPUTS[0]: {0: "windows"}, INPUTS[1]: {0: "windows"}, OUTPUT: {0: "windows"}},
-            opset_version=OPSET,
-            dynamo=False,
-            external_data=large,
-        )
-    if precision == "fp32":
-        return out
+    large = n_params * 4 > EXTERNAL_BYTES
+    work = out.parent / f".{out.name}.work"  # torch writes one file per tensor when large
+    work.mkdir()
     try:
-        if precision == "fp16":
-            _to_fp16(fp32_path, out, large)
+        raw = work / "encoder.onnx"
+        with torch.inference_mode():
+            torch.onnx.export(
+                wrapper,
+                (feats, mask),
+                str(raw),
+                input_names=list(INPUTS),
+                output_names=[OUTPUT],
+                dynamic_axes={INPUTS[0]: {0: "windows"}, INPUTS[1]: {0: "windows"}, OUTPUT: {0: "windows"}},
+                opset_version=OPSET,
+                dynamo=False,
+                external_data=large,
+            )
+        if precision == "fp32":
+            _save(raw, out, large)
+        elif precision == "fp16":
+            _to_fp16(raw, out, n_params * 2 > EXTERNAL_BYTES)
         else:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
-            quantize_dynamic(str(fp32_path), str(out), weight_type=QuantType.QInt8, use_external_data_format=large)
+            q = work / "encoder.int8.onnx"
+            quantize_dynamic(str(raw), str(q), weight_type=QuantType.QInt8, use_external_data_format=large)
+            _save(q, out, n_params > EXTERNAL_BYTES)
     finally:
-        for p in fp32_path.parent.glob(fp32_path.name + "*"):
-            p.unlink()
+        shutil.rmtree(work, ignore_errors=True)
     return out
 
 
-def _to_fp16(src: Path, dst: Path, large: bool) -> None:
+def _save(src: Path, dst: Path, external: bool) -> None:
+    """Re-save `src` as `dst`, its weights inline or in a single `dst.data` file."""
+    import onnx
+
+    model = onnx.load(str(src))
+    _write(model, dst, external)
+
+
+def _write(model, dst: Path, external: bool) -> None:
+    import onnx
+
+    if external:
+        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
+                        location=dst.name + ".data", size_threshold=1024)  # fmt: skip
+    else:
+        onnx.save_model(model, str(dst))
+
+
+def _to_fp16(src: Path, dst: Path, external: bool) -> None:
     """fp16 weights and matmuls; LayerNorm, Softmax and the mask arithmetic stay in fp32."""
     import onnx
     from onnxruntime.transformers.float16 import convert_float_to_float16
@@ -109,4 +133,5 @@ def _to_fp16(src: Path, dst: Path, large: bool) -> None:
         keep_io_types=True,
         op_block_list=["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Div", "Erf"],
     )
-    onnx.save(half, str(dst), save_as_external_data=large)
+    del model
+    _write(half, dst, external)

@@ -1,0 +1,137 @@
+"""llama.cpp's own multimodal path (libmtmd, through `llama_cpp.mtmd_cpp`) on an AF3 mmproj.
+
+Not edge-af3's runtime: llama.cpp's AF3 audio path differs from the model (global log-mel max, no
+padding mask, an extra all-padding window for a clip of exactly 30 s, an extra `<sound>` text
+token). It is here as a peer for the benchmarks and to check the `--mmproj` files we write.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+from pathlib import Path
+
+import numpy as np
+
+from .llamacpp import LlamaEngine
+
+MARKER = "<__media__>"
+
+
+def _quiet_mtmd_logs() -> None:
+    """Route libmtmd's logging through the same switch as llama.cpp's (silent unless verbose)."""
+    from llama_cpp import mtmd_cpp
+
+    from . import llamacpp
+
+    llamacpp._quiet_logs(llamacpp._VERBOSE[0])
+    mtmd_cpp.mtmd_helper_log_set(llamacpp._LOG_CB, ctypes.c_void_p(0))
+
+
+class MtmdAudio:
+    """An mmproj loaded by libmtmd next to a `LlamaEngine`'s model; prompts carry `MARKER` per clip."""
+
+    def __init__(self, mmproj: str | os.PathLike, engine: LlamaEngine, *, threads: int | None = None,
+                 use_gpu: bool = False):  # fmt: skip
+        from llama_cpp import mtmd_cpp
+
+        self._m = mtmd_cpp
+        _quiet_mtmd_logs()
+        path = Path(mmproj)
+        if not path.is_file():
+            raise FileNotFoundError(f"{path}: no such mmproj file")
+        self.engine = engine
+        p = mtmd_cpp.mtmd_context_params_default()
+        p.use_gpu = use_gpu
+        p.print_timings = False
+        p.n_threads = threads or max(1, os.cpu_count() or 1)
+        p.media_marker = MARKER.encode()
+        p.warmup = False
+        self.ctx = mtmd_cpp.mtmd_init_from_file(str(path).encode(), engine.model, p)
+        if not self.ctx:
+            raise RuntimeError(f"libmtmd could not load {path}")
+        if not mtmd_cpp.mtmd_support_audio(self.ctx):
+            self.close()
+            raise RuntimeError(f"{path} has no audio encoder")
+        self.sample_rate = int(mtmd_cpp.mtmd_get_audio_sample_rate(self.ctx))
+
+    def _chunks(self, text: str, audios: list[np.ndarray]):
+        m = self._m
+        bitmaps = []
+        for a in audios:
+            a = np.ascontiguousarray(a, dtype=np.float32)
+            bm = m.mtmd_bitmap_init_from_audio(a.size, a.ctypes.data_as(ctypes.POINTER(ctypes.c_float)))
+            if not bm:
+                raise RuntimeError("libmtmd could not take the audio")
+            bitmaps.append(bm)
+        chunks = m.mtmd_input_chunks_init()
+        try:
+            data = text.encode("utf-8")
+            inp = m.mtmd_input_text(text=data, text_len=len(data), add_special=False, parse_special=True)
+            arr = (m.mtmd_bitmap_p_ctypes * max(1, len(bitmaps)))(*bitmaps)
+            rc = m.mtmd_tokenize(self.ctx, chunks, ctypes.byref(inp), arr, len(bitmaps))
+            if rc != 0:
+                m.mtmd_input_chunks_free(chunks)
+                raise RuntimeError(f"mtmd_tokenize failed with code {rc}")
+        finally:
+            for bm in bitmaps:
+                m.mtmd_bitmap_free(bm)
+        return chunks
+
+    def audio_rows(self, audio: np.ndarray) -> np.ndarray:
+        """The projected rows libmtmd makes of one clip at 16 kHz: [n_tokens, n_embd] (all its windows)."""
+        m = self._m
+        chunks = self._chunks(MARKER, [audio])
+        try:
+            out = []
+            for i in range(m.mtmd_input_chunks_size(chunks)):
+                chunk = m.mtmd_input_chunks_get(chunks, i)
+                if m.mtmd_input_chunk_get_type(chunk) != m.MTMD_INPUT_CHUNK_TYPE_AUDIO:
+                    continue
+                n = m.mtmd_input_chunk_get_n_tokens(chunk)
+                if m.mtmd_encode_chunk(self.ctx, chunk) != 0:
+                    raise RuntimeError("mtmd_encode_chunk failed")
+                ptr = m.mtmd_get_output_embd(self.ctx)
+                out.append(np.ctypeslib.as_array(ptr, shape=(n * self.engine.n_embd,)).reshape(n, -1).copy())
+            return np.concatenate(out)
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+
+    def prefill(self, text: str, audios: list[np.ndarray]) -> dict:
+        """Tokenize, encode and decode a whole prompt the way llama-mtmd-cli does; logits of the last row."""
+        m = self._m
+        chunks = self._chunks(text, audios)
+        try:
+            audio_tokens = sum(
+                m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(chunks, i))
+                for i in range(m.mtmd_input_chunks_size(chunks))
+                if m.mtmd_input_chunk_get_type(m.mtmd_input_chunks_get(chunks, i)) == m.MTMD_INPUT_CHUNK_TYPE_AUDIO
+            )
+            total = m.mtmd_helper_get_n_tokens(chunks)
+            self.engine._check_room(total)
+            new_past = self.engine._ll.llama_pos(0)
+            rc = m.mtmd_helper_eval_chunks(self.ctx, self.engine.ctx, chunks, self.engine.n_past, 0,
+                                           self.engine.n_batch, True, ctypes.byref(new_past))  # fmt: skip
+            if rc != 0:
+                raise RuntimeError(f"mtmd_helper_eval_chunks failed with code {rc}")
+            self.engine.n_past = int(new_past.value)
+            return {"tokens": int(total), "audio_tokens": int(audio_tokens)}
+        finally:
+            m.mtmd_input_chunks_free(chunks)
+
+    def close(self) -> None:
+        if getattr(self, "ctx", None):
+            self._m.mtmd_free(self.ctx)
+            self.ctx = None
+
+    def __enter__(self) -> "MtmdAudio":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
