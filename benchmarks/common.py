@@ -34,6 +34,14 @@ def measure(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> T
 
 
 def peak_rss_mb() -> float:
+    """This process's peak RSS. /proc's VmHWM starts afresh at exec; ru_maxrss would carry the
+    parent's peak into a spawned child."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

@@ -7,7 +7,7 @@ The inference path (audio -> features -> encoder engine -> llama.cpp) needs no t
 from .audio import Audio, AudioError, load_audio
 from .bundle import Bundle, BundleError, open_bundle
 from .features import AudioFeatures, AudioTooLongWarning, extract_features, token_count
-from .runtime import AF3, Answer, ChatSession, GenerationOptions, Timings
+from .runtime import AF3, Answer, ChatSession, GenerationOptions, ModelNotFoundError, Timings
 
 __version__ = "0.1.0"
 
@@ -18,6 +18,7 @@ __all__ = [
     "BundleError",
     "ChatSession",
     "GenerationOptions",
+    "ModelNotFoundError",
     "Timings",
     "open_bundle",
     "Audio",

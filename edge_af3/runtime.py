@@ -56,6 +56,7 @@ class GenerationOptions:
     top_k: int = 0
     seed: int = 0
     think: bool = False
+    ignore_eos: bool = False  # generate exactly max_new_tokens (benchmarks, like llama.cpp's --ignore-eos)
 
     def __post_init__(self):
         if self.max_new_tokens < 1:
@@ -100,13 +101,11 @@ class AF3:
 
     @classmethod
     def load(cls, source: str | os.PathLike, *, device: str = "auto", n_ctx: int = 8192, threads: int | None = None,
-             check_hashes: bool = True, quant: str = "q4_k_m", **kwargs) -> "AF3":  # fmt: skip
+             check_hashes: bool = True, quant: str = "q4_k_m", progress=None, **kwargs) -> "AF3":  # fmt: skip
         """Load a bundle; a checkpoint folder or Hub id is exported once into the cache, then reused."""
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
-        path = Path(source).expanduser()
-        if not (path / "manifest.json").is_file():
-            path = _exported(source, quant)
+        path = locate(source, quant=quant, progress=progress)
         return cls(open_bundle(path, check_hashes=check_hashes), n_ctx=n_ctx, threads=threads, **kwargs)
 
     # -- audio -----------------------------------------------------------------------------
@@ -157,7 +156,39 @@ class AF3:
         self.close()
 
 
-def _exported(source, quant: str) -> Path:
+class ModelNotFoundError(ValueError):
+    """`source` is neither a bundle, an AF3 checkpoint folder nor a reachable Hub id; says what was tried."""
+
+
+def locate(source: str | os.PathLike, *, quant: str = "q4_k_m", progress=None) -> Path:
+    """The bundle folder for `source`: a bundle as it is; a checkpoint folder or Hub id exported once."""
+    from .reference.loader import CheckpointError
+
+    text = str(source)
+    path = Path(text).expanduser()
+    tried = []
+    if path.is_dir():
+        if (path / "manifest.json").is_file():
+            return path
+        tried.append(f"bundle: {path} has no manifest.json")
+        if (path / "config.json").is_file():
+            return _exported(path, quant, progress)  # a non-AF3 config is refused there, with the reason
+        tried.append(f"checkpoint folder: {path} has no config.json")
+    elif path.exists():
+        tried.append(f"bundle or checkpoint folder: {path} is a file")
+    else:
+        tried.append(f"local folder: {path} does not exist")
+        if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            try:
+                return _exported(text, quant, progress)
+            except CheckpointError as e:
+                tried.append(f"Hub id: {e}")
+        else:
+            tried.append(f"Hub id: {text!r} is not of the form 'org/name'")
+    raise ModelNotFoundError(f"cannot load model {text!r}; tried:\n  - " + "\n  - ".join(tried))
+
+
+def _exported(source, quant: str, progress=None) -> Path:
     """Export a checkpoint (folder or Hub id) once into ~/.cache/edge-af3/bundles and reuse it."""
     from .reference.loader import resolve_checkpoint
     from .reference.vocab import cache_dir
@@ -166,9 +197,14 @@ def _exported(source, quant: str) -> Path:
     key = hashlib.sha256(f"{ckpt.resolve()}:{quant}".encode()).hexdigest()[:16]
     out = cache_dir() / "bundles" / f"{ckpt.name}-{quant}-{key}"
     if not (out / "manifest.json").is_file():
-        from .export import export
-
-        export(ckpt, out, quant=quant, force=True)
+        try:
+            from .export import export
+        except ImportError as e:
+            raise RuntimeError(
+                f"{source} is a checkpoint; exporting it needs the export extra ({e.name} is missing): "
+                "pip install 'edge-af3[export]', or pass an exported bundle"
+            ) from e
+        export(ckpt, out, quant=quant, force=True, progress=progress)
     return out
 
 
@@ -186,6 +222,7 @@ class ChatSession:
         self.rendered = ""  # prompt text whose tokens are in the KV cache
         self.n_past = 0
         self.prefilled_tokens = 0  # counters for tests: work actually done
+        self.last_answer: Answer | None = None
         if self.model._owner is self:
             self.model._owner = None
 
@@ -256,20 +293,21 @@ class ChatSession:
             sampler = llm.make_sampler(SamplerOptions(opts.temperature, opts.top_k, opts.top_p, opts.seed))
             decoder = codecs.getincrementaldecoder("utf-8")("replace")
             tokens: list[int] = []
-            t_first = None
+            t_first = t_last = None
             finished = False
             try:
                 while len(tokens) < opts.max_new_tokens:
                     tok = llm.sample(sampler)
                     if t_first is None:
                         t_first = time.perf_counter()
-                    if tok == EOS_TOKEN_ID or llm.is_eog(tok):
+                    if (tok == EOS_TOKEN_ID or llm.is_eog(tok)) and not opts.ignore_eos:
                         break
                     tokens.append(tok)
                     piece = decoder.decode(llm.piece(tok))
-                    llm.decode_tokens([tok], logits="last")
+                    llm.decode_next(tok)
                     if piece:
                         yield piece
+                t_last = time.perf_counter()
                 tail = decoder.decode(b"", final=True)
                 if tail:
                     yield tail
@@ -284,7 +322,7 @@ class ChatSession:
                     self.n_past = start_past
         t_end = time.perf_counter()
         n = len(tokens)
-        decode_s = t_end - (t_first or t_end)
+        decode_s = (t_last or t_end) - (t_first or t_end)  # sampling to the last token; the history update is not decoding
         timings = Timings(
             features_ms=stats.features_ms,
             encoder_ms=stats.encoder_ms,
@@ -294,8 +332,9 @@ class ChatSession:
             audio_tokens=stats.audio_tokens,
             prompt_tokens=self.n_past,
         )
+        self.last_answer = Answer(text=reply, tokens=tuple(tokens), timings=timings)
         if box is not None:
-            box.append(Answer(text=reply, tokens=tuple(tokens), timings=timings))
+            box.append(self.last_answer)
 
     def _commit(self, full: str, user: Message, reply: str, tokens: list[int], clips: list[np.ndarray]) -> None:
         """Put the finished turn in the history; the KV cache then holds exactly the rendered text.

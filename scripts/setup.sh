@@ -6,8 +6,8 @@
 #   scripts/setup.sh --dev      ... + test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="export,mic"
-[ "${1:-}" = "--dev" ] && EXTRAS="export,mic,dev"
+EXTRAS="export,mic,bench"
+[ "${1:-}" = "--dev" ] && EXTRAS="export,mic,bench,dev"
 TORCH_PIN="torch==2.13.0"
 LLAMA_PIN="llama-cpp-python==0.3.36"
 APT_PKGS="libsndfile1 libportaudio2 espeak-ng sox alsa-utils tmux pulseaudio pulseaudio-utils libasound2-plugins"

@@ -27,6 +27,14 @@ def tiny_ckpt(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint exported with an F32 LLM (no verification: test_export checks exports)."""
+    from edge_af3.export import export
+
+    return export(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "f32", quant="f32", verify=False)
+
+
+@pytest.fixture(scope="session")
 def reference(tiny_ckpt):
     from edge_af3.reference.loader import load_reference
 

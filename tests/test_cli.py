@@ -47,3 +47,130 @@ def test_demo_uses_cached_checkpoint(tmp_path, tiny_ckpt):
     assert "120 <sound> tokens" in res.stdout  # the bundled 4.82 s clip: 482 frames -> 120 rows
     res = run_cli("demo", "--model", str(tmp_path / "nowhere" / "x"), env={"EDGE_AF3_CACHE": str(cache)})
     assert res.returncode == 1 and "error:" in res.stderr
+
+
+def _greedy_text(bundle, audio, prompt, n):
+    from edge_af3 import AF3
+
+    with AF3.load(bundle) as m:  # the CLI's defaults
+        return m.ask(audio, prompt, max_new_tokens=n).text
+
+
+def test_ask_streams_the_api_answer(tiny_bundle, speech_wav):
+    res = run_cli("ask", str(speech_wav), "What do you hear?", "--model", str(tiny_bundle), "-n", "16")
+    assert res.returncode == 0, res.stderr[-2000:]
+    want = _greedy_text(tiny_bundle, speech_wav, "What do you hear?", 16)
+    assert res.stdout.rstrip("\n") == want and want
+    assert "audio +" in res.stderr and "tok/s" in res.stderr  # timings go to stderr, not into the answer
+
+
+def test_ask_json_two_clips_and_env_model(tiny_bundle, speech_wav, tmp_path):
+    other = tmp_path / "n.wav"
+    sf.write(other, noise(3.0), 16000)
+    res = run_cli("ask", str(speech_wav), str(other), "Compare them.", "--json", "-n", "6",
+                  env={"EDGE_AF3_MODEL": str(tiny_bundle)})  # fmt: skip
+    assert res.returncode == 0, res.stderr[-2000:]
+    info = json.loads(res.stdout)
+    n_tokens = extract_features(speech_wav).n_tokens + extract_features(other).n_tokens
+    assert info["timings"]["audio_tokens"] == n_tokens and len(info["tokens"]) == 6
+    assert info["audio"] == [str(speech_wav), str(other)]
+
+
+def test_ask_errors_are_one_clear_line(tiny_bundle, tmp_path):
+    res = run_cli("ask", str(tmp_path / "missing.wav"), "hi", "-m", str(tiny_bundle))
+    assert res.returncode == 1 and "no such file" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("ask", "just-a-prompt", "-m", str(tiny_bundle))
+    assert res.returncode == 1 and "at least one audio file" in res.stderr
+    clip = tmp_path / "c.wav"
+    sf.write(clip, noise(1.0), 16000)
+    res = run_cli("ask", str(clip), "hi", "-m", str(tmp_path / "nowhere"), env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 1 and "tried:" in res.stderr and "does not exist" in res.stderr
+    res = run_cli("ask", str(clip), "hi", "-m", "acme/not-here", env={"HF_HUB_OFFLINE": "1"})
+    assert res.returncode == 1 and "Hub id" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_ctrl_c_exits_130_without_traceback(tiny_bundle, tmp_path):
+    import os
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    clip = tmp_path / "long.wav"
+    sf.write(clip, noise(120.0), 16000)
+    proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "ask", str(clip), "Describe.", "-m", str(tiny_bundle),
+                             "-n", "100000", "--n-ctx", "100000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline:  # wait until the answer starts streaming
+        ready, _, _ = select.select([proc.stdout], [], [], 0.1)
+        if ready and os.read(proc.stdout.fileno(), 1):
+            break
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err and "interrupted" in err
+
+
+def test_doctor_json():
+    res = run_cli("doctor", "--json")
+    assert res.returncode == 0, res.stderr
+    info = json.loads(res.stdout)
+    names = {p["package"]: p["version"] for p in info["packages"]}
+    assert names["onnxruntime"] and names["llama-cpp-python"] and info["ok"] is True
+    assert "CPUExecutionProvider" in info["onnxruntime_providers"]
+    assert info["llama_cpp_gpu_offload"] is False  # this CI machine's build is CPU-only
+    missing = [p for p in info["packages"] if not p["version"]]
+    assert all(p["install"].startswith("pip install") for p in missing)
+
+
+def test_chat_in_a_terminal(tiny_bundle, speech_wav, tmp_path):
+    """`chat` in a real terminal (tmux): /audio, a question, a streamed answer, /save, /quit."""
+    import subprocess
+    import sys
+    import time
+
+    tmux = shutil.which("tmux")
+    assert tmux, "tmux is required (scripts/setup.sh installs it)"
+    sock = str(tmp_path / "tmux.sock")
+    saved = tmp_path / "conv.json"
+    cmd = f"{sys.executable} -m edge_af3 chat -m {tiny_bundle} -n 12; echo EXIT=$?; sleep 30"
+    env = {"EDGE_AF3_CACHE": str(tmp_path / "cache"), "TERM": "xterm"}
+    subprocess.run([tmux, "-S", sock, "new-session", "-d", "-x", "220", "-y", "50", "-s", "t",
+                    "env " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + cmd], check=True)  # fmt: skip
+
+    def pane() -> str:
+        return subprocess.run([tmux, "-S", sock, "capture-pane", "-p", "-t", "t", "-S", "-200"],
+                              capture_output=True, text=True).stdout  # fmt: skip
+
+    def wait_for(text: str, timeout: float = 120) -> str:
+        end = time.time() + timeout
+        while time.time() < end:
+            screen = pane()
+            if text in screen:
+                return screen
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} never appeared:\n{pane()}")
+
+    def send(*keys: str) -> None:
+        subprocess.run([tmux, "-S", sock, "send-keys", "-t", "t", *keys], check=True)
+
+    try:
+        wait_for("you>")
+        send(f"/audio {speech_wav}", "Enter")
+        wait_for("attached")
+        send("What do you hear?", "Enter")
+        screen = wait_for("tok/s")
+        send(f"/save {saved}", "Enter")
+        wait_for("saved 1 turn")
+        send("/quit", "Enter")
+        screen = wait_for("EXIT=")
+    finally:
+        subprocess.run([tmux, "-S", sock, "kill-server"], capture_output=True)
+    assert "EXIT=0" in screen and "Traceback" not in screen
+    conv = json.loads(saved.read_text())
+    turn = conv["turns"][0]
+    assert turn["audio"] == [str(speech_wav)] and turn["user"] == "What do you hear?"
+    assert turn["assistant"] == _greedy_text(tiny_bundle, speech_wav, "What do you hear?", 12)
+    assert "af3> " + turn["assistant"][:10] in screen.replace("\n", "")

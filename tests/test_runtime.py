@@ -9,7 +9,6 @@ import pytest
 
 from edge_af3 import AF3
 from edge_af3.constants import EOS_TOKEN_ID
-from edge_af3.export import export
 from edge_af3.prompt import Message, render
 
 from .conftest import noise
@@ -18,8 +17,8 @@ QUESTION = "What do you hear?"
 
 
 @pytest.fixture(scope="module")
-def bundle(tiny_ckpt, tmp_path_factory):
-    return export(tiny_ckpt, tmp_path_factory.mktemp("rt") / "f32", quant="f32", verify=False)
+def bundle(tiny_bundle):
+    return tiny_bundle
 
 
 @pytest.fixture(scope="module")

@@ -212,6 +212,154 @@ def demo(
     af3.close()
 
 
+# -- shared by ask / chat / listen -----------------------------------------------------------------
+DEFAULT_MODEL = "nvidia/audio-flamingo-3-hf"
+MODEL_HELP = "Bundle, HF checkpoint folder or Hub id (exported once into the cache). Env: EDGE_AF3_MODEL."
+
+
+def load_model(spec: Optional[str], *, n_ctx: int, threads: Optional[int], quant: str = "q4_k_m"):
+    """AF3.load with progress on stderr; every known failure becomes one clear line (exit 1)."""
+    from ..audio import AudioError
+    from ..bundle import BundleError
+    from ..reference.loader import CheckpointError
+    from ..runtime import AF3
+
+    spec = spec or DEFAULT_MODEL
+    try:
+        with console.status(f"loading {spec}") as status:
+            return AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant,
+                            progress=lambda msg: (status.update(msg), console.log(msg)))  # fmt: skip
+    except (CheckpointError, BundleError, AudioError, ValueError, FileNotFoundError, RuntimeError) as e:
+        raise fail(str(e))
+
+
+def generation_options(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int, think: bool) -> dict:
+    return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
+            "seed": seed, "think": think}  # fmt: skip
+
+
+def timings_line(t) -> str:
+    return (
+        f"{t.audio_tokens} audio + {t.prompt_tokens - t.audio_tokens} text tokens | features {t.features_ms:.0f} ms | "
+        f"encoder {t.encoder_ms:.0f} ms | prefill {t.prefill_ms:.0f} ms | first token {t.first_token_ms:.0f} ms | "
+        f"{t.decode_tokens_per_s:.1f} tok/s"
+    )
+
+
+@app.command("ask", context_settings={"allow_interspersed_args": True})
+def ask_cmd(
+    args: list[str] = typer.Argument(..., metavar="AUDIO... PROMPT", help="One or more clips, then the question."),
+    model: Optional[str] = typer.Option(None, "--model", "-m", envvar="EDGE_AF3_MODEL", help=MODEL_HELP),
+    think: bool = typer.Option(False, "--think", help="Reason step by step before answering (AF3 think mode)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer, tokens and timings as JSON."),
+    max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy (the model card's setting)."),
+    top_p: float = typer.Option(1.0, "--top-p"),
+    top_k: int = typer.Option(0, "--top-k"),
+    seed: int = typer.Option(0, "--seed"),
+    n_ctx: int = typer.Option(16384, "--n-ctx", help="Context length (a 10 min clip alone takes 15000)."),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Ask one question about one or more clips; the answer streams as it is produced.
+
+    Examples:
+      edge-af3 ask clip.wav "What do you hear?"
+      edge-af3 ask a.wav b.wav "Which of the two clips is louder, and why?" --think
+      edge-af3 ask meeting.flac "Transcribe the input speech." --json > answer.json
+    """
+    from ..audio import AudioError, load_audio
+    from ..engines.llamacpp import ContextOverflowError
+
+    if len(args) < 2:
+        raise fail("give at least one audio file and then the question, e.g. edge-af3 ask clip.wav \"What is it?\"")
+    *paths, prompt = args
+    try:
+        clips = [load_audio(p) for p in paths]  # bad audio fails before the model loads
+    except AudioError as e:
+        raise fail(str(e))
+    af3 = load_model(model, n_ctx=n_ctx, threads=threads)
+    opts = generation_options(max_new_tokens, temperature, top_p, top_k, seed, think)
+    session = af3.chat()
+    try:
+        if as_json:
+            answer = session.send(prompt, audio=clips, **opts)
+            t = answer.timings
+            out.print_json(json.dumps({"model": str(af3.bundle.path), "audio": paths, "prompt": prompt,
+                                       "think": think, "text": answer.text, "tokens": list(answer.tokens),
+                                       "timings": t.__dict__}))  # fmt: skip
+            return
+        for piece in session.stream(prompt, audio=clips, **opts):
+            out.print(piece, end="", markup=False, highlight=False)
+        out.print()
+    except (ContextOverflowError, ValueError) as e:
+        raise fail(str(e))
+    finally:
+        af3.close()
+    answer = session.last_answer
+    if answer is not None:
+        console.print(f"[dim]{timings_line(answer.timings)}[/]")
+
+
+@app.command("chat")
+def chat_cmd(
+    model: Optional[str] = typer.Option(None, "--model", "-m", envvar="EDGE_AF3_MODEL", help=MODEL_HELP),
+    audio: list[Path] = typer.Option([], "--audio", "-a", help="Clip(s) attached to the first message."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    think: bool = typer.Option(False, "--think", help="Start with think mode on (/think off to stop)."),
+    max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n"),
+    temperature: float = typer.Option(0.0, "--temperature", "-t"),
+    n_ctx: int = typer.Option(16384, "--n-ctx"),
+    threads: Optional[int] = typer.Option(None, "--threads"),
+) -> None:
+    """Talk about audio over several turns; the session keeps its KV cache between turns.
+
+    In the chat: /audio PATH attaches a clip to your next message (several allowed), /think on|off,
+    /reset, /save FILE (the conversation as JSON), /help, /quit. Up/down arrows recall history.
+
+    Example: edge-af3 chat --audio street.wav
+    """
+    from .chat import run_chat
+
+    af3 = load_model(model, n_ctx=n_ctx, threads=threads)
+    try:
+        run_chat(af3, console=console, out=out, audio=list(audio), system=system, think=think,
+                 options={"max_new_tokens": max_new_tokens, "temperature": temperature})  # fmt: skip
+    finally:
+        af3.close()
+
+
+@app.command("doctor")
+def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
+    """Check this machine: Python, packages, ONNX Runtime providers, CUDA/TensorRT, llama.cpp GPU
+    offload, audio devices; prints the install command for whatever is missing.
+
+    Example: edge-af3 doctor
+    """
+    from .doctor import checks, render
+
+    report = checks()
+    if as_json:
+        out.print_json(json.dumps(report))
+        return
+    render(report, out)
+
+
+@app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
+def bench_cmd(ctx: typer.Context) -> None:
+    """Run the benchmark suite (edge-af3 vs transformers, llama.cpp's mtmd and raw llama.cpp).
+
+    Takes the options of `python -m benchmarks --help`, e.g.:
+      edge-af3 bench --shape bench-small --clips 5 30 --repeats 3
+    """
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "suite.py").is_file():
+        raise fail("the benchmarks ship with the source checkout: git clone the project and run `edge-af3 bench` there")
+    sys.path.insert(0, str(root))
+    from benchmarks.suite import main as suite_main
+
+    suite_main(list(ctx.args))
+
+
 def main() -> None:
     """Console entry point: Ctrl-C exits 130 without a traceback."""
     signal.signal(signal.SIGPIPE, signal.SIG_DFL) if hasattr(signal, "SIGPIPE") else None
@@ -220,5 +368,9 @@ def main() -> None:
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
+    except SystemExit as e:  # typer turns Ctrl-C inside a command into Exit(130)
+        if e.code == 130:
+            console.print("interrupted")
+        raise
 
 

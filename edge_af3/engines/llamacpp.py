@@ -173,6 +173,12 @@ class LlamaEngine:
             return self.last_logits((rows.shape[0] - 1) % self.n_batch)
         return None
 
+    def decode_next(self, token: int) -> None:
+        """Feed one sampled token; its logits stay in the context for the next `sample` (no copy)."""
+        self._check_room(1)
+        self._tok.token[0] = token
+        self._run(self._tok, 1, "last")
+
     def last_logits(self, index: int = -1) -> np.ndarray:
         ptr = self._ll.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import time
 from pathlib import Path
 
 import numpy as np
@@ -98,26 +99,41 @@ class MtmdAudio:
             m.mtmd_input_chunks_free(chunks)
 
     def prefill(self, text: str, audios: list[np.ndarray]) -> dict:
-        """Tokenize, encode and decode a whole prompt the way llama-mtmd-cli does; logits of the last row."""
-        m = self._m
-        chunks = self._chunks(text, audios)
+        """Tokenize, encode and decode a whole prompt as llama-mtmd-cli does (libmtmd's chunks in order,
+        audio chunks encoded by libmtmd, every decode cut to n_batch); logits of the last row are kept.
+        Returns token counts and the time spent in each stage."""
+        m, eng = self._m, self.engine
+        t0 = time.perf_counter()
+        chunks = self._chunks(text, audios)  # libmtmd computes its log-mel here
+        t1 = time.perf_counter()
+        encode_s = 0.0
         try:
-            audio_tokens = sum(
-                m.mtmd_input_chunk_get_n_tokens(m.mtmd_input_chunks_get(chunks, i))
-                for i in range(m.mtmd_input_chunks_size(chunks))
-                if m.mtmd_input_chunk_get_type(m.mtmd_input_chunks_get(chunks, i)) == m.MTMD_INPUT_CHUNK_TYPE_AUDIO
-            )
-            total = m.mtmd_helper_get_n_tokens(chunks)
-            self.engine._check_room(total)
-            new_past = self.engine._ll.llama_pos(0)
-            rc = m.mtmd_helper_eval_chunks(self.ctx, self.engine.ctx, chunks, self.engine.n_past, 0,
-                                           self.engine.n_batch, True, ctypes.byref(new_past))  # fmt: skip
-            if rc != 0:
-                raise RuntimeError(f"mtmd_helper_eval_chunks failed with code {rc}")
-            self.engine.n_past = int(new_past.value)
-            return {"tokens": int(total), "audio_tokens": int(audio_tokens)}
+            n = m.mtmd_input_chunks_size(chunks)
+            eng._check_room(m.mtmd_helper_get_n_tokens(chunks))
+            counts = {"tokens": 0, "audio_tokens": 0}
+            for i in range(n):
+                chunk = m.mtmd_input_chunks_get(chunks, i)
+                last = "last" if i == n - 1 else "none"
+                if m.mtmd_input_chunk_get_type(chunk) == m.MTMD_INPUT_CHUNK_TYPE_TEXT:
+                    k = ctypes.c_size_t(0)
+                    ptr = m.mtmd_input_chunk_get_tokens_text(chunk, ctypes.byref(k))
+                    eng.decode_tokens(ptr[: k.value], logits=last)
+                    counts["tokens"] += k.value
+                    continue
+                k = m.mtmd_input_chunk_get_n_tokens(chunk)
+                te = time.perf_counter()
+                if m.mtmd_encode_chunk(self.ctx, chunk) != 0:
+                    raise RuntimeError("mtmd_encode_chunk failed")
+                rows = np.ctypeslib.as_array(m.mtmd_get_output_embd(self.ctx), shape=(k * eng.n_embd,))
+                encode_s += time.perf_counter() - te
+                eng.decode_embeddings(rows.reshape(k, eng.n_embd), logits=last)
+                counts["tokens"] += k
+                counts["audio_tokens"] += k
         finally:
             m.mtmd_input_chunks_free(chunks)
+        t2 = time.perf_counter()
+        return {**counts, "features_ms": (t1 - t0) * 1000, "encoder_ms": encode_s * 1000,
+                "prefill_ms": (t2 - t1 - encode_s) * 1000}  # fmt: skip
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

@@ -1,0 +1,468 @@
+"""The benchmark suite: edge-af3 against its peers on the same checkpoint, bundle and clip files.
+
+Peers (each measured in its own child process, so peak RSS is its own):
+  edge-af3    numpy features -> ONNX Runtime encoder -> llama.cpp (this project's runtime)
+  reference   transformers' AudioFlamingo3ForConditionalGeneration (fp32 on CPU, bf16 on CUDA)
+  mtmd        llama.cpp's own AF3 path (libmtmd) on the bundle's mmproj + the same GGUF
+  raw         llama.cpp decoding the same GGUF with no audio: the decode ceiling
+
+Per clip: feature ms, encoder ms (and per window), audio tokens, prefill ms, time to first token.
+Per peer: decode tokens/s over N new tokens after the 30 s clip, peak RSS (and GPU memory).
+Repeats after one warm-up; medians with min/max. Random weights: the answers are noise, the
+work (shapes, token counts) is the real model's.
+
+    python -m benchmarks --shape bench-small              # or: edge-af3 bench --shape bench-small
+    python -m benchmarks --shape tiny --clips 5 --repeats 1 --new-tokens 8   # smoke run
+
+Writes benchmarks/results/suite-<shape>-<device>.{json,md,png}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from .common import RESULTS, machine, peak_rss_mb
+
+PEERS = ("edge-af3", "reference", "mtmd", "raw")
+PROMPT = "Describe what you hear in one sentence."
+DECODE_CLIP = 30
+
+
+# -- helpers -------------------------------------------------------------------------------------
+def _stats(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values), "n": len(values)}
+
+
+def _repeat(fn, repeats: int) -> list[dict]:
+    fn()  # warm-up: first-call allocations and graph setup for this clip's shapes
+    return [fn() for _ in range(repeats)]
+
+
+def _collect(runs: list[dict]) -> dict:
+    keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and v is not None]
+    out = {k: _stats([r[k] for r in runs]) for k in keys}
+    for k, v in runs[0].items():
+        if not isinstance(v, (int, float)):
+            out[k] = v
+    return out
+
+
+def _chatml(text: str) -> str:
+    return (
+        "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+        f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n"
+    )
+
+
+def _load(path: str) -> np.ndarray:
+    import soundfile as sf
+
+    x, sr = sf.read(path, dtype="float32")
+    assert sr == 16000
+    return x
+
+
+# -- peers (each runs in a fresh process) ----------------------------------------------------------
+def peer_edge(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str) -> dict:
+    from edge_af3 import AF3
+
+    model = AF3.load(bundle, n_ctx=16384, device=device)
+    res = {}
+    for sec, path in clips.items():
+
+        def once():
+            model._rows.clear()  # cold: features and encoder run every time
+            t = model.ask(path, PROMPT, max_new_tokens=1).timings
+            return {"features_ms": t.features_ms, "encoder_ms": t.encoder_ms, "prefill_ms": t.prefill_ms,
+                    "ttft_ms": t.first_token_ms, "audio_tokens": t.audio_tokens}  # fmt: skip
+
+        res[sec] = _collect(_repeat(once, repeats))
+    decode = [
+        model.ask(clips[_decode_key(clips)], PROMPT, max_new_tokens=new_tokens, ignore_eos=True).timings.decode_tokens_per_s
+        for _ in range(repeats)
+    ]
+    model.close()
+    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "engine": model.encoder.name}
+
+
+def peer_reference(ckpt: str, clips: dict, repeats: int, new_tokens: int, device: str) -> dict:
+    import torch
+
+    from edge_af3.reference.loader import load_reference
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    cuda = device == "cuda"
+    ref = load_reference(ckpt, dtype="bfloat16" if cuda else "float32")
+    if cuda:
+        ref.model.to("cuda")
+    dev = ref.model.device
+
+    def sync():
+        if cuda:
+            torch.cuda.synchronize()
+
+    def conv(x):
+        return [{"role": "user", "content": [{"type": "audio", "audio": x}, {"type": "text", "text": PROMPT}]}]
+
+    res = {}
+    for sec, path in clips.items():
+        x = _load(path)
+
+        def once():
+            t0 = time.perf_counter()
+            batch = ref.inputs(conv(x)).to(dev)
+            t1 = time.perf_counter()
+            with torch.inference_mode():
+                feats = batch["input_features"].to(ref.model.dtype)
+                audio = ref.model.get_audio_features(feats, batch["input_features_mask"])
+                audio = getattr(audio, "pooler_output", audio)
+                sync()
+                t2 = time.perf_counter()
+                embeds = ref.model.get_input_embeddings()(batch["input_ids"])
+                slots = (batch["input_ids"] == ref.model.config.audio_token_id).unsqueeze(-1)
+                embeds = embeds.masked_scatter(slots, audio.to(embeds.dtype))
+                out = ref.model.model.language_model(inputs_embeds=embeds, attention_mask=batch["attention_mask"])
+                ref.model.lm_head(out.last_hidden_state[:, -1:])
+                sync()
+                t3 = time.perf_counter()
+            n_audio = int(slots.sum())
+            t4 = time.perf_counter()
+            with torch.inference_mode():  # the whole call as a user makes it, to the first token
+                ref.model.generate(**ref.inputs(conv(x)).to(dev), max_new_tokens=1, do_sample=False)
+            sync()
+            t5 = time.perf_counter()
+            return {"features_ms": (t1 - t0) * 1000, "encoder_ms": (t2 - t1) * 1000, "prefill_ms": (t3 - t2) * 1000,
+                    "ttft_ms": (t5 - t4) * 1000, "audio_tokens": n_audio}  # fmt: skip
+
+        res[sec] = _collect(_repeat(once, repeats))
+    x = _load(clips[_decode_key(clips)])
+    batch = ref.inputs(conv(x)).to(dev)
+    decode = []
+    for _ in range(repeats):
+        with torch.inference_mode():
+            t0 = time.perf_counter()
+            ref.model.generate(**batch, max_new_tokens=1, do_sample=False)
+            sync()
+            t1 = time.perf_counter()
+            ref.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False)
+            sync()
+            t2 = time.perf_counter()
+        decode.append((new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
+    gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu,
+            "engine": f"transformers {'bf16 cuda' if cuda else 'fp32 cpu'}"}  # fmt: skip
+
+
+def _greedy_decode(eng, n: int) -> float:
+    """tokens/s of n greedy sample+decode steps from the current logits."""
+    from edge_af3.engines.llamacpp import SamplerOptions
+
+    sampler = eng.make_sampler(SamplerOptions())
+    t0 = time.perf_counter()
+    for _ in range(n):
+        eng.decode_next(eng.sample(sampler))
+    dt = time.perf_counter() - t0
+    eng.free_sampler(sampler)
+    return n / dt
+
+
+def _gpu_layers(device: str) -> int:
+    return 999 if device == "cuda" else 0
+
+
+def peer_mtmd(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str) -> dict:
+    from edge_af3.bundle import open_bundle
+    from edge_af3.engines.llamacpp import LlamaEngine, SamplerOptions
+    from edge_af3.engines.mtmd import MARKER, MtmdAudio
+
+    b = open_bundle(bundle, check_hashes=False)
+    if b.mmproj is None:
+        raise RuntimeError(f"{bundle} has no mmproj (export with --mmproj)")
+    eng = LlamaEngine(b.llm, n_ctx=40960, n_gpu_layers=_gpu_layers(device))
+    mt = MtmdAudio(b.mmproj, eng, use_gpu=device == "cuda")
+    text = _chatml(MARKER + PROMPT)
+    res = {}
+    for sec, path in clips.items():
+        x = _load(path)
+
+        def once():
+            eng.reset()
+            sampler = eng.make_sampler(SamplerOptions())
+            t0 = time.perf_counter()
+            info = mt.prefill(text, [x])  # libmtmd's mel + encoder, then the decodes, as llama-mtmd-cli
+            eng.sample(sampler)
+            t1 = time.perf_counter()
+            eng.free_sampler(sampler)
+            return {"features_ms": info["features_ms"], "encoder_ms": info["encoder_ms"],
+                    "prefill_ms": info["prefill_ms"], "ttft_ms": (t1 - t0) * 1000,
+                    "audio_tokens": info["audio_tokens"], "windows": info["audio_tokens"] // 750}  # fmt: skip
+
+        res[sec] = _collect(_repeat(once, repeats))
+    x = _load(clips[_decode_key(clips)])
+    decode = []
+    for _ in range(repeats):
+        eng.reset()
+        mt.prefill(text, [x])
+        decode.append(_greedy_decode(eng, new_tokens))
+    mt.close()
+    eng.close()
+    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "engine": "libmtmd"}
+
+
+def peer_raw(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str) -> dict:
+    from edge_af3.bundle import open_bundle
+    from edge_af3.engines.llamacpp import LlamaEngine
+
+    b = open_bundle(bundle, check_hashes=False)
+    from edge_af3.features import token_count
+
+    eng = LlamaEngine(b.llm, n_ctx=40960, n_gpu_layers=_gpu_layers(device))
+    # the same context length as edge-af3's decode run: its text plus the decode clip's audio rows,
+    # here as ordinary text tokens (decode cost depends on positions, not on what fills them)
+    ids = eng.tokenize(_chatml(PROMPT))
+    seconds = int(_decode_key(clips))
+    filler = eng.tokenize(" the")[0]
+    ids = ids[:-5] + [filler] * token_count(seconds * 16000) + ids[-5:]
+    decode = []
+    for i in range(repeats + 1):
+        eng.reset()
+        eng.decode_tokens(ids)
+        rate = _greedy_decode(eng, new_tokens)
+        if i:  # the first is the warm-up
+            decode.append(rate)
+    eng.close()
+    return {"clips": {}, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "engine": "llama.cpp"}
+
+
+def _decode_key(clips: dict) -> str:
+    return str(DECODE_CLIP) if str(DECODE_CLIP) in clips else next(iter(clips))
+
+
+_RUNNERS = {"edge-af3": peer_edge, "reference": peer_reference, "mtmd": peer_mtmd, "raw": peer_raw}
+
+
+def _child(name: str, source: str, clips: dict, repeats: int, new_tokens: int, device: str, q) -> None:
+    try:
+        q.put(("ok", _RUNNERS[name](source, clips, repeats, new_tokens, device)))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent
+        import traceback
+
+        q.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
+
+
+def run_peer(name: str, source: str, clips: dict, repeats: int, new_tokens: int, device: str) -> dict:
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(name, source, clips, repeats, new_tokens, device, q))
+    p.start()
+    status, payload = q.get()
+    p.join()
+    if status != "ok":
+        raise RuntimeError(f"peer {name} failed: {payload}")
+    return payload
+
+
+# -- setup --------------------------------------------------------------------------------------
+def prepare(shape: str, quant: str, work: Path, say=print) -> tuple[Path, Path]:
+    """The checkpoint (made once, seed 0) and its bundle with an mmproj (exported once)."""
+    from edge_af3.export import export
+    from edge_af3.reference.tiny import make_checkpoint
+
+    ckpt = work / f"{shape}-seed0"
+    if not (ckpt / "config.json").is_file():
+        say(f"making the {shape} checkpoint in {ckpt}")
+        make_checkpoint(ckpt, shape=shape, seed=0, force=True)
+    bundle = work / f"{shape}-seed0-{quant}-bundle"
+    if not (bundle / "manifest.json").is_file():
+        say(f"exporting {bundle} ({quant}, with mmproj)")
+        export(ckpt, bundle, quant=quant, mmproj=True, force=True, progress=lambda m: say("  " + m))
+    return ckpt, bundle
+
+
+def write_clips(work: Path, seconds: list[int]) -> dict:
+    """Deterministic noise clips at 16 kHz (content does not matter with random weights)."""
+    import soundfile as sf
+
+    out = {}
+    for s in seconds:
+        path = work / f"clip-{s}s.wav"
+        if not path.is_file():
+            x = 0.1 * np.random.default_rng(s).standard_normal(s * 16000)
+            sf.write(path, x.astype(np.float32), 16000, subtype="FLOAT")
+        out[str(s)] = str(path)
+    return out
+
+
+# -- report -------------------------------------------------------------------------------------
+GOALS = [  # (description, peer, metric, clip, want ratio peer/ours >=)
+    ("encoder per window vs llama.cpp's (>= 1.5x)", "mtmd", "encoder_per_window_ms", "30", 1.5),
+    ("TTFT 30 s vs reference (>= 2x)", "reference", "ttft_ms", "30", 2.0),
+    ("TTFT 30 s vs mtmd (>= 3x)", "mtmd", "ttft_ms", "30", 3.0),
+    ("TTFT 5 s vs mtmd (>= 3x)", "mtmd", "ttft_ms", "5", 3.0),
+]
+
+
+def _per_window(peer_res: dict, sec: str) -> float | None:
+    c = peer_res["clips"].get(sec)
+    if not c or "encoder_ms" not in c:
+        return None
+    windows = c.get("windows") or max(1, int(np.ceil(int(sec) / 30)))
+    if isinstance(windows, dict):
+        windows = windows["median"]
+    return c["encoder_ms"]["median"] / windows
+
+
+def metric(res: dict, peer: str, name: str, sec: str | None) -> float | None:
+    p = res.get(peer)
+    if not p:
+        return None
+    if name == "encoder_per_window_ms":
+        return _per_window(p, sec)
+    if name in ("decode_tok_s", "peak_rss_mb"):
+        v = p[name]
+        return v["median"] if isinstance(v, dict) else v
+    c = p["clips"].get(sec)
+    return c[name]["median"] if c and name in c else None
+
+
+def ratios(res: dict) -> list[dict]:
+    rows = []
+    for desc, peer, name, sec, want in GOALS:
+        ours, theirs = metric(res, "edge-af3", name, sec), metric(res, peer, name, sec)
+        if ours and theirs:
+            r = theirs / ours
+            rows.append({"goal": desc, "ratio": r, "want": want, "met": r >= want})
+    d_ours, d_raw = metric(res, "edge-af3", "decode_tok_s", None), metric(res, "raw", "decode_tok_s", None)
+    if d_ours and d_raw:
+        rows.append({"goal": "decode vs raw llama.cpp (>= 0.95x)", "ratio": d_ours / d_raw, "want": 0.95,
+                     "met": d_ours / d_raw >= 0.95})  # fmt: skip
+    m_ours, m_mtmd = metric(res, "edge-af3", "peak_rss_mb", None), metric(res, "mtmd", "peak_rss_mb", None)
+    if m_ours and m_mtmd:
+        rows.append({"goal": "peak RSS <= mtmd's", "ratio": m_mtmd / m_ours, "want": 1.0, "met": m_ours <= m_mtmd})
+    return rows
+
+
+def markdown(report: dict) -> str:
+    res, clips = report["peers"], report["clips"]
+    m = report["machine"]
+    lines = [
+        f"### {report['shape']} on {report['device']} ({m['cores']} cores, {m['cpu']}; {report['when']})",
+        "",
+        f"LLM {report['quant']}, encoder {report['encoder']}; medians of {report['repeats']} runs after a warm-up.",
+        "",
+        "| clip | peer | audio tokens | features ms | encoder ms/window | prefill ms | TTFT ms | TTFT ratio peer/edge-af3 |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for sec in clips:
+        ours = metric(res, "edge-af3", "ttft_ms", sec)
+        for peer in PEERS:
+            c = res.get(peer, {}).get("clips", {}).get(sec)
+            if not c:
+                continue
+
+            def f(k, c=c):
+                return f"{c[k]['median']:.0f}" if k in c else "—"
+
+            ttft = c["ttft_ms"]["median"]
+            pw = _per_window(res[peer], sec)
+            ratio = "1.00" if peer == "edge-af3" else (f"{ttft / ours:.2f}x" if ours else "—")
+            lines.append(f"| {sec} s | {peer} | {int(c['audio_tokens']['median'])} | {f('features_ms')} | "
+                         f"{pw:.0f} | {f('prefill_ms')} | {ttft:.0f} | {ratio} |")  # fmt: skip
+    lines += ["", "| peer | decode tok/s | peak RSS MB | engine |", "|---|---|---|---|"]
+    for peer in PEERS:
+        if peer in res:
+            p = res[peer]
+            gpu = f" (GPU {p['gpu_mb']:.0f} MB)" if p.get("gpu_mb") else ""
+            lines.append(f"| {peer} | {p['decode_tok_s']['median']:.1f} | {p['peak_rss_mb']:.0f}{gpu} | {p['engine']} |")
+    lines += ["", "| goal | ratio | met |", "|---|---|---|"]
+    for r in report["goals"]:
+        lines.append(f"| {r['goal']} | {r['ratio']:.2f}x | {'yes' if r['met'] else 'NO'} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    res, clips = report["peers"], report["clips"]
+    peers = [p for p in PEERS if res.get(p, {}).get("clips")]
+    fig, axes = plt.subplots(1, len(clips), figsize=(4 * len(clips), 4), squeeze=False)
+    colors = {"features": "#8da0cb", "encoder": "#fc8d62", "prefill": "#66c2a5", "other": "#bbbbbb"}
+    for ax, sec in zip(axes[0], clips):
+        for x, peer in enumerate(peers):
+            c = res[peer]["clips"].get(sec)
+            if not c:
+                continue
+            parts = {k: c[f"{k}_ms"]["median"] / 1000 if f"{k}_ms" in c else 0.0 for k in ("features", "encoder", "prefill")}
+            parts["other"] = max(0.0, c["ttft_ms"]["median"] / 1000 - sum(parts.values()))
+            bottom = 0.0
+            for k, v in parts.items():
+                ax.bar(x, v, bottom=bottom, color=colors[k], label=k if x == 0 else None)
+                bottom += v
+        ax.set_xticks(range(len(peers)), peers, rotation=20)
+        ax.set_title(f"{sec} s clip")
+        ax.set_ylabel("time to first token (s)")
+    axes[0][0].legend()
+    fig.suptitle(f"AF3 {report['shape']} on {report['device']}: latency breakdown")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="bench-small", choices=["tiny", "bench-small", "full"])
+    ap.add_argument("--clips", type=int, nargs="+", default=[5, 30, 120, 600])
+    ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
+    ap.add_argument("--quant", default="q4_k_m")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=128)
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--work", type=Path, default=None, help="where checkpoints, bundles and clips live")
+    ap.add_argument("--out", type=Path, default=RESULTS)
+    args = ap.parse_args(argv)
+
+    from edge_af3.reference.vocab import cache_dir
+
+    work = args.work or cache_dir() / "bench"
+    work.mkdir(parents=True, exist_ok=True)
+    ckpt, bundle = prepare(args.shape, args.quant, work)
+    clips = write_clips(work, sorted(set(args.clips)))
+    peers = {}
+    for peer in args.peers:
+        print(f"[{peer}] running on {len(clips)} clip(s) x {args.repeats} ...", flush=True)
+        t0 = time.perf_counter()
+        source = str(ckpt) if peer == "reference" else str(bundle)
+        peers[peer] = run_peer(peer, source, clips, args.repeats, args.new_tokens, args.device)
+        print(f"[{peer}] done in {time.perf_counter() - t0:.0f} s", flush=True)
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    report = {
+        "benchmark": "suite", "shape": args.shape, "device": args.device, "quant": args.quant,
+        "encoder": manifest["encoder"]["precision"], "repeats": args.repeats, "new_tokens": args.new_tokens,
+        "when": time.strftime("%Y-%m-%d"), "machine": machine(), "clips": list(clips), "peers": peers,
+    }  # fmt: skip
+    report["goals"] = ratios(peers)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"suite-{args.shape}-{args.device}"
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(report)
+    stem.with_suffix(".md").write_text(table)
+    plot(report, stem.with_suffix(".png"))
+    print(table)
+    print(f"wrote {stem}.json, .md, .png")
+    return report
+
+
+if __name__ == "__main__":
+    sys.exit(0 if main() else 1)

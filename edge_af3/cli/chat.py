@@ -1,0 +1,122 @@
+"""`edge-af3 chat`: an interactive conversation over audio, with readline editing and history."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+HELP = """commands:
+  /audio PATH     attach a clip to your next message (repeat for several)
+  /think on|off   step-by-step reasoning before the answer
+  /reset          forget the conversation (and its KV cache)
+  /save FILE      write the conversation so far as JSON
+  /help           this text
+  /quit           leave (Ctrl-D works too)"""
+
+
+def _readline(history: Path):
+    try:
+        import readline
+    except ImportError:  # Windows without pyreadline: plain input() still works
+        return None
+    try:
+        history.parent.mkdir(parents=True, exist_ok=True)
+        if history.exists():
+            readline.read_history_file(str(history))
+    except OSError:
+        pass
+    readline.set_history_length(1000)
+    return readline
+
+
+def run_chat(af3, *, console, out, audio: list[Path], system: str | None, think: bool, options: dict) -> None:
+    from ..audio import AudioError, load_audio
+    from ..engines.llamacpp import ContextOverflowError
+    from ..reference.vocab import cache_dir
+    from .app import timings_line
+
+    history = cache_dir() / "chat_history"
+    rl = _readline(history)
+    session = af3.chat(system=system)
+    pending: list = []
+    names: list[str] = []
+    transcript: list[dict] = []
+
+    def attach(path: str) -> None:
+        try:
+            pending.append(load_audio(path))
+        except AudioError as e:
+            console.print(f"[red]{e}[/]")
+            return
+        names.append(path)
+        console.print(f"[dim]attached {path} ({pending[-1].samples.size / 16000:.1f} s) to your next message[/]")
+
+    for p in audio:
+        attach(str(p))
+    console.print(f"[bold]edge-af3 chat[/] — {af3.bundle.path.name}. /help for commands, Ctrl-D to leave.")
+    try:
+        while True:
+            try:
+                line = input("you> ")
+            except EOFError:
+                out.print()
+                break
+            text = line.strip()
+            if not text:
+                continue
+            if text.startswith("/"):
+                cmd, _, arg = text.partition(" ")
+                arg = arg.strip()
+                if cmd in ("/quit", "/exit"):
+                    break
+                if cmd == "/help":
+                    out.print(HELP, markup=False)
+                elif cmd == "/audio":
+                    attach(arg) if arg else console.print("[red]usage: /audio PATH[/]")
+                elif cmd == "/think":
+                    if arg not in ("on", "off"):
+                        console.print("[red]usage: /think on|off[/]")
+                    else:
+                        think = arg == "on"
+                        console.print(f"[dim]think mode {arg}[/]")
+                elif cmd == "/reset":
+                    session.reset()
+                    pending.clear()
+                    names.clear()
+                    transcript.clear()
+                    console.print("[dim]conversation reset[/]")
+                elif cmd == "/save":
+                    if not arg:
+                        console.print("[red]usage: /save FILE[/]")
+                        continue
+                    target = Path(arg).expanduser()
+                    tmp = target.with_name(f".{target.name}.tmp")
+                    tmp.write_text(json.dumps({"model": str(af3.bundle.path), "system": system, "turns": transcript},
+                                              indent=2, ensure_ascii=False) + "\n", "utf-8")  # fmt: skip
+                    tmp.replace(target)  # never a half-written file
+                    console.print(f"[dim]saved {len(transcript)} turn(s) to {target}[/]")
+                else:
+                    console.print(f"[red]unknown command {cmd}[/]; /help lists them")
+                continue
+            out.print("af3> ", end="")
+            t0 = time.time()
+            try:
+                for piece in session.stream(text, audio=list(pending), think=think, **options):
+                    out.print(piece, end="", markup=False, highlight=False)
+            except (ContextOverflowError, ValueError) as e:
+                out.print()
+                console.print(f"[red]{e}[/] (/reset starts over)")
+                continue
+            out.print()
+            answer = session.last_answer
+            console.print(f"[dim]{timings_line(answer.timings)}[/]")
+            transcript.append({"time": t0, "user": text, "audio": list(names), "think": think, "assistant": answer.text})
+            pending.clear()
+            names.clear()
+    finally:
+        if rl is not None:
+            try:
+                rl.write_history_file(str(history))
+            except OSError:
+                pass

@@ -1,0 +1,126 @@
+"""`edge-af3 doctor`: what this machine has for edge-af3, and how to install what it lacks."""
+
+from __future__ import annotations
+
+import platform
+import shutil
+import subprocess
+import sys
+from importlib import metadata
+
+# (distribution, import name, needed for, install command)
+PACKAGES = [
+    ("numpy", "numpy", "runtime", "pip install edge-af3"),
+    ("onnxruntime", "onnxruntime", "runtime (CPU encoder)", "pip install edge-af3"),
+    ("llama-cpp-python", "llama_cpp", "runtime (LLM)", "pip install edge-af3"),
+    ("soundfile", "soundfile", "runtime (audio files)", "pip install edge-af3  (+ apt-get install libsndfile1)"),
+    ("soxr", "soxr", "runtime (resampling)", "pip install edge-af3"),
+    ("huggingface-hub", "huggingface_hub", "runtime (Hub ids)", "pip install edge-af3"),
+    ("torch", "torch", "export / reference", "pip install 'edge-af3[export]'"),
+    ("transformers", "transformers", "export / reference", "pip install 'edge-af3[export]'"),
+    ("onnx", "onnx", "export", "pip install 'edge-af3[export]'"),
+    ("gguf", "gguf", "export", "pip install 'edge-af3[export]'"),
+    ("sounddevice", "sounddevice", "listen --mic", "pip install 'edge-af3[mic]'  (+ apt-get install libportaudio2)"),
+    ("onnxruntime-gpu", None, "CUDA encoder (ONNX Runtime)", "pip install 'edge-af3[gpu]'"),
+    ("cuda-python", None, "CUDA graphs (TensorRT engine)", "pip install 'edge-af3[gpu]'"),
+    ("tensorrt", None, "TensorRT encoder", "pip install 'edge-af3[trt]'"),
+]
+
+
+def _version(dist: str) -> str | None:
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def _probe(fn):
+    try:
+        return fn()
+    except Exception as e:  # a doctor reports, it does not crash
+        return f"error: {type(e).__name__}: {e}"
+
+
+def _ort_providers():
+    import onnxruntime as ort
+
+    return ort.get_available_providers()
+
+
+def _llama_gpu():
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def _cuda():
+    if not shutil.which("nvidia-smi"):
+        return None
+    res = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader"],
+                         capture_output=True, text=True, timeout=10)  # fmt: skip
+    return [line.strip() for line in res.stdout.splitlines() if line.strip()] or None
+
+
+def _audio_inputs():
+    import sounddevice as sd
+
+    return [
+        {"index": i, "name": d["name"], "channels": d["max_input_channels"], "rate": d["default_samplerate"]}
+        for i, d in enumerate(sd.query_devices())
+        if d["max_input_channels"] > 0
+    ]
+
+
+def checks() -> dict:
+    from ..reference.vocab import cache_dir
+
+    pkgs = []
+    for dist, _mod, purpose, cmd in PACKAGES:
+        v = _version(dist)
+        pkgs.append({"package": dist, "version": v, "for": purpose, "install": None if v else cmd})
+    have = {p["package"] for p in pkgs if p["version"]}
+    report = {
+        "python": {"version": platform.python_version(), "ok": sys.version_info >= (3, 10), "executable": sys.executable},
+        "platform": f"{platform.system()} {platform.machine()}",
+        "packages": pkgs,
+        "onnxruntime_providers": _probe(_ort_providers) if "onnxruntime" in have else None,
+        "llama_cpp_gpu_offload": _probe(_llama_gpu) if "llama-cpp-python" in have else None,
+        "cuda_gpus": _probe(_cuda),
+        "audio_inputs": _probe(_audio_inputs) if "sounddevice" in have else None,
+        "cache": str(cache_dir()),
+    }
+    missing = [p for p in pkgs if not p["version"] and p["for"].startswith(("runtime", "export", "listen"))]
+    hints = sorted({p["install"] for p in missing})
+    if report["cuda_gpus"] and report["llama_cpp_gpu_offload"] is False:
+        hints.append('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python')
+    if isinstance(report["audio_inputs"], list) and not report["audio_inputs"]:
+        hints.append("no audio input device: plug a microphone in, or check PulseAudio/ALSA (pactl list sources short)")
+    report["hints"] = hints
+    report["ok"] = report["python"]["ok"] and not any(p["for"].startswith("runtime") for p in missing)
+    return report
+
+
+def render(report: dict, out) -> None:
+    from rich.table import Table
+
+    out.print(f"Python {report['python']['version']} on {report['platform']} ({report['python']['executable']})")
+    t = Table(show_header=True, header_style="bold")
+    for col in ("package", "version", "needed for"):
+        t.add_column(col)
+    for p in report["packages"]:
+        t.add_row(p["package"], p["version"] or "[yellow]missing[/]", p["for"])
+    out.print(t)
+    out.print(f"ONNX Runtime providers: {report['onnxruntime_providers']}")
+    out.print(f"llama.cpp GPU offload:  {report['llama_cpp_gpu_offload']}")
+    out.print(f"CUDA GPUs:              {report['cuda_gpus'] or 'none found (nvidia-smi)'}")
+    inputs = report["audio_inputs"]
+    if isinstance(inputs, list):
+        out.print(f"audio inputs:           {len(inputs)}")
+        for d in inputs:
+            out.print(f"  [{d['index']}] {d['name']} ({d['channels']} ch, {d['rate']:.0f} Hz)", markup=False)
+    else:
+        out.print(f"audio inputs:           {inputs or 'sounddevice not installed'}")
+    out.print(f"cache:                  {report['cache']}")
+    for h in report["hints"]:
+        out.print(f"[yellow]fix:[/] {h}")
+    out.print("[green]ready[/]" if report["ok"] else "[red]not ready: see the fixes above[/]")
