@@ -80,3 +80,30 @@ def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd=None)
         timeout=timeout,
         cwd=cwd,
     )
+
+
+def start_pulse(runtime: Path, sink: str) -> dict:
+    """Start a private PulseAudio daemon whose only sink is a null sink `sink`; its monitor is the
+    default source, so what `paplay -d SINK` plays is what PortAudio's `pulse` input device records.
+    Returns the environment that reaches it."""
+    exe = shutil.which("pulseaudio")
+    assert exe and shutil.which("paplay"), "pulseaudio and paplay are required (scripts/setup.sh installs them)"
+    runtime.mkdir(parents=True, exist_ok=True)
+    runtime.chmod(0o700)
+    env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
+    subprocess.run([exe, "--daemonize=yes", "--exit-idle-time=-1", "-n", f"--load=module-null-sink sink_name={sink}",
+                    "--load=module-native-protocol-unix"], env=env, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(["pactl", "set-default-source", f"{sink}.monitor"], env=env, check=True)
+    return env
+
+
+def stop_pulse(env: dict) -> None:
+    subprocess.run([shutil.which("pulseaudio"), "--kill"], env=env, capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def pulse(tmp_path_factory):
+    """A real capture path for the mic tests: PulseAudio null sink -> monitor -> PortAudio."""
+    env = start_pulse(tmp_path_factory.mktemp("xdg"), "edgeaf3")
+    yield env
+    stop_pulse(env)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 
 import numpy as np
@@ -174,3 +175,103 @@ def test_chat_in_a_terminal(tiny_bundle, speech_wav, tmp_path):
     assert turn["audio"] == [str(speech_wav)] and turn["user"] == "What do you hear?"
     assert turn["assistant"] == _greedy_text(tiny_bundle, speech_wav, "What do you hear?", 12)
     assert "af3> " + turn["assistant"][:10] in screen.replace("\n", "")
+
+
+def _two_utterances(tmp_path, speech_wav):
+    """speech, 2.5 s of silence, speech again (16 kHz): the VAD must cut exactly two segments."""
+    from edge_af3.audio import load_audio
+
+    s = load_audio(speech_wav).samples
+    x = np.concatenate([np.zeros(8000, np.float32), s, np.zeros(40000, np.float32), s, np.zeros(16000, np.float32)])
+    path = tmp_path / "two.wav"
+    sf.write(path, x, 16000)
+    return path, s.size / 16000
+
+
+def test_listen_file_cuts_segments_and_answers(tiny_bundle, speech_wav, tmp_path):
+    from edge_af3 import AF3
+    from edge_af3.listen import Listener, file_blocks
+    from edge_af3.vad import make_detector
+
+    path, seconds = _two_utterances(tmp_path, speech_wav)
+    res = run_cli("listen", "--file", str(path), "-m", str(tiny_bundle), "-n", "6", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(chunk) for chunk in res.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    answers, summary = lines[:-1], lines[-1]["summary"]
+    assert len(answers) == 2 and summary["segments"] == 2 and summary["answered"] == 2
+    for a, start in zip(answers, (0.5, 0.5 + seconds + 2.5)):  # timestamps within the VAD's pre-roll/hangover
+        assert abs(a["start"] - start) < 0.4 and abs((a["end"] - a["start"]) - seconds) < 0.9
+    # the loop answers what the API answers for the same segment
+    from edge_af3.audio import load_audio
+
+    with AF3.load(tiny_bundle) as m:
+        segs = []
+        Listener(m, "x", detector=make_detector(), wait=True, on_event=lambda e: segs.append(e.segment) if e.kind == "segment" else None,
+                 max_new_tokens=1).run(file_blocks(load_audio(path).samples, realtime=False))  # fmt: skip
+        want = m.ask((segs[0].samples, 16000), "Describe what you hear. If there is speech, transcribe it.", max_new_tokens=6).text
+    assert answers[0]["text"] == want
+
+
+def test_listen_mic_reads_a_real_portaudio_input(tiny_bundle, speech_wav, tmp_path, pulse):
+    """A PulseAudio null sink's monitor as the microphone: two spoken utterances -> two answers."""
+    import select
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path, _ = _two_utterances(tmp_path, speech_wav)
+    proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "listen", "--mic", "--device", "pulse", "--json",
+                             "-m", str(tiny_bundle), "-n", "4"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pulse)  # fmt: skip
+    try:
+        end = time.time() + 60
+        err = b""
+        while b"listening" not in err and time.time() < end:  # the stream is open
+            r, _, _ = select.select([proc.stderr], [], [], 0.2)
+            if r:
+                err += os.read(proc.stderr.fileno(), 4096)
+        assert b"listening" in err, err.decode()[-2000:]
+        time.sleep(1.0)
+        subprocess.run(["paplay", "-d", "edgeaf3", str(path)], env=pulse, check=True)
+        time.sleep(3.0)  # the last segment closes after the hangover and is answered
+        proc.send_signal(signal.SIGINT)
+        out, rest = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and "Traceback" not in rest, rest[-2000:]
+    chunks = [json.loads(c) for c in out.replace("}\n{", "}\x00{").split("\x00")]
+    summary = chunks[-1]["summary"]
+    assert summary["segments"] == 2 and summary["answered"] == 2 and len(chunks) == 3
+    assert chunks[1]["start"] - chunks[0]["start"] > 2.0
+
+
+def test_listen_device_faults(tiny_bundle, tmp_path, pulse):
+    import subprocess
+    import sys
+    import time
+
+    # no input device at all (no PulseAudio reachable, no ALSA capture card)
+    res = run_cli("listen", "--mic", "-m", str(tiny_bundle), env={"XDG_RUNTIME_DIR": str(tmp_path), "PULSE_SERVER": "unix:/nope"})
+    assert res.returncode == 1 and "no audio input device" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("listen", "--mic", "--device", "99", "-m", str(tiny_bundle), env=pulse)
+    assert res.returncode == 1 and "--list-devices" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("listen", "--list-devices", "--json", env=pulse)
+    assert res.returncode == 0 and any(d["name"] == "pulse" for d in json.loads(res.stdout))
+    # the device vanishes mid-stream: the only source of a second audio server is unloaded
+    from .conftest import start_pulse, stop_pulse
+
+    lone = start_pulse(tmp_path / "xdg2", "lone")
+    try:
+        mod = subprocess.run(["pactl", "list", "modules", "short"], env=lone, capture_output=True, text=True).stdout
+        sink_module = next(line.split()[0] for line in mod.splitlines() if "sink_name=lone" in line)
+        proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "listen", "--mic", "--device", "pulse",
+                                 "-m", str(tiny_bundle)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                text=True, env=lone)  # fmt: skip
+        time.sleep(8)
+        subprocess.run(["pactl", "unload-module", sink_module], env=lone, check=True)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        stop_pulse(lone)
+    assert proc.returncode == 1, err[-2000:]
+    assert "stopped delivering audio" in err and "Traceback" not in err and "segment(s)" in err

@@ -1,0 +1,251 @@
+"""`listen`: a live loop over a microphone (PortAudio through sounddevice) or a file.
+
+    capture thread --blocks--> ring queue --> segmenter (VAD) --segments--> inference thread
+                                                    |                          (AF3.stream)
+                                          or every S s: the last S s
+
+Capture never waits for inference: when the model falls behind, the oldest waiting segment is
+dropped and reported. Ctrl-C (or the end of a file) ends the loop with a summary: segments,
+drops, real-time factor, latency from the end of a segment to its first token and to its answer.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+
+from .vad import FRAME, RATE, Segment, Segmenter
+
+MAX_SEGMENT_S = 30.0  # one AF3 window
+
+
+class InputDeviceError(RuntimeError):
+    """No usable input device, or the device stopped delivering audio."""
+
+
+# -- sources: iterators of float32 mono 16 kHz blocks ------------------------------------------------
+def list_input_devices() -> list[dict]:
+    import sounddevice as sd
+
+    return [
+        {"index": i, "name": d["name"], "channels": d["max_input_channels"], "default_rate": d["default_samplerate"]}
+        for i, d in enumerate(sd.query_devices())
+        if d["max_input_channels"] > 0
+    ]
+
+
+class MicSource:
+    """Blocks from a PortAudio input; the callback only copies into a bounded queue."""
+
+    def __init__(self, device: str | int | None = None, *, block: int = FRAME, stall_s: float = 3.0,
+                 startup_s: float = 10.0):  # fmt: skip
+        try:
+            import sounddevice as sd
+        except (ImportError, OSError) as e:  # OSError: the PortAudio library itself is missing
+            raise InputDeviceError(f"microphone input needs sounddevice and PortAudio: pip install 'edge-af3[mic]' "
+                                   f"and apt-get install libportaudio2 ({e})") from e  # fmt: skip
+        self._sd = sd
+        if not list_input_devices():
+            raise InputDeviceError("no audio input device found; plug a microphone in or check PulseAudio/ALSA "
+                                   "(`edge-af3 listen --list-devices`, `pactl list sources short`)")  # fmt: skip
+        if isinstance(device, str) and device.isdigit():
+            device = int(device)
+        self.device = device
+        self.block = block
+        self.stall_s = stall_s
+        self.startup_s = startup_s  # PulseAudio/ALSA can take over a second to deliver the first block
+        self.blocks: queue.Queue = queue.Queue(maxsize=int(60 * RATE / block))  # a minute of audio
+        self.overflows = 0
+        self.stream = None
+
+    def _callback(self, indata, frames, time_info, status):  # PortAudio's thread: copy and return
+        if status and status.input_overflow:
+            self.overflows += 1
+        try:
+            self.blocks.put_nowait(indata[:, 0].copy())
+        except queue.Full:
+            self.overflows += 1
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        sd = self._sd
+        try:
+            self.stream = sd.InputStream(samplerate=RATE, channels=1, dtype="float32", blocksize=self.block,
+                                         device=self.device, callback=self._callback)  # fmt: skip
+            self.stream.start()
+        except (sd.PortAudioError, ValueError) as e:
+            raise InputDeviceError(f"cannot open input device {self.device if self.device is not None else '(default)'}: "
+                                   f"{e}; see `edge-af3 listen --list-devices`") from e  # fmt: skip
+        try:
+            wait = self.startup_s
+            while True:
+                try:
+                    yield self.blocks.get(timeout=wait)
+                    wait = self.stall_s
+                except queue.Empty:
+                    raise InputDeviceError(
+                        f"the input device stopped delivering audio (no samples for {wait:.0f} s"
+                        f"{'' if self.stream.active else ', stream closed'}); was it unplugged?"
+                    ) from None
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        if self.stream is not None:
+            try:
+                self.stream.abort(ignore_errors=True)
+                self.stream.close(ignore_errors=True)
+            except Exception:
+                pass
+            self.stream = None
+
+
+def file_blocks(samples: np.ndarray, *, realtime: bool, block: int = FRAME) -> Iterator[np.ndarray]:
+    """A decoded 16 kHz clip as blocks; `realtime` paces them like a microphone would."""
+    t0 = time.perf_counter()
+    for i in range(0, len(samples), block):
+        if realtime:
+            delay = t0 + i / RATE - time.perf_counter()
+            if delay > 0:
+                time.sleep(delay)
+        yield samples[i : i + block]
+
+
+# -- the loop ------------------------------------------------------------------------------------------
+@dataclass
+class ListenStats:
+    segments: int = 0
+    answered: int = 0
+    dropped: int = 0
+    audio_s: float = 0.0  # stream audio seen
+    busy_s: float = 0.0  # time inference ran
+    first_token_latency_s: list[float] = field(default_factory=list)  # segment end -> first token
+    answer_latency_s: list[float] = field(default_factory=list)  # segment end -> full answer
+
+    def summary(self) -> dict:
+        def pct(xs, q):
+            return round(float(np.percentile(xs, q)), 3) if xs else None
+
+        return {
+            "segments": self.segments,
+            "answered": self.answered,
+            "dropped": self.dropped,
+            "audio_s": round(self.audio_s, 2),
+            "real_time_factor": round(self.busy_s / self.audio_s, 3) if self.audio_s else None,
+            "first_token_latency_p50_s": pct(self.first_token_latency_s, 50),
+            "first_token_latency_p95_s": pct(self.first_token_latency_s, 95),
+            "answer_latency_p50_s": pct(self.answer_latency_s, 50),
+            "answer_latency_p95_s": pct(self.answer_latency_s, 95),
+        }
+
+
+@dataclass(frozen=True)
+class Event:
+    kind: str  # "segment" (answer starts), "piece", "done", "dropped"
+    segment: Segment | None = None
+    text: str = ""
+    info: dict | None = None
+
+
+class Listener:
+    """Cut a block stream into segments and ask `prompt` about each, on a worker thread."""
+
+    def __init__(self, model, prompt: str, *, detector=None, every_s: float | None = None, wait: bool = False,
+                 on_event: Callable[[Event], None] = lambda e: None, **options):  # fmt: skip
+        self.model, self.prompt, self.options = model, prompt, options
+        self.segmenter = Segmenter(detector, max_s=MAX_SEGMENT_S) if every_s is None else None
+        self.every = None if every_s is None else max(0.5, min(every_s, MAX_SEGMENT_S))
+        self.wait = wait  # True: never drop (a file processed as fast as possible)
+        self.on_event = on_event
+        self.stats = ListenStats()
+        self.pending: queue.Queue = queue.Queue(maxsize=1)
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self.worker = threading.Thread(target=self._work, name="af3-listen", daemon=True)
+
+    def _submit(self, seg: Segment) -> None:
+        self.stats.segments += 1
+        item = (seg, time.perf_counter())
+        if self.wait:
+            self.pending.put(item)
+            return
+        while True:
+            try:
+                self.pending.put_nowait(item)
+                return
+            except queue.Full:
+                try:
+                    old, _ = self.pending.get_nowait()  # the model is behind: drop the oldest waiting one
+                    with self._lock:
+                        self.stats.dropped += 1
+                    self.on_event(Event("dropped", old, info={"reason": "inference is behind"}))
+                except queue.Empty:
+                    pass
+
+    def _work(self) -> None:
+        try:
+            while True:
+                item = self.pending.get()
+                if item is None:
+                    return
+                seg, closed_at = item
+                self.on_event(Event("segment", seg))
+                t0 = time.perf_counter()
+                first = None
+                text = []
+                for piece in self.model.stream((seg.samples, RATE), self.prompt, **self.options):
+                    if first is None:
+                        first = time.perf_counter()
+                    text.append(piece)
+                    self.on_event(Event("piece", seg, piece))
+                done = time.perf_counter()
+                with self._lock:
+                    self.stats.answered += 1
+                    self.stats.busy_s += done - t0
+                    self.stats.first_token_latency_s.append((first or done) - closed_at)
+                    self.stats.answer_latency_s.append(done - closed_at)
+                self.on_event(Event("done", seg, "".join(text)))
+        except BaseException as e:  # reported by run()
+            self._error = e
+
+    def run(self, blocks) -> dict:
+        """Consume `blocks` until they end (or Ctrl-C / a device error, which propagate after cleanup)."""
+        self.worker.start()
+        buf = np.zeros(0, np.float32)
+        window: list[np.ndarray] = []
+        next_cut = self.every
+        try:
+            for block in blocks:
+                if self._error is not None:
+                    raise self._error
+                block = np.asarray(block, np.float32).reshape(-1)
+                self.stats.audio_s += block.size / RATE
+                if self.every is not None:
+                    window.append(block)
+                    if self.stats.audio_s >= next_cut:
+                        clip = np.concatenate(window)[-int(self.every * RATE) :]
+                        self._submit(Segment(self.stats.audio_s - clip.size / RATE, self.stats.audio_s, clip))
+                        window = [clip]
+                        next_cut += self.every
+                    continue
+                buf = np.concatenate([buf, block])
+                while buf.size >= FRAME:
+                    frame, buf = buf[:FRAME], buf[FRAME:]
+                    for seg in self.segmenter.push(frame):
+                        self._submit(seg)
+            if self.segmenter is not None:
+                for seg in self.segmenter.flush():
+                    self._submit(seg)
+            self.pending.put(None)  # the end of the stream: answer what is queued, then stop
+            self.worker.join()
+        finally:
+            if self.worker.is_alive():  # Ctrl-C or a device error: stop without waiting for answers
+                self._stop.set()
+        if self._error is not None:
+            raise self._error
+        return self.stats.summary()
