@@ -26,6 +26,7 @@ from .bundle import Bundle, open_bundle
 from .constants import EOS_TOKEN_ID, THINK_SUFFIX
 from .engines.llamacpp import LlamaEngine, SamplerOptions
 from .engines.onnx import OnnxEncoder
+from .engines.select import choose_encoder
 from .features import extract_features
 from .prompt import Message, render, split_sound
 
@@ -84,14 +85,21 @@ class AF3:
     """An exported AF3 bundle, loaded: one encoder session and one llama.cpp context."""
 
     def __init__(self, bundle: Bundle, *, n_ctx: int = 8192, threads: int | None = None, n_batch: int = 512,
-                 kv_type: str = "f16", flash_attn: bool | None = None, cache_size: int = 16):  # fmt: skip
+                 kv_type: str = "f16", flash_attn: bool | None = None, cache_size: int = 16,
+                 device: str = "cpu", n_gpu_layers: int | None = None):  # fmt: skip
         self.bundle = bundle
         self.template = bundle.manifest.get("chat_template")
         if not self.template:
             raise ValueError(f"{bundle.path}: the manifest has no chat template")
-        self.encoder = OnnxEncoder(bundle.encoder, threads=threads)
+        self.engine_choice = choose_encoder(device)
+        on_gpu = self.engine_choice.device.startswith("cuda")
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_gpu else None
+        self.encoder = OnnxEncoder(bundle.encoder, threads=threads, providers=providers)
+        if n_gpu_layers is None:
+            n_gpu_layers = 999 if on_gpu else 0  # all layers offloaded on a GPU
         self.llm = LlamaEngine(bundle.llm, n_ctx=n_ctx, n_batch=n_batch, threads=threads, kv_type=kv_type,
-                               flash_attn=flash_attn)  # fmt: skip
+                               flash_attn=True if (on_gpu and flash_attn is None) else flash_attn,
+                               n_gpu_layers=n_gpu_layers)  # fmt: skip
         if self.llm.n_embd != bundle.hidden_size:
             raise ValueError(f"{bundle.path}: LLM width {self.llm.n_embd} != encoder rows {bundle.hidden_size}")
         self.lock = threading.RLock()  # one llama.cpp context: one generation at a time
@@ -106,7 +114,7 @@ class AF3:
         if device not in ("auto", "cpu", "cuda"):
             raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
         path = locate(source, quant=quant, progress=progress)
-        return cls(open_bundle(path, check_hashes=check_hashes), n_ctx=n_ctx, threads=threads, **kwargs)
+        return cls(open_bundle(path, check_hashes=check_hashes), n_ctx=n_ctx, threads=threads, device=device, **kwargs)
 
     # -- audio -----------------------------------------------------------------------------
     def audio_rows(self, audio: AudioSource, stats: _Stats | None = None) -> np.ndarray:

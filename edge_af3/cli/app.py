@@ -217,7 +217,7 @@ DEFAULT_MODEL = "nvidia/audio-flamingo-3-hf"
 MODEL_HELP = "Bundle, HF checkpoint folder or Hub id (exported once into the cache). Env: EDGE_AF3_MODEL."
 
 
-def load_model(spec: Optional[str], *, n_ctx: int, threads: Optional[int], quant: str = "q4_k_m"):
+def load_model(spec: Optional[str], *, n_ctx: int, threads: Optional[int], quant: str = "q4_k_m", device: str = "auto"):
     """AF3.load with progress on stderr; every known failure becomes one clear line (exit 1)."""
     from ..audio import AudioError
     from ..bundle import BundleError
@@ -227,7 +227,7 @@ def load_model(spec: Optional[str], *, n_ctx: int, threads: Optional[int], quant
     spec = spec or DEFAULT_MODEL
     try:
         with console.status(f"loading {spec}") as status:
-            return AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant,
+            return AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device,
                             progress=lambda msg: (status.update(msg), console.log(msg)))  # fmt: skip
     except (CheckpointError, BundleError, AudioError, ValueError, FileNotFoundError, RuntimeError) as e:
         raise fail(str(e))
@@ -259,6 +259,7 @@ def ask_cmd(
     seed: int = typer.Option(0, "--seed"),
     n_ctx: int = typer.Option(16384, "--n-ctx", help="Context length (a 10 min clip alone takes 15000)."),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
 ) -> None:
     """Ask one question about one or more clips; the answer streams as it is produced.
 
@@ -277,7 +278,7 @@ def ask_cmd(
         clips = [load_audio(p) for p in paths]  # bad audio fails before the model loads
     except AudioError as e:
         raise fail(str(e))
-    af3 = load_model(model, n_ctx=n_ctx, threads=threads)
+    af3 = load_model(model, n_ctx=n_ctx, threads=threads, device=device)
     opts = generation_options(max_new_tokens, temperature, top_p, top_k, seed, think)
     session = af3.chat()
     try:
@@ -434,6 +435,33 @@ def listen_cmd(
         if code == 130:
             console.print("interrupted")
         raise typer.Exit(code)
+
+
+@app.command("plan")
+def plan_cmd(
+    bundle: Path = typer.Argument(..., help="An exported bundle."),
+    target: Optional[str] = typer.Option(None, "--target", help="orin-nano-8gb | orin-nx-16gb | agx-orin-64gb | rtx-4060-laptop | rtx-4090 | h100"),
+    n_ctx: int = typer.Option(8192, "--n-ctx"),
+    kv_type: str = typer.Option("f16", "--kv", help="KV cache type: f16 | q8_0 | f32"),
+    encoder_precision: Optional[str] = typer.Option(None, "--encoder-precision", help="fp16 | int8 | fp32 (default: fp16 for an fp32 bundle)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Dry run: the memory a bundle needs (weights, encoder, KV cache at n_ctx, buffers) and whether
+    it fits a target. Nothing is loaded but the GGUF header.
+
+    Example: edge-af3 plan ./af3 --target orin-nano-8gb --n-ctx 8192 --kv q8_0
+    """
+    from ..bundle import BundleError
+    from ..plan import plan, render
+
+    try:
+        p = plan(bundle, n_ctx=n_ctx, kv_type=kv_type, encoder_precision=encoder_precision, target=target)
+    except (BundleError, ValueError, RuntimeError) as e:
+        raise fail(str(e))
+    if as_json:
+        out.print_json(json.dumps(p))
+    else:
+        render(p, out)
 
 
 @app.command("doctor")

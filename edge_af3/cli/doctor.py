@@ -89,6 +89,10 @@ def checks() -> dict:
         "audio_inputs": _probe(_audio_inputs) if "sounddevice" in have else None,
         "cache": str(cache_dir()),
     }
+    from ..engines.select import choose_encoder
+
+    choice = _probe(lambda: choose_encoder("auto"))
+    report["encoder_engine"] = choice.explain() if hasattr(choice, "explain") else choice
     missing = [p for p in pkgs if not p["version"] and p["for"].startswith(("runtime", "export", "listen"))]
     hints = sorted({p["install"] for p in missing})
     if report["cuda_gpus"] and report["llama_cpp_gpu_offload"] is False:
@@ -120,6 +124,7 @@ def render(report: dict, out) -> None:
             out.print(f"  [{d['index']}] {d['name']} ({d['channels']} ch, {d['rate']:.0f} Hz)", markup=False)
     else:
         out.print(f"audio inputs:           {inputs or 'sounddevice not installed'}")
+    out.print(f"encoder:                {report['encoder_engine']}")
     out.print(f"cache:                  {report['cache']}")
     for h in report["hints"]:
         out.print(f"[yellow]fix:[/] {h}")

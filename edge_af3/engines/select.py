@@ -1,0 +1,120 @@
+"""Which encoder engine runs a bundle on this machine, and why the others were skipped.
+
+    device="cpu"   -> onnxruntime-cpu
+    device="cuda"  -> the first that works of: tensorrt, onnxruntime-cuda, torch-cuda
+    device="auto"  -> cuda when a CUDA GPU and one of its engines are usable, else cpu
+
+Every probe imports lazily and never raises: a missing package or GPU is a reason, not an error.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from dataclasses import dataclass
+from typing import Callable
+
+CUDA_ENGINES = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
+# engines this version can run; the others are probed (so doctor can report them) but skipped
+IMPLEMENTED = {"onnxruntime-cpu", "onnxruntime-cuda"}
+
+
+@dataclass(frozen=True)
+class EncoderChoice:
+    engine: str
+    device: str
+    skipped: tuple[tuple[str, str], ...] = ()  # (engine, why not)
+
+    def explain(self) -> str:
+        why = "; ".join(f"{name}: {reason}" for name, reason in self.skipped)
+        return f"encoder engine {self.engine} on {self.device}" + (f" (skipped {why})" if why else "")
+
+
+def gpu_name() -> str | None:
+    """The first CUDA GPU's name, or None (nvidia-smi; Jetson has no nvidia-smi: /proc/device-tree)."""
+    if shutil.which("nvidia-smi"):
+        try:
+            res = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                                 text=True, timeout=10)  # fmt: skip
+            names = [n.strip() for n in res.stdout.splitlines() if n.strip()]
+            if res.returncode == 0 and names:
+                return names[0]
+        except (OSError, subprocess.SubprocessError):
+            pass
+    try:
+        with open("/proc/device-tree/model", "rb") as f:
+            model = f.read().decode(errors="replace").strip("\x00 \n")
+        if "jetson" in model.lower() or "orin" in model.lower():
+            return model
+    except OSError:
+        pass
+    return None
+
+
+def _probe_tensorrt() -> str | None:
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return "tensorrt is not installed (pip install 'edge-af3[trt]', or JetPack's python3-libnvinfer)"
+    try:
+        from cuda.bindings import runtime  # noqa: F401
+    except ImportError:
+        try:
+            from cuda import cudart  # noqa: F401
+        except ImportError:
+            return "cuda-python is not installed (pip install 'edge-af3[gpu]')"
+    return None
+
+
+def _probe_ort_cuda() -> str | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return "onnxruntime is not installed"
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return "this onnxruntime has no CUDAExecutionProvider (pip install 'edge-af3[gpu]' for onnxruntime-gpu)"
+    return None
+
+
+def _probe_torch_cuda() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return "torch is not installed"
+    if not torch.cuda.is_available():
+        return f"torch {torch.__version__} sees no CUDA device"
+    return None
+
+
+PROBES: dict[str, Callable[[], str | None]] = {
+    "tensorrt": _probe_tensorrt,
+    "onnxruntime-cuda": _probe_ort_cuda,
+    "torch-cuda": _probe_torch_cuda,
+}
+
+
+def choose_encoder(device: str = "auto", *, probes: dict[str, Callable[[], str | None]] | None = None,
+                   gpu: Callable[[], str | None] = gpu_name, implemented: set[str] = IMPLEMENTED) -> EncoderChoice:  # fmt: skip
+    """The engine for `device`; raises ValueError when device='cuda' and nothing can run there."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+    if device == "cpu":
+        return EncoderChoice("onnxruntime-cpu", "cpu")
+    probes = probes or PROBES
+    name = gpu()
+    if name is None:
+        if device == "cuda":
+            raise ValueError("device='cuda' but no CUDA GPU is visible (nvidia-smi finds none)")
+        return EncoderChoice("onnxruntime-cpu", "cpu", (("cuda", "no CUDA GPU visible"),))
+    skipped = []
+    for engine in CUDA_ENGINES:
+        reason = probes[engine]()
+        if reason is None and engine not in implemented:
+            reason = "usable here, but this edge-af3 version has no engine for it yet"
+        if reason is None:
+            return EncoderChoice(engine, f"cuda ({name})", tuple(skipped))
+        skipped.append((engine, reason))
+    if device == "cuda":
+        raise ValueError(f"device='cuda' but no GPU encoder engine can run on {name}: "
+                         + "; ".join(f"{e}: {r}" for e, r in skipped))  # fmt: skip
+    return EncoderChoice("onnxruntime-cpu", "cpu", tuple(skipped))

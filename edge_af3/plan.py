@@ -1,0 +1,135 @@
+"""Memory planner: what a bundle needs on a target (weights, encoder, KV cache at n_ctx, buffers).
+
+    edge-af3 plan ./af3 --target orin-nano-8gb --n-ctx 8192
+
+Sizes come from the bundle's files and the GGUF's own metadata (read by llama.cpp without
+loading the weights); buffers are estimates, stated as such. Jetson memory is shared between
+CPU and GPU, so its budget is what is left after the OS and desktop-less L4T.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass
+from pathlib import Path
+
+GIB = 1 << 30
+
+# name -> (memory for edge-af3 in bytes, note)
+TARGETS = {
+    "orin-nano-8gb": (int(6.3 * GIB), "Jetson Orin Nano 8 GB, shared CPU/GPU memory, ~1.7 GB kept by L4T (headless)"),
+    "orin-nx-16gb": (int(13.5 * GIB), "Jetson Orin NX 16 GB, shared memory, headless L4T"),
+    "agx-orin-64gb": (int(60 * GIB), "Jetson AGX Orin 64 GB, shared memory"),
+    "rtx-4060-laptop": (int(7.5 * GIB), "RTX 4060 Laptop GPU, 8 GB VRAM (display and CUDA context take the rest)"),
+    "rtx-4090": (int(23 * GIB), "RTX 4090, 24 GB VRAM"),
+    "h100": (int(78 * GIB), "H100 80 GB"),
+}
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+ENCODER_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+
+
+@dataclass(frozen=True)
+class LlmShape:
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: int
+    n_vocab: int
+    n_ff: int
+
+
+def llm_shape(gguf: Path) -> LlmShape:
+    """The LLM's shape from its GGUF header (llama.cpp, vocab only: no weights are read)."""
+    import llama_cpp
+
+    from .engines.llamacpp import _quiet_logs
+
+    _quiet_logs(False)
+    mp = llama_cpp.llama_model_default_params()
+    mp.vocab_only = True
+    model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), mp)
+    if not model:
+        raise RuntimeError(f"llama.cpp could not read {gguf}")
+    try:
+        buf = ctypes.create_string_buffer(64)
+
+        def meta(key: str) -> int:
+            n = llama_cpp.llama_model_meta_val_str(model, key.encode(), buf, 64)
+            if n < 0:
+                raise KeyError(key)
+            return int(buf.value.decode())
+
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        return LlmShape(
+            n_layer=meta("qwen2.block_count"),
+            n_embd=meta("qwen2.embedding_length"),
+            n_head=meta("qwen2.attention.head_count"),
+            n_head_kv=meta("qwen2.attention.head_count_kv"),
+            n_vocab=llama_cpp.llama_vocab_n_tokens(vocab),
+            n_ff=meta("qwen2.feed_forward_length"),
+        )
+    finally:
+        llama_cpp.llama_model_free(model)
+
+
+def plan(bundle, *, n_ctx: int = 8192, kv_type: str = "f16", encoder_precision: str | None = None,
+         windows_per_run: int = 4, n_ubatch: int = 512, target: str | None = None) -> dict:  # fmt: skip
+    """Bytes per item for running `bundle` (a Bundle or a folder) at n_ctx; fits/headroom on `target`."""
+    from .bundle import Bundle, open_bundle
+
+    b = bundle if isinstance(bundle, Bundle) else open_bundle(Path(bundle), check_hashes=False)
+    if kv_type not in KV_BYTES:
+        raise ValueError(f"unknown KV type {kv_type!r}; choose one of {', '.join(KV_BYTES)}")
+    if target is not None and target not in TARGETS:
+        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+    shape = llm_shape(b.llm)
+    m = b.manifest
+    enc_files = [name for name in m["files"] if name.startswith("encoder.onnx")]
+    onnx_bytes = sum(m["files"][n]["bytes"] for n in enc_files)
+    stored = m["encoder"]["precision"]
+    run_as = encoder_precision or ("fp16" if stored == "fp32" else stored)  # GPUs build fp16 engines
+    enc_weights = int(onnx_bytes * ENCODER_BYTES[run_as] / ENCODER_BYTES[stored])
+    enc_hidden = int(m["model"]["encoder_hidden"])
+    head_dim = shape.n_embd // shape.n_head
+    act = ENCODER_BYTES.get(run_as, 2) if run_as != "int8" else 2
+    items = {
+        "llm weights": b.llm.stat().st_size,
+        "encoder weights": enc_weights,
+        "KV cache": int(2 * shape.n_layer * n_ctx * shape.n_head_kv * head_dim * KV_BYTES[kv_type]),
+        # llama.cpp's compute buffer: the widest activations of one ubatch plus its logits (estimate)
+        "LLM compute buffer (est.)": int(n_ubatch * (shape.n_vocab + 4 * shape.n_embd + 2 * shape.n_ff) * 4),
+        # encoder: one layer's attention scores + hidden states for the windows of one run (estimate)
+        "encoder activations (est.)": int(windows_per_run * (20 * 1500 * 1500 * act / 2 + 8 * 1500 * enc_hidden * act)),
+        "audio rows (10 min)": int(15000 * shape.n_embd * 4),
+    }
+    total = sum(items.values())
+    out = {
+        "bundle": str(b.path),
+        "llm": {"file": b.llm.name, **shape.__dict__},
+        "n_ctx": n_ctx,
+        "kv_type": kv_type,
+        "encoder_precision": run_as,
+        "windows_per_run": windows_per_run,
+        "items": items,
+        "total": total,
+    }
+    if target:
+        budget, note = TARGETS[target]
+        out["target"] = {"name": target, "note": note, "budget": budget, "fits": total <= budget,
+                         "headroom": budget - total}  # fmt: skip
+    return out
+
+
+def render(p: dict, out) -> None:
+    def gb(n: int) -> str:
+        return f"{n / GIB:6.2f} GiB"
+
+    out.print(f"{p['bundle']}: {p['llm']['file']} ({p['llm']['n_layer']} layers, {p['llm']['n_head_kv']} KV heads), "
+              f"n_ctx {p['n_ctx']}, KV {p['kv_type']}, encoder {p['encoder_precision']} x{p['windows_per_run']} windows")  # fmt: skip
+    for name, n in p["items"].items():
+        out.print(f"  {name:28s} {gb(n)}")
+    out.print(f"  {'total':28s} {gb(p['total'])}")
+    t = p.get("target")
+    if t:
+        verdict = "[green]fits[/]" if t["fits"] else "[red]does not fit[/]"
+        out.print(f"{t['name']} ({t['note']}): budget {gb(t['budget']).strip()}, {verdict}, headroom {gb(t['headroom']).strip()}")

@@ -1,0 +1,84 @@
+"""The GPU path's CPU-testable parts: engine selection, TensorRT engine cache keying and
+staleness, the memory planner. (The GPU measurements themselves carry the `gpu` marker and run
+through scripts/gpu_checks.sh on a CUDA machine.)"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from edge_af3.engines.select import choose_encoder
+from edge_af3.engines.trt_cache import EngineKey, lookup, store
+from edge_af3.plan import KV_BYTES, llm_shape, plan
+
+from .conftest import run_cli
+
+
+def probes(**reasons):
+    return {name: (lambda r=reasons.get(name.replace("-", "_")): r) for name in ("tensorrt", "onnxruntime-cuda", "torch-cuda")}
+
+
+def test_engine_selection_order_and_reasons():
+    no_gpu = choose_encoder("auto", gpu=lambda: None)
+    assert no_gpu.engine == "onnxruntime-cpu" and "no CUDA GPU" in no_gpu.explain()
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        choose_encoder("cuda", gpu=lambda: None)
+    every = {"onnxruntime-cpu", "tensorrt", "onnxruntime-cuda", "torch-cuda"}
+    best = choose_encoder("cuda", gpu=lambda: "NVIDIA H100", probes=probes(), implemented=every)
+    assert best.engine == "tensorrt" and best.device == "cuda (NVIDIA H100)" and best.skipped == ()
+    c = choose_encoder("auto", gpu=lambda: "Orin", probes=probes(tensorrt="tensorrt is not installed"), implemented=every)
+    assert c.engine == "onnxruntime-cuda" and c.skipped == (("tensorrt", "tensorrt is not installed"),)
+    c = choose_encoder("auto", gpu=lambda: "Orin", probes=probes(tensorrt="no trt", onnxruntime_cuda="no ep"), implemented=every)
+    assert c.engine == "torch-cuda" and [s[0] for s in c.skipped] == ["tensorrt", "onnxruntime-cuda"]
+    # a usable engine this version cannot run yet is skipped with that reason, never picked
+    c = choose_encoder("auto", gpu=lambda: "Orin", probes=probes(onnxruntime_cuda="no ep"))
+    assert c.engine == "onnxruntime-cpu" and "no engine for it yet" in dict(c.skipped)["tensorrt"]
+    with pytest.raises(ValueError, match="no GPU encoder engine"):
+        choose_encoder("cuda", gpu=lambda: "Orin", probes=probes(tensorrt="a", onnxruntime_cuda="b", torch_cuda="c"))
+    assert choose_encoder("cpu").engine == "onnxruntime-cpu"
+    with pytest.raises(ValueError, match="unknown device"):
+        choose_encoder("tpu")
+
+
+def test_trt_engine_cache_keying_and_staleness(tmp_path):
+    key = EngineKey("ab" * 32, "10.7.0", "Orin", "8.7", "fp16", (1, 2, 4, 8, 20))
+    assert lookup(tmp_path, key) == (None, ["no engine built yet"])
+    plan_path = store(tmp_path, key, b"engine-bytes")
+    assert lookup(tmp_path, key) == (plan_path, [])
+    assert EngineKey("ab" * 32, "10.7.0", "Orin", "8.7", "fp16", (1, 2, 4, 8, 20)).digest() == key.digest()
+    for changed, field in [(dict(tensorrt="10.8.0"), "tensorrt"), (dict(gpu="RTX 4090", compute_capability="8.9"), "gpu"),
+                           (dict(precision="int8"), "precision"), (dict(onnx_sha256="cd" * 32), "onnx_sha256"),
+                           (dict(buckets=(1, 4, 20)), "buckets")]:  # fmt: skip
+        other = EngineKey(**{**key.__dict__, **changed})
+        assert other.digest() != key.digest()
+        found, reasons = lookup(tmp_path, other)
+        assert found is None and len(reasons) == 1 and "stale" in reasons[0] and field in reasons[0]
+    # a corrupt plan (same size, other bytes) is refused
+    plan_path.write_bytes(b"engine-bytez")
+    found, reasons = lookup(tmp_path, key)
+    assert found is None and "corrupt" in reasons[0]
+    # storing a new engine replaces the stale ones
+    newer = EngineKey(**{**key.__dict__, "tensorrt": "10.8.0"})
+    store(tmp_path, newer, b"new")
+    assert sorted(p.name for p in (tmp_path / ".engines").iterdir()) == sorted(
+        [f"encoder-{newer.digest()}.plan", f"encoder-{newer.digest()}.json"])
+
+
+def test_memory_planner(tiny_bundle):
+    shape = llm_shape(tiny_bundle / "llm-f32.gguf")
+    assert (shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv, shape.n_vocab) == (2, 64, 2, 1, 151672)
+    p = plan(tiny_bundle, n_ctx=8192, kv_type="f16", target="orin-nano-8gb")
+    head_dim = 64 // 2
+    assert p["items"]["KV cache"] == 2 * 2 * 8192 * 1 * head_dim * 2
+    assert p["items"]["llm weights"] == (tiny_bundle / "llm-f32.gguf").stat().st_size
+    onnx = (tiny_bundle / "encoder.onnx").stat().st_size
+    assert p["encoder_precision"] == "fp16" and p["items"]["encoder weights"] == onnx // 2
+    assert p["total"] == sum(p["items"].values()) and p["target"]["fits"]
+    q8 = plan(tiny_bundle, n_ctx=8192, kv_type="q8_0")
+    assert q8["items"]["KV cache"] == int(2 * 2 * 8192 * 1 * head_dim * KV_BYTES["q8_0"])
+    with pytest.raises(ValueError, match="unknown target"):
+        plan(tiny_bundle, target="pdp-11")
+    res = run_cli("plan", str(tiny_bundle), "--target", "rtx-4090", "--json")
+    assert res.returncode == 0, res.stderr
+    assert json.loads(res.stdout)["target"]["fits"] is True
