@@ -23,10 +23,10 @@ import numpy as np
 
 from .audio import Audio, AudioSource, load_audio
 from .bundle import Bundle, open_bundle
-from .constants import EOS_TOKEN_ID, THINK_SUFFIX
+from .constants import EOS_TOKEN_ID, N_FRAMES, ROWS_PER_WINDOW, THINK_SUFFIX
 from .engines.llamacpp import LlamaEngine, SamplerOptions
 from .engines.onnx import OnnxEncoder
-from .engines.select import choose_encoder
+from .engines.select import choose_encoder, gpu_name
 from .features import extract_features
 from .prompt import Message, render, split_sound
 
@@ -81,20 +81,40 @@ class _Stats:
     audio_tokens: int = 0
 
 
+def encode_windows(encoder, feats, windows_per_run: int = 2) -> np.ndarray:
+    """Valid projected rows [N, H] of a clip. Full windows go `windows_per_run` at a time (bounded
+    memory: a 10 min clip is 20 windows); a partial last window is cut 4 frames past its valid
+    frames, so a 5 s clip costs a sixth of a window (its rows are the same: see onnx_encoder)."""
+    out = []
+    n_windows = feats.features.shape[0]
+    full = [w for w in range(n_windows) if feats.rows_per_window[w] == ROWS_PER_WINDOW]
+    for start in range(0, len(full), max(1, windows_per_run)):
+        ws = full[start : start + windows_per_run]
+        rows = encoder.encode(feats.features[ws], feats.mask[ws])
+        out.extend(rows[i, :ROWS_PER_WINDOW] for i in range(len(ws)))
+    for w in range(n_windows):
+        if feats.rows_per_window[w] != ROWS_PER_WINDOW:  # only ever the last window
+            valid = int(feats.mask[w].sum())
+            frames = min(N_FRAMES, valid + 4 + (valid % 2)) if getattr(encoder, "dynamic_frames", False) else N_FRAMES
+            rows = encoder.encode(feats.features[w : w + 1, :, :frames], feats.mask[w : w + 1, :frames])
+            out.append(rows[0, : feats.rows_per_window[w]])
+    return np.concatenate(out)
+
+
 class AF3:
     """An exported AF3 bundle, loaded: one encoder session and one llama.cpp context."""
 
     def __init__(self, bundle: Bundle, *, n_ctx: int = 8192, threads: int | None = None, n_batch: int = 512,
                  kv_type: str = "f16", flash_attn: bool | None = None, cache_size: int = 16,
-                 device: str = "cpu", n_gpu_layers: int | None = None):  # fmt: skip
+                 device: str = "cpu", n_gpu_layers: int | None = None, windows_per_run: int = 2):  # fmt: skip
         self.bundle = bundle
         self.template = bundle.manifest.get("chat_template")
         if not self.template:
             raise ValueError(f"{bundle.path}: the manifest has no chat template")
         self.engine_choice = choose_encoder(device)
-        on_gpu = self.engine_choice.device.startswith("cuda")
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if on_gpu else None
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.engine_choice.engine == "onnxruntime-cuda" else None
         self.encoder = OnnxEncoder(bundle.encoder, threads=threads, providers=providers)
+        on_gpu = device != "cpu" and _llama_offloads() and (device == "cuda" or gpu_name() is not None)
         if n_gpu_layers is None:
             n_gpu_layers = 999 if on_gpu else 0  # all layers offloaded on a GPU
         self.llm = LlamaEngine(bundle.llm, n_ctx=n_ctx, n_batch=n_batch, threads=threads, kv_type=kv_type,
@@ -105,6 +125,7 @@ class AF3:
         self.lock = threading.RLock()  # one llama.cpp context: one generation at a time
         self._rows: OrderedDict[str, np.ndarray] = OrderedDict()  # audio hash -> rows [N, H]
         self._cache_size = cache_size
+        self.windows_per_run = windows_per_run
         self._owner: object | None = None  # which session's tokens are in the KV cache
 
     @classmethod
@@ -129,8 +150,7 @@ class AF3:
         t0 = time.perf_counter()
         feats = extract_features(clip)
         t1 = time.perf_counter()
-        out = self.encoder.encode(feats.features, feats.mask)  # [W, 750, H], all windows in one run
-        rows = np.concatenate([out[w, :n] for w, n in enumerate(feats.rows_per_window)])
+        rows = encode_windows(self.encoder, feats, self.windows_per_run)
         t2 = time.perf_counter()
         if stats:
             stats.features_ms += (t1 - t0) * 1000
@@ -162,6 +182,12 @@ class AF3:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+def _llama_offloads() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 class ModelNotFoundError(ValueError):

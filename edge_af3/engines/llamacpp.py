@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from ._native import NativeResource
+
 _LOG_LOCK = threading.Lock()
 _LOG_CB = None
 
@@ -57,7 +59,7 @@ class SamplerOptions:
     seed: int = 0
 
 
-class LlamaEngine:
+class LlamaEngine(NativeResource):
     """One llama.cpp model + context + one sequence; `n_past` is where the next row goes."""
 
     def __init__(self, gguf: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512, threads: int | None = None,
@@ -99,6 +101,7 @@ class LlamaEngine:
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
         self._tok = llama_cpp.llama_batch_init(n_batch, 0, 1)
         self._emb = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
+        self.n_gpu_layers = n_gpu_layers
         self.n_past = 0
         self.decoded_rows = 0  # counters that tests read: work actually done
         self.decode_calls = 0
@@ -247,15 +250,3 @@ class LlamaEngine:
         if getattr(self, "model", None):
             ll.llama_model_free(self.model)
             self.model = None
-
-    def __enter__(self) -> "LlamaEngine":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

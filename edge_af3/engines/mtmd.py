@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 
+from ._native import NativeResource
 from .llamacpp import LlamaEngine
 
 MARKER = "<__media__>"
@@ -29,7 +30,7 @@ def _quiet_mtmd_logs() -> None:
     mtmd_cpp.mtmd_helper_log_set(llamacpp._LOG_CB, ctypes.c_void_p(0))
 
 
-class MtmdAudio:
+class MtmdAudio(NativeResource):
     """An mmproj loaded by libmtmd next to a `LlamaEngine`'s model; prompts carry `MARKER` per clip."""
 
     def __init__(self, mmproj: str | os.PathLike, engine: LlamaEngine, *, threads: int | None = None,
@@ -139,15 +140,3 @@ class MtmdAudio:
         if getattr(self, "ctx", None):
             self._m.mtmd_free(self.ctx)
             self.ctx = None
-
-    def __enter__(self) -> "MtmdAudio":
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.close()
-
-    def __del__(self) -> None:
-        try:
-            self.close()
-        except Exception:
-            pass

@@ -1,8 +1,10 @@
 """Audio tower + pooling + final LayerNorm + projector -> encoder.onnx.
 
-Inputs `input_features` [N,128,3000] float32 and `input_features_mask` [N,3000] int64; output
-`audio_rows` [N,750,H] float32 (all 750 rows; the runtime keeps the valid ones per window).
-Dynamic N, opset 17 (LayerNorm as one op so TensorRT can keep it in fp32).
+Inputs `input_features` [N,128,F] float32 and `input_features_mask` [N,F] int64, F <= 3000 frames;
+output `audio_rows` [N,F/4,H] float32 (a full window gives 750 rows; the runtime keeps the valid
+ones). Dynamic N and F: the runtime cuts a clip's last, partial window just past its valid frames
+(a 5 s clip runs 1/6 of a window's work). Opset 17 (LayerNorm as one op so TensorRT can keep it in
+fp32).
 """
 
 from __future__ import annotations
@@ -55,8 +57,22 @@ class _Wrapper(torch.nn.Module):
         self.projector = projector
 
     def forward(self, input_features, input_features_mask):
-        hidden = self.tower(input_features, input_features_mask=input_features_mask).last_hidden_state
-        return self.projector(hidden)  # [N, 750, H]
+        """The tower's own forward, but for any frame count F <= 3000 (not only 3000): positions are
+        sliced to the conv output length, so a short clip's window can be cut just past its valid
+        frames. Rows of valid frames are the same as with the full padded window: padded frames
+        are masked keys, and the convolutions only reach 2 frames past the last valid one."""
+        t = self.tower
+        seq_len = (input_features.shape[-1] - 1) // 2 + 1  # after conv2's stride 2
+        lengths = (input_features_mask.sum(-1) - 1) // 2 + 1
+        keys = torch.arange(seq_len, device=input_features.device)[None, :] < lengths[:, None]
+        hidden = torch.nn.functional.gelu(t.conv1(input_features))
+        hidden = torch.nn.functional.gelu(t.conv2(hidden)).permute(0, 2, 1)
+        hidden = hidden + t.embed_positions.weight[:seq_len]
+        mask = (~keys)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min  # additive, keys only
+        for layer in t.layers:
+            hidden = layer(hidden, mask)
+        hidden = t.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1)
+        return self.projector(t.layer_norm(hidden))  # [N, seq_len // 2, H]
 
 
 PRECISIONS = ("fp32", "fp16", "int8")
@@ -84,7 +100,8 @@ def export_encoder(wrapper, out: Path, *, precision: str = "fp32") -> Path:
                 str(raw),
                 input_names=list(INPUTS),
                 output_names=[OUTPUT],
-                dynamic_axes={INPUTS[0]: {0: "windows"}, INPUTS[1]: {0: "windows"}, OUTPUT: {0: "windows"}},
+                dynamic_axes={INPUTS[0]: {0: "windows", 2: "frames"}, INPUTS[1]: {0: "windows", 1: "frames"},
+                              OUTPUT: {0: "windows", 1: "rows"}},
                 opset_version=OPSET,
                 dynamo=False,
                 external_data=large,

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Install edge-af3's runtime on a Jetson Orin (aarch64, JetPack 6, CUDA 12.x), on the device itself.
+# llama-cpp-python is compiled for the Orin GPU (compute capability 8.7); nothing else is built.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}"
+export PATH="/usr/local/cuda/bin:$PATH"
+# GGML_CUDA_NO_VMM: Tegra's unified memory has no CUDA virtual memory management pools
+export CMAKE_ARGS="${CMAKE_ARGS:--DGGML_CUDA=on -DCMAKE_CUDA_ARCHITECTURES=87 -DGGML_CUDA_NO_VMM=ON -DGGML_NATIVE=ON}"
+export MAKEFLAGS="-j$(nproc)"
+python3 -m pip install --upgrade pip wheel
+python3 -m pip install "llama-cpp-python==0.3.36" --no-binary llama-cpp-python
+# ONNX Runtime with CUDA for JetPack 6 comes from NVIDIA's Jetson index (not PyPI); without it the
+# encoder runs on the Orin's CPU through the plain onnxruntime wheel.
+python3 -m pip install onnxruntime-gpu --extra-index-url "${JETSON_INDEX:-https://pypi.jetson-ai-lab.dev/jp6/cu126}" \
+  || python3 -m pip install onnxruntime
+python3 -m pip install -e ".[mic]"
+python3 -c "import llama_cpp; assert llama_cpp.llama_supports_gpu_offload(), 'llama.cpp built without CUDA'"
+edge-af3 doctor
