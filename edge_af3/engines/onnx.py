@@ -23,7 +23,7 @@ class OnnxEncoder:
         # ORT's workers spin after a run by default: on a 2-core box that steals a core from the
         # llama.cpp prefill that follows (measured: prefill ~2x slower). The memory arena stays on
         # (off: +50% on the first run and +10% after); the runtime bounds it by feeding at most
-        # `windows_per_run` windows per run.
+        # `windows_per_run` windows per run (default 1).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = ort.get_available_providers()
         wanted = providers or ["CPUExecutionProvider"]
