@@ -24,9 +24,9 @@ import numpy as np
 from .audio import Audio, AudioSource, load_audio
 from .bundle import Bundle, open_bundle
 from .constants import EOS_TOKEN_ID, N_FRAMES, ROWS_PER_WINDOW, THINK_SUFFIX
-from .engines.llamacpp import LlamaEngine, SamplerOptions
+from .engines.llamacpp import LlamaEngine, SamplerOptions, supports_gpu_offload
 from .engines.onnx import OnnxEncoder
-from .engines.select import choose_encoder, gpu_name
+from .engines.select import choose_encoder
 from .features import extract_features
 from .prompt import Message, render, split_sound
 
@@ -115,7 +115,7 @@ class AF3:
         self.engine_choice = choose_encoder(device)
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if self.engine_choice.engine == "onnxruntime-cuda" else None
         self.encoder = OnnxEncoder(bundle.encoder, threads=threads, providers=providers)
-        on_gpu = device != "cpu" and _llama_offloads() and (device == "cuda" or gpu_name() is not None)
+        on_gpu = self.engine_choice.gpu is not None and supports_gpu_offload()
         if n_gpu_layers is None:
             n_gpu_layers = 999 if on_gpu else 0  # all layers offloaded on a GPU
         self.llm = LlamaEngine(bundle.llm, n_ctx=n_ctx, n_batch=n_batch, threads=threads, kv_type=kv_type,
@@ -183,12 +183,6 @@ class AF3:
 
     def __exit__(self, *exc) -> None:
         self.close()
-
-
-def _llama_offloads() -> bool:
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
 
 
 class ModelNotFoundError(ValueError):

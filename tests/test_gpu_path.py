@@ -21,7 +21,7 @@ def probes(**reasons):
 
 def test_engine_selection_order_and_reasons():
     no_gpu = choose_encoder("auto", gpu=lambda: None)
-    assert no_gpu.engine == "onnxruntime-cpu" and "no CUDA GPU" in no_gpu.explain()
+    assert no_gpu.engine == "onnxruntime-cpu" and "no CUDA GPU" in no_gpu.explain() and no_gpu.gpu is None
     with pytest.raises(ValueError, match="no CUDA GPU"):
         choose_encoder("cuda", gpu=lambda: None)
     every = {"onnxruntime-cpu", "tensorrt", "onnxruntime-cuda", "torch-cuda"}
@@ -34,6 +34,7 @@ def test_engine_selection_order_and_reasons():
     # a usable engine this version cannot run yet is skipped with that reason, never picked
     c = choose_encoder("auto", gpu=lambda: "Orin", probes=probes(onnxruntime_cuda="no ep"))
     assert c.engine == "onnxruntime-cpu" and "no engine for it yet" in dict(c.skipped)["tensorrt"]
+    assert c.gpu == "Orin"  # the LLM still offloads when the encoder stays on the CPU
     c = choose_encoder("cuda", gpu=lambda: "Orin", probes=probes(tensorrt="a", onnxruntime_cuda="b", torch_cuda="c"))
     assert c.engine == "onnxruntime-cpu" and dict(c.skipped) == {"tensorrt": "a", "onnxruntime-cuda": "b", "torch-cuda": "c"}
     assert choose_encoder("cpu").engine == "onnxruntime-cpu"

@@ -47,12 +47,6 @@ def _ort_providers():
     return ort.get_available_providers()
 
 
-def _llama_gpu():
-    import llama_cpp
-
-    return bool(llama_cpp.llama_supports_gpu_offload())
-
-
 def _cuda():
     if not shutil.which("nvidia-smi"):
         return None
@@ -72,6 +66,7 @@ def _audio_inputs():
 
 
 def checks() -> dict:
+    from ..engines.llamacpp import supports_gpu_offload
     from ..reference.vocab import cache_dir
 
     pkgs = []
@@ -84,7 +79,7 @@ def checks() -> dict:
         "platform": f"{platform.system()} {platform.machine()}",
         "packages": pkgs,
         "onnxruntime_providers": _probe(_ort_providers) if "onnxruntime" in have else None,
-        "llama_cpp_gpu_offload": _probe(_llama_gpu) if "llama-cpp-python" in have else None,
+        "llama_cpp_gpu_offload": _probe(supports_gpu_offload) if "llama-cpp-python" in have else None,
         "cuda_gpus": _probe(_cuda),
         "audio_inputs": _probe(_audio_inputs) if "sounddevice" in have else None,
         "cache": str(cache_dir()),

@@ -4,10 +4,7 @@ from __future__ import annotations
 
 
 class NativeResource:
-    """Subclasses implement an idempotent `close()`."""
-
-    def close(self) -> None:  # pragma: no cover - overridden
-        raise NotImplementedError
+    """Mixin: the subclass defines an idempotent `close()`, which these call."""
 
     def __enter__(self):
         return self

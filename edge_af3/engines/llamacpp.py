@@ -44,6 +44,13 @@ def _quiet_logs(verbose: bool) -> None:
 _VERBOSE = [False]
 
 
+def supports_gpu_offload() -> bool:
+    """Whether this llama-cpp-python build can put layers on a GPU (a CUDA/Metal/Vulkan build)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
 
 

@@ -80,6 +80,15 @@ class MtmdAudio(NativeResource):
                 m.mtmd_bitmap_free(bm)
         return chunks
 
+    def _encode(self, chunk) -> np.ndarray:
+        """libmtmd's projected rows [n_tokens, n_embd] of one audio chunk (a view of its buffer)."""
+        m = self._m
+        n = m.mtmd_input_chunk_get_n_tokens(chunk)
+        if m.mtmd_encode_chunk(self.ctx, chunk) != 0:
+            raise RuntimeError("mtmd_encode_chunk failed")
+        ptr = m.mtmd_get_output_embd(self.ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n * self.engine.n_embd,)).reshape(n, self.engine.n_embd)
+
     def audio_rows(self, audio: np.ndarray) -> np.ndarray:
         """The projected rows libmtmd makes of one clip at 16 kHz: [n_tokens, n_embd] (all its windows)."""
         m = self._m
@@ -90,11 +99,7 @@ class MtmdAudio(NativeResource):
                 chunk = m.mtmd_input_chunks_get(chunks, i)
                 if m.mtmd_input_chunk_get_type(chunk) != m.MTMD_INPUT_CHUNK_TYPE_AUDIO:
                     continue
-                n = m.mtmd_input_chunk_get_n_tokens(chunk)
-                if m.mtmd_encode_chunk(self.ctx, chunk) != 0:
-                    raise RuntimeError("mtmd_encode_chunk failed")
-                ptr = m.mtmd_get_output_embd(self.ctx)
-                out.append(np.ctypeslib.as_array(ptr, shape=(n * self.engine.n_embd,)).reshape(n, -1).copy())
+                out.append(self._encode(chunk).copy())
             return np.concatenate(out)
         finally:
             m.mtmd_input_chunks_free(chunks)
@@ -121,15 +126,12 @@ class MtmdAudio(NativeResource):
                     eng.decode_tokens(ptr[: k.value], logits=last)
                     counts["tokens"] += k.value
                     continue
-                k = m.mtmd_input_chunk_get_n_tokens(chunk)
                 te = time.perf_counter()
-                if m.mtmd_encode_chunk(self.ctx, chunk) != 0:
-                    raise RuntimeError("mtmd_encode_chunk failed")
-                rows = np.ctypeslib.as_array(m.mtmd_get_output_embd(self.ctx), shape=(k * eng.n_embd,))
+                rows = self._encode(chunk)
                 encode_s += time.perf_counter() - te
-                eng.decode_embeddings(rows.reshape(k, eng.n_embd), logits=last)
-                counts["tokens"] += k
-                counts["audio_tokens"] += k
+                eng.decode_embeddings(rows, logits=last)
+                counts["tokens"] += rows.shape[0]
+                counts["audio_tokens"] += rows.shape[0]
         finally:
             m.mtmd_input_chunks_free(chunks)
         t2 = time.perf_counter()

@@ -25,6 +25,7 @@ class EncoderChoice:
     engine: str
     device: str
     skipped: tuple[tuple[str, str], ...] = ()  # (engine, why not)
+    gpu: str | None = None  # the CUDA GPU seen (also when the encoder stays on the CPU)
 
     def explain(self) -> str:
         why = "; ".join(f"{name}: {reason}" for name, reason in self.skipped)
@@ -113,7 +114,7 @@ def choose_encoder(device: str = "auto", *, probes: dict[str, Callable[[], str |
         if reason is None and engine not in implemented:
             reason = "usable here, but this edge-af3 version has no engine for it yet"
         if reason is None:
-            return EncoderChoice(engine, f"cuda ({name})", tuple(skipped))
+            return EncoderChoice(engine, f"cuda ({name})", tuple(skipped), gpu=name)
         skipped.append((engine, reason))
     # a GPU but no GPU encoder engine: the encoder runs on the CPU (the LLM still offloads), and says why
-    return EncoderChoice("onnxruntime-cpu", "cpu", tuple(skipped))
+    return EncoderChoice("onnxruntime-cpu", "cpu", tuple(skipped), gpu=name)

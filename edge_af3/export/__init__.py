@@ -195,7 +195,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
         n_params = text["vocab_size"] * text["hidden_size"] * 2 + text["num_hidden_layers"] * (
             4 * text["hidden_size"] ** 2 + 3 * text["hidden_size"] * text["intermediate_size"]
         )
-        base = "f32" if (quant == "f32" or n_params < 2_000_000_000) else "f16"
+        big = n_params >= 2_000_000_000  # the 7B: F16 intermediate, bf16 reference for the check
+        base = "f32" if (quant == "f32" or not big) else "f16"
         base_path = tmp / f"llm-{base}.gguf"
         say(f"writing the LLM as {base.upper()} GGUF")
         write_gguf(ckpt, base_path, ftype=base)
@@ -214,7 +215,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
         del wrapper  # before the LLM reference is loaded: the full model is tight on a 24 GiB machine
         if verify:
             say("verifying GGUF logits against transformers")
-            checks["llm"] = verify_llm(llm_path, ckpt, quant, dtype="bfloat16" if n_params >= 2_000_000_000 else "float32")
+            checks["llm"] = verify_llm(llm_path, ckpt, quant, dtype="bfloat16" if big else "float32")
 
         files = {p.name: describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         audio = cfg["audio_config"]
