@@ -49,19 +49,8 @@ def test_greedy_32_tokens_match_reference(model, reference, seconds):
 def test_prefill_logits_match_reference(model, reference):
     x = noise(3.0, seed=5)
     want = reference.logits(conversation(x))[-1]
-    session = model.chat()
-    with model.lock:
-        session._sync(_stats())
-        text = render(model.template, [Message("user", QUESTION, n_audio=1)])
-        session._prefill(text, [model.audio_rows((x, 16000))], _stats())
-        got = model.llm.last_logits()
+    got = model.chat().logits(QUESTION, audio=(x, 16000))
     assert np.abs(got - want).max() <= 1e-3
-
-
-def _stats():
-    from edge_af3.runtime import _Stats
-
-    return _Stats()
 
 
 def test_template_renders_like_transformers(reference, model):
@@ -114,7 +103,7 @@ def test_interrupted_stream_leaves_model_usable(model):
     stream = chat.stream(QUESTION, audio=x, max_new_tokens=20)
     pieces = [next(stream) for _ in range(3)]
     stream.close()  # the caller stops iterating
-    assert pieces and chat.n_past == 0 and chat.messages == []
+    assert pieces and chat.n_tokens == 0 and chat.messages == []
     again = chat.send(QUESTION, audio=x, max_new_tokens=20)
     assert again.tokens == expected.tokens
 
@@ -148,3 +137,92 @@ def test_sampling_options_are_checked_and_seeded(model):
     a = model.ask(None, "Hi", temperature=0.8, top_p=0.9, top_k=40, seed=7, max_new_tokens=8)
     b = model.ask(None, "Hi", temperature=0.8, top_p=0.9, top_k=40, seed=7, max_new_tokens=8)
     assert a.tokens == b.tokens
+
+
+def test_prefix_cache_reuses_system_prompt_and_clip(model, reference):
+    """A second question about the same clip decodes only the question; a new clip still skips the
+    system prompt; answers are the reference's either way."""
+    x, y = noise(6.0, seed=51), noise(4.0, seed=52)
+    model.forget()
+    first = model.ask((x, 16000), QUESTION, max_new_tokens=8)
+    assert first.timings.reused_tokens == 0
+    prefilled = model.llm.decoded_rows
+    second = model.ask((x, 16000), "Is it loud?", max_new_tokens=8)
+    assert list(second.tokens) == strip_eos(reference.generate(conversation(x, "Is it loud?"), max_new_tokens=8))
+    head = len(model.llm.tokenize(render(model.template, [Message("user", "", n_audio=1)]).split("<sound>")[0]))
+    assert second.timings.reused_tokens == head + 150  # system prompt + user header + the clip's 150 rows
+    decoded = model.llm.decoded_rows - prefilled
+    assert decoded < 30 + 8 + 8  # the question, the reply, the reply's close: never the clip again
+    third = model.ask((y, 16000), QUESTION, max_new_tokens=8)
+    assert third.timings.reused_tokens == head
+    assert list(third.tokens) == strip_eos(reference.generate(conversation(y), max_new_tokens=8))
+    # the same prompt again: everything but its last token comes from the cache, same answer
+    again = model.ask((y, 16000), QUESTION, max_new_tokens=8)
+    assert again.tokens == third.tokens and again.timings.reused_tokens == again.timings.prompt_tokens - 1
+    # forget(): cold again
+    model.forget()
+    cold = model.ask((y, 16000), QUESTION, max_new_tokens=8)
+    assert cold.tokens == third.tokens and cold.timings.reused_tokens == 0
+
+
+class _SlowEncoder:
+    """The real encoder, 0.15 s slower per run, logging when each run ends."""
+
+    def __init__(self, inner, log):
+        self.inner, self.log = inner, log
+        self.name, self.dynamic_frames = inner.name, inner.dynamic_frames
+
+    def encode(self, features, mask):
+        import time
+
+        time.sleep(0.15)
+        out = self.inner.encode(features, mask)
+        self.log.append(("encode", features.shape[0], time.perf_counter()))
+        return out
+
+
+def test_overlapped_encoder_feeds_prefill_window_by_window(bundle, reference):
+    """overlap=True (the GPU default): the clip is encoded on a thread while llama.cpp takes the
+    text before it and each finished chunk of windows; the answer is the reference's."""
+    import time
+
+    x = noise(100.0, seed=61)  # 4 windows: chunks of 2 full windows, then the partial one
+    want = strip_eos(reference.generate(conversation(x), max_new_tokens=16))
+    with AF3.load(bundle, n_ctx=4096, kv_type="f32", flash_attn=False, overlap=True, windows_per_run=2) as m:
+        log = []
+        m.encoder = _SlowEncoder(m.encoder, log)
+        real = m.llm.decode_embeddings
+
+        def logged(rows, **kw):
+            log.append(("rows", rows.shape[0], time.perf_counter()))
+            return real(rows, **kw)
+
+        m.llm.decode_embeddings = logged
+        ans = m.ask((x, 16000), QUESTION, max_new_tokens=16)
+        assert list(ans.tokens) == want and ans.timings.audio_tokens == 2500
+        assert [n for k, n, _ in log if k == "encode"] == [2, 2, 1]
+        assert [n for k, n, _ in log if k == "rows"] == [1500, 1500, 250]  # each chunk as it came
+        first_rows = next(t for k, _, t in log if k == "rows")
+        last_encode = max(t for k, _, t in log if k == "encode")
+        assert first_rows < last_encode  # the first chunk was in llama.cpp before the encoder finished
+        # a follow-up turn in the same chat re-uses the clip (rows kept by the thread)
+        chat = m.chat()
+        chat.send(QUESTION, audio=(x, 16000), max_new_tokens=4)
+        assert len(chat.audio) == 1 and chat.audio[0].shape == (2500, 64)
+        m.forget()  # the history is replayed from the session's own rows
+        assert chat.send("More?", max_new_tokens=4).timings.reused_tokens == 0
+
+
+def test_overlapped_encoder_error_reaches_the_caller(bundle):
+    with AF3.load(bundle, n_ctx=4096, overlap=True) as m:
+
+        class Broken:
+            name, dynamic_frames = "broken", True
+
+            def encode(self, features, mask):
+                raise RuntimeError("encoder exploded")
+
+        m.encoder = Broken()
+        with pytest.raises(RuntimeError, match="encoder exploded"):
+            m.ask((noise(3.0, seed=71), 16000), QUESTION, max_new_tokens=2)
+        assert m.ask(None, "Hello", max_new_tokens=2).tokens  # still usable

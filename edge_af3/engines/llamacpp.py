@@ -110,6 +110,9 @@ class LlamaEngine(NativeResource):
         self._emb = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
         self.n_gpu_layers = n_gpu_layers
         self.n_past = 0
+        # what each KV position holds: a token id, or an audio row's identity (clip hash, row index);
+        # `common_prefix` compares a prompt against it so only the part that differs is decoded
+        self.items: list = []
         self.decoded_rows = 0  # counters that tests read: work actually done
         self.decode_calls = 0
 
@@ -121,7 +124,7 @@ class LlamaEngine(NativeResource):
                 f"load the model with n_ctx >= {self.n_past + n}"
             )
 
-    def _run(self, batch, n: int, want_logits: str) -> None:
+    def _run(self, batch, n: int, want_logits: str, items: Sequence) -> None:
         batch.n_tokens = n
         for i in range(n):
             batch.pos[i] = self.n_past + i
@@ -132,6 +135,7 @@ class LlamaEngine(NativeResource):
         if rc != 0:
             raise RuntimeError(f"llama_decode failed with code {rc} at position {self.n_past}")
         self.n_past += n
+        self.items.extend(items)
         self.decoded_rows += n
         self.decode_calls += 1
 
@@ -153,7 +157,7 @@ class LlamaEngine(NativeResource):
             for i, t in enumerate(chunk):
                 self._tok.token[i] = t
             mode = logits if (logits == "all" or last_chunk) else "none"
-            self._run(self._tok, len(chunk), mode)
+            self._run(self._tok, len(chunk), mode, chunk)
             if mode == "all":
                 collected.append(self._logits_rows(len(chunk)))
         if logits == "all":
@@ -162,19 +166,23 @@ class LlamaEngine(NativeResource):
             return self.last_logits((len(ids) - 1) % self.n_batch)
         return None
 
-    def decode_embeddings(self, rows: np.ndarray, *, logits: str = "none") -> np.ndarray | None:
-        """Feed float rows [n, n_embd] (audio) at the next positions, n_batch rows per decode."""
+    def decode_embeddings(self, rows: np.ndarray, *, logits: str = "none", ids: Sequence | None = None) -> np.ndarray | None:
+        """Feed float rows [n, n_embd] (audio) at the next positions, n_batch rows per decode.
+        `ids`: a hashable identity per row, for prefix reuse (default: never equal to anything)."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
         if rows.ndim != 2 or rows.shape[1] != self.n_embd:
             raise ValueError(f"embedding rows must be [n, {self.n_embd}], got {rows.shape}")
+        if ids is not None and len(ids) != rows.shape[0]:
+            raise ValueError(f"{len(ids)} row ids for {rows.shape[0]} rows")
         self._check_room(rows.shape[0])
+        ids = list(ids) if ids is not None else [object() for _ in range(rows.shape[0])]
         collected = []
         for start in range(0, rows.shape[0], self.n_batch):
             chunk = rows[start : start + self.n_batch]
             ctypes.memmove(self._emb.embd, chunk.ctypes.data, chunk.nbytes)
             last_chunk = start + self.n_batch >= rows.shape[0]
             mode = logits if (logits == "all" or last_chunk) else "none"
-            self._run(self._emb, chunk.shape[0], mode)
+            self._run(self._emb, chunk.shape[0], mode, ids[start : start + self.n_batch])
             if mode == "all":
                 collected.append(self._logits_rows(chunk.shape[0]))
         if logits == "all":
@@ -187,7 +195,7 @@ class LlamaEngine(NativeResource):
         """Feed one sampled token; its logits stay in the context for the next `sample` (no copy)."""
         self._check_room(1)
         self._tok.token[0] = token
-        self._run(self._tok, 1, "last")
+        self._run(self._tok, 1, "last", (token,))
 
     def last_logits(self, index: int = -1) -> np.ndarray:
         ptr = self._ll.llama_get_logits_ith(self.ctx, index)
@@ -198,10 +206,21 @@ class LlamaEngine(NativeResource):
         mem = self._ll.llama_get_memory(self.ctx)
         self._ll.llama_memory_seq_rm(mem, 0, n_past, -1)
         self.n_past = n_past
+        del self.items[n_past:]
 
     def reset(self) -> None:
         self._ll.llama_memory_clear(self._ll.llama_get_memory(self.ctx), True)
         self.n_past = 0
+        self.items.clear()
+
+    def common_prefix(self, items) -> int:
+        """How many leading positions of the KV cache already hold `items` (an iterable)."""
+        n = 0
+        for have, want in zip(self.items, items):
+            if have != want:
+                break
+            n += 1
+        return n
 
     # -- vocabulary -----------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:

@@ -17,7 +17,9 @@ from typing import Callable
 
 CUDA_ENGINES = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
 # engines this version can run; the others are probed (so doctor can report them) but skipped
-IMPLEMENTED = {"onnxruntime-cpu", "onnxruntime-cuda"}
+IMPLEMENTED = {"onnxruntime-cpu", "onnxruntime-cuda", "torch-cuda"}
+# every engine by name; "torch-cpu" only when asked for (tests, benchmarks): ONNX Runtime is the CPU engine
+ENGINES = ("onnxruntime-cpu", "torch-cpu") + CUDA_ENGINES
 
 
 @dataclass(frozen=True)
@@ -85,6 +87,10 @@ def _probe_torch_cuda() -> str | None:
         return "torch is not installed"
     if not torch.cuda.is_available():
         return f"torch {torch.__version__} sees no CUDA device"
+    try:
+        import onnx  # noqa: F401  (the weights are read from the bundle's encoder.onnx)
+    except ImportError:
+        return "onnx is not installed (pip install 'edge-af3[gpu]')"
     return None
 
 
@@ -118,3 +124,50 @@ def choose_encoder(device: str = "auto", *, probes: dict[str, Callable[[], str |
         skipped.append((engine, reason))
     # a GPU but no GPU encoder engine: the encoder runs on the CPU (the LLM still offloads), and says why
     return EncoderChoice("onnxruntime-cpu", "cpu", tuple(skipped), gpu=name)
+
+
+def forced_encoder(engine: str) -> EncoderChoice:
+    """The choice when the caller names the engine (`AF3.load(..., encoder_engine=...)`)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown encoder engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    if engine in CUDA_ENGINES:
+        name = gpu_name()
+        if name is None:
+            raise ValueError(f"encoder engine {engine} needs a CUDA GPU and none is visible")
+        return EncoderChoice(engine, f"cuda ({name})", gpu=name)
+    return EncoderChoice(engine, "cpu")
+
+
+def _build(engine: str, bundle, threads: int | None):
+    model = bundle.manifest.get("model", {})
+    heads = model.get("encoder_heads")
+    if engine in ("onnxruntime-cpu", "onnxruntime-cuda"):
+        from .onnx import OnnxEncoder
+
+        cuda = engine == "onnxruntime-cuda"
+        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
+        return OnnxEncoder(bundle.encoder, threads=threads, providers=providers, io_binding=cuda)
+    if engine in ("torch-cuda", "torch-cpu"):
+        from .torch_encoder import TorchEncoder
+
+        enc = TorchEncoder(bundle.encoder, device="cuda" if engine == "torch-cuda" else "cpu", heads=heads)
+        enc.prepare()  # capture the one-window graphs now, not during the first question
+        return enc
+    if engine == "tensorrt":
+        from .tensorrt import TensorRTEncoder
+
+        return TensorRTEncoder.for_bundle(bundle)
+    raise ValueError(f"unknown encoder engine {engine!r}")
+
+
+def make_encoder(bundle, choice: EncoderChoice, *, threads: int | None = None):
+    """(encoder, choice) for `choice`; a GPU engine that fails to start falls back to ONNX Runtime on
+    the CPU, and the returned choice says why."""
+    try:
+        return _build(choice.engine, bundle, threads), choice
+    except Exception as e:  # noqa: BLE001  (any failure of an optional GPU engine is a reason)
+        if choice.engine == "onnxruntime-cpu":
+            raise
+        reason = f"failed to start: {type(e).__name__}: {e}"
+    skipped = choice.skipped + ((choice.engine, reason),)
+    return _build("onnxruntime-cpu", bundle, threads), EncoderChoice("onnxruntime-cpu", "cpu", skipped, gpu=choice.gpu)

@@ -228,6 +228,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
                 "model_type": cfg["model_type"],
                 "encoder_layers": audio["num_hidden_layers"],
                 "encoder_hidden": audio["hidden_size"],
+                "encoder_heads": audio["num_attention_heads"],
                 "llm_layers": text["num_hidden_layers"],
                 "llm_hidden": text["hidden_size"],
                 "vocab_size": text["vocab_size"],

@@ -1,0 +1,230 @@
+"""The encoder on PyTorch, for machines with torch but no TensorRT (e.g. JetPack's PyTorch wheels).
+
+The weights come from the bundle's own `encoder.onnx` (no checkpoint, no transformers): named
+initializers (convs, norms, biases, positions) are taken as they are, and each MatMul's weight is
+found through its node name (`/tower/layers.3/fc1/MatMul` -> `tower.layers.3.fc1`). The forward is
+the one exported to ONNX (`export/onnx_encoder._Wrapper`), written against plain tensors.
+
+On CUDA it runs in fp16 and is captured in CUDA graphs, one per shape bucket (engines/buckets.py:
+full windows padded up to a window-count bucket; a clip's partial last window in a frame bucket).
+Inputs are copied into the graph's static buffers; all graphs share one memory pool. `graphs="eager"` replays the same buffers without CUDA, so the
+bucketing is tested on CPU CI.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from typing import Callable
+
+import numpy as np
+
+from ..constants import N_FRAMES, N_MELS
+from .buckets import FRAME_BUCKETS, bucket, padded, plan, window_buckets
+
+HEAD_DIM = 64  # every Whisper encoder (tiny .. large-v3, AF-Whisper) uses 64-wide heads
+
+
+class EncoderWeightsError(ValueError):
+    """The ONNX encoder's weights cannot be mapped onto the torch encoder."""
+
+
+# MatMul node names of the legacy exporter: "/tower/layers.3/fc1/MatMul" when the tower's own forward
+# ran, "/layers.3/fc1/MatMul" for _Wrapper's forward (layers called directly), "/projector/linear_1/MatMul"
+_MATMUL = re.compile(r"^(?:/tower)?/(layers\.\d+/.+|projector/linear_\d)/MatMul$")
+
+
+def onnx_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """{state-dict name: array} from an exported encoder.onnx (fp32 or fp16; int8 is refused).
+    Linear weights come back as [out, in] like torch's."""
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path), load_external_data=True)
+    graph = model.graph
+    if any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.node):
+        raise EncoderWeightsError(f"{path}: an int8 encoder cannot be run by the torch engine; export fp16 or fp32")
+    inits = {t.name: t for t in graph.initializer}
+    out = {name: numpy_helper.to_array(t) for name, t in inits.items() if name.startswith(("tower.", "projector."))}
+    for node in graph.node:
+        m = _MATMUL.match(node.name)
+        if node.op_type == "MatMul" and m and len(node.input) == 2 and node.input[1] in inits:
+            module = m.group(1).replace("/", ".")
+            module = module if module.startswith("projector.") else "tower." + module
+            out[module + ".weight"] = np.ascontiguousarray(numpy_helper.to_array(inits[node.input[1]]).T)
+    return out
+
+
+@dataclass(frozen=True)
+class EncoderShape:
+    layers: int
+    hidden: int
+    heads: int
+
+    @classmethod
+    def of(cls, weights: dict[str, np.ndarray], heads: int | None = None) -> "EncoderShape":
+        need = ["tower.conv1.weight", "tower.conv2.weight", "tower.embed_positions.weight", "tower.layer_norm.weight",
+                "projector.linear_1.weight", "projector.linear_2.weight"]  # fmt: skip
+        missing = [n for n in need if n not in weights]
+        layers = sum(1 for n in weights if re.fullmatch(r"tower\.layers\.\d+\.fc1\.weight", n))
+        for i in range(layers):
+            for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"):
+                if f"tower.layers.{i}.{part}.weight" not in weights:
+                    missing.append(f"tower.layers.{i}.{part}.weight")
+        if missing or layers == 0:
+            raise EncoderWeightsError(f"the ONNX encoder lacks weights the torch engine needs: {(missing or ['layers'])[:5]}")
+        hidden = weights["tower.conv1.weight"].shape[0]
+        if weights["tower.conv1.weight"].shape[1] != N_MELS:
+            raise EncoderWeightsError(f"conv1 takes {weights['tower.conv1.weight'].shape[1]} mel bins, not {N_MELS}")
+        heads = heads or hidden // HEAD_DIM
+        if hidden % heads:
+            raise EncoderWeightsError(f"{hidden} is not divisible into {heads} heads")
+        return cls(layers, hidden, heads)
+
+
+class TorchAF3Encoder:
+    """AF-Whisper tower + pooling + LayerNorm + projector as plain tensor code (mirrors _Wrapper)."""
+
+    def __init__(self, weights: dict[str, np.ndarray], *, device: str = "cpu", dtype=None, heads: int | None = None):
+        import torch
+
+        self.shape = EncoderShape.of(weights, heads)
+        self.device = torch.device(device)
+        self.dtype = dtype or torch.float32
+        self.w = {k: torch.from_numpy(np.array(v, copy=True)).to(self.device, self.dtype) for k, v in weights.items()}
+
+    def _b(self, name: str):
+        return self.w.get(name)  # biases may be absent (k_proj; a projector without bias)
+
+    def __call__(self, features, mask):
+        """features [W,128,F] (any float dtype), mask [W,F] -> rows [W, rows_for_frames(F), H] in self.dtype."""
+        import torch
+        import torch.nn.functional as F
+
+        w, b = self.w, self._b
+        s = self.shape
+        n, _, frames = features.shape
+        seq = (frames - 1) // 2 + 1
+        lengths = (mask.sum(-1) - 1) // 2 + 1
+        keys = torch.arange(seq, device=features.device)[None, :] < lengths[:, None]  # [W, seq]
+        attend = keys[:, None, None, :]  # boolean mask for SDPA: True = attend (padded keys off)
+        x = F.gelu(F.conv1d(features.to(self.dtype), w["tower.conv1.weight"], b("tower.conv1.bias"), padding=1))
+        x = F.gelu(F.conv1d(x, w["tower.conv2.weight"], b("tower.conv2.bias"), stride=2, padding=1)).transpose(1, 2)
+        x = x + w["tower.embed_positions.weight"][:seq]
+        scale = s.hidden // s.heads
+        clamp = torch.finfo(self.dtype).max - 1000 if self.dtype == torch.float16 else None
+        for i in range(s.layers):
+            p = f"tower.layers.{i}."
+            h = F.layer_norm(x, (s.hidden,), w[p + "self_attn_layer_norm.weight"], b(p + "self_attn_layer_norm.bias"))
+            q = F.linear(h, w[p + "self_attn.q_proj.weight"], b(p + "self_attn.q_proj.bias")) * scale**-0.5
+            k = F.linear(h, w[p + "self_attn.k_proj.weight"], b(p + "self_attn.k_proj.bias"))
+            v = F.linear(h, w[p + "self_attn.v_proj.weight"], b(p + "self_attn.v_proj.bias"))
+            q, k, v = (t.view(n, seq, s.heads, scale).transpose(1, 2) for t in (q, k, v))
+            a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=1.0)
+            a = a.transpose(1, 2).reshape(n, seq, s.hidden)
+            x = x + F.linear(a, w[p + "self_attn.out_proj.weight"], b(p + "self_attn.out_proj.bias"))
+            h = F.layer_norm(x, (s.hidden,), w[p + "final_layer_norm.weight"], b(p + "final_layer_norm.bias"))
+            h = F.gelu(F.linear(h, w[p + "fc1.weight"], b(p + "fc1.bias")))
+            x = x + F.linear(h, w[p + "fc2.weight"], b(p + "fc2.bias"))
+            if clamp is not None:
+                x = x.clamp(-clamp, clamp)
+        x = F.avg_pool1d(x.transpose(1, 2), 2, 2).transpose(1, 2)
+        x = F.layer_norm(x, (s.hidden,), w["tower.layer_norm.weight"], b("tower.layer_norm.bias"))
+        x = F.gelu(F.linear(x, w["projector.linear_1.weight"], b("projector.linear_1.bias")))
+        return F.linear(x, w["projector.linear_2.weight"], b("projector.linear_2.bias"))
+
+
+class _Static:
+    """One captured shape: static input/output buffers and a replay callable."""
+
+    def __init__(self, net: TorchAF3Encoder, windows: int, frames: int, mode: str, pool=None):
+        import torch
+
+        dev = net.device
+        self.windows, self.frames = windows, frames
+        self.features = torch.zeros(windows, N_MELS, frames, dtype=torch.float32, device=dev)
+        self.mask = torch.ones(windows, frames, dtype=torch.int64, device=dev)
+        if mode == "cuda":
+            side = torch.cuda.Stream(dev)
+            side.wait_stream(torch.cuda.current_stream(dev))
+            with torch.cuda.stream(side), torch.inference_mode():
+                for _ in range(2):  # warm-up outside the capture (cuBLAS handles, SDPA kernel choice)
+                    net(self.features, self.mask)
+            torch.cuda.current_stream(dev).wait_stream(side)
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph, pool=pool), torch.inference_mode():
+                self.out = net(self.features, self.mask)
+            self.replay: Callable[[], None] = self.graph.replay
+        else:  # the same buffers and copies, run eagerly: the bucketing logic without a GPU
+
+            def replay():
+                with torch.inference_mode():
+                    self.out = net(self.features, self.mask)
+
+            self.out = None
+            self.replay = replay
+
+
+class TorchEncoder:
+    """encode(features [W,128,F], mask [W,F]) -> rows [W,F/4,H] float32, like OnnxEncoder."""
+
+    dynamic_frames = True
+
+    def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cuda", precision: str | None = None,
+                 graphs: bool | str = True, heads: int | None = None, max_windows: int = 20):  # fmt: skip
+        import torch
+
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise RuntimeError(f"torch {torch.__version__} sees no CUDA device")
+        precision = precision or ("fp16" if device.startswith("cuda") else "fp32")
+        dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[precision]
+        self.net = TorchAF3Encoder(onnx_weights(onnx_path), device=device, dtype=dtype, heads=heads)
+        self.precision = precision
+        cuda = device.startswith("cuda")
+        self.mode = "eager-graph" if graphs == "eager" else ("cuda" if (graphs and cuda) else "eager")
+        self.name = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}"
+        self.window_buckets = window_buckets(max_windows)
+        self._static: dict[tuple[int, int], _Static] = {}
+        self._pool = torch.cuda.graph_pool_handle() if self.mode == "cuda" else None
+        self.calls = 0
+        self.captures = 0
+
+    def prepare(self, windows: tuple[int, ...] = (1,), frames: tuple[int, ...] = FRAME_BUCKETS) -> None:
+        """Capture the graphs a clip will need before the first question (full windows in the given
+        window buckets; the partial-window frame buckets)."""
+        if self.mode == "eager":
+            return
+        for w in windows:
+            self._entry(bucket(w, self.window_buckets), N_FRAMES)
+        for f in frames:
+            self._entry(1, bucket(f, FRAME_BUCKETS))
+
+    def _entry(self, windows: int, frames: int) -> _Static:
+        key = (windows, frames)
+        if key not in self._static:
+            self._static[key] = _Static(self.net, windows, frames, "cuda" if self.mode == "cuda" else "eager", self._pool)
+            self.captures += 1
+        return self._static[key]
+
+    def encode(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        self.calls += 1
+        n, _, frames = features.shape
+        if self.mode == "eager":
+            with torch.inference_mode():
+                out = self.net(torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.net.device),
+                               torch.from_numpy(np.ascontiguousarray(mask, np.int64)).to(self.net.device))  # fmt: skip
+            return out.float().cpu().numpy()
+        results = []
+        for run in plan(n, frames, self.window_buckets):
+            st = self._entry(*run.shape)
+            feats, m = padded(features, mask, run)
+            with torch.inference_mode():
+                st.features.copy_(torch.from_numpy(feats))
+                st.mask.copy_(torch.from_numpy(m))
+                st.replay()
+                results.append(st.out[: run.windows, : run.rows].float().cpu().numpy())
+        return results[0] if len(results) == 1 else np.concatenate(results)
+
