@@ -45,6 +45,28 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def gpu_process_mb(pid: int | None = None) -> float | None:
+    """Device memory this process holds now, as nvidia-smi reports it (CUDA context, llama.cpp
+    buffers, graph pools and all); None when nvidia-smi cannot tell (Jetson: use tegrastats)."""
+    import os
+    import shutil
+    import subprocess
+
+    if not shutil.which("nvidia-smi"):
+        return None
+    pid = pid or os.getpid()
+    try:
+        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20).stdout  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return None
+    for line in out.splitlines():
+        parts = [p.strip() for p in line.split(",")]
+        if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
+            return float(parts[1])
+    return None
+
+
 def machine() -> dict:
     import os
 

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS, machine, peak_rss_mb
+from .common import RESULTS, gpu_process_mb, machine, peak_rss_mb
 
 PEERS = ("edge-af3", "reference", "mtmd", "raw")
 PROMPT = "Describe what you hear in one sentence."
@@ -77,29 +77,36 @@ def _load(path: str) -> np.ndarray:
 
 
 # -- peers (each runs in a fresh process) ----------------------------------------------------------
-def peer_edge(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str) -> dict:
+def peer_edge(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict | None = None) -> dict:
     from edge_af3 import AF3
 
-    model = AF3.load(bundle, n_ctx=16384, device=device)
+    opts = opts or {}
+    model = AF3.load(bundle, n_ctx=16384, device=device, encoder_engine=opts.get("encoder_engine"))
     res = {}
     for sec, path in clips.items():
 
         def once():
-            model._rows.clear()  # cold: features and encoder run every time
+            model.forget()  # cold: no cached rows, an empty KV cache (not even the system prompt)
             t = model.ask(path, PROMPT, max_new_tokens=1).timings
+            # a second question about the same clip: the KV cache holds the system prompt and its rows
+            f = model.ask(path, "And what else?", max_new_tokens=1).timings
             return {"features_ms": t.features_ms, "encoder_ms": t.encoder_ms, "prefill_ms": t.prefill_ms,
-                    "ttft_ms": t.first_token_ms, "audio_tokens": t.audio_tokens}  # fmt: skip
+                    "ttft_ms": t.first_token_ms, "audio_tokens": t.audio_tokens,
+                    "followup_ttft_ms": f.first_token_ms}  # fmt: skip
 
         res[sec] = _collect(_repeat(once, repeats, sec))
-    decode = [
-        model.ask(clips[_decode_key(clips)], PROMPT, max_new_tokens=new_tokens, ignore_eos=True).timings.decode_tokens_per_s
-        for _ in range(repeats)
-    ]
+    decode = []
+    for _ in range(repeats):
+        model.forget()
+        decode.append(model.ask(clips[_decode_key(clips)], PROMPT, max_new_tokens=new_tokens,
+                                ignore_eos=True).timings.decode_tokens_per_s)  # fmt: skip
+    engine = f"{model.encoder.name} + llama.cpp ({model.llm.n_gpu_layers} layers on GPU)" if device == "cuda" else model.encoder.name
+    gpu = gpu_process_mb() if device == "cuda" else None
     model.close()
-    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "engine": model.encoder.name}
+    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu, "engine": engine}
 
 
-def peer_reference(ckpt: str, clips: dict, repeats: int, new_tokens: int, device: str) -> dict:
+def peer_reference(ckpt: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict | None = None) -> dict:
     import torch
 
     from edge_af3.reference.loader import load_reference
@@ -162,8 +169,9 @@ def peer_reference(ckpt: str, clips: dict, repeats: int, new_tokens: int, device
             sync()
             t2 = time.perf_counter()
         decode.append((new_tokens - 1) / ((t2 - t1) - (t1 - t0)))
-    gpu = torch.cuda.max_memory_allocated() / 2**20 if cuda else None
+    gpu = gpu_process_mb() if cuda else None  # the process's device memory (torch's allocator peak is lower)
     return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu,
+            "torch_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "engine": f"transformers {'bf16 cuda' if cuda else 'fp32 cpu'}"}  # fmt: skip
 
 
@@ -184,7 +192,7 @@ def _gpu_layers(device: str) -> int:
     return 999 if device == "cuda" else 0
 
 
-def peer_mtmd(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str) -> dict:
+def peer_mtmd(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict | None = None) -> dict:
     from edge_af3.bundle import open_bundle
     from edge_af3.engines.llamacpp import LlamaEngine, SamplerOptions
     from edge_af3.engines.mtmd import MARKER, MtmdAudio
@@ -218,12 +226,13 @@ def peer_mtmd(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
         eng.reset()
         mt.prefill(text, [x])
         decode.append(_greedy_decode(eng, new_tokens))
+    gpu = gpu_process_mb() if device == "cuda" else None
     mt.close()
     eng.close()
-    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "engine": "libmtmd"}
+    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu, "engine": "libmtmd"}
 
 
-def peer_raw(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str) -> dict:
+def peer_raw(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict | None = None) -> dict:
     from edge_af3.bundle import open_bundle
     from edge_af3.engines.llamacpp import LlamaEngine
 
@@ -244,8 +253,9 @@ def peer_raw(bundle: str, clips: dict, repeats: int, new_tokens: int, device: st
         rate = _greedy_decode(eng, new_tokens)
         if i:  # the first is the warm-up
             decode.append(rate)
+    gpu = gpu_process_mb() if device == "cuda" else None
     eng.close()
-    return {"clips": {}, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "engine": "llama.cpp"}
+    return {"clips": {}, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu, "engine": "llama.cpp"}
 
 
 def _decode_key(clips: dict) -> str:
@@ -255,19 +265,20 @@ def _decode_key(clips: dict) -> str:
 _RUNNERS = {"edge-af3": peer_edge, "reference": peer_reference, "mtmd": peer_mtmd, "raw": peer_raw}
 
 
-def _child(name: str, source: str, clips: dict, repeats: int, new_tokens: int, device: str, q) -> None:
+def _child(name: str, source: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict, q) -> None:
     try:
-        q.put(("ok", _RUNNERS[name](source, clips, repeats, new_tokens, device)))
+        q.put(("ok", _RUNNERS[name](source, clips, repeats, new_tokens, device, opts)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
 
         q.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
 
 
-def run_peer(name: str, source: str, clips: dict, repeats: int, new_tokens: int, device: str) -> dict:
+def run_peer(name: str, source: str, clips: dict, repeats: int, new_tokens: int, device: str,
+             opts: dict | None = None) -> dict:  # fmt: skip
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
-    p = ctx.Process(target=_child, args=(name, source, clips, repeats, new_tokens, device, q))
+    p = ctx.Process(target=_child, args=(name, source, clips, repeats, new_tokens, device, opts or {}, q))
     p.start()
     status, payload = q.get()
     p.join()
@@ -277,8 +288,10 @@ def run_peer(name: str, source: str, clips: dict, repeats: int, new_tokens: int,
 
 
 # -- setup --------------------------------------------------------------------------------------
-def prepare(shape: str, quant: str, work: Path, say=print) -> tuple[Path, Path]:
-    """The checkpoint (made once, seed 0) and its bundle with an mmproj (exported once)."""
+def prepare(shape: str, quant: str, work: Path, say=print, *, verify: bool = True, mmproj: bool = True) -> tuple[Path, Path]:
+    """The checkpoint (made once, seed 0) and its bundle (exported once; with an mmproj for the
+    mtmd peer). verify=False skips the export's parity checks (on a GPU box the 7B reference
+    on the CPU would take most of the time; bench_encoder and the gpu tests check parity there)."""
     from edge_af3.export import export
     from edge_af3.reference.tiny import make_checkpoint
 
@@ -287,9 +300,10 @@ def prepare(shape: str, quant: str, work: Path, say=print) -> tuple[Path, Path]:
         say(f"making the {shape} checkpoint in {ckpt}")
         make_checkpoint(ckpt, shape=shape, seed=0, force=True)
     bundle = work / f"{shape}-seed0-{quant}-bundle"
-    if not (bundle / "manifest.json").is_file():
-        say(f"exporting {bundle} ({quant}, with mmproj)")
-        export(ckpt, bundle, quant=quant, mmproj=True, force=True, progress=lambda m: say("  " + m))
+    manifest = bundle / "manifest.json"
+    if not manifest.is_file() or (mmproj and not json.loads(manifest.read_text()).get("mmproj")):
+        say(f"exporting {bundle} ({quant}{', with mmproj' if mmproj else ''})")
+        export(ckpt, bundle, quant=quant, mmproj=mmproj, force=True, verify=verify, progress=lambda m: say("  " + m))
     return ckpt, bundle
 
 
@@ -366,8 +380,8 @@ def markdown(report: dict) -> str:
         f"(clips >= {LONG_S} s: one run, no warm-up of their own). TTFT: from the call to the first token, "
         "including feature extraction, encoder and prefill.",
         "",
-        "| clip | peer | audio tokens | features ms | encoder ms/window | prefill ms | TTFT ms | TTFT ratio peer/edge-af3 |",
-        "|---|---|---|---|---|---|---|---|",
+        "| clip | peer | audio tokens | features ms | encoder ms/window | prefill ms | TTFT ms | TTFT ratio peer/edge-af3 | follow-up TTFT ms |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for sec in clips:
         ours = metric(res, "edge-af3", "ttft_ms", sec)
@@ -383,7 +397,7 @@ def markdown(report: dict) -> str:
             pw = _per_window(res[peer], sec)
             ratio = "1.00" if peer == "edge-af3" else (f"{ttft / ours:.2f}x" if ours else "—")
             lines.append(f"| {sec} s | {peer} | {int(c['audio_tokens']['median'])} | {f('features_ms')} | "
-                         f"{pw:.0f} | {f('prefill_ms')} | {ttft:.0f} | {ratio} |")  # fmt: skip
+                         f"{pw:.0f} | {f('prefill_ms')} | {ttft:.0f} | {ratio} | {f('followup_ttft_ms')} |")  # fmt: skip
     lines += ["", "| peer | decode tok/s | peak RSS MB | engine |", "|---|---|---|---|"]
     for peer in PEERS:
         if peer in res:
@@ -436,7 +450,9 @@ def main(argv=None) -> dict:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=128)
     ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--encoder-engine", default=None, help="force edge-af3's encoder engine (default: the best one)")
     ap.add_argument("--work", type=Path, default=None, help="where checkpoints, bundles and clips live")
+    ap.add_argument("--no-verify", action="store_true", help="export the bundle without its parity checks")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -444,14 +460,15 @@ def main(argv=None) -> dict:
 
     work = args.work or cache_dir() / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    ckpt, bundle = prepare(args.shape, args.quant, work)
+    ckpt, bundle = prepare(args.shape, args.quant, work, verify=not args.no_verify, mmproj="mtmd" in args.peers)
     clips = write_clips(work, sorted(set(args.clips)))
     peers = {}
     for peer in args.peers:
         print(f"[{peer}] running on {len(clips)} clip(s) x {args.repeats} ...", flush=True)
         t0 = time.perf_counter()
         source = str(ckpt) if peer == "reference" else str(bundle)
-        peers[peer] = run_peer(peer, source, clips, args.repeats, args.new_tokens, args.device)
+        peers[peer] = run_peer(peer, source, clips, args.repeats, args.new_tokens, args.device,
+                               {"encoder_engine": args.encoder_engine})  # fmt: skip
         print(f"[{peer}] done in {time.perf_counter() - t0:.0f} s", flush=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
     report = {

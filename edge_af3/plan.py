@@ -100,7 +100,8 @@ def plan(bundle, *, n_ctx: int = 8192, kv_type: str = "f16", encoder_precision: 
         "LLM compute buffer (est.)": int(n_ubatch * (shape.n_vocab + 4 * shape.n_embd + 2 * shape.n_ff) * 4),
         # encoder: one layer's attention scores + hidden states for the windows of one run (estimate)
         "encoder activations (est.)": int(windows_per_run * (20 * 1500 * 1500 * act / 2 + 8 * 1500 * enc_hidden * act)),
-        "audio rows (10 min)": int(15000 * shape.n_embd * 4),
+        # the projected rows of the longest clip the context holds (10 min = 15000 rows), float32 on the host
+        "audio rows": int(min(15000, n_ctx) * shape.n_embd * 4),
     }
     total = sum(items.values())
     out = {

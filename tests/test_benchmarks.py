@@ -1,6 +1,6 @@
-"""The only benchmark run inside the test suite: a smoke run of the suite on `tiny` (every peer,
-one 5 s clip, one repeat). It checks the outputs and the audio token counts each peer used,
-not any timing."""
+"""Benchmarks run inside the test suite as smoke runs on `tiny`: the suite (every peer, two clips,
+one repeat) and the encoder-engine comparison. They check outputs, audio token counts and
+parity, never a timing."""
 
 from __future__ import annotations
 
@@ -29,3 +29,15 @@ def test_suite_smoke_on_tiny(tiny_ckpt, tmp_path):
     table = stem.with_suffix(".md").read_text()
     assert "| 30 s | mtmd | 1500 |" in table and "decode tok/s" in table
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    c30 = peers["edge-af3"]["clips"]["30"]
+    assert c30["followup_ttft_ms"]["median"] > 0  # the second question about the same clip was measured
+
+    from benchmarks.bench_encoder import main as encoder_main
+
+    enc = encoder_main(["--shape", "tiny", "--windows", "1", "3", "--repeats", "1", "--work", str(work),
+                        "--out", str(tmp_path / "out")])  # fmt: skip
+    assert set(enc["peers"]) == {"transformers float32", "onnxruntime-cpu", "torch-cpu"}
+    for name in ("onnxruntime-cpu", "torch-cpu"):
+        assert enc["peers"][name]["cosine"] >= 0.9999 and enc["peers"][name]["max_abs"] <= 1e-4
+        assert set(enc["peers"][name]["timing"]) == {"1", "3"}
+    assert "| torch-cpu |" in (tmp_path / "out" / "encoder-tiny-cpu.md").read_text()

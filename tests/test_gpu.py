@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from .conftest import noise
@@ -29,4 +30,34 @@ def test_gpu_greedy_tokens_match_cpu(f16_bundle):
     with AF3.load(f16_bundle, device="cuda", kv_type="f32", flash_attn=False) as gpu:
         assert gpu.llm.n_gpu_layers > 0
         got = gpu.ask(clip, "Describe it.", max_new_tokens=32).tokens
+    assert got == want
+
+
+def test_torch_cuda_encoder_rows_match_reference(tiny_bundle, reference):
+    """fp16 + CUDA graphs against the fp32 reference; a second call replays the same graphs."""
+    from edge_af3.engines.torch_encoder import TorchEncoder
+    from edge_af3.features import extract_features
+
+    feats = extract_features((noise(45.0, seed=8), 16000))
+    want = reference.audio_rows(feats.features, feats.mask)
+    enc = TorchEncoder(tiny_bundle / "encoder.onnx", device="cuda")
+    assert enc.mode == "cuda" and enc.precision == "fp16"
+    got = enc.encode(feats.features[:1], feats.mask[:1])
+    a, b = got[0].ravel(), want[0].ravel()
+    assert a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.999
+    captures = enc.captures
+    again = enc.encode(feats.features[:1], feats.mask[:1])
+    assert enc.captures == captures and np.array_equal(again, got)
+
+
+def test_cuda_engine_choice_and_answers(f16_bundle):
+    from edge_af3 import AF3
+
+    clip = (noise(40.0, seed=5), 16000)
+    with AF3.load(f16_bundle, device="cpu", kv_type="f32", flash_attn=False) as cpu:
+        want = cpu.ask(clip, "Describe it.", max_new_tokens=24).tokens
+    with AF3.load(f16_bundle, device="cuda", kv_type="f32", flash_attn=False) as gpu:
+        assert gpu.encoder.name in ("tensorrt", "onnxruntime-cuda", "torch-cuda"), gpu.engine_choice.explain()
+        assert gpu.overlap and gpu.windows_per_run == 4
+        got = gpu.ask(clip, "Describe it.", max_new_tokens=24).tokens
     assert got == want

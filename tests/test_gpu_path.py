@@ -32,7 +32,8 @@ def test_engine_selection_order_and_reasons():
     c = choose_encoder("auto", gpu=lambda: "Orin", probes=probes(tensorrt="no trt", onnxruntime_cuda="no ep"), implemented=every)
     assert c.engine == "torch-cuda" and [s[0] for s in c.skipped] == ["tensorrt", "onnxruntime-cuda"]
     # a usable engine this version cannot run yet is skipped with that reason, never picked
-    c = choose_encoder("auto", gpu=lambda: "Orin", probes=probes(onnxruntime_cuda="no ep"))
+    c = choose_encoder("auto", gpu=lambda: "Orin", probes=probes(onnxruntime_cuda="no ep", torch_cuda="no cuda"),
+                       implemented={"onnxruntime-cpu", "onnxruntime-cuda"})  # fmt: skip
     assert c.engine == "onnxruntime-cpu" and "no engine for it yet" in dict(c.skipped)["tensorrt"]
     assert c.gpu == "Orin"  # the LLM still offloads when the encoder stays on the CPU
     c = choose_encoder("cuda", gpu=lambda: "Orin", probes=probes(tensorrt="a", onnxruntime_cuda="b", torch_cuda="c"))
@@ -83,3 +84,45 @@ def test_memory_planner(tiny_bundle):
     res = run_cli("plan", str(tiny_bundle), "--target", "rtx-4090", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["target"]["fits"] is True
+
+
+def test_tensorrt_engine_cache_builds_checks_and_reuses(tiny_bundle, tmp_path, monkeypatch):
+    """The TensorRT engine's cache flow without TensorRT: built once, reused, rebuilt when the
+    TensorRT version changes (with the reason), never stored when its self-check fails; a
+    read-only bundle keeps its engines in the user cache."""
+    import os
+    import shutil
+
+    from edge_af3.bundle import open_bundle
+    from edge_af3.engines.tensorrt import Device, cache_root, cached_plan, engine_key
+
+    b = open_bundle(shutil.copytree(tiny_bundle, tmp_path / "b"))
+    dev = Device("NVIDIA H100 80GB HBM3", "9.0")
+    key = engine_key(b, "10.13.0", dev)
+    assert key.onnx_sha256 == b.manifest["files"]["encoder.onnx"]["sha256"] and key.compute_capability == "9.0"
+    assert key.buckets[:5] == ("w1", "w2", "w4", "w8", "w20") and "f500" in key.buckets
+    builds = []
+
+    def build():
+        builds.append(1)
+        return b"plan-%d" % len(builds)
+
+    root = cache_root(b)
+    assert root == b.path
+    assert cached_plan(root, key, build) == (b"plan-1", ["no engine built yet"])
+    assert cached_plan(root, key, build) == (b"plan-1", []) and len(builds) == 1
+    newer = engine_key(b, "10.14.1", dev)
+    data, reasons = cached_plan(root, newer, build)
+    assert data == b"plan-2" and "tensorrt 10.13.0 -> 10.14.1" in reasons[0]
+
+    def bad_check(_):
+        raise RuntimeError("the new TensorRT engine disagrees")
+
+    other = engine_key(b, "11.0.0", dev)
+    with pytest.raises(RuntimeError, match="disagrees"):
+        cached_plan(root, other, build, bad_check)
+    assert cached_plan(root, newer, build) == (b"plan-2", [])  # the failed build replaced nothing
+
+    monkeypatch.setenv("EDGE_AF3_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only bundle (root may write anywhere)
+    assert cache_root(b) == tmp_path / "cache" / "engines" / key.onnx_sha256[:16]

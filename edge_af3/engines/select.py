@@ -17,7 +17,7 @@ from typing import Callable
 
 CUDA_ENGINES = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
 # engines this version can run; the others are probed (so doctor can report them) but skipped
-IMPLEMENTED = {"onnxruntime-cpu", "onnxruntime-cuda", "torch-cuda"}
+IMPLEMENTED = {"onnxruntime-cpu", "onnxruntime-cuda", "torch-cuda", "tensorrt"}
 # every engine by name; "torch-cpu" only when asked for (tests, benchmarks): ONNX Runtime is the CPU engine
 ENGINES = ("onnxruntime-cpu", "torch-cpu") + CUDA_ENGINES
 

@@ -30,7 +30,7 @@ class EngineKey:
     gpu: str  # device name
     compute_capability: str  # e.g. "8.7" (Orin), "9.0" (H100)
     precision: str  # fp16 | int8 | fp8
-    buckets: tuple[int, ...]  # window counts with their own profile / CUDA graph, e.g. (1, 2, 4, 8, 20)
+    buckets: tuple  # shapes with their own profile / CUDA graph, e.g. ("w1", "w4", "w20", "f500")
 
     def digest(self) -> str:
         blob = json.dumps(asdict(self), sort_keys=True).encode()

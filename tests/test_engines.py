@@ -1,0 +1,131 @@
+"""Encoder engines against the transformers reference: the torch engine (weights read back from
+encoder.onnx; CPU here, fp16 + CUDA graphs on a GPU), the bucketed paths that CUDA graphs and
+ONNX Runtime's IOBinding use, and the fallback when a GPU engine cannot start."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from edge_af3 import AF3
+from edge_af3.bundle import open_bundle
+from edge_af3.engines.buckets import FRAME_BUCKETS, plan, window_buckets
+from edge_af3.engines.onnx import OnnxEncoder
+from edge_af3.engines.select import EncoderChoice, forced_encoder, make_encoder
+from edge_af3.engines.torch_encoder import EncoderWeightsError, TorchEncoder, onnx_weights
+from edge_af3.features import extract_features
+
+from .conftest import noise
+
+
+def cosine(a, b):
+    a, b = np.ravel(a), np.ravel(b)
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def valid_rows(out, feats):
+    return np.concatenate([out[w, :n] for w, n in enumerate(feats.rows_per_window)])
+
+
+@pytest.fixture(scope="module")
+def feats45():
+    return extract_features((noise(45.0, seed=81), 16000))  # a full window and a partial one
+
+
+@pytest.mark.parametrize("precision, tol", [("fp32", 1e-4), ("bf16", None), ("fp16", None)])
+def test_torch_encoder_matches_reference(tiny_bundle, reference, feats45, precision, tol):
+    want = valid_rows(reference.audio_rows(feats45.features, feats45.mask), feats45)
+    enc = TorchEncoder(tiny_bundle / "encoder.onnx", device="cpu", precision=precision)
+    got = valid_rows(enc.encode(feats45.features, feats45.mask), feats45)
+    assert got.shape == want.shape == (1125, 64)
+    if tol:
+        assert np.abs(got - want).max() <= tol
+    assert cosine(got, want) >= 0.999
+
+
+def test_torch_encoder_reads_an_fp16_onnx(tiny_ckpt, tmp_path, reference, feats45):
+    from edge_af3.export import export
+
+    b = export(tiny_ckpt, tmp_path / "fp16", quant="q8_0", encoder_precision="fp16", verify=False)
+    w = onnx_weights(b / "encoder.onnx")
+    assert w["tower.layers.0.fc1.weight"].dtype == np.float16 and w["tower.layers.0.fc1.weight"].shape == (256, 128)
+    got = valid_rows(TorchEncoder(b / "encoder.onnx", device="cpu").encode(feats45.features, feats45.mask), feats45)
+    assert cosine(got, valid_rows(reference.audio_rows(feats45.features, feats45.mask), feats45)) >= 0.999
+
+
+def test_torch_encoder_refuses_int8_and_foreign_onnx(tiny_bundle, tmp_path):
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    q = tmp_path / "int8.onnx"
+    quantize_dynamic(str(tiny_bundle / "encoder.onnx"), str(q), weight_type=QuantType.QInt8)
+    with pytest.raises(EncoderWeightsError, match="int8"):
+        onnx_weights(q)
+    import onnx
+    from onnx import TensorProto, helper
+
+    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+    onnx.save(helper.make_model(g), str(tmp_path / "relu.onnx"))
+    with pytest.raises(EncoderWeightsError, match="lacks weights"):
+        TorchEncoder(tmp_path / "relu.onnx", device="cpu")
+
+
+def test_bucket_plan():
+    b = window_buckets(20)
+    assert b == (1, 2, 4, 8, 20)
+    assert [(r.start, r.windows, r.shape, r.rows) for r in plan(3, 3000, b)] == [(0, 3, (4, 3000), 750)]
+    assert [(r.start, r.windows, r.shape) for r in plan(23, 3000, b)] == [(0, 20, (20, 3000)), (20, 3, (4, 3000))]
+    assert [(r.shape, r.rows) for r in plan(1, 504, b)] == [((1, 1000), 126)]
+    assert [r.shape for r in plan(1, 3000, b)] == [(1, 3000)]
+    assert window_buckets(4) == (1, 2, 4)
+    with pytest.raises(ValueError):
+        list(plan(1, 3001, b))
+
+
+@pytest.mark.parametrize("windows, frames", [(1, 3000), (3, 3000), (23, 3000), (1, 504), (1, 2996), (1, 12)])
+def test_bucketed_paths_give_the_plain_rows(tiny_bundle, windows, frames):
+    """CUDA-graph buffers (torch, replayed eagerly here) and IOBinding buffers (ORT) padded to their
+    buckets give the rows of a plain run with the input's own shape."""
+    rng = np.random.default_rng(windows * 10_000 + frames)
+    f = rng.standard_normal((windows, 128, frames)).astype(np.float32)
+    m = np.ones((windows, frames), np.int64)
+    if frames > 8:
+        m[-1, frames - 4 - rng.integers(0, 3) :] = 0  # the runtime cuts a partial window 4-6 frames past its end
+    plain = OnnxEncoder(tiny_bundle / "encoder.onnx")
+    want = plain.encode(f, m)
+    valid = int(m[-1].sum())
+    keep = min(want.shape[1], (valid + 1) // 4)  # rows of valid frames (the padded tail may differ)
+    graphs = TorchEncoder(tiny_bundle / "encoder.onnx", device="cpu", graphs="eager")
+    bound = OnnxEncoder(tiny_bundle / "encoder.onnx", io_binding=True)
+    for enc in (graphs, bound):
+        got = enc.encode(f, m)
+        assert got.shape == want.shape
+        assert np.abs(got[:-1] - want[:-1]).max(initial=0) <= 1e-4
+        assert np.abs(got[-1, :keep] - want[-1, :keep]).max() <= 1e-4
+    assert graphs.captures == len({r.shape for r in plan(windows, frames, graphs.window_buckets)})
+    graphs.encode(f, m)
+    assert graphs.captures == len({r.shape for r in plan(windows, frames, graphs.window_buckets)})  # replayed, not re-captured
+    assert set(FRAME_BUCKETS) >= {s[1] for s in graphs._static if s[0] == 1 and s[1] != 3000}
+
+
+def test_torch_engine_answers_like_onnxruntime(tiny_bundle):
+    clip = (noise(40.0, seed=83), 16000)
+    with AF3.load(tiny_bundle, n_ctx=4096, kv_type="f32", flash_attn=False) as ort_model:
+        want = ort_model.ask(clip, "What do you hear?", max_new_tokens=16).tokens
+    with AF3.load(tiny_bundle, n_ctx=4096, kv_type="f32", flash_attn=False, encoder_engine="torch-cpu") as m:
+        assert m.encoder.name == "torch-cpu" and m.engine_choice.engine == "torch-cpu"
+        assert m.ask(clip, "What do you hear?", max_new_tokens=16).tokens == want
+
+
+def test_gpu_engine_that_cannot_start_falls_back_with_the_reason(tiny_bundle):
+    bundle = open_bundle(tiny_bundle)
+    choice = EncoderChoice("torch-cuda", "cuda (Test GPU)", (("tensorrt", "tensorrt is not installed"),), gpu="Test GPU")
+    enc, got = make_encoder(bundle, choice)
+    assert enc.name == "onnxruntime-cpu" and got.engine == "onnxruntime-cpu" and got.gpu == "Test GPU"
+    reasons = dict(got.skipped)
+    assert reasons["tensorrt"] == "tensorrt is not installed" and "failed to start" in reasons["torch-cuda"]
+    assert "torch-cuda: failed to start" in got.explain()
+    assert forced_encoder("torch-cpu").engine == "torch-cpu"
+    with pytest.raises(ValueError, match="unknown encoder engine"):
+        forced_encoder("coreml")
