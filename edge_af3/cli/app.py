@@ -217,8 +217,15 @@ DEFAULT_MODEL = "nvidia/audio-flamingo-3-hf"
 MODEL_HELP = "Bundle, HF checkpoint folder or Hub id (exported once into the cache). Env: EDGE_AF3_MODEL."
 
 
-def load_model(spec: Optional[str], *, n_ctx: int, threads: Optional[int], quant: str = "q4_k_m", device: str = "auto"):
-    """AF3.load with progress on stderr; every known failure becomes one clear line (exit 1)."""
+DEVICE_HELP = "auto | cpu | cuda (cuda: the best GPU encoder engine, all LLM layers offloaded)"
+ENGINE_HELP = "Force the encoder engine: tensorrt | onnxruntime-cuda | torch-cuda | onnxruntime-cpu | torch-cpu."
+KV_HELP = "KV cache type: f16 | q8_0 | f32"
+
+
+def load_model(spec: Optional[str], *, n_ctx: int, threads: Optional[int], quant: str = "q4_k_m", device: str = "auto",
+               kv_type: str = "f16", encoder_engine: Optional[str] = None):  # fmt: skip
+    """AF3.load with progress on stderr; every known failure becomes one clear line (exit 1); says
+    which encoder engine runs, and why faster ones were skipped."""
     from ..audio import AudioError
     from ..bundle import BundleError
     from ..reference.loader import CheckpointError
@@ -227,10 +234,13 @@ def load_model(spec: Optional[str], *, n_ctx: int, threads: Optional[int], quant
     spec = spec or DEFAULT_MODEL
     try:
         with console.status(f"loading {spec}") as status:
-            return AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device,
-                            progress=lambda msg: (status.update(msg), console.log(msg)))  # fmt: skip
+            model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device, kv_type=kv_type,
+                             encoder_engine=encoder_engine, progress=lambda msg: (status.update(msg), console.log(msg)))  # fmt: skip
     except (CheckpointError, BundleError, AudioError, ValueError, FileNotFoundError, RuntimeError) as e:
         raise fail(str(e))
+    if model.engine_choice.skipped or device == "cuda":
+        console.print(f"[dim]{model.engine_choice.explain()}; LLM layers on GPU: {model.llm.n_gpu_layers}[/]")
+    return model
 
 
 def generation_options(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int, think: bool) -> dict:
@@ -259,7 +269,9 @@ def ask_cmd(
     seed: int = typer.Option(0, "--seed"),
     n_ctx: int = typer.Option(16384, "--n-ctx", help="Context length (a 10 min clip alone takes 15000)."),
     threads: Optional[int] = typer.Option(None, "--threads"),
-    device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    kv_type: str = typer.Option("f16", "--kv", help=KV_HELP),
+    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
 ) -> None:
     """Ask one question about one or more clips; the answer streams as it is produced.
 
@@ -278,7 +290,7 @@ def ask_cmd(
         clips = [load_audio(p) for p in paths]  # bad audio fails before the model loads
     except AudioError as e:
         raise fail(str(e))
-    af3 = load_model(model, n_ctx=n_ctx, threads=threads, device=device)
+    af3 = load_model(model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine)
     opts = generation_options(max_new_tokens, temperature, top_p, top_k, seed, think)
     session = af3.chat()
     try:
@@ -311,6 +323,9 @@ def chat_cmd(
     temperature: float = typer.Option(0.0, "--temperature", "-t"),
     n_ctx: int = typer.Option(16384, "--n-ctx"),
     threads: Optional[int] = typer.Option(None, "--threads"),
+    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
+    kv_type: str = typer.Option("f16", "--kv", help=KV_HELP),
+    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
 ) -> None:
     """Talk about audio over several turns; the session keeps its KV cache between turns.
 
@@ -321,7 +336,7 @@ def chat_cmd(
     """
     from .chat import run_chat
 
-    af3 = load_model(model, n_ctx=n_ctx, threads=threads)
+    af3 = load_model(model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine)
     try:
         run_chat(af3, console=console, out=out, audio=list(audio), system=system, think=think,
                  options={"max_new_tokens": max_new_tokens, "temperature": temperature})  # fmt: skip
