@@ -411,7 +411,11 @@ def markdown(report: dict) -> str:
 
 
 def plot(report: dict, path: Path) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:  # the bench extra; a bare GPU box may not have it
+        print("matplotlib is not installed: no plot (pip install 'edge-af3[bench]')")
+        return
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt

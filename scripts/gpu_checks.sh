@@ -2,11 +2,11 @@
 # Every GPU check of edge-af3 in one run, on a CUDA machine with no network. Writes to ${OUT:-gpu-out};
 # each stage logs to its own file and the run goes on when one fails (stages.txt says which did).
 #
-# Carry (ignored folder .gpu/wheels): a CUDA build of llama-cpp-python and wheels of the pure
-# Python dependencies the machine lacks, e.g.
-#   pip download -d .gpu/wheels --only-binary=:all: --python-version 3.12 soundfile soxr typer rich \
-#       huggingface-hub jinja2 gguf transformers safetensors tokenizers
-# Then:  SHAPE=full scripts/gpu_checks.sh
+# Carry (git-ignored .gpu/, made by scripts/gpu_carry.sh): .gpu/llama/ (llama-cpp-python CUDA build)
+# and .gpu/wheels/ (the Python packages the machine lacks). Together they pass the 64 MiB carry
+# limit, so: run 1 carries .gpu/llama and runs `scripts/gpu_checks.sh --setup-only` (unpacks into
+# .gpu/site, which stays on the warm machine); run 2 carries .gpu/wheels and .gpu/cache and runs
+#   SHAPE=full scripts/gpu_checks.sh
 # Stages: env -> pytest -m gpu (tiny: GPU parity) -> encoder engines at SHAPE (ms/window at 1 and
 # 20 windows vs transformers bf16 eager and its CUDA graph; rows vs the fp32 reference) -> suite at
 # SHAPE on CUDA (TTFT 5/30 s, decode tok/s, GPU memory; edge-af3 vs transformers bf16 vs raw
@@ -27,11 +27,21 @@ stage() {  # stage NAME CMD...: run, log, time, record the exit status
   echo "$name rc=$rc $((SECONDS - t0))s" | tee -a "$OUT/stages.txt"
   tail -25 "$OUT/$name.log"
 }
-if [ -d .gpu/wheels ]; then
-  "$PY" -m pip install -q --no-index --find-links .gpu/wheels llama-cpp-python soundfile soxr typer rich \
-    huggingface-hub jinja2 gguf transformers safetensors 2>&1 | tail -3
+# llama-cpp-python (CUDA): the carried installed-package tarball, unpacked once into .gpu/site
+if [ ! -d .gpu/site/llama_cpp ] && ls .gpu/llama/*.tar.xz > /dev/null 2>&1; then
+  mkdir -p .gpu/site && tar xJf .gpu/llama/*.tar.xz -C .gpu/site
 fi
-"$PY" -m pip install -q --no-deps --no-build-isolation -e . 2>&1 | tail -3
+if [ "${1:-}" = "--setup-only" ]; then ls .gpu/site; exit 0; fi
+if [ -d .gpu/wheels ]; then
+  "$PY" -m pip install -q --no-index --find-links .gpu/wheels transformers safetensors tokenizers \
+    huggingface-hub gguf soundfile soxr typer rich jinja2 diskcache regex pyyaml tqdm pytest pytest-timeout 2>&1 | tail -3
+fi
+[ -d .gpu/cache/vocab ] && export EDGE_AF3_CACHE="$PWD/.gpu/cache"  # carried: no network there
+export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+CUBLAS=$(find $("$PY" -c 'import site; print(" ".join(site.getsitepackages()))') /usr/local/cuda* /usr/lib/x86_64-linux-gnu \
+  -name 'libcublas.so.1*' 2>/dev/null | head -1)
+[ -n "$CUBLAS" ] && export LD_LIBRARY_PATH="$(dirname "$CUBLAS")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
+"$PY" -c "import llama_cpp; print('llama.cpp GPU offload:', llama_cpp.llama_supports_gpu_offload())" | tee "$OUT/llama.txt"
 nvidia-smi --query-gpu=name,memory.total,compute_cap,driver_version --format=csv > "$OUT/gpu.txt" || true
 stage doctor "$PY" -m edge_af3 doctor --json
 cp "$OUT/doctor.log" "$OUT/doctor.json" 2>/dev/null || true
