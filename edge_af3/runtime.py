@@ -351,11 +351,16 @@ class ChatSession:
 
     def reset(self) -> None:
         self.messages: list[Message] = [Message("system", self.system)] if self.system is not None else []
-        self.audio: list[np.ndarray] = []  # rows of every audio so far, in prompt order
         self.rendered = ""  # prompt text of the history
         self.segments: list = []  # the history as the KV cache holds it: token id lists and clips
         self.prefilled_tokens = 0  # counters for tests: work actually done
         self.last_answer: Answer | None = None
+
+    @property
+    def audio(self) -> list[np.ndarray]:
+        """Rows of every clip so far, in prompt order (a clip still encoding is waited for)."""
+        return [seg.rows if seg.rows is not None else np.concatenate(list(seg.chunks()))
+                for seg in self.segments if isinstance(seg, _Clip)]  # fmt: skip
 
     @property
     def n_tokens(self) -> int:
@@ -498,7 +503,6 @@ class ChatSession:
         """
         llm = self.model.llm
         self.messages = self.messages + [user, Message("assistant", reply)]
-        self.audio = self.audio + [c.rows for c in clips]
         rendered = render(self.model.template, self.messages, add_generation_prompt=False)
         canonical = llm.tokenize(rendered[len(full) :])
         keep = len(tokens) if canonical[: len(tokens)] == tokens else 0
