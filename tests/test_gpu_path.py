@@ -126,3 +126,17 @@ def test_tensorrt_engine_cache_builds_checks_and_reuses(tiny_bundle, tmp_path, m
     monkeypatch.setenv("EDGE_AF3_CACHE", str(tmp_path / "cache"))
     monkeypatch.setattr(os, "access", lambda path, mode: False)  # a read-only bundle (root may write anywhere)
     assert cache_root(b) == tmp_path / "cache" / "engines" / key.onnx_sha256[:16]
+
+
+def test_ask_and_chat_dry_run_print_the_plan(tiny_bundle):
+    """--dry-run: the memory budget for the settings given, for the engine this machine would use
+    (here ONNX Runtime on the CPU: stored precision, one window per run); nothing is loaded."""
+    res = run_cli("ask", "--dry-run", "--json", "-m", str(tiny_bundle), "--n-ctx", "4096", "--kv", "q8_0")
+    assert res.returncode == 0, res.stderr
+    p = json.loads(res.stdout)
+    assert (p["n_ctx"], p["kv_type"], p["encoder_precision"], p["windows_per_run"]) == (4096, "q8_0", "fp32", 1)
+    assert p["total"] == sum(p["items"].values())
+    res = run_cli("chat", "--dry-run", "-m", str(tiny_bundle))
+    assert res.returncode == 0 and "KV cache" in res.stdout and "total" in res.stdout
+    res = run_cli("ask", "--dry-run", "-m", str(tiny_bundle), "--device", "cuda")
+    assert res.returncode == 1 and "no CUDA GPU" in res.stderr

@@ -243,6 +243,35 @@ def load_model(spec: Optional[str], *, n_ctx: int, threads: Optional[int], quant
     return model
 
 
+def dry_run(spec: Optional[str], *, n_ctx: int, kv_type: str, device: str, as_json: bool = False) -> None:
+    """--dry-run: the memory budget for running `spec` as asked; nothing is loaded."""
+    from ..plan import plan, render
+    from ..runtime import ModelNotFoundError, locate
+
+    spec = spec or DEFAULT_MODEL
+    path = Path(spec).expanduser()
+    if not (path / "manifest.json").is_file():
+        try:
+            path = locate(spec)  # a checkpoint is exported (once) first: the plan reads the bundle
+        except (ModelNotFoundError, ValueError) as e:
+            raise fail(str(e))
+    from ..engines.select import choose_encoder
+
+    try:
+        gpu = choose_encoder(device).engine != "onnxruntime-cpu"  # the engine AF3.load would pick
+        stored = json.loads((path / "manifest.json").read_text())["encoder"]["precision"]
+        # a GPU engine runs the encoder in fp16, 4 windows per run; ONNX Runtime on the CPU runs
+        # the stored precision, one window per run (as the runtime does)
+        p = plan(path, n_ctx=n_ctx, kv_type=kv_type, encoder_precision=None if gpu else stored,
+                 windows_per_run=4 if gpu else 1)  # fmt: skip
+    except (ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
+        raise fail(str(e))
+    if as_json:
+        out.print_json(json.dumps(p))
+    else:
+        render(p, out)
+
+
 def generation_options(max_new_tokens: int, temperature: float, top_p: float, top_k: int, seed: int, think: bool) -> dict:
     return {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p, "top_k": top_k,
             "seed": seed, "think": think}  # fmt: skip
@@ -258,7 +287,7 @@ def timings_line(t) -> str:
 
 @app.command("ask", context_settings={"allow_interspersed_args": True})
 def ask_cmd(
-    args: list[str] = typer.Argument(..., metavar="AUDIO... PROMPT", help="One or more clips, then the question."),
+    args: Optional[list[str]] = typer.Argument(None, metavar="AUDIO... PROMPT", help="One or more clips, then the question."),
     model: Optional[str] = typer.Option(None, "--model", "-m", envvar="EDGE_AF3_MODEL", help=MODEL_HELP),
     think: bool = typer.Option(False, "--think", help="Reason step by step before answering (AF3 think mode)."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer, tokens and timings as JSON."),
@@ -272,6 +301,7 @@ def ask_cmd(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     kv_type: str = typer.Option("f16", "--kv", help=KV_HELP),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
+    dry: bool = typer.Option(False, "--dry-run", help="Print the memory plan for these settings; load nothing."),
 ) -> None:
     """Ask one question about one or more clips; the answer streams as it is produced.
 
@@ -283,6 +313,9 @@ def ask_cmd(
     from ..audio import AudioError, load_audio
     from ..engines.llamacpp import ContextOverflowError
 
+    if dry:
+        return dry_run(model, n_ctx=n_ctx, kv_type=kv_type, device=device, as_json=as_json)
+    args = args or []
     if len(args) < 2:
         raise fail("give at least one audio file and then the question, e.g. edge-af3 ask clip.wav \"What is it?\"")
     *paths, prompt = args
@@ -326,6 +359,7 @@ def chat_cmd(
     device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
     kv_type: str = typer.Option("f16", "--kv", help=KV_HELP),
     engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
+    dry: bool = typer.Option(False, "--dry-run", help="Print the memory plan for these settings; load nothing."),
 ) -> None:
     """Talk about audio over several turns; the session keeps its KV cache between turns.
 
@@ -336,6 +370,8 @@ def chat_cmd(
     """
     from .chat import run_chat
 
+    if dry:
+        return dry_run(model, n_ctx=n_ctx, kv_type=kv_type, device=device)
     af3 = load_model(model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine)
     try:
         run_chat(af3, console=console, out=out, audio=list(audio), system=system, think=think,
