@@ -196,9 +196,11 @@ class AF3:
         if n_gpu_layers is None:
             n_gpu_layers = 999 if on_gpu else 0  # all layers offloaded on a GPU
         if n_batch is None:
-            # a GPU takes a 30 s clip's 750 rows (plus its text) in one decode; on 2 CPU cores 512,
-            # 1024 and 2048 prefill a 30 s clip alike (3.43 / 3.69 / 3.38 s on bench-small)
-            n_batch = 2048 if (on_gpu and n_gpu_layers > 0) else 512
+            # llama.cpp reserves logits for every row of a ubatch: its compute buffer grows with it
+            # (bench-small: 300 MiB at 512, 1199 MiB at 2048), while on 2 CPU cores 512, 1024 and
+            # 2048 prefill a 30 s clip alike (3.43 / 3.69 / 3.38 s). 512 everywhere until a GPU
+            # measurement says otherwise.
+            n_batch = 512
         self.llm = LlamaEngine(bundle.llm, n_ctx=n_ctx, n_batch=n_batch, threads=threads, kv_type=kv_type,
                                flash_attn=True if (on_gpu and flash_attn is None) else flash_attn,
                                n_gpu_layers=n_gpu_layers)  # fmt: skip
