@@ -176,7 +176,7 @@ def _items(segments: Sequence) -> Iterator:
 class AF3:
     """An exported AF3 bundle, loaded: one encoder engine and one llama.cpp context."""
 
-    def __init__(self, bundle: Bundle, *, n_ctx: int = 8192, threads: int | None = None, n_batch: int | None = None,
+    def __init__(self, bundle: Bundle, *, n_ctx: int = 8192, threads: int | None = None, n_batch: int = 512,
                  kv_type: str = "f16", flash_attn: bool | None = None, cache_size: int = 16,
                  device: str = "cpu", n_gpu_layers: int | None = None, windows_per_run: int | None = None,
                  encoder_engine: str | None = None, overlap: bool | None = None):  # fmt: skip
@@ -195,12 +195,9 @@ class AF3:
         on_gpu = self.engine_choice.gpu is not None and supports_gpu_offload()
         if n_gpu_layers is None:
             n_gpu_layers = 999 if on_gpu else 0  # all layers offloaded on a GPU
-        if n_batch is None:
-            # llama.cpp reserves logits for every row of a ubatch: its compute buffer grows with it
-            # (bench-small: 300 MiB at 512, 1199 MiB at 2048), while on 2 CPU cores 512, 1024 and
-            # 2048 prefill a 30 s clip alike (3.43 / 3.69 / 3.38 s). 512 everywhere until a GPU
-            # measurement says otherwise.
-            n_batch = 512
+        # n_batch 512: llama.cpp reserves logits for every row of a ubatch, so its compute buffer
+        # grows with it (bench-small: 300 MiB at 512, 1199 MiB at 2048), while on 2 CPU cores 512,
+        # 1024 and 2048 prefill a 30 s clip alike (3.43 / 3.69 / 3.38 s)
         self.llm = LlamaEngine(bundle.llm, n_ctx=n_ctx, n_batch=n_batch, threads=threads, kv_type=kv_type,
                                flash_attn=True if (on_gpu and flash_attn is None) else flash_attn,
                                n_gpu_layers=n_gpu_layers)  # fmt: skip
