@@ -39,11 +39,11 @@ if [ -d .gpu/wheels ]; then
     huggingface-hub gguf soundfile soxr typer rich jinja2 diskcache regex pyyaml tqdm pytest pytest-timeout 2>&1 | tail -3
 fi
 [ -d .gpu/cache/vocab ] && export EDGE_AF3_CACHE="$PWD/.gpu/cache"  # carried: no network there
-export PYTHONPATH="$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"
+export PYTHONPATH="$PWD:$PWD/.gpu/site${PYTHONPATH:+:$PYTHONPATH}"  # the package from the tree, no install
 CUBLAS=$(find $("$PY" -c 'import site; print(" ".join(site.getsitepackages()))') /usr/local/cuda* /usr/lib/x86_64-linux-gnu \
   -name 'libcublas.so.1*' 2>/dev/null | head -1)
 [ -n "$CUBLAS" ] && export LD_LIBRARY_PATH="$(dirname "$CUBLAS")${LD_LIBRARY_PATH:+:$LD_LIBRARY_PATH}"
-"$PY" -c "import llama_cpp; print('llama.cpp GPU offload:', llama_cpp.llama_supports_gpu_offload())" | tee "$OUT/llama.txt"
+"$PY" -c "import llama_cpp; print('llama.cpp GPU offload:', llama_cpp.llama_supports_gpu_offload())" 2>&1 | tee "$OUT/llama.txt"
 nvidia-smi --query-gpu=name,memory.total,compute_cap,driver_version --format=csv > "$OUT/gpu.txt" || true
 stage doctor "$PY" -m edge_af3 doctor --json
 cp "$OUT/doctor.log" "$OUT/doctor.json" 2>/dev/null || true
