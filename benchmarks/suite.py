@@ -288,7 +288,8 @@ def run_peer(name: str, source: str, clips: dict, repeats: int, new_tokens: int,
 
 
 # -- setup --------------------------------------------------------------------------------------
-def prepare(shape: str, quant: str, work: Path, say=print, *, verify: bool = True, mmproj: bool = True) -> tuple[Path, Path]:
+def prepare(shape: str, quant: str, work: Path, say=print, *, verify: bool = True, mmproj: bool = True,
+            encoder_precision: str = "fp32") -> tuple[Path, Path]:  # fmt: skip
     """The checkpoint (made once, seed 0) and its bundle (exported once; with an mmproj for the
     mtmd peer). verify=False skips the export's parity checks (on a GPU box the 7B reference
     on the CPU would take most of the time; bench_encoder and the gpu tests check parity there)."""
@@ -299,11 +300,13 @@ def prepare(shape: str, quant: str, work: Path, say=print, *, verify: bool = Tru
     if not (ckpt / "config.json").is_file():
         say(f"making the {shape} checkpoint in {ckpt}")
         make_checkpoint(ckpt, shape=shape, seed=0, force=True)
-    bundle = work / f"{shape}-seed0-{quant}-bundle"
+    enc = "" if encoder_precision == "fp32" else f"-enc-{encoder_precision}"
+    bundle = work / f"{shape}-seed0-{quant}{enc}-bundle"
     manifest = bundle / "manifest.json"
     if not manifest.is_file() or (mmproj and not json.loads(manifest.read_text()).get("mmproj")):
         say(f"exporting {bundle} ({quant}{', with mmproj' if mmproj else ''})")
-        export(ckpt, bundle, quant=quant, mmproj=mmproj, force=True, verify=verify, progress=lambda m: say("  " + m))
+        export(ckpt, bundle, quant=quant, mmproj=mmproj, force=True, verify=verify, encoder_precision=encoder_precision,
+               progress=lambda m: say("  " + m))  # fmt: skip
     return ckpt, bundle
 
 
@@ -457,6 +460,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--encoder-engine", default=None, help="force edge-af3's encoder engine (default: the best one)")
     ap.add_argument("--work", type=Path, default=None, help="where checkpoints, bundles and clips live")
     ap.add_argument("--no-verify", action="store_true", help="export the bundle without its parity checks")
+    ap.add_argument("--encoder-precision", default="fp32", choices=["fp32", "fp16", "int8"],
+                    help="the bundle's encoder.onnx (edge-af3 only; the other peers do not use it)")
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -464,7 +469,8 @@ def main(argv=None) -> dict:
 
     work = args.work or cache_dir() / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    ckpt, bundle = prepare(args.shape, args.quant, work, verify=not args.no_verify, mmproj="mtmd" in args.peers)
+    ckpt, bundle = prepare(args.shape, args.quant, work, verify=not args.no_verify, mmproj="mtmd" in args.peers,
+                           encoder_precision=args.encoder_precision)  # fmt: skip
     clips = write_clips(work, sorted(set(args.clips)))
     peers = {}
     for peer in args.peers:
@@ -482,7 +488,9 @@ def main(argv=None) -> dict:
     }  # fmt: skip
     report["goals"] = ratios(peers)
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"suite-{args.shape}-{args.device}"
+    variant = ("" if args.quant == "q4_k_m" else f"-{args.quant}") + (
+        "" if args.encoder_precision == "fp32" else f"-enc-{args.encoder_precision}")
+    stem = args.out / f"suite-{args.shape}-{args.device}{variant}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)
     stem.with_suffix(".md").write_text(table)

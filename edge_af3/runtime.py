@@ -184,7 +184,7 @@ class AF3:
         self.template = bundle.manifest.get("chat_template")
         if not self.template:
             raise ValueError(f"{bundle.path}: the manifest has no chat template")
-        self.engine_choice = choose_encoder(device) if encoder_engine is None else forced_encoder(encoder_engine)
+        self.engine_choice = choose_encoder(device) if encoder_engine is None else forced_encoder(encoder_engine, device)
         self.encoder, self.engine_choice = make_encoder(bundle, self.engine_choice, threads=threads)
         on_gpu_encoder = self.encoder.name not in ("onnxruntime-cpu", "torch-cpu")
         # a GPU encoder is fast per window and idle while llama.cpp prefills: several windows per

@@ -129,3 +129,14 @@ def test_gpu_engine_that_cannot_start_falls_back_with_the_reason(tiny_bundle):
     assert forced_encoder("torch-cpu").engine == "torch-cpu"
     with pytest.raises(ValueError, match="unknown encoder engine"):
         forced_encoder("coreml")
+
+
+def test_forced_engine_keeps_the_llm_offload_choice():
+    gpu = lambda: "Test GPU"  # noqa: E731
+    assert forced_encoder("onnxruntime-cpu", "auto", gpu=gpu).gpu == "Test GPU"  # the LLM still offloads
+    assert forced_encoder("onnxruntime-cpu", "cpu", gpu=gpu).gpu is None
+    assert forced_encoder("torch-cuda", "auto", gpu=gpu).device == "cuda (Test GPU)"
+    with pytest.raises(ValueError, match="needs a CUDA GPU"):
+        forced_encoder("tensorrt", "auto", gpu=lambda: None)
+    with pytest.raises(ValueError, match="no CUDA GPU"):
+        forced_encoder("torch-cpu", "cuda", gpu=lambda: None)

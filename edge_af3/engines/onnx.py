@@ -60,9 +60,15 @@ class OnnxEncoder:
         self.cuda_graphs = (self.device == "cuda" and io_binding) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device != "cuda":
             raise ValueError("cuda_graphs needs the CUDAExecutionProvider")
+        self.note = ""  # why CUDA graphs are off although asked for
+        session = None
         if self.cuda_graphs:
-            use = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p for p in use]
-        self.session = ort.InferenceSession(str(Path(path)), sess_options=opts, providers=use)
+            graphed = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p for p in use]
+            try:  # CUDA graphs need every node on the GPU; ORT refuses the session otherwise
+                session = ort.InferenceSession(str(Path(path)), sess_options=opts, providers=graphed)
+            except Exception as e:  # noqa: BLE001 - run without graphs, and say why
+                self.cuda_graphs, self.note = False, f"CUDA graphs off: {e}"
+        self.session = session or ort.InferenceSession(str(Path(path)), sess_options=opts, providers=use)
         self.name = "onnxruntime-" + self.session.get_providers()[0].removesuffix("ExecutionProvider").lower()
         self.calls = 0  # counter read by tests: how often the encoder actually ran
         # bundles exported before edge-af3 0.1's dynamic-frame encoder take exactly 3000 frames

@@ -126,16 +126,19 @@ def choose_encoder(device: str = "auto", *, probes: dict[str, Callable[[], str |
     return EncoderChoice("onnxruntime-cpu", "cpu", tuple(skipped), gpu=name)
 
 
-def forced_encoder(engine: str) -> EncoderChoice:
-    """The choice when the caller names the engine (`AF3.load(..., encoder_engine=...)`)."""
+def forced_encoder(engine: str, device: str = "auto", *, gpu: Callable[[], str | None] = gpu_name) -> EncoderChoice:
+    """The choice when the caller names the engine (`AF3.load(..., encoder_engine=...)`); the GPU
+    it reports (for the LLM's offload) follows `device`, whatever the encoder runs on."""
     if engine not in ENGINES:
         raise ValueError(f"unknown encoder engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    name = gpu() if device != "cpu" else None
     if engine in CUDA_ENGINES:
-        name = gpu_name()
         if name is None:
             raise ValueError(f"encoder engine {engine} needs a CUDA GPU and none is visible")
         return EncoderChoice(engine, f"cuda ({name})", gpu=name)
-    return EncoderChoice(engine, "cpu")
+    if device == "cuda" and name is None:
+        raise ValueError("device='cuda' but no CUDA GPU is visible (nvidia-smi finds none)")
+    return EncoderChoice(engine, "cpu", gpu=name)
 
 
 def _build(engine: str, bundle, threads: int | None):
