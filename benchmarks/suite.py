@@ -298,8 +298,11 @@ def prepare(shape: str, quant: str, work: Path, say=print, *, verify: bool = Tru
 
     ckpt = work / f"{shape}-seed0"
     if not (ckpt / "config.json").is_file():
-        say(f"making the {shape} checkpoint in {ckpt}")
-        make_checkpoint(ckpt, shape=shape, seed=0, force=True)
+        import torch
+
+        device = "cuda" if (shape == "full" and torch.cuda.is_available()) else "cpu"  # 7B of random numbers
+        say(f"making the {shape} checkpoint in {ckpt} (drawn on {device})")
+        make_checkpoint(ckpt, shape=shape, seed=0, force=True, device=device)
     enc = "" if encoder_precision == "fp32" else f"-enc-{encoder_precision}"
     bundle = work / f"{shape}-seed0-{quant}{enc}-bundle"
     manifest = bundle / "manifest.json"
