@@ -162,8 +162,8 @@ def markdown(report: dict, windows: list[int]) -> str:
         t = p["timing"]
         if name.startswith("transformers"):
             for kind in ("eager", "graph"):
-                if f"{kind}_{windows[0]}" in t:
-                    cells = " | ".join(f"{t[f'{kind}_{w}']['median_ms'] / w:.1f}" for w in windows)
+                if any(f"{kind}_{w}" in t for w in windows):
+                    cells = " | ".join(f"{t[f'{kind}_{w}']['median_ms'] / w:.1f}" if f"{kind}_{w}" in t else "—" for w in windows)
                     lines.append(f"| {name} {kind} | {cells} | (reference) | |")
             continue
         cells = " | ".join(f"{t[str(w)]['median_ms'] / w:.1f}" for w in windows)
