@@ -27,7 +27,8 @@ def test_gpu_greedy_tokens_match_cpu(f16_bundle):
     clip = (noise(10.0, seed=4), 16000)
     with AF3.load(f16_bundle, device="cpu", kv_type="f32", flash_attn=False) as cpu:
         want = cpu.ask(clip, "Describe it.", max_new_tokens=32).tokens
-    with AF3.load(f16_bundle, device="cuda", kv_type="f32", flash_attn=False) as gpu:
+    # the LLM on CUDA, the same fp32 encoder rows as on the CPU: llama.cpp's CUDA path alone
+    with AF3.load(f16_bundle, device="cuda", kv_type="f32", flash_attn=False, encoder_engine="onnxruntime-cpu") as gpu:
         assert gpu.llm.n_gpu_layers > 0
         got = gpu.ask(clip, "Describe it.", max_new_tokens=32).tokens
     assert got == want
