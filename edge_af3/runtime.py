@@ -185,7 +185,8 @@ class AF3:
         if not self.template:
             raise ValueError(f"{bundle.path}: the manifest has no chat template")
         self.engine_choice = choose_encoder(device) if encoder_engine is None else forced_encoder(encoder_engine, device)
-        self.encoder, self.engine_choice = make_encoder(bundle, self.engine_choice, threads=threads)
+        self.encoder, self.engine_choice = make_encoder(bundle, self.engine_choice, threads=threads,
+                                                        fallback=encoder_engine is None)  # fmt: skip
         on_gpu_encoder = self.encoder.name not in ("onnxruntime-cpu", "torch-cpu")
         # a GPU encoder is fast per window and idle while llama.cpp prefills: several windows per
         # run, encoded on a thread while llama.cpp takes the text before the clip and the earlier

@@ -53,13 +53,23 @@ def test_torch_encoder_reads_an_fp16_onnx(tiny_ckpt, tmp_path, reference, feats4
     assert cosine(got, valid_rows(reference.audio_rows(feats45.features, feats45.mask), feats45)) >= 0.999
 
 
-def test_torch_encoder_refuses_int8_and_foreign_onnx(tiny_bundle, tmp_path):
-    from onnxruntime.quantization import QuantType, quantize_dynamic
+def test_torch_encoder_runs_an_int8_onnx_with_int8_weights(tiny_ckpt, tmp_path, reference, feats45):
+    """`--encoder-precision int8` bundles: the linear weights stay int8 on the device (dequantized
+    per matmul), the int8 convolutions become float; rows close to the reference."""
+    import torch
 
-    q = tmp_path / "int8.onnx"
-    quantize_dynamic(str(tiny_bundle / "encoder.onnx"), str(q), weight_type=QuantType.QInt8)
-    with pytest.raises(EncoderWeightsError, match="int8"):
-        onnx_weights(q)
+    from edge_af3.export import export
+
+    b = export(tiny_ckpt, tmp_path / "int8", quant="q8_0", encoder_precision="int8", verify=False)
+    enc = TorchEncoder(b / "encoder.onnx", device="cpu")
+    assert enc.precision == "int8" and enc.compute == "fp32"
+    assert len(enc.net.int8) == 4 * 6 + 2 and all(q.dtype == torch.int8 for q, _, _ in enc.net.int8.values())
+    got = valid_rows(enc.encode(feats45.features, feats45.mask), feats45)
+    want = valid_rows(reference.audio_rows(feats45.features, feats45.mask), feats45)
+    assert cosine(got, want) >= 0.999
+
+
+def test_torch_encoder_refuses_foreign_onnx(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
@@ -140,3 +150,16 @@ def test_forced_engine_keeps_the_llm_offload_choice():
         forced_encoder("tensorrt", "auto", gpu=lambda: None)
     with pytest.raises(ValueError, match="no CUDA GPU"):
         forced_encoder("torch-cpu", "cuda", gpu=lambda: None)
+
+
+def test_failed_gpu_engines_hand_over_in_order(tiny_bundle):
+    """TensorRT fails (not installed here), ONNX Runtime's CUDA provider does not start, torch sees
+    no GPU: each is tried in turn, each reason kept, and ONNX Runtime on the CPU runs the encoder."""
+    bundle = open_bundle(tiny_bundle)
+    usable = {name: (lambda: None) for name in ("tensorrt", "onnxruntime-cuda", "torch-cuda")}
+    enc, got = make_encoder(bundle, EncoderChoice("tensorrt", "cuda (Test GPU)", gpu="Test GPU"), probes=usable)
+    assert enc.name == "onnxruntime-cpu" and [s[0] for s in got.skipped] == ["tensorrt", "onnxruntime-cuda", "torch-cuda"]
+    assert "CUDA provider" in dict(got.skipped)["onnxruntime-cuda"] and "no CUDA device" in dict(got.skipped)["torch-cuda"]
+    # a forced engine does not hand over to the other GPU engines
+    enc, got = make_encoder(bundle, EncoderChoice("tensorrt", "cuda (Test GPU)", gpu="Test GPU"), probes=usable, fallback=False)
+    assert [s[0] for s in got.skipped] == ["tensorrt"]

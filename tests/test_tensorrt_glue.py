@@ -200,3 +200,13 @@ def test_tensorrt_for_bundle_builds_checks_caches(tiny_bundle, tmp_path, fakes, 
     with pytest.raises(RuntimeError, match="disagrees with ONNX Runtime"):
         module.TensorRTEncoder.for_bundle(b)
     assert len(list((b.path / ".engines").glob("*.plan"))) == 1
+
+
+def test_tensorrt_refuses_an_int8_bundle(tiny_bundle, fakes):
+    from edge_af3.bundle import open_bundle
+
+    module, _ = fakes
+    b = open_bundle(tiny_bundle)
+    b.manifest["encoder"]["precision"] = "int8"
+    with pytest.raises(RuntimeError, match="int8"):
+        module.TensorRTEncoder.for_bundle(b)

@@ -149,7 +149,10 @@ def _build(engine: str, bundle, threads: int | None):
 
         cuda = engine == "onnxruntime-cuda"
         providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
-        return OnnxEncoder(bundle.encoder, threads=threads, providers=providers, io_binding=cuda)
+        enc = OnnxEncoder(bundle.encoder, threads=threads, providers=providers, io_binding=cuda)
+        if cuda and enc.device != "cuda":
+            raise RuntimeError("ONNX Runtime did not start its CUDA provider")
+        return enc
     if engine in ("torch-cuda", "torch-cpu"):
         from .torch_encoder import TorchEncoder
 
@@ -163,14 +166,26 @@ def _build(engine: str, bundle, threads: int | None):
     raise ValueError(f"unknown encoder engine {engine!r}")
 
 
-def make_encoder(bundle, choice: EncoderChoice, *, threads: int | None = None):
-    """(encoder, choice) for `choice`; a GPU engine that fails to start falls back to ONNX Runtime on
-    the CPU, and the returned choice says why."""
-    try:
-        return _build(choice.engine, bundle, threads), choice
-    except Exception as e:  # noqa: BLE001  (any failure of an optional GPU engine is a reason)
-        if choice.engine == "onnxruntime-cpu":
-            raise
-        reason = f"failed to start: {type(e).__name__}: {e}"
-    skipped = choice.skipped + ((choice.engine, reason),)
-    return _build("onnxruntime-cpu", bundle, threads), EncoderChoice("onnxruntime-cpu", "cpu", skipped, gpu=choice.gpu)
+def make_encoder(bundle, choice: EncoderChoice, *, threads: int | None = None, fallback: bool = True,
+                 probes: dict[str, Callable[[], str | None]] | None = None):  # fmt: skip
+    """(encoder, choice) for `choice`. A GPU engine that fails to start (e.g. TensorRT with an
+    int8 bundle) hands over to the next usable GPU engine when `fallback`, and finally to ONNX
+    Runtime on the CPU; the returned choice says what was skipped and why."""
+    order = [choice.engine]
+    if fallback and choice.engine in CUDA_ENGINES:
+        probes = probes or PROBES
+        rest = CUDA_ENGINES[CUDA_ENGINES.index(choice.engine) + 1 :]
+        order += [e for e in rest if e in IMPLEMENTED and probes[e]() is None]
+    skipped = list(choice.skipped)
+    for engine in order:
+        try:
+            enc = _build(engine, bundle, threads)
+        except Exception as e:  # noqa: BLE001  (any failure of an optional GPU engine is a reason)
+            if engine == "onnxruntime-cpu":
+                raise
+            skipped.append((engine, f"failed to start: {type(e).__name__}: {e}"))
+            continue
+        if engine == choice.engine:
+            return enc, choice
+        return enc, EncoderChoice(engine, choice.device, tuple(skipped), gpu=choice.gpu)
+    return _build("onnxruntime-cpu", bundle, threads), EncoderChoice("onnxruntime-cpu", "cpu", tuple(skipped), gpu=choice.gpu)

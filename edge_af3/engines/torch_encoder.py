@@ -35,24 +35,64 @@ class EncoderWeightsError(ValueError):
 _MATMUL = re.compile(r"^(?:/tower)?/(layers\.\d+/.+|projector/linear_\d)/MatMul$")
 
 
-def onnx_weights(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """{state-dict name: array} from an exported encoder.onnx (fp32 or fp16; int8 is refused).
-    Linear weights come back as [out, in] like torch's."""
+@dataclass(frozen=True)
+class Int8Weight:
+    """A linear weight as ONNX Runtime's dynamic quantization stored it: int8 [out, in], one scale
+    and zero point for the tensor. The torch engine keeps it int8 on the device (half the memory
+    of fp16) and dequantizes it right before its matmul."""
+
+    q: np.ndarray
+    scale: float
+    zero_point: int
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.q.shape
+
+
+_MATMUL_INT8 = re.compile(r"^(?:/tower)?/(layers\.\d+/.+|projector/linear_\d)/MatMul_quant$")
+
+
+def _module(match: re.Match) -> str:
+    module = match.group(1).replace("/", ".")
+    return module if module.startswith("projector.") else "tower." + module
+
+
+def onnx_weights(path: str | os.PathLike) -> dict[str, np.ndarray | Int8Weight]:
+    """{state-dict name: array} from an exported encoder.onnx (fp32, fp16, or int8 from
+    `--encoder-precision int8`, whose linear weights come back as `Int8Weight`). Linear weights
+    come back as [out, in] like torch's."""
     import onnx
     from onnx import numpy_helper
 
     model = onnx.load(str(path), load_external_data=True)
     graph = model.graph
-    if any(n.op_type in ("MatMulInteger", "DynamicQuantizeLinear") for n in graph.node):
-        raise EncoderWeightsError(f"{path}: an int8 encoder cannot be run by the torch engine; export fp16 or fp32")
     inits = {t.name: t for t in graph.initializer}
-    out = {name: numpy_helper.to_array(t) for name, t in inits.items() if name.startswith(("tower.", "projector."))}
+    out: dict[str, np.ndarray | Int8Weight] = {
+        name: numpy_helper.to_array(t) for name, t in inits.items() if name.startswith(("tower.", "projector."))
+    }
     for node in graph.node:
         m = _MATMUL.match(node.name)
         if node.op_type == "MatMul" and m and len(node.input) == 2 and node.input[1] in inits:
-            module = m.group(1).replace("/", ".")
-            module = module if module.startswith("projector.") else "tower." + module
-            out[module + ".weight"] = np.ascontiguousarray(numpy_helper.to_array(inits[node.input[1]]).T)
+            out[_module(m) + ".weight"] = np.ascontiguousarray(numpy_helper.to_array(inits[node.input[1]]).T)
+            continue
+        m = _MATMUL_INT8.match(node.name)
+        if node.op_type == "MatMulInteger" and m and len(node.input) == 4 and node.input[1] in inits:
+            base = node.input[1].removesuffix("_quantized")
+            scale, zero = inits.get(base + "_scale"), inits.get(node.input[3])
+            if scale is None or zero is None:
+                raise EncoderWeightsError(f"{path}: {node.name} has no weight scale / zero point")
+            q = numpy_helper.to_array(inits[node.input[1]])
+            if q.dtype != np.int8 or numpy_helper.to_array(scale).size != 1:
+                raise EncoderWeightsError(f"{path}: {node.name}: only per-tensor int8 weights are supported")
+            out[_module(m) + ".weight"] = Int8Weight(np.ascontiguousarray(q.T), float(numpy_helper.to_array(scale)),
+                                                     int(numpy_helper.to_array(zero)))  # fmt: skip
+    for name in inits:  # the int8 export also quantizes the two convolutions (ConvInteger): small, made float here
+        base = name.removesuffix("_quantized")
+        if name.endswith("_quantized") and base.startswith(("tower.", "projector.")) and base not in out:
+            q = numpy_helper.to_array(inits[name]).astype(np.float32)
+            zero = numpy_helper.to_array(inits[base + "_zero_point"]).astype(np.float32)
+            out[base] = (q - zero) * numpy_helper.to_array(inits[base + "_scale"]).astype(np.float32)
     return out
 
 
@@ -92,10 +132,23 @@ class TorchAF3Encoder:
         self.shape = EncoderShape.of(weights, heads)
         self.device = torch.device(device)
         self.dtype = dtype or torch.float32
-        self.w = {k: torch.from_numpy(np.array(v, copy=True)).to(self.device, self.dtype) for k, v in weights.items()}
+        self.w, self.int8 = {}, {}
+        for k, v in weights.items():
+            if isinstance(v, Int8Weight):  # stays int8 on the device; see `_lin`
+                self.int8[k] = (torch.from_numpy(np.array(v.q, copy=True)).to(self.device), v.scale, v.zero_point)
+            else:
+                self.w[k] = torch.from_numpy(np.array(v, copy=True)).to(self.device, self.dtype)
 
     def _b(self, name: str):
         return self.w.get(name)  # biases may be absent (k_proj; a projector without bias)
+
+    def _lin(self, name: str):
+        """A linear weight in the compute dtype (an int8 one dequantized for this matmul only)."""
+        if name in self.w:
+            return self.w[name]
+        q, scale, zero = self.int8[name]
+        x = q.to(self.dtype)
+        return (x - zero) * scale if zero else x * scale
 
     def __call__(self, features, mask):
         """features [W,128,F] (any float dtype), mask [W,F] -> rows [W, rows_for_frames(F), H] in self.dtype."""
@@ -117,22 +170,22 @@ class TorchAF3Encoder:
         for i in range(s.layers):
             p = f"tower.layers.{i}."
             h = F.layer_norm(x, (s.hidden,), w[p + "self_attn_layer_norm.weight"], b(p + "self_attn_layer_norm.bias"))
-            q = F.linear(h, w[p + "self_attn.q_proj.weight"], b(p + "self_attn.q_proj.bias")) * scale**-0.5
-            k = F.linear(h, w[p + "self_attn.k_proj.weight"], b(p + "self_attn.k_proj.bias"))
-            v = F.linear(h, w[p + "self_attn.v_proj.weight"], b(p + "self_attn.v_proj.bias"))
+            q = F.linear(h, self._lin(p + "self_attn.q_proj.weight"), b(p + "self_attn.q_proj.bias")) * scale**-0.5
+            k = F.linear(h, self._lin(p + "self_attn.k_proj.weight"), b(p + "self_attn.k_proj.bias"))
+            v = F.linear(h, self._lin(p + "self_attn.v_proj.weight"), b(p + "self_attn.v_proj.bias"))
             q, k, v = (t.view(n, seq, s.heads, scale).transpose(1, 2) for t in (q, k, v))
             a = F.scaled_dot_product_attention(q, k, v, attn_mask=attend, scale=1.0)
             a = a.transpose(1, 2).reshape(n, seq, s.hidden)
-            x = x + F.linear(a, w[p + "self_attn.out_proj.weight"], b(p + "self_attn.out_proj.bias"))
+            x = x + F.linear(a, self._lin(p + "self_attn.out_proj.weight"), b(p + "self_attn.out_proj.bias"))
             h = F.layer_norm(x, (s.hidden,), w[p + "final_layer_norm.weight"], b(p + "final_layer_norm.bias"))
-            h = F.gelu(F.linear(h, w[p + "fc1.weight"], b(p + "fc1.bias")))
-            x = x + F.linear(h, w[p + "fc2.weight"], b(p + "fc2.bias"))
+            h = F.gelu(F.linear(h, self._lin(p + "fc1.weight"), b(p + "fc1.bias")))
+            x = x + F.linear(h, self._lin(p + "fc2.weight"), b(p + "fc2.bias"))
             if clamp is not None:
                 x = x.clamp(-clamp, clamp)
         x = F.avg_pool1d(x.transpose(1, 2), 2, 2).transpose(1, 2)
         x = F.layer_norm(x, (s.hidden,), w["tower.layer_norm.weight"], b("tower.layer_norm.bias"))
-        x = F.gelu(F.linear(x, w["projector.linear_1.weight"], b("projector.linear_1.bias")))
-        return F.linear(x, w["projector.linear_2.weight"], b("projector.linear_2.bias"))
+        x = F.gelu(F.linear(x, self._lin("projector.linear_1.weight"), b("projector.linear_1.bias")))
+        return F.linear(x, self._lin("projector.linear_2.weight"), b("projector.linear_2.bias"))
 
 
 class _Static:
@@ -180,7 +233,9 @@ class TorchEncoder:
         precision = precision or ("fp16" if device.startswith("cuda") else "fp32")
         dtype = {"fp16": torch.float16, "fp32": torch.float32, "bf16": torch.bfloat16}[precision]
         self.net = TorchAF3Encoder(onnx_weights(onnx_path), device=device, dtype=dtype, heads=heads)
-        self.precision = precision
+        # what the weights take in memory (int8 ones are computed in `precision`'s dtype)
+        self.precision = "int8" if self.net.int8 else precision
+        self.compute = precision
         cuda = device.startswith("cuda")
         self.mode = "eager-graph" if graphs == "eager" else ("cuda" if (graphs and cuda) else "eager")
         self.name = f"torch-{'cuda' if device.startswith('cuda') else 'cpu'}"
