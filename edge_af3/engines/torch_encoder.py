@@ -5,10 +5,14 @@ initializers (convs, norms, biases, positions) are taken as they are, and each M
 found through its node name (`/tower/layers.3/fc1/MatMul` -> `tower.layers.3.fc1`). The forward is
 the one exported to ONNX (`export/onnx_encoder._Wrapper`), written against plain tensors.
 
+An int8 bundle (`--encoder-precision int8`) keeps its linear weights int8 on the device and
+dequantizes each right before its matmul (half the memory of fp16; its two int8 convolutions are
+made float at load).
+
 On CUDA it runs in fp16 and is captured in CUDA graphs, one per shape bucket (engines/buckets.py:
 full windows padded up to a window-count bucket; a clip's partial last window in a frame bucket).
-Inputs are copied into the graph's static buffers; all graphs share one memory pool. `graphs="eager"` replays the same buffers without CUDA, so the
-bucketing is tested on CPU CI.
+Inputs are copied into the graph's static buffers; all graphs share one memory pool.
+`graphs="eager"` replays the same buffers without CUDA, so the bucketing is tested on CPU CI.
 """
 
 from __future__ import annotations
