@@ -163,3 +163,16 @@ def test_failed_gpu_engines_hand_over_in_order(tiny_bundle):
     # a forced engine does not hand over to the other GPU engines
     enc, got = make_encoder(bundle, EncoderChoice("tensorrt", "cuda (Test GPU)", gpu="Test GPU"), probes=usable, fallback=False)
     assert [s[0] for s in got.skipped] == ["tensorrt"]
+
+
+def test_bucketed_results_do_not_alias_the_engine_buffers(tiny_bundle):
+    """Engines reuse their bound output buffers: what encode returned must survive the next call
+    (the runtime keeps earlier chunks of a clip while later ones are encoded)."""
+    rng = np.random.default_rng(9)
+    inputs = [(rng.standard_normal((1, 128, 3000)).astype(np.float32), np.ones((1, 3000), np.int64)) for _ in range(2)]
+    for enc in (OnnxEncoder(tiny_bundle / "encoder.onnx", io_binding=True),
+                TorchEncoder(tiny_bundle / "encoder.onnx", device="cpu", graphs="eager")):  # fmt: skip
+        first = enc.encode(*inputs[0])
+        kept = first.copy()
+        second = enc.encode(*inputs[1])
+        assert np.array_equal(first, kept) and not np.shares_memory(first, second)

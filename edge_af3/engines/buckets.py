@@ -13,7 +13,7 @@ frames, which end at least 4 frames before the cut).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import numpy as np
 
@@ -65,3 +65,14 @@ def padded(features: np.ndarray, mask: np.ndarray, run: Run) -> tuple[np.ndarray
     m[:w, :f] = mask[run.start : run.start + w]
     m[:w, f:] = 0
     return feats, m
+
+
+def run_bucketed(features: np.ndarray, mask: np.ndarray, buckets: tuple[int, ...],
+                 run_one: Callable[[Run, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:  # fmt: skip
+    """Every bucketed run of an input: its padded inputs through `run_one` (-> [Wb, rows, H], which
+    may be the engine's reused output buffer), the valid windows and rows copied out, concatenated."""
+    out = []
+    for run in plan(features.shape[0], features.shape[2], buckets):
+        feats, m = padded(features, mask, run)
+        out.append(np.array(run_one(run, feats, m)[: run.windows, : run.rows], dtype=np.float32))
+    return out[0] if len(out) == 1 else np.concatenate(out)

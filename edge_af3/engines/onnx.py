@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import N_MELS, rows_for_frames
-from .buckets import padded, plan, window_buckets
+from .buckets import run_bucketed, window_buckets
 
 
 class _Bound:
@@ -84,16 +84,15 @@ class OnnxEncoder:
             feed = {"input_features": np.ascontiguousarray(features, np.float32),
                     "input_features_mask": np.ascontiguousarray(mask, np.int64)}  # fmt: skip
             return self.session.run(None, feed)[0]
-        results = []
-        for run in plan(features.shape[0], features.shape[2], self.window_buckets):
-            bound = self._bound.get(run.shape)
-            if bound is None:
-                hidden = self.session.get_outputs()[0].shape[2]
-                graph_id = len(self._bound) + 1 if self.cuda_graphs else None
-                bound = self._bound[run.shape] = _Bound(self._ort, self.session, run.shape, hidden, self.device, graph_id)
-            feats, m = padded(features, mask, run)
-            bound.features.update_inplace(feats)
-            bound.mask.update_inplace(m)
-            self.session.run_with_iobinding(bound.binding, bound.options)
-            results.append(bound.out.numpy()[: run.windows, : run.rows])
-        return results[0] if len(results) == 1 else np.concatenate(results)
+        return run_bucketed(features, mask, self.window_buckets, self._run_bound)
+
+    def _run_bound(self, run, feats: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        bound = self._bound.get(run.shape)
+        if bound is None:
+            hidden = self.session.get_outputs()[0].shape[2]
+            graph_id = len(self._bound) + 1 if self.cuda_graphs else None
+            bound = self._bound[run.shape] = _Bound(self._ort, self.session, run.shape, hidden, self.device, graph_id)
+        bound.features.update_inplace(feats)
+        bound.mask.update_inplace(mask)
+        self.session.run_with_iobinding(bound.binding, bound.options)
+        return bound.out.numpy()

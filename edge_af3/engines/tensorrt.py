@@ -29,7 +29,7 @@ from typing import Callable
 import numpy as np
 
 from ..constants import N_FRAMES, N_MELS, rows_for_frames
-from .buckets import FRAME_BUCKETS, padded, plan, window_buckets
+from .buckets import FRAME_BUCKETS, run_bucketed, window_buckets
 from .trt_cache import EngineKey, lookup, store
 
 MIN_FRAMES = 8
@@ -238,17 +238,17 @@ class TensorRTEncoder:
             feats = rng.standard_normal((1, N_MELS, 1000)).astype(np.float32)
             mask = np.ones((1, 1000), np.int64)
             trt_enc = cls(data, bundle.hidden_size, max_windows=max_windows)
-            try:
-                got = trt_enc.encode(feats, mask).ravel()
-            finally:
-                trt_enc.close()
+            got = trt_enc.encode(feats, mask).ravel()
             want = OnnxEncoder(bundle.encoder).encode(feats, mask).ravel()
             cos = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
             if not cos >= 0.999:
+                trt_enc.close()
                 raise RuntimeError(f"the new TensorRT engine disagrees with ONNX Runtime (cosine {cos:.5f}); not cached")
+            checked.append(trt_enc)  # the engine just built and checked is the one returned
 
+        checked: list[TensorRTEncoder] = []
         data, reasons = cached_plan(root, key, build, check)
-        enc = cls(data, bundle.hidden_size, max_windows=max_windows)
+        enc = checked[0] if checked else cls(data, bundle.hidden_size, max_windows=max_windows)
         enc.rebuilt = reasons
         enc.prepare()
         return enc
@@ -269,12 +269,8 @@ class TensorRTEncoder:
 
     def encode(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
         self.calls += 1
-        out = []
-        for run in plan(features.shape[0], features.shape[2], self.window_buckets):
-            feats, m = padded(features, mask, run)
-            rows = self._graph(run.shape).run(self.stream, feats, m)
-            out.append(rows[: run.windows, : run.rows].copy())
-        return out[0] if len(out) == 1 else np.concatenate(out)
+        return run_bucketed(features, mask, self.window_buckets,
+                            lambda run, feats, m: self._graph(run.shape).run(self.stream, feats, m))  # fmt: skip
 
     def close(self) -> None:
         cudart = _cudart()

@@ -25,7 +25,7 @@ from typing import Callable
 import numpy as np
 
 from ..constants import N_FRAMES, N_MELS
-from .buckets import FRAME_BUCKETS, bucket, padded, plan, window_buckets
+from .buckets import FRAME_BUCKETS, bucket, run_bucketed, window_buckets
 
 HEAD_DIM = 64  # every Whisper encoder (tiny .. large-v3, AF-Whisper) uses 64-wide heads
 
@@ -270,20 +270,20 @@ class TorchEncoder:
         import torch
 
         self.calls += 1
-        n, _, frames = features.shape
         if self.mode == "eager":
             with torch.inference_mode():
                 out = self.net(torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.net.device),
                                torch.from_numpy(np.ascontiguousarray(mask, np.int64)).to(self.net.device))  # fmt: skip
             return out.float().cpu().numpy()
-        results = []
-        for run in plan(n, frames, self.window_buckets):
-            st = self._entry(*run.shape)
-            feats, m = padded(features, mask, run)
-            with torch.inference_mode():
-                st.features.copy_(torch.from_numpy(feats))
-                st.mask.copy_(torch.from_numpy(m))
-                st.replay()
-                results.append(st.out[: run.windows, : run.rows].float().cpu().numpy())
-        return results[0] if len(results) == 1 else np.concatenate(results)
+        return run_bucketed(features, mask, self.window_buckets, self._replay)
+
+    def _replay(self, run, feats: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        import torch
+
+        st = self._entry(*run.shape)
+        with torch.inference_mode():
+            st.features.copy_(torch.from_numpy(feats))
+            st.mask.copy_(torch.from_numpy(mask))
+            st.replay()
+            return st.out[: run.windows, : run.rows].float().cpu().numpy()
 
