@@ -137,7 +137,7 @@ def run(shape: str, device: str, windows: list[int], repeats: int, work: Path, e
         entry = {"cosine": _cos(g, r), "max_abs": float(np.abs(g - r).max()), "timing": {}}
         for w in windows:
             f, m = inputs[w]
-            entry["timing"][str(w)] = _time(lambda: enc.encode(f, m), repeats)
+            entry["timing"][str(w)] = _time(lambda e=enc, f=f, m=m: e.encode(f, m), repeats)
         if cuda:
             entry["torch_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         report["peers"][name] = entry

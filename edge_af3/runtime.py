@@ -19,7 +19,7 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -102,11 +102,6 @@ def iter_windows(encoder, feats, windows_per_run: int = 1, lock: threading.Lock 
             yield rows[0, : feats.rows_per_window[w]]
 
 
-def encode_windows(encoder, feats, windows_per_run: int = 1) -> np.ndarray:
-    """Valid projected rows [N, H] of a clip (all chunks of `iter_windows`)."""
-    return np.concatenate(list(iter_windows(encoder, feats, windows_per_run)))
-
-
 class _Clip:
     """One clip of a prompt: its identity (sha256 of the samples), its row count (known from the
     sample count before encoding) and its rows, either ready or still being encoded on a
@@ -121,24 +116,32 @@ class _Clip:
     def __len__(self) -> int:
         return self.count
 
-    def start(self, model: "AF3", clip: Audio) -> "_Clip":
-        self._queue = queue.Queue()
-        threading.Thread(target=self._encode, args=(model, clip), name="edge-af3-encoder", daemon=True).start()
+    def encode(self, model: "AF3", clip: Audio, emit: Callable[[np.ndarray], None] | None = None) -> "_Clip":
+        """Features, then the encoder one run at a time (each chunk to `emit` as it is made); the
+        rows are kept here (a history re-decoded later uses them) and in the model's cache."""
+        t0 = time.perf_counter()
+        feats = extract_features(clip)
+        t1 = time.perf_counter()
+        self.features_ms = (t1 - t0) * 1000
+        got = []
+        for chunk in iter_windows(model.encoder, feats, model.windows_per_run, model._encoder_lock):
+            got.append(chunk)
+            if emit:
+                emit(chunk)
+        self.encoder_ms = (time.perf_counter() - t1) * 1000
+        self.rows = np.concatenate(got)
+        model._remember(self.key, self.rows)
         return self
 
-    def _encode(self, model: "AF3", clip: Audio) -> None:
+    def start(self, model: "AF3", clip: Audio) -> "_Clip":
+        """`encode` on a thread; `chunks()` hands over each chunk as it comes."""
+        self._queue = queue.Queue()
+        threading.Thread(target=self._encode_queued, args=(model, clip), name="edge-af3-encoder", daemon=True).start()
+        return self
+
+    def _encode_queued(self, model: "AF3", clip: Audio) -> None:
         try:
-            t0 = time.perf_counter()
-            feats = extract_features(clip)
-            t1 = time.perf_counter()
-            self.features_ms = (t1 - t0) * 1000
-            got = []
-            for chunk in iter_windows(model.encoder, feats, model.windows_per_run, model._encoder_lock):
-                got.append(chunk)
-                self._queue.put(chunk)
-            self.encoder_ms = (time.perf_counter() - t1) * 1000
-            self.rows = np.concatenate(got)  # later prefills of this clip (a history re-decoded) use these
-            model._remember(self.key, self.rows)
+            self.encode(model, clip, self._queue.put)
             self._queue.put(None)
         except BaseException as e:  # handed to the consumer, raised there
             self.error = e
@@ -245,15 +248,7 @@ class AF3:
             extract_features(clip)  # raises the clear "no samples" error here, not on the thread
         if overlap:
             return _Clip(key, count).start(self, clip)
-        t0 = time.perf_counter()
-        feats = extract_features(clip)
-        t1 = time.perf_counter()
-        with self._encoder_lock:
-            rows = encode_windows(self.encoder, feats, self.windows_per_run)
-        out = _Clip(key, count, rows)
-        out.features_ms, out.encoder_ms = (t1 - t0) * 1000, (time.perf_counter() - t1) * 1000
-        self._remember(key, rows)
-        return out
+        return _Clip(key, count).encode(self, clip)
 
     def audio_rows(self, audio: AudioSource) -> np.ndarray:
         """Projected rows [N, H] for one clip; the same samples are encoded only once."""

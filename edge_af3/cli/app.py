@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import sys
 import time
 import warnings
 from importlib import resources
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -220,6 +219,11 @@ MODEL_HELP = "Bundle, HF checkpoint folder or Hub id (exported once into the cac
 DEVICE_HELP = "auto | cpu | cuda (cuda: the best GPU encoder engine, all LLM layers offloaded)"
 ENGINE_HELP = "Force the encoder engine: tensorrt | onnxruntime-cuda | torch-cuda | onnxruntime-cpu | torch-cpu."
 KV_HELP = "KV cache type: f16 | q8_0 | f32"
+# options ask, chat and plan share (the default goes in each signature)
+DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+KvOpt = Annotated[str, typer.Option("--kv", help=KV_HELP)]
+EngineOpt = Annotated[Optional[str], typer.Option("--engine", help=ENGINE_HELP)]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the memory plan for these settings; load nothing.")]
 
 
 def load_model(spec: Optional[str], *, n_ctx: int, threads: Optional[int], quant: str = "q4_k_m", device: str = "auto",
@@ -245,7 +249,8 @@ def load_model(spec: Optional[str], *, n_ctx: int, threads: Optional[int], quant
 
 def dry_run(spec: Optional[str], *, n_ctx: int, kv_type: str, device: str, as_json: bool = False) -> None:
     """--dry-run: the memory budget for running `spec` as asked; nothing is loaded."""
-    from ..plan import plan, render
+    from ..engines.select import choose_encoder
+    from ..plan import plan
     from ..runtime import ModelNotFoundError, locate
 
     spec = spec or DEFAULT_MODEL
@@ -255,8 +260,6 @@ def dry_run(spec: Optional[str], *, n_ctx: int, kv_type: str, device: str, as_js
             path = locate(spec)  # a checkpoint is exported (once) first: the plan reads the bundle
         except (ModelNotFoundError, ValueError) as e:
             raise fail(str(e))
-    from ..engines.select import choose_encoder
-
     try:
         gpu = choose_encoder(device).engine != "onnxruntime-cpu"  # the engine AF3.load would pick
         stored = json.loads((path / "manifest.json").read_text())["encoder"]["precision"]
@@ -266,6 +269,12 @@ def dry_run(spec: Optional[str], *, n_ctx: int, kv_type: str, device: str, as_js
                  windows_per_run=4 if gpu else 1)  # fmt: skip
     except (ValueError, RuntimeError, KeyError, json.JSONDecodeError) as e:
         raise fail(str(e))
+    show_plan(p, as_json)
+
+
+def show_plan(p: dict, as_json: bool) -> None:
+    from ..plan import render
+
     if as_json:
         out.print_json(json.dumps(p))
     else:
@@ -298,10 +307,10 @@ def ask_cmd(
     seed: int = typer.Option(0, "--seed"),
     n_ctx: int = typer.Option(16384, "--n-ctx", help="Context length (a 10 min clip alone takes 15000)."),
     threads: Optional[int] = typer.Option(None, "--threads"),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    kv_type: str = typer.Option("f16", "--kv", help=KV_HELP),
-    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
-    dry: bool = typer.Option(False, "--dry-run", help="Print the memory plan for these settings; load nothing."),
+    device: DeviceOpt = "auto",
+    kv_type: KvOpt = "f16",
+    engine: EngineOpt = None,
+    dry: DryRunOpt = False,
 ) -> None:
     """Ask one question about one or more clips; the answer streams as it is produced.
 
@@ -356,10 +365,10 @@ def chat_cmd(
     temperature: float = typer.Option(0.0, "--temperature", "-t"),
     n_ctx: int = typer.Option(16384, "--n-ctx"),
     threads: Optional[int] = typer.Option(None, "--threads"),
-    device: str = typer.Option("auto", "--device", help=DEVICE_HELP),
-    kv_type: str = typer.Option("f16", "--kv", help=KV_HELP),
-    engine: Optional[str] = typer.Option(None, "--engine", help=ENGINE_HELP),
-    dry: bool = typer.Option(False, "--dry-run", help="Print the memory plan for these settings; load nothing."),
+    device: DeviceOpt = "auto",
+    kv_type: KvOpt = "f16",
+    engine: EngineOpt = None,
+    dry: DryRunOpt = False,
 ) -> None:
     """Talk about audio over several turns; the session keeps its KV cache between turns.
 
@@ -493,7 +502,7 @@ def plan_cmd(
     bundle: Path = typer.Argument(..., help="An exported bundle."),
     target: Optional[str] = typer.Option(None, "--target", help="orin-nano-8gb | orin-nx-16gb | agx-orin-64gb | rtx-4060-laptop | rtx-4090 | h100"),
     n_ctx: int = typer.Option(8192, "--n-ctx"),
-    kv_type: str = typer.Option("f16", "--kv", help="KV cache type: f16 | q8_0 | f32"),
+    kv_type: KvOpt = "f16",
     encoder_precision: Optional[str] = typer.Option(None, "--encoder-precision", help="fp16 | int8 | fp32 (default: fp16 for an fp32 bundle)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
@@ -503,16 +512,13 @@ def plan_cmd(
     Example: edge-af3 plan ./af3 --target orin-nano-8gb --n-ctx 8192 --kv q8_0
     """
     from ..bundle import BundleError
-    from ..plan import plan, render
+    from ..plan import plan
 
     try:
         p = plan(bundle, n_ctx=n_ctx, kv_type=kv_type, encoder_precision=encoder_precision, target=target)
     except (BundleError, ValueError, RuntimeError) as e:
         raise fail(str(e))
-    if as_json:
-        out.print_json(json.dumps(p))
-    else:
-        render(p, out)
+    show_plan(p, as_json)
 
 
 @app.command("doctor")
