@@ -4,10 +4,12 @@ The inference path (audio -> features -> encoder engine -> llama.cpp) needs no t
 `edge_af3.reference` and `edge_af3.export` do, through the `export` extra.
 """
 
-from .audio import Audio, AudioError, load_audio
-from .bundle import Bundle, BundleError, open_bundle
+from .audio import Audio, load_audio
+from .bundle import Bundle, open_bundle
+from .errors import (AudioError, BundleError, CheckpointError, ContextOverflowError, EdgeAF3Error,
+                     ModelNotFoundError, OptionsError)  # fmt: skip
 from .features import AudioFeatures, AudioTooLongWarning, extract_features, token_count
-from .runtime import AF3, Answer, ChatSession, GenerationOptions, ModelNotFoundError, Timings
+from .runtime import AF3, Answer, ChatSession, GenerationOptions, Stream, Timings
 
 __version__ = "0.1.0"
 
@@ -17,6 +19,11 @@ __all__ = [
     "Bundle",
     "BundleError",
     "ChatSession",
+    "CheckpointError",
+    "ContextOverflowError",
+    "EdgeAF3Error",
+    "OptionsError",
+    "Stream",
     "GenerationOptions",
     "ModelNotFoundError",
     "Timings",

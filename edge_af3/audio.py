@@ -10,19 +10,24 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Union
+from typing import Iterator, Union
 
 import numpy as np
 
-from .constants import SAMPLE_RATE
+from .constants import MAX_SAMPLES, SAMPLE_RATE
+from .errors import AudioError
 
 AudioSource = Union[str, os.PathLike, bytes, np.ndarray, "Audio", tuple]
 
 
-class AudioError(ValueError):
-    """Audio that cannot be used: missing, undecodable, empty or not finite."""
+class AudioTooLongWarning(UserWarning):
+    """The clip is longer than AF3's 10 minutes; only the first 600 s are used."""
+
+
+MAX_CHANNELS = 32  # a 2-D array is [samples, channels] or, when its first axis is this small, [channels, samples]
 
 
 @dataclass(frozen=True)
@@ -33,6 +38,11 @@ class Audio:
     source_rate: int
     source_channels: int
     name: str = "<array>"
+    source_seconds: float | None = None  # the whole source's length (a file is read only up to 600 s)
+
+    @property
+    def truncated(self) -> bool:
+        return self.source_seconds is not None and self.source_seconds > MAX_SAMPLES / SAMPLE_RATE + 1e-9
 
     @property
     def seconds(self) -> float:
@@ -45,6 +55,20 @@ def _check_finite(x: np.ndarray, name: str) -> None:
     if not np.isfinite(x).all():
         bad = int((~np.isfinite(x)).sum())
         raise AudioError(f"{name}: the audio holds {bad} NaN or infinite sample(s); clean it first")
+
+
+def samples_first(x: np.ndarray, name: str = "<array>") -> np.ndarray:
+    """A 2-D array as [samples, channels]: [n, c] with few channels as it is, [c, n] (channels
+    first, as torchaudio and librosa give them) transposed; anything else is refused."""
+    if x.ndim != 2:
+        return x
+    a, b = x.shape
+    if b <= MAX_CHANNELS and a > b:
+        return x
+    if a <= MAX_CHANNELS and b > a:
+        return x.T
+    raise AudioError(f"{name}: cannot tell samples from channels in an array of shape {tuple(x.shape)}; "
+                     f"pass [samples] or [samples, channels] with at most {MAX_CHANNELS} channels")  # fmt: skip
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:
@@ -94,7 +118,9 @@ def _check_riff(head: bytes, total: int, name: str) -> None:
         pos += 8 + size + (size & 1)
 
 
-def _decode(data, name: str) -> tuple[np.ndarray, int, int]:
+def _decode(data, name: str) -> tuple[np.ndarray, int, int, float | None]:
+    """(samples [n, channels] float64, rate, channels, the source's seconds). Only the first 600 s
+    are read (AF3 uses no more): a 3-hour file costs what 10 minutes cost."""
     import soundfile as sf
 
     if isinstance(data, io.BytesIO):
@@ -104,10 +130,14 @@ def _decode(data, name: str) -> tuple[np.ndarray, int, int]:
             _check_riff(f.read(65536), os.fstat(f.fileno()).st_size, name)
 
     try:
-        x, rate = sf.read(data, dtype="float64", always_2d=True)
+        with sf.SoundFile(data) as f:
+            rate, total = int(f.samplerate), f.frames
+            keep = math.ceil(MAX_SAMPLES / SAMPLE_RATE * rate) if rate > 0 else -1
+            x = f.read(frames=keep if 0 < keep < total else -1, dtype="float64", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:  # LibsndfileError covers most
         raise AudioError(f"{name}: not a readable audio file ({e})") from e
-    return x, int(rate), int(x.shape[1])
+    seconds = total / rate if rate > 0 and total > 0 else None
+    return x, rate, int(x.shape[1]), seconds
 
 
 def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str | None = None) -> Audio:
@@ -127,12 +157,12 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
             raise AudioError(f"{label}: no such file")
         if not path.is_file():
             raise AudioError(f"{label}: not a file")
-        x, rate, channels = _decode(str(path), label)
+        x, rate, channels, seconds = _decode(str(path), label)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
         if len(source) == 0:
             raise AudioError(f"{label}: empty byte string")
-        x, rate, channels = _decode(io.BytesIO(bytes(source)), label)
+        x, rate, channels, seconds = _decode(io.BytesIO(bytes(source)), label)
     elif isinstance(source, np.ndarray):
         label = name or "<array>"
         if sample_rate is None:
@@ -144,7 +174,9 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
         elif not np.issubdtype(x.dtype, np.floating):
             raise AudioError(f"{label}: unsupported sample type {x.dtype}")
         rate = int(sample_rate)
+        x = samples_first(x, label)
         channels = 1 if x.ndim == 1 else int(x.shape[1])
+        seconds = x.shape[0] / rate if rate > 0 else None
     else:
         raise AudioError(f"unsupported audio input of type {type(source).__name__}")
 
@@ -153,6 +185,41 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
     mono = to_mono(x)
     if rate < 1000:
         raise AudioError(f"{label}: sample rate {rate} Hz is not a real audio rate")
-    out = resample(mono, rate).astype(np.float32)
+    if seconds is not None and seconds * SAMPLE_RATE > MAX_SAMPLES:
+        warnings.warn(f"{label}: {seconds:.1f} s is longer than AF3's {MAX_SAMPLES // SAMPLE_RATE} s; only the "
+                      f"first {MAX_SAMPLES // SAMPLE_RATE} s are used", AudioTooLongWarning, stacklevel=2)  # fmt: skip
+        mono = mono[: math.ceil(MAX_SAMPLES / SAMPLE_RATE * rate)]
+    out = resample(mono, rate).astype(np.float32)[:MAX_SAMPLES]
     _check_finite(out, label)
-    return Audio(samples=out, source_rate=rate, source_channels=channels, name=label)
+    return Audio(samples=out, source_rate=rate, source_channels=channels, name=label, source_seconds=seconds)
+
+
+def stream_file(path: str | os.PathLike, block: int = 16000) -> Iterator[np.ndarray]:
+    """A file as 16 kHz mono float32 blocks of about `block` samples, decoded and resampled
+    incrementally (soxr's streaming resampler): memory stays flat whatever the file's length."""
+    import soundfile as sf
+    import soxr
+
+    label = str(path)
+    if not Path(path).is_file():
+        raise AudioError(f"{label}: no such file")
+    try:
+        f = sf.SoundFile(str(path))
+    except (sf.LibsndfileError, RuntimeError, TypeError) as e:
+        raise AudioError(f"{label}: not a readable audio file ({e})") from e
+    with f:
+        rate = int(f.samplerate)
+        if rate < 1000:
+            raise AudioError(f"{label}: sample rate {rate} Hz is not a real audio rate")
+        rs = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float64", quality="soxr_hq") if rate != SAMPLE_RATE else None
+        n_in = max(1, math.ceil(block * rate / SAMPLE_RATE))
+        while True:
+            x = f.read(frames=n_in, dtype="float64", always_2d=True)
+            last = x.shape[0] < n_in
+            _check_finite(x, label) if x.size else None
+            mono = x.mean(axis=1)
+            y = rs.resample_chunk(mono, last=last) if rs is not None else mono
+            if y.size:
+                yield y.astype(np.float32)
+            if last:
+                return

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
+from .errors import BundleError
+from .paths import cache_dir
+
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-
-
-class BundleError(ValueError):
-    """The folder is not a usable edge-af3 bundle."""
 
 
 def sha256_file(path: Path) -> str:
@@ -42,6 +41,9 @@ def staged_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
         raise FileExistsError(f"{out} exists; pass --force (force=True) to replace it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a bundle is an ordinary folder
     try:
         yield tmp
         if out.exists():
@@ -94,18 +96,62 @@ def read_manifest(path: Path) -> dict[str, Any]:
     return manifest
 
 
-def open_bundle(path: str | os.PathLike, *, check_hashes: bool = True) -> Bundle:
-    """Read and check a bundle: every file the manifest lists exists with its size (and sha256)."""
+VERIFIED = "verified.json"  # in the user cache: files whose sha256 was checked, by identity
+
+
+def _identity(f: Path) -> list:
+    st = f.stat()
+    return [st.st_size, st.st_mtime_ns, st.st_ino, st.st_dev]
+
+
+def _verified_record() -> dict:
+    try:
+        return json.loads((cache_dir() / VERIFIED).read_text())
+    except (OSError, json.JSONDecodeError):
+        return {}
+
+
+def _remember_verified(path: Path, files: dict[str, list]) -> None:
+    """Record that these files (by path, size, mtime, inode) matched their hashes; atomic, best effort."""
+    record = _verified_record()
+    record[str(path.resolve())] = files
+    target = cache_dir() / VERIFIED
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".verified.", dir=target.parent)
+        with os.fdopen(fd, "w") as f:
+            json.dump(record, f)
+        os.replace(tmp, target)
+    except OSError:
+        pass  # a read-only cache only means hashing again next time
+
+
+def open_bundle(path: str | os.PathLike, *, check_hashes: bool | None = None) -> Bundle:
+    """Read and check a bundle: every file the manifest lists exists with its size and sha256.
+
+    check_hashes None (default): hash each file the first time these exact files are seen and
+    remember them (path, size, mtime, inode) in the user cache, so the next load does not re-hash;
+    True: hash everything now (`--verify`); False: sizes only.
+    """
     path = Path(path)
     manifest = read_manifest(path)
     files = manifest.get("files", {})
     missing = [name for name in files if not (path / name).is_file()]
     if missing:
         raise BundleError(f"{path}: {', '.join(missing)} missing (re-export the bundle)")
+    known = _verified_record().get(str(path.resolve()), {}) if check_hashes is None else {}
+    seen, hashed = {}, False
     for name, meta in files.items():
         f = path / name
         if f.stat().st_size != meta["bytes"]:
             raise BundleError(f"{path}: {name} has {f.stat().st_size} bytes, the manifest says {meta['bytes']}")
-        if check_hashes and sha256_file(f) != meta["sha256"]:
+        ident = _identity(f) + [meta["sha256"]]
+        if check_hashes is False or known.get(name) == ident:
+            seen[name] = ident
+            continue
+        if sha256_file(f) != meta["sha256"]:
             raise BundleError(f"{path}: {name} does not match its sha256 in the manifest (corrupt or replaced)")
+        seen[name], hashed = ident, True
+    if hashed:
+        _remember_verified(path, seen)
     return Bundle(path=path, manifest=manifest)

@@ -27,11 +27,15 @@ BOS_TOKEN_ID = 151670
 PAD_TOKEN_ID = 151671
 EOS_TOKEN = "<|im_end|>"
 EOS_TOKEN_ID = 151645
+ENDOFTEXT_ID = 151643  # <|endoftext|>: the second eos of generation_config.json, and its bos/pad
 VOCAB_SIZE = 151672
 
 DEFAULT_SYSTEM_PROMPT = "You are a helpful assistant."
 THINK_SUFFIX = "\nPlease think and reason about the input audio before you respond."
 ASR_PROMPT = "Transcribe the input speech."
+
+
+MIN_TOKEN_SAMPLES = 2 * HOP_LENGTH + 1  # 321 samples = 3 mel frames: the shortest clip with one audio token
 
 
 def conv_length(mel_frames: int) -> int:
@@ -42,3 +46,10 @@ def conv_length(mel_frames: int) -> int:
 def rows_for_frames(mel_frames: int) -> int:
     """Audio tokens (pooled encoder rows) for `mel_frames` valid mel frames."""
     return (conv_length(mel_frames) - 2) // 2 + 1
+
+
+DEFAULT_MAX_NEW_TOKENS = 500  # the model card's setting
+# the default context holds AF3's largest prompt: 15 000 audio rows (600 s), the chat template and a
+# question, and a default-length answer
+DEFAULT_N_CTX = 16_384
+MIN_N_CTX = 256  # llama.cpp's smallest context

@@ -15,7 +15,8 @@ from functools import lru_cache
 
 import numpy as np
 
-from .audio import Audio, AudioError, AudioSource, load_audio
+from .audio import Audio, AudioSource, AudioTooLongWarning, load_audio  # noqa: F401 (re-exported)
+from .errors import AudioError
 from .constants import (
     DYNAMIC_RANGE,
     HOP_LENGTH,
@@ -29,10 +30,6 @@ from .constants import (
     SAMPLE_RATE,
     rows_for_frames,
 )
-
-
-class AudioTooLongWarning(UserWarning):
-    """The clip is longer than AF3's 10 minutes; only the first 600 s are used."""
 
 
 @dataclass(frozen=True)
@@ -175,8 +172,8 @@ def extract_features(audio: AudioSource | Audio, sample_rate: int | None = None)
     samples = clip.samples
     if samples.size == 0:
         raise AudioError(f"{clip.name}: the audio has no samples")
-    truncated = samples.shape[0] > MAX_SAMPLES
-    if truncated:
+    truncated = samples.shape[0] > MAX_SAMPLES or clip.truncated
+    if samples.shape[0] > MAX_SAMPLES:
         warnings.warn(
             f"{clip.name}: {clip.seconds:.1f} s is longer than AF3's {MAX_SAMPLES // SAMPLE_RATE} s; "
             f"only the first {MAX_SAMPLES // SAMPLE_RATE} s are used",
@@ -199,6 +196,6 @@ def extract_features(audio: AudioSource | Audio, sample_rate: int | None = None)
         features=feats,
         mask=mask,
         rows_per_window=tuple(rows),
-        seconds=samples.shape[0] / SAMPLE_RATE,
+        seconds=min(samples.shape[0], MAX_SAMPLES) / SAMPLE_RATE,
         truncated=truncated,
     )

@@ -19,12 +19,13 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from .errors import EdgeAF3Error
 from .vad import FRAME, RATE, Segment, Segmenter
 
 MAX_SEGMENT_S = 30.0  # one AF3 window
 
 
-class InputDeviceError(RuntimeError):
+class InputDeviceError(EdgeAF3Error, RuntimeError):
     """No usable input device, or the device stopped delivering audio."""
 
 
@@ -104,15 +105,22 @@ class MicSource:
             self.stream = None
 
 
-def file_blocks(samples: np.ndarray, *, realtime: bool, block: int = FRAME) -> Iterator[np.ndarray]:
-    """A decoded 16 kHz clip as blocks; `realtime` paces them like a microphone would."""
+def file_blocks(source, *, realtime: bool, block: int = FRAME) -> Iterator[np.ndarray]:
+    """16 kHz mono blocks of a decoded clip (an array) or of a file, read and resampled a block at a
+    time (a 3-hour file is never held whole); `realtime` paces them like a microphone would."""
+    from .audio import stream_file
+
+    blocks = stream_file(source, block) if not isinstance(source, np.ndarray) else (
+        source[i : i + block] for i in range(0, len(source), block))  # fmt: skip
     t0 = time.perf_counter()
-    for i in range(0, len(samples), block):
+    done = 0
+    for b in blocks:
         if realtime:
-            delay = t0 + i / RATE - time.perf_counter()
+            delay = t0 + done / RATE - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-        yield samples[i : i + block]
+        done += b.shape[0]
+        yield b
 
 
 # -- the loop ------------------------------------------------------------------------------------------
@@ -198,7 +206,7 @@ class Listener:
                 t0 = time.perf_counter()
                 first = None
                 text = []
-                for piece in self.model.stream((seg.samples, RATE), self.prompt, **self.options):
+                for piece in self.model.stream(self.prompt, (seg.samples, RATE), **self.options):
                     if first is None:
                         first = time.perf_counter()
                     text.append(piece)

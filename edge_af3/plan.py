@@ -13,6 +13,9 @@ import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
+from .constants import DEFAULT_N_CTX
+from .errors import OptionsError
+
 GIB = 1 << 30
 
 # name -> (memory for edge-af3 in bytes, note)
@@ -42,9 +45,9 @@ def llm_shape(gguf: Path) -> LlmShape:
     """The LLM's shape from its GGUF header (llama.cpp, vocab only: no weights are read)."""
     import llama_cpp
 
-    from .engines.llamacpp import _quiet_logs
+    from .engines.llamacpp import init_backend
 
-    _quiet_logs(False)
+    init_backend(False)
     mp = llama_cpp.llama_model_default_params()
     mp.vocab_only = True
     model = llama_cpp.llama_model_load_from_file(str(gguf).encode(), mp)
@@ -72,22 +75,42 @@ def llm_shape(gguf: Path) -> LlmShape:
         llama_cpp.llama_model_free(model)
 
 
-def plan(bundle, *, n_ctx: int = 8192, kv_type: str = "f16", encoder_precision: str | None = None,
-         windows_per_run: int = 4, n_ubatch: int = 512, target: str | None = None) -> dict:  # fmt: skip
-    """Bytes per item for running `bundle` (a Bundle or a folder) at n_ctx; fits/headroom on `target`."""
+def machine_budget(settings) -> tuple[int, str]:
+    """(bytes, what) this machine has for a set-up: the GPU's memory when anything runs on it, else
+    the RAM available now."""
+    if settings.encoder_on_gpu or settings.n_gpu_layers > 0:
+        import subprocess
+
+        try:
+            res = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                                 capture_output=True, text=True, timeout=10)  # fmt: skip
+            return int(res.stdout.split()[0]) << 20, f"this machine's GPU ({settings.gpu})"
+        except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+            pass  # Jetson (no nvidia-smi): its memory is the shared RAM below
+    with open("/proc/meminfo") as f:
+        info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
+    return info.get("MemAvailable", info.get("MemTotal", 0)), "this machine's available RAM"
+
+
+def plan(bundle, *, n_ctx: int = DEFAULT_N_CTX, kv_type: str = "f16", encoder_precision: str | None = None,
+         windows_per_run: int = 4, n_ubatch: int = 512, target: str | None = None, machine=None) -> dict:  # fmt: skip
+    """Bytes per item for running `bundle` (a Bundle or a folder) at n_ctx; fits/headroom on `target`,
+    or on this machine when `machine` (the resolved `Settings`) is given."""
     from .bundle import Bundle, open_bundle
 
     b = bundle if isinstance(bundle, Bundle) else open_bundle(Path(bundle), check_hashes=False)
     if kv_type not in KV_BYTES:
-        raise ValueError(f"unknown KV type {kv_type!r}; choose one of {', '.join(KV_BYTES)}")
+        raise OptionsError(f"unknown KV type {kv_type!r}; choose one of {', '.join(KV_BYTES)}")
     if target is not None and target not in TARGETS:
-        raise ValueError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
+        raise OptionsError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
     shape = llm_shape(b.llm)
     m = b.manifest
     enc_files = [name for name in m["files"] if name.startswith("encoder.onnx")]
     onnx_bytes = sum(m["files"][n]["bytes"] for n in enc_files)
     stored = m["encoder"]["precision"]
     run_as = encoder_precision or ("fp16" if stored == "fp32" else stored)  # GPUs build fp16 engines
+    if run_as not in ENCODER_BYTES:
+        raise OptionsError(f"unknown encoder precision {run_as!r}; choose one of {', '.join(ENCODER_BYTES)}")
     enc_weights = int(onnx_bytes * ENCODER_BYTES[run_as] / ENCODER_BYTES[stored])
     enc_hidden = int(m["model"]["encoder_hidden"])
     head_dim = shape.n_embd // shape.n_head
@@ -114,6 +137,12 @@ def plan(bundle, *, n_ctx: int = 8192, kv_type: str = "f16", encoder_precision: 
         "items": items,
         "total": total,
     }
+    if machine is not None and not target:
+        budget, note = machine_budget(machine)
+        out["settings"] = {k: v for k, v in machine.__dict__.items() if k != "why"}
+        out["engine"] = machine.why
+        out["target"] = {"name": "this machine", "note": note, "budget": budget, "fits": total <= budget,
+                         "headroom": budget - total}  # fmt: skip
     if target:
         budget, note = TARGETS[target]
         out["target"] = {"name": target, "note": note, "budget": budget, "fits": total <= budget,

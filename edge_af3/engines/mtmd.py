@@ -24,10 +24,9 @@ def _quiet_mtmd_logs() -> None:
     """Route libmtmd's logging through the same switch as llama.cpp's (silent unless verbose)."""
     from llama_cpp import mtmd_cpp
 
-    from . import llamacpp
+    from .llamacpp import init_backend, is_verbose
 
-    llamacpp._quiet_logs(llamacpp._VERBOSE[0])
-    mtmd_cpp.mtmd_helper_log_set(llamacpp._LOG_CB, ctypes.c_void_p(0))
+    mtmd_cpp.mtmd_helper_log_set(init_backend(is_verbose()), ctypes.c_void_p(0))
 
 
 class MtmdAudio(NativeResource):

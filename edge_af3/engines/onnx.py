@@ -77,8 +77,15 @@ class OnnxEncoder:
         self.window_buckets = window_buckets(max_windows)
         self._bound: dict[tuple[int, int], _Bound] = {}
 
+    def close(self) -> None:
+        """Release the session and its bound device buffers."""
+        self._bound.clear()
+        self.session = None
+
     def encode(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """features [W,128,F], mask [W,F] -> rows [W,F/4,H] (F <= 3000)."""
+        if self.session is None:
+            raise RuntimeError(f"{self.name}: encode() after close()")
         self.calls += 1
         if not self.io_binding:
             feed = {"input_features": np.ascontiguousarray(features, np.float32),

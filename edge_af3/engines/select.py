@@ -15,6 +15,8 @@ import subprocess
 from dataclasses import dataclass
 from typing import Callable
 
+from ..errors import OptionsError
+
 CUDA_ENGINES = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
 # engines this version can run; the others are probed (so doctor can report them) but skipped
 IMPLEMENTED = {"onnxruntime-cpu", "onnxruntime-cuda", "torch-cuda", "tensorrt"}
@@ -105,14 +107,14 @@ def choose_encoder(device: str = "auto", *, probes: dict[str, Callable[[], str |
                    gpu: Callable[[], str | None] = gpu_name, implemented: set[str] = IMPLEMENTED) -> EncoderChoice:  # fmt: skip
     """The engine for `device`; raises ValueError when device='cuda' and no CUDA GPU is visible."""
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"unknown device {device!r}; choose auto, cpu or cuda")
+        raise OptionsError(f"unknown device {device!r}; choose auto, cpu or cuda")
     if device == "cpu":
         return EncoderChoice("onnxruntime-cpu", "cpu")
     probes = probes or PROBES
     name = gpu()
     if name is None:
         if device == "cuda":
-            raise ValueError("device='cuda' but no CUDA GPU is visible (nvidia-smi finds none)")
+            raise OptionsError("device='cuda' but no CUDA GPU is visible (nvidia-smi finds none)")
         return EncoderChoice("onnxruntime-cpu", "cpu", (("cuda", "no CUDA GPU visible"),))
     skipped = []
     for engine in CUDA_ENGINES:
@@ -130,40 +132,58 @@ def forced_encoder(engine: str, device: str = "auto", *, gpu: Callable[[], str |
     """The choice when the caller names the engine (`AF3.load(..., encoder_engine=...)`); the GPU
     it reports (for the LLM's offload) follows `device`, whatever the encoder runs on."""
     if engine not in ENGINES:
-        raise ValueError(f"unknown encoder engine {engine!r}; choose one of {', '.join(ENGINES)}")
+        raise OptionsError(f"unknown encoder engine {engine!r}; choose one of {', '.join(ENGINES)}")
     name = gpu() if device != "cpu" else None
     if engine in CUDA_ENGINES:
         if name is None:
-            raise ValueError(f"encoder engine {engine} needs a CUDA GPU and none is visible")
+            raise OptionsError(f"encoder engine {engine} needs a CUDA GPU and none is visible")
         return EncoderChoice(engine, f"cuda ({name})", gpu=name)
     if device == "cuda" and name is None:
-        raise ValueError("device='cuda' but no CUDA GPU is visible (nvidia-smi finds none)")
+        raise OptionsError("device='cuda' but no CUDA GPU is visible (nvidia-smi finds none)")
     return EncoderChoice(engine, "cpu", gpu=name)
 
 
+def _onnxruntime(engine: str, bundle, threads: int | None):
+    from .onnx import OnnxEncoder
+
+    cuda = engine == "onnxruntime-cuda"
+    providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
+    enc = OnnxEncoder(bundle.encoder, threads=threads, providers=providers, io_binding=cuda)
+    if cuda and enc.device != "cuda":
+        raise RuntimeError("ONNX Runtime did not start its CUDA provider")
+    return enc
+
+
+def _torch(engine: str, bundle, threads: int | None):  # noqa: ARG001
+    from .torch_encoder import TorchEncoder
+
+    heads = bundle.manifest.get("model", {}).get("encoder_heads")
+    enc = TorchEncoder(bundle.encoder, device="cuda" if engine == "torch-cuda" else "cpu", heads=heads)
+    enc.prepare()  # capture the one-window graphs now, not during the first question
+    return enc
+
+
+def _tensorrt(engine: str, bundle, threads: int | None):  # noqa: ARG001
+    from .tensorrt import TensorRTEncoder
+
+    return TensorRTEncoder.for_bundle(bundle)
+
+
+# engine name -> the function that starts it (each returns an `engines.base.Encoder`)
+BUILDERS: dict[str, Callable] = {
+    "onnxruntime-cpu": _onnxruntime,
+    "onnxruntime-cuda": _onnxruntime,
+    "torch-cpu": _torch,
+    "torch-cuda": _torch,
+    "tensorrt": _tensorrt,
+}
+assert set(BUILDERS) == set(ENGINES)
+
+
 def _build(engine: str, bundle, threads: int | None):
-    model = bundle.manifest.get("model", {})
-    heads = model.get("encoder_heads")
-    if engine in ("onnxruntime-cpu", "onnxruntime-cuda"):
-        from .onnx import OnnxEncoder
-
-        cuda = engine == "onnxruntime-cuda"
-        providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
-        enc = OnnxEncoder(bundle.encoder, threads=threads, providers=providers, io_binding=cuda)
-        if cuda and enc.device != "cuda":
-            raise RuntimeError("ONNX Runtime did not start its CUDA provider")
-        return enc
-    if engine in ("torch-cuda", "torch-cpu"):
-        from .torch_encoder import TorchEncoder
-
-        enc = TorchEncoder(bundle.encoder, device="cuda" if engine == "torch-cuda" else "cpu", heads=heads)
-        enc.prepare()  # capture the one-window graphs now, not during the first question
-        return enc
-    if engine == "tensorrt":
-        from .tensorrt import TensorRTEncoder
-
-        return TensorRTEncoder.for_bundle(bundle)
-    raise ValueError(f"unknown encoder engine {engine!r}")
+    if engine not in BUILDERS:
+        raise OptionsError(f"unknown encoder engine {engine!r}; choose one of {', '.join(ENGINES)}")
+    return BUILDERS[engine](engine, bundle, threads)
 
 
 def make_encoder(bundle, choice: EncoderChoice, *, threads: int | None = None, fallback: bool = True,

@@ -69,7 +69,7 @@ def cache_root(bundle) -> Path:
     """Where a bundle's engines live: in the bundle when it is writable, else in the user cache."""
     if os.access(bundle.path, os.W_OK):
         return Path(bundle.path)
-    from ..reference.vocab import cache_dir
+    from ..paths import cache_dir
 
     return cache_dir() / "engines" / bundle.manifest["files"][bundle.encoder.name]["sha256"][:16]
 
@@ -100,10 +100,10 @@ def _fp16_onnx(bundle, work: Path) -> Path:
     """The bundle's encoder as fp16 ONNX (as is when it already is)."""
     if bundle.manifest["encoder"].get("precision") == "fp16":
         return bundle.encoder
-    from ..export.onnx_encoder import _to_fp16
+    from ..onnx_tools import to_fp16
 
     out = work / "encoder-fp16.onnx"
-    _to_fp16(bundle.encoder, out, external=bundle.encoder.stat().st_size > 900_000_000)
+    to_fp16(bundle.encoder, out, external=bundle.encoder.stat().st_size > 900_000_000)
     return out
 
 

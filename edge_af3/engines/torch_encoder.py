@@ -277,6 +277,12 @@ class TorchEncoder:
             return out.float().cpu().numpy()
         return run_bucketed(features, mask, self.window_buckets, self._replay)
 
+    def close(self) -> None:
+        """Drop the captured graphs, their buffers and the weights (device memory back to torch's pool)."""
+        self._static.clear()
+        self._pool = None
+        self.net = None
+
     def _replay(self, run, feats: np.ndarray, mask: np.ndarray) -> np.ndarray:
         import torch
 

@@ -163,7 +163,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
            force: bool = False, verify: bool = True, revision: str | None = None, mmproj: bool = False,
            mmproj_type: str = "f16", progress: Progress | None = None) -> Path:  # fmt: skip
     """Export checkpoint `src` (folder or Hub id) into the bundle folder `out`; returns its path."""
-    from ..reference.loader import read_config, resolve_checkpoint, weight_files
+    from ..checkpoint import read_config, read_generation_config, resolve_checkpoint, weight_files
 
     say = progress or (lambda _msg: None)
     if quant not in QUANTS:
@@ -245,6 +245,8 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
             "chat_template": (ckpt / "chat_template.jinja").read_text("utf-8")
             if (ckpt / "chat_template.jinja").exists()
             else None,
+            # the checkpoint's generation_config.json: the runtime's defaults (explicit options win)
+            "generation": read_generation_config(ckpt),
             "verification": checks,
             "export_seconds": round(time.perf_counter() - t_start, 1),
             "files": files,

@@ -84,7 +84,7 @@ def write_gguf(ckpt: Path, out: Path, *, ftype: str = "f32", progress: Callable[
     """Write the LLM of `ckpt` as an F32 or F16 GGUF at `out`."""
     import gguf
 
-    from ..reference.loader import read_config
+    from ..checkpoint import read_config
 
     if ftype not in ("f32", "f16"):
         raise ValueError("write_gguf writes f32 or f16; quantize() makes the others")
@@ -141,7 +141,7 @@ def list_tensors(ckpt: Path, mapper: Callable[[str], str | None]) -> list[tuple[
     """(gguf name, HF name, shard, shape) of every tensor `mapper` names, sorted by gguf name."""
     from safetensors import safe_open
 
-    from ..reference.loader import weight_files
+    from ..checkpoint import weight_files
 
     entries = []
     for f in weight_files(ckpt):
@@ -187,9 +187,9 @@ def quantize(src: Path, dst: Path, quant: str, *, threads: int = 0) -> Path:
     """llama.cpp's quantizer (through llama-cpp-python) from an F16/F32 GGUF."""
     import llama_cpp
 
-    from ..engines.llamacpp import _quiet_logs
+    from ..engines.llamacpp import init_backend
 
-    _quiet_logs(False)  # llama.cpp's quantizer logs every tensor otherwise
+    init_backend(False)  # llama.cpp's quantizer logs every tensor otherwise
     if quant not in QUANTS:
         raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     params = llama_cpp.llama_model_quantize_default_params()

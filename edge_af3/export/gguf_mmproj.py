@@ -66,7 +66,7 @@ def write_mmproj(ckpt: Path, out: Path, *, ftype: str = "f16", progress: Callabl
     """Write the audio tower + projector of `ckpt` as a llama.cpp `musicflamingo` mmproj GGUF."""
     import gguf
 
-    from ..reference.loader import read_config
+    from ..checkpoint import read_config
 
     if ftype not in MMPROJ_TYPES:
         raise ValueError(f"unknown mmproj type {ftype!r}; choose one of {', '.join(MMPROJ_TYPES)}")

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..constants import N_FRAMES, N_MELS
+from ..onnx_tools import resave, to_fp16
 
 OPSET = 17
 INPUTS = ("input_features", "input_features_mask")
@@ -30,7 +31,7 @@ def load_encoder(ckpt: Path):
         AudioFlamingo3MultiModalProjector,
     )
 
-    from ..reference.loader import weight_files
+    from ..checkpoint import weight_files
 
     cfg = AudioFlamingo3Config.from_pretrained(str(ckpt))
     cfg.audio_config._attn_implementation = "eager"
@@ -107,48 +108,15 @@ def export_encoder(wrapper, out: Path, *, precision: str = "fp32") -> Path:
                 external_data=large,
             )
         if precision == "fp32":
-            _save(raw, out, large)
+            resave(raw, out, large)
         elif precision == "fp16":
-            _to_fp16(raw, out, n_params * 2 > EXTERNAL_BYTES)
+            to_fp16(raw, out, n_params * 2 > EXTERNAL_BYTES)
         else:
             from onnxruntime.quantization import QuantType, quantize_dynamic
 
             q = work / "encoder.int8.onnx"
             quantize_dynamic(str(raw), str(q), weight_type=QuantType.QInt8, use_external_data_format=large)
-            _save(q, out, n_params > EXTERNAL_BYTES)
+            resave(q, out, n_params > EXTERNAL_BYTES)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return out
-
-
-def _save(src: Path, dst: Path, external: bool) -> None:
-    """Re-save `src` as `dst`, its weights inline or in a single `dst.data` file."""
-    import onnx
-
-    model = onnx.load(str(src))
-    _write(model, dst, external)
-
-
-def _write(model, dst: Path, external: bool) -> None:
-    import onnx
-
-    if external:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)  # fmt: skip
-    else:
-        onnx.save_model(model, str(dst))
-
-
-def _to_fp16(src: Path, dst: Path, external: bool) -> None:
-    """fp16 weights and matmuls; LayerNorm, Softmax and the mask arithmetic stay in fp32."""
-    import onnx
-    from onnxruntime.transformers.float16 import convert_float_to_float16
-
-    model = onnx.load(str(src))
-    half = convert_float_to_float16(
-        model,
-        keep_io_types=True,
-        op_block_list=["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt", "Div", "Erf"],
-    )
-    del model
-    _write(half, dst, external)

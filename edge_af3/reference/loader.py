@@ -6,7 +6,6 @@ benchmarks; the runtime never imports it (torch and transformers live in the `ex
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,80 +13,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..checkpoint import CHECKPOINT_PATTERNS, read_config, resolve_checkpoint, weight_files  # noqa: F401 (re-exported)
 from ..constants import SAMPLE_RATE
-
-CHECKPOINT_PATTERNS = [
-    "*.json",
-    "*.jinja",
-    "*.safetensors",
-    "merges.txt",
-    "vocab.json",
-    "think/*",
-]
-
-
-class CheckpointError(ValueError):
-    """The source is not a usable AF3 checkpoint."""
-
-
-def resolve_checkpoint(src: str | os.PathLike, *, revision: str | None = None) -> Path:
-    """A local folder as it is, or a Hub id downloaded into (or, offline, read from) the Hub cache.
-
-    Honours `HF_HUB_OFFLINE=1` and `HF_HUB_CACHE`/`HF_HOME` through huggingface_hub.
-    """
-    path = Path(src).expanduser()
-    if path.exists():
-        if not path.is_dir():
-            raise CheckpointError(f"{path}: a checkpoint is a folder, this is a file")
-        return path.resolve()
-    text = str(src)
-    if text.startswith((".", "/", "~")) or text.count("/") != 1:
-        raise CheckpointError(f"{text}: no such folder, and not a Hub id of the form 'org/name'")
-    from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
-
-    try:
-        return Path(snapshot_download(repo_id=text, revision=revision, allow_patterns=CHECKPOINT_PATTERNS))
-    except LocalEntryNotFoundError as e:
-        raise CheckpointError(
-            f"{text}: not in the local Hub cache and the Hub cannot be reached "
-            f"(HF_HUB_OFFLINE={os.environ.get('HF_HUB_OFFLINE', '0')}); download it once with network access"
-        ) from e
-    except HFValidationError as e:
-        raise CheckpointError(f"{text}: not a valid Hub id ({e})") from e
-    except Exception as e:  # network errors, 404s, gated repos: all say what was tried
-        raise CheckpointError(f"{text}: could not fetch from the Hub: {e}") from e
-
-
-def read_config(path: Path) -> dict[str, Any]:
-    """config.json of an AF3 checkpoint; refuses anything else with the reason."""
-    cfg_path = path / "config.json"
-    if not cfg_path.is_file():
-        raise CheckpointError(f"{path}: no config.json, not an HF checkpoint")
-    try:
-        cfg = json.loads(cfg_path.read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
-    kind = cfg.get("model_type")
-    if kind != "audioflamingo3":
-        raise CheckpointError(f"{path}: model_type is {kind!r}, not 'audioflamingo3' (an AF3 checkpoint is needed)")
-    return cfg
-
-
-def weight_files(path: Path) -> list[Path]:
-    """The safetensors files of a checkpoint; every shard the index names must exist."""
-    index = path / "model.safetensors.index.json"
-    if index.is_file():
-        names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-        missing = [n for n in names if not (path / n).is_file()]
-        if missing:
-            raise CheckpointError(f"{path}: missing weight shard(s) {', '.join(missing)}")
-        return [path / n for n in names]
-    single = path / "model.safetensors"
-    if single.is_file():
-        return [single]
-    raise CheckpointError(f"{path}: no model.safetensors or model.safetensors.index.json")
-
+from ..errors import CheckpointError  # noqa: F401 (re-exported)
 
 @dataclass
 class Reference:

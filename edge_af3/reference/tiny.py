@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from ..bundle import staged_folder
-from ..constants import BOS_TOKEN_ID, EOS_TOKEN_ID, SOUND_TOKEN_ID, VOCAB_SIZE
+from ..constants import ENDOFTEXT_ID, EOS_TOKEN_ID, SOUND_TOKEN_ID, VOCAB_SIZE
 
 # The processor's chat template, as transformers' AF3 conversion writes it: `<sound>` once per
 # message that carries audio, before the message's text parts (concatenated, no separator).
@@ -102,7 +102,7 @@ def config_dict(shape: Shape) -> dict:
         rms_norm_eps=1e-6,
         rope_theta=1_000_000.0,
         tie_word_embeddings=False,
-        bos_token_id=151643,
+        bos_token_id=ENDOFTEXT_ID,
         eos_token_id=EOS_TOKEN_ID,
         use_cache=True,
         dtype=shape.dtype,
@@ -265,12 +265,16 @@ def make_checkpoint(out: str | os.PathLike, *, shape: str = "tiny", seed: int = 
     out = Path(out).resolve()
     with staged_folder(out, force=force) as tmp:
         config_dict(spec).save_pretrained(str(tmp))
+        # the file transformers' conversion script writes for nvidia/audio-flamingo-3-hf
         GenerationConfig(
-            bos_token_id=BOS_TOKEN_ID,
-            eos_token_id=[EOS_TOKEN_ID, 151643],
-            pad_token_id=151643,
-            do_sample=False,
-            max_new_tokens=500,
+            bos_token_id=ENDOFTEXT_ID,
+            eos_token_id=[EOS_TOKEN_ID, ENDOFTEXT_ID],
+            pad_token_id=ENDOFTEXT_ID,
+            do_sample=True,
+            temperature=0.7,
+            top_k=20,
+            top_p=0.8,
+            repetition_penalty=1.05,
         ).save_pretrained(str(tmp))
         _write_processor(tmp)
         make = lambda n, d, k: _random_tensor(n, d, k, seed, spec.dtype, device)  # noqa: E731

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from ..bundle import sha256_file
 from ..constants import BOS_TOKEN_ID, EOS_TOKEN, PAD_TOKEN_ID, SOUND_TOKEN, SOUND_TOKEN_ID, VOCAB_SIZE
+from ..paths import cache_dir
 
 SDIST_REQUIREMENT = "llama-cpp-python==0.3.36"
 SDIST_MEMBER = "llama_cpp_python-0.3.36/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf"
@@ -70,13 +71,6 @@ assert N_BPE_TOKENS + len(SPECIAL_TOKENS) == VOCAB_SIZE
 assert SPECIAL_TOKENS[SOUND_TOKEN_ID - N_BPE_TOKENS][0] == SOUND_TOKEN
 assert SPECIAL_TOKENS[BOS_TOKEN_ID - N_BPE_TOKENS][0] == "[BOS]"
 assert SPECIAL_TOKENS[PAD_TOKEN_ID - N_BPE_TOKENS][0] == "[PAD]"
-
-
-def cache_dir() -> Path:
-    root = os.environ.get("EDGE_AF3_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "edge-af3"
-    )
-    return Path(root)
 
 
 def _extract(sdist: Path, dest: Path) -> None:

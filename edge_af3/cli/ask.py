@@ -1,0 +1,116 @@
+"""`edge-af3 ask` and `edge-af3 chat`: questions about clips, one-shot or as a conversation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import OptionsError
+from .common import (DeviceOpt, DryRunOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, VerifyOpt,
+                     console, generation_overrides, load_model, out, show_plan, timings_line)  # fmt: skip
+
+TEMP_HELP = "0 = greedy. Default: the checkpoint's generation_config.json (AF3: 0.7, top-k 20, top-p 0.8)."
+PENALTY_HELP = "transformers' repetition penalty (1 = off). Default: the checkpoint's (AF3: 1.05)."
+
+
+def ask_cmd(
+    args: Optional[list[str]] = typer.Argument(None, metavar="AUDIO... PROMPT", help="One or more clips, then the question."),
+    model: ModelOpt = None,
+    think: bool = typer.Option(False, "--think", help="Reason step by step before answering (AF3 think mode)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the answer, tokens, finish reason and timings as JSON."),
+    max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", min=1),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help=TEMP_HELP),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help=PENALTY_HELP),
+    seed: int = typer.Option(0, "--seed"),
+    n_ctx: NCtxOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    kv_type: KvOpt = None,
+    engine: EngineOpt = None,
+    exact: ExactOpt = False,
+    verify: VerifyOpt = False,
+    dry: DryRunOpt = False,
+) -> None:
+    """Ask one question about one or more clips; the answer streams as it is produced.
+
+    Examples:
+      edge-af3 ask clip.wav "What do you hear?"
+      edge-af3 ask a.wav b.wav "Which of the two clips is louder, and why?" --think
+      edge-af3 ask meeting.flac "Transcribe the input speech." --json > answer.json
+    """
+    from ..audio import load_audio
+
+    if dry:
+        return show_plan(model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact,
+                         as_json=as_json)  # fmt: skip
+    args = args or []
+    if len(args) < 2:
+        raise OptionsError('give at least one audio file and then the question, e.g. edge-af3 ask clip.wav "What is it?"')
+    *paths, prompt = args
+    clips = [load_audio(p) for p in paths]  # bad audio fails before the model loads
+    opts = generation_overrides(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+    af3 = load_model(model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine,
+                     exact=exact, verify=verify)  # fmt: skip
+    with af3:
+        stream = af3.stream(prompt, clips, think=think, **opts)  # the context is checked before encoding
+        with stream:
+            for piece in stream:
+                if not as_json:
+                    out.print(piece, end="", markup=False, highlight=False)
+        answer = stream.answer
+    if as_json:
+        out.print(json.dumps({"model": str(af3.bundle.path), "audio": paths, "prompt": prompt, "think": think,
+                              "text": answer.text, "tokens": list(answer.tokens), "finish_reason": answer.finish_reason,
+                              "settings": af3.settings.__dict__, "options": answer.options.__dict__,
+                              "timings": answer.timings.__dict__}))  # fmt: skip
+        return
+    out.print()
+    if answer.finish_reason == "context":
+        console.print(f"[yellow]the context ({af3.llm.n_ctx} positions) filled up; the answer was cut there "
+                      "(--n-ctx raises it)[/]")  # fmt: skip
+    console.print(f"[dim]{timings_line(answer.timings, answer.finish_reason)}[/]")
+
+
+def chat_cmd(
+    model: ModelOpt = None,
+    audio: list[Path] = typer.Option([], "--audio", "-a", help="Clip(s) attached to the first message."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    think: bool = typer.Option(False, "--think", help="Start with think mode on (/think off to stop)."),
+    max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", min=1),
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help=TEMP_HELP),
+    top_p: Optional[float] = typer.Option(None, "--top-p"),
+    top_k: Optional[int] = typer.Option(None, "--top-k"),
+    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help=PENALTY_HELP),
+    seed: int = typer.Option(0, "--seed"),
+    n_ctx: NCtxOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    kv_type: KvOpt = None,
+    engine: EngineOpt = None,
+    exact: ExactOpt = False,
+    verify: VerifyOpt = False,
+    dry: DryRunOpt = False,
+) -> None:
+    """Talk about audio over several turns; the session keeps its KV cache between turns.
+
+    In the chat: /audio PATH attaches a clip to your next message (several allowed), /think on|off,
+    /reset, /save FILE (the conversation as JSON), /help, /quit. Up/down arrows recall history.
+
+    Example: edge-af3 chat --audio street.wav
+    """
+    from .chat import run_chat
+
+    if dry:
+        return show_plan(model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact)
+    opts = generation_overrides(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                                repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+    af3 = load_model(model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine,
+                     exact=exact, verify=verify)  # fmt: skip
+    with af3:
+        run_chat(af3, audio=list(audio), system=system, think=think, options=opts)

@@ -1,0 +1,120 @@
+"""What every command shares: the consoles, one-line errors, the options ask/chat/listen/plan
+declare alike, model loading and the settings a dry run would load with."""
+
+from __future__ import annotations
+
+import json
+from importlib import resources
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import OptionsError
+
+console = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True)
+
+DEFAULT_MODEL = "nvidia/audio-flamingo-3-hf"
+MODEL_HELP = "Bundle, HF checkpoint folder or Hub id (exported once into the cache). Env: EDGE_AF3_MODEL."
+DEVICE_HELP = "auto | cpu | cuda (cuda: the best GPU encoder engine, all LLM layers offloaded)"
+ENGINE_HELP = "Force the encoder engine: tensorrt | onnxruntime-cuda | torch-cuda | onnxruntime-cpu | torch-cpu."
+KV_HELP = "KV cache type: f16 (default) | q8_0 | f32"
+N_CTX_HELP = "Context length (default 16384: a 10 min clip's 15000 audio tokens + text + answer)."
+EXACT_HELP = "The configuration whose greedy tokens equal transformers' (f32 KV, flash attention off)."
+
+ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", envvar="EDGE_AF3_MODEL", help=MODEL_HELP)]
+DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
+KvOpt = Annotated[Optional[str], typer.Option("--kv", help=KV_HELP)]
+EngineOpt = Annotated[Optional[str], typer.Option("--engine", help=ENGINE_HELP)]
+NCtxOpt = Annotated[Optional[int], typer.Option("--n-ctx", help=N_CTX_HELP)]
+ExactOpt = Annotated[bool, typer.Option("--exact", help=EXACT_HELP)]
+ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
+DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the memory plan for these settings; load nothing.")]
+VerifyOpt = Annotated[bool, typer.Option("--verify", help="Re-hash every bundle file (normally once per file).")]
+
+
+def bundled_clip() -> Path:
+    """The short speech clip shipped with the package (espeak-ng, 16 kHz FLAC)."""
+    return Path(str(resources.files("edge_af3") / "data" / "clip.flac"))
+
+
+def fail(message: str, code: int = 1) -> "typer.Exit":
+    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
+    return typer.Exit(code)
+
+
+def check_threads(threads: Optional[int]) -> None:
+    if threads is not None and threads < 1:
+        raise OptionsError(f"--threads must be >= 1, got {threads}")
+
+
+def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[int], device: str = "auto",
+               kv_type: Optional[str] = None, encoder_engine: Optional[str] = None, exact: bool = False,
+               verify: bool = False, quant: str = "q4_k_m"):  # fmt: skip
+    """AF3.load with progress on stderr; says which encoder engine runs, and why faster ones were skipped.
+    User errors propagate as EdgeAF3Error (main prints them as one line)."""
+    from ..runtime import AF3
+
+    check_threads(threads)
+    spec = spec or DEFAULT_MODEL
+    with console.status(f"loading {spec}") as status:
+        model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device, kv_type=kv_type,
+                         encoder_engine=encoder_engine, exact=exact, check_hashes=True if verify else None,
+                         progress=lambda msg: (status.update(msg), console.log(msg, _stack_offset=2)))  # fmt: skip
+    if model.engine_choice.skipped or device == "cuda":
+        console.print(f"[dim]{model.engine_choice.explain()}; LLM layers on GPU: {model.llm.n_gpu_layers}[/]")
+    return model
+
+
+def bundle_for(spec: Optional[str]) -> Path:
+    """The bundle folder a model spec names (a checkpoint is exported once first: plans read bundles)."""
+    from ..runtime import locate
+
+    return locate(spec or DEFAULT_MODEL)
+
+
+def show_plan(spec: Optional[str], *, n_ctx: Optional[int], kv_type: Optional[str], device: str = "auto",
+              encoder_engine: Optional[str] = None, exact: bool = False, target: Optional[str] = None,
+              encoder_precision: Optional[str] = None, as_json: bool = False) -> None:  # fmt: skip
+    """`--dry-run` and `plan`: the settings AF3.load would resolve here (or on `target`) and their memory."""
+    from ..bundle import read_manifest
+    from ..plan import plan, render
+    from ..settings import resolve
+
+    path = bundle_for(spec)
+    stored = read_manifest(path)["encoder"]["precision"]
+    if target is None:
+        s = resolve(stored, device=device, encoder_engine=encoder_engine, kv_type=kv_type, n_ctx=n_ctx, exact=exact)
+        p = plan(path, n_ctx=s.n_ctx, kv_type=s.kv_type, encoder_precision=encoder_precision or s.encoder_precision,
+                 windows_per_run=s.windows_per_run, machine=s)  # fmt: skip
+    else:  # a GPU target: its engines build fp16 from an fp32 bundle and run 4 windows at a time
+        s = resolve(stored, kv_type=kv_type, n_ctx=n_ctx, exact=exact, choice=_gpu_choice(target), llm_gpu=True)
+        p = plan(path, n_ctx=s.n_ctx, kv_type=s.kv_type, encoder_precision=encoder_precision or s.encoder_precision,
+                 windows_per_run=s.windows_per_run, target=target)  # fmt: skip
+    if as_json:
+        out.print_json(json.dumps(p))
+    else:
+        render(p, out)
+
+
+def _gpu_choice(target: str):
+    from ..engines.select import EncoderChoice
+
+    return EncoderChoice("tensorrt", f"cuda ({target})", gpu=target)
+
+
+def generation_overrides(**given) -> dict:
+    """The generation options the user gave (None = the checkpoint's default)."""
+    return {k: v for k, v in given.items() if v is not None}
+
+
+def timings_line(t, finish_reason: str | None = None) -> str:
+    reuse = f" ({t.reused_tokens} reused)" if t.reused_tokens else ""
+    end = f" | finish {finish_reason}" if finish_reason else ""
+    return (
+        f"{t.audio_tokens} audio + {t.prompt_tokens - t.audio_tokens} text tokens{reuse} | features {t.features_ms:.0f} ms"
+        f" | encoder {t.encoder_ms:.0f} ms | prefill {t.prefill_ms:.0f} ms | first token {t.first_token_ms:.0f} ms | "
+        f"{t.decode_tokens_per_s:.1f} tok/s{end}"
+    )

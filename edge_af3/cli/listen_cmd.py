@@ -1,0 +1,117 @@
+"""`edge-af3 listen`: a microphone or a file, cut into segments, each asked the standing prompt."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import OptionsError
+from .common import ExactOpt, ModelOpt, NCtxOpt, ThreadsOpt, console, load_model, out
+
+LISTEN_PROMPT = "Describe what you hear. If there is speech, transcribe it."
+
+
+def listen_cmd(
+    mic: bool = typer.Option(False, "--mic", help="Listen to a microphone (PortAudio)."),
+    file: Optional[Path] = typer.Option(None, "--file", help="Run the same loop on an audio file (read as a stream)."),
+    realtime: bool = typer.Option(False, "--realtime", help="With --file: feed it at real speed (drops as live)."),
+    prompt: str = typer.Option(LISTEN_PROMPT, "--prompt", "-p", help="The standing question asked of each segment."),
+    every: Optional[float] = typer.Option(None, "--every", help="Ask about the last S seconds every S seconds (no VAD)."),
+    vad: str = typer.Option("silero+energy", "--vad", help="silero+energy | silero | energy | webrtc"),
+    device: Optional[str] = typer.Option(None, "--device", "-d", help="Input device index or name (see --list-devices)."),
+    list_devices: bool = typer.Option(False, "--list-devices", help="List input devices and exit."),
+    model: ModelOpt = None,
+    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", min=1),
+    as_json: bool = typer.Option(False, "--json", help="One JSON object per answer, then the summary."),
+    n_ctx: NCtxOpt = None,
+    threads: ThreadsOpt = None,
+    exact: ExactOpt = False,
+) -> None:
+    """Listen continuously: a VAD cuts speech and sound events, each is asked the standing prompt.
+
+    Answers stream with timestamps; when inference falls behind, the oldest waiting segment is
+    dropped and reported. Ctrl-C ends with a summary (segments, real-time factor, latency p50/p95).
+
+    Examples:
+
+      edge-af3 listen --mic
+
+      edge-af3 listen --mic --device 2 --prompt "Is anyone asking for help?"
+
+      edge-af3 listen --file meeting.wav --realtime --every 10
+    """
+    from ..audio import stream_file
+    from ..listen import InputDeviceError, Listener, MicSource, file_blocks, list_input_devices
+    from ..vad import make_detector
+
+    if list_devices:
+        try:
+            devices = list_input_devices()
+        except (ImportError, OSError) as e:
+            raise OptionsError(f"sounddevice/PortAudio unavailable: {e}; pip install 'edge-af3[mic]'") from e
+        if as_json:
+            out.print(json.dumps(devices))
+        elif not devices:
+            out.print("no input devices")
+        for d in devices if not as_json else []:
+            out.print(f"[{d['index']}] {d['name']} ({d['channels']} ch, {d['default_rate']:.0f} Hz)", markup=False)
+        return
+    if mic == (file is not None):
+        raise OptionsError("choose one input: --mic or --file PATH")
+    detector = make_detector(vad) if every is None else None
+    if mic:
+        source = MicSource(device)
+    else:
+        next(iter(stream_file(file, 16)), None)  # a missing or unreadable file fails before the model loads
+    af3 = load_model(model, n_ctx=n_ctx, threads=threads, exact=exact)
+
+    def stamp(seconds: float) -> str:
+        return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
+
+    def on_event(ev) -> None:
+        seg = ev.segment
+        if ev.kind == "dropped":
+            console.print(f"[yellow]dropped[/] {stamp(seg.start)}–{stamp(seg.end)}: {ev.info['reason']}")
+        elif as_json:
+            if ev.kind == "done":
+                out.print(json.dumps({"start": round(seg.start, 2), "end": round(seg.end, 2), "text": ev.text}))
+        elif ev.kind == "segment":
+            out.print(f"[bold cyan][{stamp(seg.start)}–{stamp(seg.end)}][/] ", end="")
+        elif ev.kind == "piece":
+            out.print(ev.text, end="", markup=False, highlight=False)
+        elif ev.kind == "done":
+            out.print()
+
+    listener = Listener(af3, prompt, detector=detector, every_s=every, wait=file is not None and not realtime,
+                        on_event=on_event, max_new_tokens=max_new_tokens)  # fmt: skip
+    what = f"microphone {device if device is not None else '(default)'}" if mic else str(file)
+    console.print(f"[dim]listening to {what} ({'every %.1f s' % every if every else 'VAD ' + vad}); Ctrl-C to stop[/]")
+    blocks = source if mic else file_blocks(file, realtime=realtime)
+    code = 0
+    try:
+        summary = listener.run(blocks)
+    except InputDeviceError as e:
+        console.print(f"[bold red]error:[/] {e}")
+        summary, code = listener.stats.summary(), 1
+    except KeyboardInterrupt:
+        summary, code = listener.stats.summary(), 130
+    finally:
+        if mic:
+            source.close()
+        af3.close()
+    if as_json:
+        out.print(json.dumps({"summary": summary}))
+    else:
+        lat = summary["first_token_latency_p50_s"]
+        console.print(
+            f"[bold]{summary['segments']} segment(s)[/], {summary['answered']} answered, {summary['dropped']} dropped, "
+            f"{summary['audio_s']:.1f} s of audio, real-time factor {summary['real_time_factor']}, "
+            f"first-token latency p50 {lat} s / p95 {summary['first_token_latency_p95_s']} s"
+        )
+    if code:
+        if code == 130:
+            console.print("interrupted")
+        raise typer.Exit(code)

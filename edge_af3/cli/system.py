@@ -1,0 +1,69 @@
+"""`plan`, `doctor`, `bench`: what this machine (or a target) can run, and how fast."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import DeviceOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, out, show_plan
+
+TARGETS_HELP = "orin-nano-8gb | orin-nx-16gb | agx-orin-64gb | rtx-4060-laptop | rtx-4090 | h100 (default: this machine)"
+
+
+def plan_cmd(
+    bundle: Optional[str] = typer.Argument(None, help="Bundle, checkpoint folder or Hub id (default: --model / EDGE_AF3_MODEL)."),
+    model: ModelOpt = None,
+    target: Optional[str] = typer.Option(None, "--target", help=TARGETS_HELP),
+    n_ctx: NCtxOpt = None,
+    kv_type: KvOpt = None,
+    device: DeviceOpt = "auto",
+    engine: EngineOpt = None,
+    exact: ExactOpt = False,
+    encoder_precision: Optional[str] = typer.Option(None, "--encoder-precision", help="fp16 | int8 | fp32 (default: what the engine runs)"),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Dry run: the memory a model needs (weights, encoder, KV cache at n_ctx, buffers) with the
+    settings AF3.load would pick here, and whether it fits this machine — or a --target's set-up.
+    Nothing is loaded but the GGUF header.
+
+    Example: edge-af3 plan ./af3 --target orin-nano-8gb --n-ctx 8192 --kv q8_0
+    """
+    show_plan(bundle or model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact,
+              target=target, encoder_precision=encoder_precision, as_json=as_json)  # fmt: skip
+
+
+def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
+    """Check this machine: Python, packages, ONNX Runtime providers, CUDA/TensorRT, llama.cpp GPU
+    offload, audio devices; prints the install command for whatever is missing.
+
+    Example: edge-af3 doctor
+    """
+    from .doctor import checks, render
+
+    report = checks()
+    if as_json:
+        out.print(json.dumps(report))
+        return
+    render(report, out)
+
+
+def bench_cmd(ctx: typer.Context) -> None:
+    """Run the benchmark suite (edge-af3 vs transformers, llama.cpp's mtmd and raw llama.cpp).
+
+    Takes the options of `python -m benchmarks --help`, e.g.:
+      edge-af3 bench --shape bench-small --clips 5 30 --repeats 3
+    """
+    from ..errors import MissingDependencyError
+
+    root = Path(__file__).resolve().parents[2]
+    if not (root / "benchmarks" / "suite.py").is_file():
+        raise MissingDependencyError("the benchmarks ship with the source checkout: git clone the project and run "
+                                     "`edge-af3 bench` there")  # fmt: skip
+    sys.path.insert(0, str(root))
+    from benchmarks.suite import main as suite_main
+
+    suite_main(list(ctx.args))

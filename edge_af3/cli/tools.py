@@ -1,0 +1,167 @@
+"""`make-tiny`, `export`, `features`, `demo`: making checkpoints and bundles, looking at audio."""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import OptionsError
+from .common import ModelOpt, bundled_clip, console, load_model, out, timings_line
+
+
+def make_tiny(
+    out_dir: Path = typer.Argument(..., help="Folder to write the checkpoint into."),
+    shape: str = typer.Option("tiny", "--shape", help="tiny | bench-small | full"),
+    seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
+) -> None:
+    """Write a randomly initialised AF3 checkpoint in the real HF layout (real Qwen2 vocabulary).
+
+    Example: edge-af3 make-tiny ./af3-tiny --shape tiny --seed 0
+    """
+    from rich.progress import Progress
+
+    from ..reference.tiny import SHAPES, make_checkpoint, tensor_specs
+
+    if shape not in SHAPES:
+        raise OptionsError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    n = len(tensor_specs(SHAPES[shape]))
+    try:
+        with Progress(console=console, transient=True) as bar:
+            task = bar.add_task(f"writing {shape} checkpoint", total=n)
+            path = make_checkpoint(out_dir, shape=shape, seed=seed, force=force, progress=lambda _: bar.advance(task))
+    except FileExistsError as e:
+        raise OptionsError(str(e)) from e
+    console.print(f"[green]wrote[/] {path} ({shape}, seed {seed}, {n} tensors)")
+
+
+def export_cmd(
+    src: str = typer.Argument(..., help="AF3 checkpoint: a local HF folder or a Hub id (nvidia/audio-flamingo-3-hf)."),
+    out_dir: Path = typer.Argument(..., help="Bundle folder to create."),
+    quant: str = typer.Option("q4_k_m", "--quant", help="LLM weights: q4_k_m | q4_0 | q8_0 | f16 | f32"),
+    encoder_precision: str = typer.Option("fp32", "--encoder-precision", help="fp32 | fp16 | int8"),
+    force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
+    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity checks against PyTorch."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    mmproj: bool = typer.Option(False, "--mmproj", help="Also write llama.cpp's mmproj GGUF (musicflamingo)."),
+    mmproj_type: str = typer.Option("f16", "--mmproj-type", help="mmproj weights: f16 | f32"),
+    as_json: bool = typer.Option(False, "--json", help="Print the manifest's verification as JSON."),
+) -> None:
+    """Export an AF3 checkpoint into a verified bundle (ONNX encoder + GGUF LLM + manifest).
+
+    Examples:
+      edge-af3 export nvidia/audio-flamingo-3-hf ./af3 --quant q4_k_m
+      edge-af3 export ./my-af3-finetune ./af3-q8 --quant q8_0 --encoder-precision fp16 --mmproj
+    """
+    from ..export import export
+
+    try:
+        with console.status("exporting") as status:
+            path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
+                          verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type,
+                          progress=lambda msg: (status.update(msg), console.log(msg, _stack_offset=2)))  # fmt: skip
+    except FileExistsError as e:
+        raise OptionsError(str(e)) from e
+    manifest = json.loads((path / "manifest.json").read_text())
+    if as_json:
+        out.print(json.dumps({"bundle": str(path), "verification": manifest["verification"], "files": manifest["files"]}))
+        return
+    for stage, result in manifest["verification"].items():
+        out.print(f"{stage:8s} " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    out.print(f"[green]bundle[/] {path} ({manifest['export_seconds']} s)")
+
+
+def features_cmd(
+    audio: Path = typer.Argument(..., help="Audio file (wav, flac, ogg, mp3)."),
+    as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
+) -> None:
+    """Show what AF3 sees of a clip: windows, mask, audio token count, log-mel range.
+
+    Only the first 600 s of a longer file are read (AF3 uses no more).
+
+    Example: edge-af3 features clip.wav --json
+    """
+    from ..audio import load_audio
+    from ..features import extract_features
+
+    t0 = time.perf_counter()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clip = load_audio(audio)
+        feats = extract_features(clip)
+    ms = (time.perf_counter() - t0) * 1000
+    for w in caught:
+        console.print(f"[yellow]warning:[/] {w.message}")
+    seconds = clip.source_seconds if clip.source_seconds is not None else clip.seconds
+    info = {
+        "file": str(audio),
+        "source_rate": clip.source_rate,
+        "source_channels": clip.source_channels,
+        "seconds": round(seconds, 3),
+        "seconds_used": round(feats.seconds, 3),
+        "truncated": feats.truncated,
+        "windows": feats.windows,
+        "valid_frames": [int(m) for m in feats.mask.sum(axis=1)],
+        "rows_per_window": list(feats.rows_per_window),
+        "audio_tokens": feats.n_tokens,
+        "log_mel_min": float(feats.features.min()),
+        "log_mel_max": float(feats.features.max()),
+        "ms": round(ms, 1),
+    }
+    if as_json:
+        out.print(json.dumps(info))
+        return
+    out.print(
+        f"{audio}: {info['seconds']} s ({clip.source_rate} Hz, {clip.source_channels} ch) -> "
+        f"{feats.windows} window(s), {feats.n_tokens} audio tokens, log-mel "
+        f"[{info['log_mel_min']:.3f}, {info['log_mel_max']:.3f}], {ms:.1f} ms"
+    )
+
+
+def demo(
+    model: ModelOpt = None,
+    audio: Optional[Path] = typer.Option(None, "--audio", help="Clip to use (default: the bundled one)."),
+    prompt: str = typer.Option("What do you hear? Transcribe any speech.", "--prompt"),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n", min=1),
+) -> None:
+    """The main job: export (once, cached) and run AF3 on a clip, streaming the answer with timings.
+
+    Without --model it builds a tiny randomly initialised AF3 (its answer is gibberish by design;
+    the pipeline, token counts and timings are real).
+
+    Example: edge-af3 demo --model ./af3-bundle --audio clip.wav
+    """
+    from ..audio import load_audio
+    from ..paths import cache_dir
+
+    clip = load_audio(audio or bundled_clip())
+    if model is None:
+        from ..reference.tiny import make_checkpoint
+
+        ckpt = cache_dir() / "checkpoints" / "tiny-seed0"
+        if not (ckpt / "config.json").exists():
+            console.print(f"building a tiny AF3 checkpoint in {ckpt} (once)")
+            make_checkpoint(ckpt, shape="tiny", seed=0, force=True)
+        model = str(ckpt)
+    with load_model(model, n_ctx=None, threads=None) as af3:
+        session = af3.chat()
+        out.print(f"bundle      {af3.bundle.path}")
+        out.print(f"clip        {clip.name}  {clip.seconds:.2f} s")
+        out.print(f"question    {prompt}")
+        out.print("answer      ", end="")
+        with session.stream(prompt, clip, max_new_tokens=max_new_tokens) as stream:
+            for piece in stream:
+                out.print(piece, end="", markup=False, highlight=False)
+        out.print()
+        first = stream.answer
+        console.print(f"[dim]{timings_line(first.timings, first.finish_reason)}[/]")
+        follow = "In one word?"
+        answer = session.ask(follow, max_new_tokens=4)  # a follow-up reuses the KV cache
+        out.print(f"follow-up   {follow}")
+        out.print(f"answer      {answer.text}", markup=False, highlight=False)
+        console.print(f"[dim]{timings_line(answer.timings, answer.finish_reason)} (no re-encoding)[/]")

@@ -1,0 +1,156 @@
+"""`AF3`: an exported bundle loaded — one encoder engine and one llama.cpp context, owned together."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import threading
+
+from ..audio import Audio, load_audio
+from ..bundle import Bundle, open_bundle
+from ..constants import MIN_TOKEN_SAMPLES, SAMPLE_RATE
+from ..engines.llamacpp import LlamaEngine
+from ..engines.select import make_encoder
+from ..errors import AudioError, BundleError
+from ..settings import Settings, resolve
+from .clips import Clip, RowsCache
+from .locate import locate
+from .session import ChatSession
+from .stream import Stream
+from .types import Answer, GenerationOptions, eos_ids
+
+
+def _as_list(audio) -> list:
+    if audio is None:
+        return []
+    return audio if isinstance(audio, list) else [audio]
+
+
+class AF3:
+    """An exported AF3 bundle, loaded. `ask`/`stream` one question; `chat()` a conversation.
+
+    Generations interleave step by step (see `Stream`); one llama.cpp context serves them all,
+    and its KV prefix is reused across questions, sessions and streams.
+    """
+
+    def __init__(self, bundle: Bundle, *, device: str = "auto", n_ctx: int | None = None, threads: int | None = None,
+                 kv_type: str | None = None, flash_attn: bool | None = None, exact: bool = False,
+                 encoder_engine: str | None = None, windows_per_run: int | None = None, overlap: bool | None = None,
+                 n_gpu_layers: int | None = None, n_batch: int = 512, cache_size: int = 16,
+                 options: GenerationOptions | None = None):  # fmt: skip
+        self.bundle = bundle
+        self.template = bundle.manifest.get("chat_template")
+        if not self.template:
+            raise BundleError(f"{bundle.path}: the manifest has no chat template")
+        self.generation: dict = dict(bundle.manifest.get("generation") or {})  # the checkpoint's defaults
+        self.eos_ids = eos_ids(self.generation)
+        self.options = options or GenerationOptions()  # this model's defaults; a call's own options win
+        stored = bundle.manifest["encoder"]["precision"]
+        ask = dict(device=device, encoder_engine=encoder_engine, kv_type=kv_type, flash_attn=flash_attn, n_ctx=n_ctx,
+                   windows_per_run=windows_per_run, overlap=overlap, n_gpu_layers=n_gpu_layers, exact=exact)  # fmt: skip
+        settings = resolve(stored, **ask)
+        self._stack = contextlib.ExitStack()
+        try:
+            from ..engines.select import forced_encoder, choose_encoder
+
+            choice = choose_encoder(device) if encoder_engine is None else forced_encoder(encoder_engine, device)
+            self.encoder, self.engine_choice = make_encoder(bundle, choice, threads=threads,
+                                                            fallback=encoder_engine is None)  # fmt: skip
+            self._stack.callback(self.encoder.close)
+            if self.engine_choice.engine != settings.encoder_engine:  # a GPU engine failed to start
+                settings = resolve(stored, **ask, choice=self.engine_choice)
+            self.settings: Settings = settings
+            self.llm = self._stack.enter_context(
+                LlamaEngine(bundle.llm, n_ctx=settings.n_ctx, n_batch=n_batch, threads=threads, kv_type=settings.kv_type,
+                            flash_attn=settings.flash_attn, n_gpu_layers=settings.n_gpu_layers)  # fmt: skip
+            )
+            if self.llm.n_embd != bundle.hidden_size:
+                raise BundleError(f"{bundle.path}: LLM width {self.llm.n_embd} != encoder rows {bundle.hidden_size}")
+        except BaseException:
+            self._stack.close()
+            raise
+        self.lock = threading.RLock()  # the llama.cpp context: one prefill or decode step at a time
+        self._encoder_lock = threading.Lock()  # one encoder run at a time (CUDA graphs share buffers)
+        self.rows_cache = RowsCache(cache_size)
+        self.closed = False
+
+    @property
+    def windows_per_run(self) -> int:
+        return self.settings.windows_per_run
+
+    @property
+    def overlap(self) -> bool:
+        return self.settings.overlap
+
+    @classmethod
+    def load(cls, source: str | os.PathLike, *, check_hashes: bool | None = None, quant: str = "q4_k_m",
+             progress=None, **settings) -> "AF3":  # fmt: skip
+        """Load a bundle; a checkpoint folder or Hub id is exported once into the cache, then reused.
+
+        settings: device ("auto" | "cpu" | "cuda"), n_ctx (default 16384: AF3's longest prompt),
+        threads, kv_type ("f16" | "q8_0" | "f32"), flash_attn, exact (f32 KV, flash attention off:
+        greedy tokens equal transformers'), encoder_engine, windows_per_run, overlap, n_gpu_layers,
+        options (a `GenerationOptions`: this model's defaults over the checkpoint's).
+        check_hashes: None hashes files the first time they are seen (remembered), True always,
+        False never.
+        """
+        path = locate(source, quant=quant, progress=progress)
+        return cls(open_bundle(path, check_hashes=check_hashes), **settings)
+
+    # -- audio ------------------------------------------------------------------------------
+    def clips(self, audio) -> list[Clip]:
+        """Clips for `audio` (None, one clip or a list), rows from the cache where the same samples
+        were seen; nothing is encoded yet. Refuses audio too short to give one audio token."""
+        out = []
+        for a in _as_list(audio):
+            clip = a if isinstance(a, Audio) else load_audio(a)
+            n = clip.samples.shape[0]
+            if n < MIN_TOKEN_SAMPLES:
+                raise AudioError(f"{clip.name}: clip too short: {n} samples at {SAMPLE_RATE} Hz; AF3 needs at least "
+                                 f"{MIN_TOKEN_SAMPLES} ({MIN_TOKEN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms) for one audio token")  # fmt: skip
+            c = Clip(clip)
+            c.rows = self.rows_cache.get(c.key)
+            out.append(c)
+        return out
+
+    def audio_rows(self, audio):
+        """Projected rows [N, H] for one clip; the same samples are encoded only once."""
+        (clip,) = self.clips(audio)
+        if clip.pending:
+            clip.encode(self.encoder, self.settings.windows_per_run, self._encoder_lock, self.rows_cache)
+        return clip.rows
+
+    def forget(self) -> None:
+        """Drop every cached clip and the KV cache (the next question starts cold)."""
+        with self.lock:
+            self.rows_cache.clear()
+            self.llm.reset()
+
+    # -- questions --------------------------------------------------------------------------
+    def stream(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
+               **overrides) -> Stream:  # fmt: skip
+        """A `Stream` of the answer to one question: iterate it for text; `.answer` when done;
+        `.cancel()`. Arguments as `ChatSession.stream`."""
+        return self.chat().stream(prompt, audio, think=think, options=options, **overrides)
+
+    def ask(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
+            **overrides) -> Answer:  # fmt: skip
+        """The whole `Answer` (text, tokens, timings, finish_reason) to one question about `audio`."""
+        return self.chat().ask(prompt, audio, think=think, options=options, **overrides)
+
+    def chat(self, system: str | None = None) -> ChatSession:
+        return ChatSession(self, system)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def close(self) -> None:
+        """Close the encoder and the LLM (idempotent)."""
+        if not getattr(self, "closed", True):
+            with self.lock:
+                self._stack.close()
+                self.closed = True
+
+    def __enter__(self) -> "AF3":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,174 @@
+"""A conversation over audio, and the KV bookkeeping every generation shares.
+
+The history is a list of segments (token id lists and clips) that the KV cache should hold.
+Each turn keeps whatever prefix the cache already holds, from this session or any other (a
+follow-up costs only its own tokens; a new question about the same clip skips the system prompt
+and the clip's rows; a new clip still skips the system prompt), and decodes the rest.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from ..constants import THINK_SUFFIX
+from ..errors import ContextOverflowError, SessionBusyError
+from ..prompt import Message, render, split_sound
+from .clips import Clip, items
+from .stream import Stream
+from .types import Answer, GenerationOptions
+
+if TYPE_CHECKING:
+    from .model import AF3
+
+
+@dataclass
+class Turn:
+    """One user turn, ready to run: the prompt text, its message, the whole target (history + turn)."""
+
+    full: str
+    user: Message
+    target: list
+    clips: list[Clip]
+    prompt_len: int
+
+
+class ChatSession:
+    """A conversation: `ask`/`stream` a turn at a time; the answer joins the history."""
+
+    def __init__(self, model: "AF3", system: str | None = None):
+        self.model = model
+        self.system = system
+        self._open: Stream | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the conversation (the model's caches keep what they hold for others)."""
+        if self._open is not None:
+            self._open.cancel()
+        self.messages: list[Message] = [Message("system", self.system)] if self.system is not None else []
+        self.rendered = ""  # prompt text of the history
+        self.segments: list = []  # the history as the KV cache holds it: token id lists and clips
+        self.prefilled_tokens = 0  # counters for tests: work actually done
+        self.last_answer: Answer | None = None
+
+    @property
+    def audio(self) -> list[np.ndarray]:
+        """Rows of every clip so far, in prompt order (a clip still encoding is waited for)."""
+        return [seg.all_rows() for seg in self.segments if isinstance(seg, Clip)]
+
+    @property
+    def n_tokens(self) -> int:
+        """Positions the history takes in the context."""
+        return sum(len(seg) for seg in self.segments)
+
+    # -- asking -----------------------------------------------------------------------------
+    def stream(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
+               **overrides) -> Stream:  # fmt: skip
+        """A `Stream` of the answer to `prompt` about `audio` (None, one clip or a list; each a path,
+        file bytes, `(array, sample_rate)` or an `Audio`). think: AF3's think mode (its prompt
+        suffix). options / overrides: `GenerationOptions` whole and/or as keywords
+        (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos); what is
+        not given is the checkpoint's generation_config.json. Audio, prompt and context are checked
+        here; encoding and decoding happen as the stream is iterated."""
+        if self._open is not None and self._open.answer is None:
+            raise SessionBusyError("this session's previous answer is still streaming; finish or cancel() it first")
+        opts = GenerationOptions.of(options or self.model.options, **overrides).resolved(self.model.generation)
+        turn = self._turn(prompt, audio, think, opts.max_new_tokens)
+        self._open = Stream(self, turn, opts, self.model.eos_ids)
+        return self._open
+
+    def ask(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
+            **overrides) -> Answer:  # fmt: skip
+        """The whole `Answer` to `prompt` (the arguments of `stream`)."""
+        return self.stream(prompt, audio, think=think, options=options, **overrides).result()
+
+    send = ask  # the chat verb: session.send("And the tempo?")
+
+    def logits(self, prompt: str, audio=None, *, think: bool = False) -> np.ndarray:
+        """Next-token logits [vocab] after the history plus a user turn (parity checks, scoring)."""
+        turn = self._turn(prompt, audio, think, 0)
+        model = self.model
+        for clip in turn.clips:
+            if clip.pending:
+                clip.encode(model.encoder, model.settings.windows_per_run, model._encoder_lock, model.rows_cache)
+        with model.lock:
+            self._prefill(turn.target)
+            model.llm.owner = None
+            return model.llm.last_logits()
+
+    # -- internals --------------------------------------------------------------------------
+    def _turn(self, prompt: str, audio, think: bool, max_new_tokens: int) -> Turn:
+        model = self.model
+        clips = model.clips(audio)
+        user = Message("user", prompt + (THINK_SUFFIX if think else ""), n_audio=len(clips))
+        full = render(model.template, self.messages + [user], add_generation_prompt=True)
+        if not full.startswith(self.rendered):
+            raise RuntimeError("the chat template does not render conversations incrementally")
+        pieces = split_sound(full[len(self.rendered) :])
+        if len(pieces) != len(clips) + 1:
+            raise ValueError(f"the prompt has {len(pieces) - 1} <sound> slots for {len(clips)} audio clip(s)")
+        new: list = []
+        for i, piece in enumerate(pieces):
+            ids = model.llm.tokenize(piece)
+            if ids:
+                new.append(ids)
+            if i < len(clips):
+                new.append(clips[i])
+        target = self.segments + new
+        total = sum(len(seg) for seg in target)
+        n_ctx = model.llm.n_ctx
+        if total >= n_ctx:  # checked before anything is encoded
+            raise ContextOverflowError(
+                f"the prompt needs {total} positions ({sum(len(c) for c in clips)} of them audio) but n_ctx is "
+                f"{n_ctx}; load the model with n_ctx >= {total + max_new_tokens}"
+            )
+        return Turn(full=full, user=user, target=target, clips=clips, prompt_len=total)
+
+    def _prefill(self, target: list) -> int:
+        """Make the KV cache hold `target`, decoding only what it does not hold yet; the last decode
+        keeps its logits. Returns how many positions were reused. Call with the model lock held."""
+        llm = self.model.llm
+        total = sum(len(seg) for seg in target)
+        if total > llm.n_ctx:
+            raise ContextOverflowError(f"the prompt needs {total} positions but n_ctx is {llm.n_ctx}")
+        reuse = min(llm.common_prefix(items(target)), total - 1)  # at least one decode: the logits
+        llm.truncate(reuse)
+        last = max(i for i, seg in enumerate(target) if len(seg))
+        offset = 0
+        for i, seg in enumerate(target):
+            n, skip = len(seg), max(0, reuse - offset)
+            offset += n
+            if skip >= n:
+                continue  # already in the cache (a clip still encoding is left to finish on its own)
+            if not isinstance(seg, Clip):
+                llm.decode_tokens(seg[skip:], logits="last" if i == last else "none")
+                self.prefilled_tokens += n - skip
+                continue
+            pos = 0
+            for chunk in seg.chunks():  # a clip being encoded: each chunk as soon as it exists
+                lo, hi = max(skip, pos), pos + chunk.shape[0]
+                if hi > lo:
+                    llm.decode_embeddings(chunk[lo - pos :], ids=[(seg.key, j) for j in range(lo, hi)],
+                                          logits="last" if (i == last and hi == n) else "none")  # fmt: skip
+                    self.prefilled_tokens += hi - lo
+                pos = hi
+        return reuse
+
+    def _ended(self, stream: Stream, *, failed: bool = False) -> None:
+        """A stream of this session ended: a finished turn joins the history (a cancelled or failed
+        one does not). The reply is kept as transformers would re-tokenise its text next turn."""
+        if self._open is stream:
+            self._open = None
+        if failed:
+            return
+        self.last_answer = stream.answer
+        if stream.answer.finish_reason == "cancelled":
+            return
+        turn = stream.turn
+        self.messages = self.messages + [turn.user, Message("assistant", stream.answer.text)]
+        rendered = render(self.model.template, self.messages, add_generation_prompt=False)
+        self.rendered = rendered
+        self.segments = turn.target + [self.model.llm.tokenize(rendered[len(turn.full) :])]
