@@ -32,7 +32,7 @@ def measure(bundle: Path, n_ctx: int, device: str, kv_type: str) -> dict:
     t0 = time.perf_counter()
     with AF3.load(bundle, n_ctx=n_ctx, device=device, kv_type=kv_type, check_hashes=False) as model:
         load_s = time.perf_counter() - t0
-        ans = model.ask(clip, "Describe it.", max_new_tokens=32, ignore_eos=True)
+        ans = model.ask("Describe it.", clip, max_new_tokens=32, ignore_eos=True)
         measured = gpu_process_mb() if device == "cuda" else None
         engine = model.encoder.name
         precision = getattr(model.encoder, "precision", None)

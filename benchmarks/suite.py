@@ -87,9 +87,9 @@ def peer_edge(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
 
         def once():
             model.forget()  # cold: no cached rows, an empty KV cache (not even the system prompt)
-            t = model.ask(path, PROMPT, max_new_tokens=1).timings
+            t = model.ask(PROMPT, path, max_new_tokens=1).timings
             # a second question about the same clip: the KV cache holds the system prompt and its rows
-            f = model.ask(path, "And what else?", max_new_tokens=1).timings
+            f = model.ask("And what else?", path, max_new_tokens=1).timings
             return {"features_ms": t.features_ms, "encoder_ms": t.encoder_ms, "prefill_ms": t.prefill_ms,
                     "ttft_ms": t.first_token_ms, "audio_tokens": t.audio_tokens,
                     "followup_ttft_ms": f.first_token_ms}  # fmt: skip
@@ -98,7 +98,7 @@ def peer_edge(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
     decode = []
     for _ in range(repeats):
         model.forget()
-        decode.append(model.ask(clips[_decode_key(clips)], PROMPT, max_new_tokens=new_tokens,
+        decode.append(model.ask(PROMPT, clips[_decode_key(clips)], max_new_tokens=new_tokens,
                                 ignore_eos=True).timings.decode_tokens_per_s)  # fmt: skip
     engine = f"{model.encoder.name} + llama.cpp ({model.llm.n_gpu_layers} layers on GPU)" if device == "cuda" else model.encoder.name
     gpu = gpu_process_mb() if device == "cuda" else None

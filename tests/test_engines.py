@@ -121,11 +121,11 @@ def test_bucketed_paths_give_the_plain_rows(tiny_bundle, windows, frames):
 
 def test_torch_engine_answers_like_onnxruntime(tiny_bundle):
     clip = (noise(40.0, seed=83), 16000)
-    with AF3.load(tiny_bundle, n_ctx=4096, kv_type="f32", flash_attn=False) as ort_model:
-        want = ort_model.ask(clip, "What do you hear?", max_new_tokens=16).tokens
-    with AF3.load(tiny_bundle, n_ctx=4096, kv_type="f32", flash_attn=False, encoder_engine="torch-cpu") as m:
+    with AF3.load(tiny_bundle, n_ctx=4096, exact=True) as ort_model:
+        want = ort_model.ask("What do you hear?", clip, max_new_tokens=16).tokens
+    with AF3.load(tiny_bundle, n_ctx=4096, exact=True, encoder_engine="torch-cpu") as m:
         assert m.encoder.name == "torch-cpu" and m.engine_choice.engine == "torch-cpu"
-        assert m.ask(clip, "What do you hear?", max_new_tokens=16).tokens == want
+        assert m.ask("What do you hear?", clip, max_new_tokens=16).tokens == want
 
 
 def test_gpu_engine_that_cannot_start_falls_back_with_the_reason(tiny_bundle):

@@ -25,12 +25,12 @@ def test_gpu_greedy_tokens_match_cpu(f16_bundle):
 
     assert llama_cpp.llama_supports_gpu_offload(), "this llama-cpp-python build has no GPU offload"
     clip = (noise(10.0, seed=4), 16000)
-    with AF3.load(f16_bundle, device="cpu", kv_type="f32", flash_attn=False) as cpu:
-        want = cpu.ask(clip, "Describe it.", max_new_tokens=32).tokens
+    with AF3.load(f16_bundle, device="cpu", exact=True) as cpu:
+        want = cpu.ask("Describe it.", clip, max_new_tokens=32).tokens
     # the LLM on CUDA, the same fp32 encoder rows as on the CPU: llama.cpp's CUDA path alone
-    with AF3.load(f16_bundle, device="cuda", kv_type="f32", flash_attn=False, encoder_engine="onnxruntime-cpu") as gpu:
+    with AF3.load(f16_bundle, device="cuda", exact=True, encoder_engine="onnxruntime-cpu") as gpu:
         assert gpu.llm.n_gpu_layers > 0
-        got = gpu.ask(clip, "Describe it.", max_new_tokens=32).tokens
+        got = gpu.ask("Describe it.", clip, max_new_tokens=32).tokens
     assert got == want
 
 
@@ -55,10 +55,10 @@ def test_cuda_engine_choice_and_answers(f16_bundle):
     from edge_af3 import AF3
 
     clip = (noise(40.0, seed=5), 16000)
-    with AF3.load(f16_bundle, device="cpu", kv_type="f32", flash_attn=False) as cpu:
-        want = cpu.ask(clip, "Describe it.", max_new_tokens=24).tokens
-    with AF3.load(f16_bundle, device="cuda", kv_type="f32", flash_attn=False) as gpu:
+    with AF3.load(f16_bundle, device="cpu", exact=True) as cpu:
+        want = cpu.ask("Describe it.", clip, max_new_tokens=24).tokens
+    with AF3.load(f16_bundle, device="cuda", exact=True) as gpu:
         assert gpu.encoder.name in ("tensorrt", "onnxruntime-cuda", "torch-cuda"), gpu.engine_choice.explain()
         assert gpu.overlap and gpu.windows_per_run == 4
-        got = gpu.ask(clip, "Describe it.", max_new_tokens=24).tokens
+        got = gpu.ask("Describe it.", clip, max_new_tokens=24).tokens
     assert got == want

@@ -42,24 +42,23 @@ def main() -> None:
         signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     warnings.showwarning = _warning_line  # warnings as one line, not file:line: source
     try:
-        app(standalone_mode=False)
+        code = app(standalone_mode=False)  # click returns an Exit's code instead of exiting
     except EdgeAF3Error as e:
         console.print(f"[bold red]error:[/] {e}", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted")
         sys.exit(130)
-    except typer.Exit as e:
-        if e.exit_code == 130:
-            console.print("interrupted")
-        sys.exit(e.exit_code)
     except typer.Abort:
         console.print("interrupted")
         sys.exit(130)
-    except Exception as e:  # click's own usage errors keep click's message and exit code
-        import click
-
-        if isinstance(e, click.ClickException):
+    except Exception as e:  # click's own usage errors (typer vendors click) keep their message and code
+        if type(e).__name__.endswith(("UsageError", "BadParameter", "NoSuchOption", "MissingParameter",
+                                       "ClickException", "FileError")) and hasattr(e, "show"):  # fmt: skip
             e.show()
-            sys.exit(e.exit_code)
+            sys.exit(getattr(e, "exit_code", 2))
         raise
+    code = code if isinstance(code, int) else 0
+    if code == 130:  # typer turns Ctrl-C inside a command into Exit(130)
+        console.print("interrupted")
+    sys.exit(code)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
@@ -10,7 +9,7 @@ import typer
 
 from ..errors import OptionsError
 from .common import (DeviceOpt, DryRunOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, VerifyOpt,
-                     console, generation_overrides, load_model, out, show_plan, timings_line)  # fmt: skip
+                     console, emit, emit_json, generation_overrides, load_model, out, show_plan, timings_line)  # fmt: skip
 
 TEMP_HELP = "0 = greedy. Default: the checkpoint's generation_config.json (AF3: 0.7, top-k 20, top-p 0.8)."
 PENALTY_HELP = "transformers' repetition penalty (1 = off). Default: the checkpoint's (AF3: 1.05)."
@@ -62,13 +61,13 @@ def ask_cmd(
         with stream:
             for piece in stream:
                 if not as_json:
-                    out.print(piece, end="", markup=False, highlight=False)
+                    emit(piece)
         answer = stream.answer
     if as_json:
-        out.print(json.dumps({"model": str(af3.bundle.path), "audio": paths, "prompt": prompt, "think": think,
-                              "text": answer.text, "tokens": list(answer.tokens), "finish_reason": answer.finish_reason,
-                              "settings": af3.settings.__dict__, "options": answer.options.__dict__,
-                              "timings": answer.timings.__dict__}))  # fmt: skip
+        emit_json({"model": str(af3.bundle.path), "audio": paths, "prompt": prompt, "think": think,
+                   "text": answer.text, "tokens": list(answer.tokens), "finish_reason": answer.finish_reason,
+                   "settings": af3.settings.__dict__, "options": answer.options.__dict__,
+                   "timings": answer.timings.__dict__})  # fmt: skip
         return
     out.print()
     if answer.finish_reason == "context":

@@ -34,7 +34,7 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
     from ..audio import load_audio
     from ..errors import AudioError, EdgeAF3Error
     from ..paths import cache_dir
-    from .common import console, out, timings_line
+    from .common import console, emit, out, timings_line
 
     history = cache_dir() / "chat_history"
     rl = _readline(history)
@@ -104,7 +104,7 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
             try:
                 with session.stream(text, list(pending), think=think, **options) as stream:
                     for piece in stream:
-                        out.print(piece, end="", markup=False, highlight=False)
+                        emit(piece)
             except EdgeAF3Error as e:
                 out.print()
                 console.print(f"[red]{e}[/] (/reset starts over)")

@@ -40,9 +40,15 @@ def bundled_clip() -> Path:
     return Path(str(resources.files("edge_af3") / "data" / "clip.flac"))
 
 
-def fail(message: str, code: int = 1) -> "typer.Exit":
-    console.print(f"[bold red]error:[/] {message}", markup=True, highlight=False)
-    return typer.Exit(code)
+def emit(text: str) -> None:
+    """Model text to stdout as it is (no markup, no tab expansion, no wrapping), flushed."""
+    out.file.write(text)
+    out.file.flush()
+
+
+def emit_json(obj) -> None:
+    """One JSON object on one line (JSON Lines: `--json` output is machine-readable as it streams)."""
+    emit(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
 def check_threads(threads: Optional[int]) -> None:
@@ -94,7 +100,7 @@ def show_plan(spec: Optional[str], *, n_ctx: Optional[int], kv_type: Optional[st
         p = plan(path, n_ctx=s.n_ctx, kv_type=s.kv_type, encoder_precision=encoder_precision or s.encoder_precision,
                  windows_per_run=s.windows_per_run, target=target)  # fmt: skip
     if as_json:
-        out.print_json(json.dumps(p))
+        emit_json(p)
     else:
         render(p, out)
 

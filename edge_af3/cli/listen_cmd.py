@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Optional
 
 import typer
 
 from ..errors import OptionsError
-from .common import ExactOpt, ModelOpt, NCtxOpt, ThreadsOpt, console, load_model, out
+from .common import ExactOpt, ModelOpt, NCtxOpt, ThreadsOpt, console, emit, emit_json, load_model, out
 
 LISTEN_PROMPT = "Describe what you hear. If there is speech, transcribe it."
 
@@ -53,7 +52,7 @@ def listen_cmd(
         except (ImportError, OSError) as e:
             raise OptionsError(f"sounddevice/PortAudio unavailable: {e}; pip install 'edge-af3[mic]'") from e
         if as_json:
-            out.print(json.dumps(devices))
+            emit_json(devices)
         elif not devices:
             out.print("no input devices")
         for d in devices if not as_json else []:
@@ -77,11 +76,11 @@ def listen_cmd(
             console.print(f"[yellow]dropped[/] {stamp(seg.start)}–{stamp(seg.end)}: {ev.info['reason']}")
         elif as_json:
             if ev.kind == "done":
-                out.print(json.dumps({"start": round(seg.start, 2), "end": round(seg.end, 2), "text": ev.text}))
+                emit_json({"start": round(seg.start, 2), "end": round(seg.end, 2), "text": ev.text})
         elif ev.kind == "segment":
             out.print(f"[bold cyan][{stamp(seg.start)}–{stamp(seg.end)}][/] ", end="")
         elif ev.kind == "piece":
-            out.print(ev.text, end="", markup=False, highlight=False)
+            emit(ev.text)
         elif ev.kind == "done":
             out.print()
 
@@ -103,7 +102,7 @@ def listen_cmd(
             source.close()
         af3.close()
     if as_json:
-        out.print(json.dumps({"summary": summary}))
+        emit_json({"summary": summary})
     else:
         lat = summary["first_token_latency_p50_s"]
         console.print(
@@ -112,6 +111,4 @@ def listen_cmd(
             f"first-token latency p50 {lat} s / p95 {summary['first_token_latency_p95_s']} s"
         )
     if code:
-        if code == 130:
-            console.print("interrupted")
         raise typer.Exit(code)

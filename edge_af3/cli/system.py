@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-from .common import DeviceOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, out, show_plan
+from .common import DeviceOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, emit_json, out, show_plan
 
 TARGETS_HELP = "orin-nano-8gb | orin-nx-16gb | agx-orin-64gb | rtx-4060-laptop | rtx-4090 | h100 (default: this machine)"
 
@@ -46,7 +45,7 @@ def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print the che
 
     report = checks()
     if as_json:
-        out.print(json.dumps(report))
+        emit_json(report)
         return
     render(report, out)
 

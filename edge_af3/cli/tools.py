@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from ..errors import OptionsError
-from .common import ModelOpt, bundled_clip, console, load_model, out, timings_line
+from .common import ModelOpt, bundled_clip, console, emit, emit_json, load_model, out, timings_line
 
 
 def make_tiny(
@@ -69,7 +69,7 @@ def export_cmd(
         raise OptionsError(str(e)) from e
     manifest = json.loads((path / "manifest.json").read_text())
     if as_json:
-        out.print(json.dumps({"bundle": str(path), "verification": manifest["verification"], "files": manifest["files"]}))
+        emit_json({"bundle": str(path), "verification": manifest["verification"], "files": manifest["files"]})
         return
     for stage, result in manifest["verification"].items():
         out.print(f"{stage:8s} " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
@@ -114,7 +114,7 @@ def features_cmd(
         "ms": round(ms, 1),
     }
     if as_json:
-        out.print(json.dumps(info))
+        emit_json(info)
         return
     out.print(
         f"{audio}: {info['seconds']} s ({clip.source_rate} Hz, {clip.source_channels} ch) -> "
@@ -137,6 +137,8 @@ def demo(
     Example: edge-af3 demo --model ./af3-bundle --audio clip.wav
     """
     from ..audio import load_audio
+    from ..constants import N_SAMPLES
+    from ..features import token_count
     from ..paths import cache_dir
 
     clip = load_audio(audio or bundled_clip())
@@ -151,12 +153,14 @@ def demo(
     with load_model(model, n_ctx=None, threads=None) as af3:
         session = af3.chat()
         out.print(f"bundle      {af3.bundle.path}")
-        out.print(f"clip        {clip.name}  {clip.seconds:.2f} s")
+        windows = max(1, -(-clip.samples.shape[0] // N_SAMPLES))
+        out.print(f"clip        {clip.name}  {clip.seconds:.2f} s -> {windows} window(s), "
+                  f"{token_count(clip.samples.shape[0])} <sound> tokens")  # fmt: skip
         out.print(f"question    {prompt}")
         out.print("answer      ", end="")
         with session.stream(prompt, clip, max_new_tokens=max_new_tokens) as stream:
             for piece in stream:
-                out.print(piece, end="", markup=False, highlight=False)
+                emit(piece)
         out.print()
         first = stream.answer
         console.print(f"[dim]{timings_line(first.timings, first.finish_reason)}[/]")
