@@ -182,14 +182,17 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
 
     x = np.asarray(x)
     _check_finite(x, label)
-    mono = to_mono(x)
+    mono = x[:, 0] if x.ndim == 2 and x.shape[1] == 1 else to_mono(x)  # one channel: a view, no copy
+    del x
     if rate < 1000:
         raise AudioError(f"{label}: sample rate {rate} Hz is not a real audio rate")
     if seconds is not None and seconds * SAMPLE_RATE > MAX_SAMPLES:
         warnings.warn(f"{label}: {seconds:.1f} s is longer than AF3's {MAX_SAMPLES // SAMPLE_RATE} s; only the "
                       f"first {MAX_SAMPLES // SAMPLE_RATE} s are used", AudioTooLongWarning, stacklevel=2)  # fmt: skip
         mono = mono[: math.ceil(MAX_SAMPLES / SAMPLE_RATE * rate)]
-    out = resample(mono, rate).astype(np.float32)[:MAX_SAMPLES]
+    out = resample(mono, rate)
+    del mono
+    out = out.astype(np.float32)[:MAX_SAMPLES]
     _check_finite(out, label)
     return Audio(samples=out, source_rate=rate, source_channels=channels, name=label, source_seconds=seconds)
 

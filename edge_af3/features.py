@@ -99,6 +99,7 @@ def _mel_filters64_t() -> np.ndarray:
 
 
 FRAMES_PER_TASK = 750  # a window's 3000 frames are cut into 4 tasks so every core has work
+WINDOWS_IN_FLIGHT = 4  # bounds the float64 work buffers of a 20-window clip (all at once: ~140 MB)
 
 
 @lru_cache(maxsize=1)
@@ -135,23 +136,25 @@ def log_mel(windows: np.ndarray) -> np.ndarray:
     `_normalise`. Work is cut into (window, frame range) tasks on a thread pool.
     """
     pad = N_FFT // 2
-    out = np.empty((windows.shape[0], N_MELS, N_FRAMES), dtype=np.float32)
-    pending = []
-    for w in range(windows.shape[0]):
-        padded = np.pad(windows[w].astype(np.float64), pad, mode="reflect")
-        mel = np.empty((N_MELS, N_FRAMES), dtype=np.float64)
-        jobs = [
-            _pool().submit(_mel_power, padded, mel, a, min(a + FRAMES_PER_TASK, N_FRAMES))
-            for a in range(0, N_FRAMES, FRAMES_PER_TASK)
-        ]
-        pending.append((w, mel, jobs))
-    finals = []
-    for w, mel, jobs in pending:
-        for job in jobs:
+    out = np.empty((len(windows), N_MELS, N_FRAMES), dtype=np.float32)
+    group = WINDOWS_IN_FLIGHT  # windows whose float64 buffers (~7 MB each) exist at once
+    for g in range(0, len(windows), group):
+        pending = []
+        for w in range(g, min(g + group, len(windows))):
+            padded = np.pad(windows[w].astype(np.float64), pad, mode="reflect")
+            mel = np.empty((N_MELS, N_FRAMES), dtype=np.float64)
+            jobs = [
+                _pool().submit(_mel_power, padded, mel, a, min(a + FRAMES_PER_TASK, N_FRAMES))
+                for a in range(0, N_FRAMES, FRAMES_PER_TASK)
+            ]
+            pending.append((w, mel, jobs))
+        finals = []
+        for w, mel, jobs in pending:
+            for job in jobs:
+                job.result()
+            finals.append(_pool().submit(_normalise, mel, out[w]))
+        for job in finals:
             job.result()
-        finals.append(_pool().submit(_normalise, mel, out[w]))
-    for job in finals:
-        job.result()
     return out
 
 
@@ -183,11 +186,12 @@ def extract_features(audio: AudioSource | Audio, sample_rate: int | None = None)
         samples = samples[:MAX_SAMPLES]
     lengths = window_lengths(samples.shape[0])
     assert len(lengths) <= MAX_WINDOWS
-    windows = np.zeros((len(lengths), N_SAMPLES), dtype=np.float32)  # zero-padded before the STFT
+    windows = []  # full windows are views of the samples; a partial one is zero-padded before the STFT
     mask = np.zeros((len(lengths), N_FRAMES), dtype=np.int64)
     rows = []
     for w, valid in enumerate(lengths):
-        windows[w, :valid] = samples[w * N_SAMPLES : w * N_SAMPLES + valid]
+        part = samples[w * N_SAMPLES : w * N_SAMPLES + valid]
+        windows.append(part if valid == N_SAMPLES else np.pad(part, (0, N_SAMPLES - valid)))
         frames = math.ceil(valid / HOP_LENGTH)
         mask[w, :frames] = 1
         rows.append(rows_for_frames(frames))

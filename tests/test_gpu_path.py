@@ -10,7 +10,7 @@ import pytest
 
 from edge_af3.engines.select import choose_encoder
 from edge_af3.engines.trt_cache import EngineKey, lookup, store
-from edge_af3.plan import KV_BYTES, llm_shape, plan
+from edge_af3.plan import llm_shape, plan
 
 from .conftest import run_cli
 
@@ -67,18 +67,39 @@ def test_trt_engine_cache_keying_and_staleness(tmp_path):
         [f"encoder-{newer.digest()}.plan", f"encoder-{newer.digest()}.json"])
 
 
+def _llama_reported_mib(gguf, n_ctx: int, kv_type: str) -> dict:
+    """The buffer sizes llama.cpp itself logs when it creates a context (a fresh process, verbose)."""
+    import re
+    import subprocess
+    import sys
+
+    code = ("import sys; from edge_af3.engines.llamacpp import LlamaEngine; "
+            "LlamaEngine(sys.argv[1], n_ctx=int(sys.argv[2]), kv_type=sys.argv[3], verbose=True).close()")  # fmt: skip
+    err = subprocess.run([sys.executable, "-c", code, str(gguf), str(n_ctx), kv_type], capture_output=True, text=True,
+                         check=True).stderr  # fmt: skip
+    got = {}
+    for key, pattern in (("kv", r"KV buffer size =\s+([\d.]+) MiB"), ("compute", r"compute buffer size =\s+([\d.]+) MiB"),
+                         ("weights", r"model buffer size =\s+([\d.]+) MiB")):  # fmt: skip
+        m = re.search(pattern, err)
+        assert m, f"llama.cpp did not report its {key} buffer: {err[-1500:]}"
+        got[key] = float(m.group(1)) * 2**20
+    return got
+
+
 def test_memory_planner(tiny_bundle):
+    """The plan against what llama.cpp itself reports allocating for the same context."""
     shape = llm_shape(tiny_bundle / "llm-f32.gguf")
     assert (shape.n_layer, shape.n_embd, shape.n_head, shape.n_head_kv, shape.n_vocab) == (2, 64, 2, 1, 151672)
-    p = plan(tiny_bundle, n_ctx=8192, kv_type="f16", target="orin-nano-8gb")
-    head_dim = 64 // 2
-    assert p["items"]["KV cache"] == 2 * 2 * 8192 * 1 * head_dim * 2
-    assert p["items"]["llm weights"] == (tiny_bundle / "llm-f32.gguf").stat().st_size
+    for kv in ("f16", "q8_0"):
+        p = plan(tiny_bundle, n_ctx=8192, kv_type=kv, target="orin-nano-8gb")
+        real = _llama_reported_mib(tiny_bundle / "llm-f32.gguf", 8192, kv)
+        assert abs(p["items"]["KV cache"] - real["kv"]) <= 0.01 * real["kv"], (kv, p["items"]["KV cache"], real)
+        assert 0.8 * real["compute"] <= p["items"]["LLM compute buffer (est.)"] <= 1.3 * real["compute"], real
+        # the planner counts the whole GGUF file: the weights llama.cpp maps plus the tokenizer's metadata
+        assert real["weights"] <= p["items"]["llm weights"] <= 1.1 * real["weights"]
     onnx = (tiny_bundle / "encoder.onnx").stat().st_size
     assert p["encoder_precision"] == "fp16" and p["items"]["encoder weights"] == onnx // 2
     assert p["total"] == sum(p["items"].values()) and p["target"]["fits"]
-    q8 = plan(tiny_bundle, n_ctx=8192, kv_type="q8_0")
-    assert q8["items"]["KV cache"] == int(2 * 2 * 8192 * 1 * head_dim * KV_BYTES["q8_0"])
     with pytest.raises(ValueError, match="unknown target"):
         plan(tiny_bundle, target="pdp-11")
     res = run_cli("plan", str(tiny_bundle), "--target", "rtx-4090", "--json")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
@@ -13,6 +13,12 @@ from .common import (DeviceOpt, DryRunOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt,
 
 TEMP_HELP = "0 = greedy. Default: the checkpoint's generation_config.json (AF3: 0.7, top-k 20, top-p 0.8)."
 PENALTY_HELP = "transformers' repetition penalty (1 = off). Default: the checkpoint's (AF3: 1.05)."
+MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Most tokens to generate.")]
+TempOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", help=TEMP_HELP)]
+TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass (1 = off). Default: the checkpoint's.")]
+TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k likeliest (0 = off). Default: the checkpoint's.")]
+PenaltyOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", help=PENALTY_HELP)]
+SeedOpt = Annotated[int, typer.Option("--seed", help="The sampler's seed.")]
 
 
 def ask_cmd(
@@ -20,12 +26,12 @@ def ask_cmd(
     model: ModelOpt = None,
     think: bool = typer.Option(False, "--think", help="Reason step by step before answering (AF3 think mode)."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer, tokens, finish reason and timings as JSON."),
-    max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", min=1),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help=TEMP_HELP),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help=PENALTY_HELP),
-    seed: int = typer.Option(0, "--seed"),
+    max_new_tokens: MaxNewOpt = 500,
+    temperature: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: PenaltyOpt = None,
+    seed: SeedOpt = 0,
     n_ctx: NCtxOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
@@ -81,12 +87,12 @@ def chat_cmd(
     audio: list[Path] = typer.Option([], "--audio", "-a", help="Clip(s) attached to the first message."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     think: bool = typer.Option(False, "--think", help="Start with think mode on (/think off to stop)."),
-    max_new_tokens: int = typer.Option(500, "--max-new-tokens", "-n", min=1),
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help=TEMP_HELP),
-    top_p: Optional[float] = typer.Option(None, "--top-p"),
-    top_k: Optional[int] = typer.Option(None, "--top-k"),
-    repetition_penalty: Optional[float] = typer.Option(None, "--repetition-penalty", help=PENALTY_HELP),
-    seed: int = typer.Option(0, "--seed"),
+    max_new_tokens: MaxNewOpt = 500,
+    temperature: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    repetition_penalty: PenaltyOpt = None,
+    seed: SeedOpt = 0,
     n_ctx: NCtxOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
