@@ -108,13 +108,18 @@ def test_manifest_and_bundle_checks(bundle_f32, tmp_path):
 
 
 def test_quantized_exports_report_agreement(tiny_ckpt, tmp_path):
-    for quant in ("q8_0", "q4_0", "q4_k_m", "f16"):
+    # (top-1 at least, KL at most) vs the fp32 reference; measured on this seed-0 checkpoint:
+    # f16 1.000 / 1.9e-6, q8_0 0.942 / 1.4e-3, q4_k_m 0.865 / 0.040, q4_0 0.635 / 0.149. A quantizer
+    # that scrambled or zeroed a tensor lands near top-1 0 with a KL of several nats.
+    bounds = {"f16": (0.99, 1e-4), "q8_0": (0.9, 0.01), "q4_k_m": (0.75, 0.1), "q4_0": (0.5, 0.4)}
+    kl = {}
+    for quant, (top1, max_kl) in bounds.items():
         b = export(tiny_ckpt, tmp_path / quant, quant=quant)
         v = json.loads((b / "manifest.json").read_text())["verification"]["llm"]
         assert (b / f"llm-{quant}.gguf").is_file() and v["tokenization_identical"]
-        assert 0.0 <= v["kl_divergence"] and 0.0 <= v["top1_agreement"] <= 1.0
-        if quant in ("q8_0", "f16"):
-            assert v["top1_agreement"] >= 0.9
+        assert v["top1_agreement"] >= top1 and v["kl_divergence"] <= max_kl, (quant, v)
+        kl[quant] = v["kl_divergence"]
+    assert kl["f16"] < kl["q8_0"] < kl["q4_k_m"] < kl["q4_0"]  # fewer bits, further from the reference
 
 
 def test_refusals(tiny_ckpt, tmp_path):
