@@ -34,6 +34,8 @@ class Settings:
     exact: bool = False
     gpu: str | None = None
     why: str = ""
+    device_used: str = "cpu"  # where the chosen encoder engine runs ("cuda (NAME)" or "cpu")
+    skipped: tuple = ()  # (engine, why not) for the faster engines passed over
 
     @property
     def encoder_on_gpu(self) -> bool:
@@ -87,6 +89,8 @@ def resolve(stored_precision: str = "fp32", *, device: str = "auto", encoder_eng
         exact=exact,
         gpu=choice.gpu,
         why=choice.explain(),
+        device_used=choice.device,
+        skipped=choice.skipped,
     )
 
 

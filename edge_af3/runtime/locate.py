@@ -51,7 +51,7 @@ def exported(source, quant: str, progress=None) -> Path:
     out = cached_bundle_path(ckpt, quant)
     if not (out / "manifest.json").is_file():
         try:
-            from ..export import export
+            from ..export import export  # layer-ok: only a checkpoint (not a bundle) needs the exporter
         except ImportError as e:
             raise MissingDependencyError(
                 f"{source} is a checkpoint; exporting it needs the export extra ({e.name} is missing): "

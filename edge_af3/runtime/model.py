@@ -10,7 +10,7 @@ from ..audio import Audio, load_audio
 from ..bundle import Bundle, open_bundle
 from ..constants import MIN_TOKEN_SAMPLES, SAMPLE_RATE
 from ..engines.llamacpp import LlamaEngine
-from ..engines.select import make_encoder
+from ..engines.select import EncoderChoice, make_encoder
 from ..errors import AudioError, BundleError
 from ..settings import Settings, resolve
 from .clips import Clip, RowsCache
@@ -48,12 +48,10 @@ class AF3:
         stored = bundle.manifest["encoder"]["precision"]
         ask = dict(device=device, encoder_engine=encoder_engine, kv_type=kv_type, flash_attn=flash_attn, n_ctx=n_ctx,
                    windows_per_run=windows_per_run, overlap=overlap, n_gpu_layers=n_gpu_layers, exact=exact)  # fmt: skip
-        settings = resolve(stored, **ask)
+        settings = resolve(stored, **ask)  # probes the GPU and engines once; its choice is reused below
         self._stack = contextlib.ExitStack()
         try:
-            from ..engines.select import forced_encoder, choose_encoder
-
-            choice = choose_encoder(device) if encoder_engine is None else forced_encoder(encoder_engine, device)
+            choice = EncoderChoice(settings.encoder_engine, settings.device_used, gpu=settings.gpu, skipped=settings.skipped)
             self.encoder, self.engine_choice = make_encoder(bundle, choice, threads=threads,
                                                             fallback=encoder_engine is None)  # fmt: skip
             self._stack.callback(self.encoder.close)
@@ -113,11 +111,17 @@ class AF3:
             out.append(c)
         return out
 
+    def encode(self, clip: Clip, *, background: bool = False) -> None:
+        """Give a pending clip its rows: encoded now, or on a thread (`background`) that the
+        prefill reads chunk by chunk. A clip with rows (cached) is left as it is."""
+        if clip.pending:
+            args = (self.encoder, self.settings.windows_per_run, self._encoder_lock, self.rows_cache)
+            clip.start(*args) if background else clip.encode(*args)
+
     def audio_rows(self, audio):
         """Projected rows [N, H] for one clip; the same samples are encoded only once."""
         (clip,) = self.clips(audio)
-        if clip.pending:
-            clip.encode(self.encoder, self.settings.windows_per_run, self._encoder_lock, self.rows_cache)
+        self.encode(clip)
         return clip.rows
 
     def forget(self) -> None:

@@ -92,8 +92,7 @@ class ChatSession:
         turn = self._turn(prompt, audio, think, 0)
         model = self.model
         for clip in turn.clips:
-            if clip.pending:
-                clip.encode(model.encoder, model.settings.windows_per_run, model._encoder_lock, model.rows_cache)
+            model.encode(clip)
         with model.lock:
             self._prefill(turn.target)
             model.llm.owner = None

@@ -106,11 +106,8 @@ class Stream:
                     raise
 
     def _prepare_clips(self) -> None:
-        model = self.model
         for clip in self.turn.clips:
-            if clip.pending:
-                args = (model.encoder, model.settings.windows_per_run, model._encoder_lock, model.rows_cache)
-                clip.start(*args) if model.settings.overlap else clip.encode(*args)
+            self.model.encode(clip, background=self.model.settings.overlap)
 
     def _target(self) -> list:
         return self.turn.target + ([self.tokens] if self.tokens else [])
