@@ -36,6 +36,11 @@ class OptionsError(EdgeAF3Error, ValueError):
     """An option out of range or of an unknown name (sampling, device, engine, KV type, n_ctx)."""
 
 
+class PromptError(EdgeAF3Error, ValueError):
+    """A conversation that cannot be rendered: `<sound>` placeholders that do not match the clips,
+    an unknown role, an empty message list."""
+
+
 class SessionBusyError(EdgeAF3Error, RuntimeError):
     """A chat session asked for a new answer while its previous stream is still open."""
 

@@ -69,11 +69,24 @@ class SamplerOptions:
     repetition_penalty: float = 1.0  # 1 = off
 
 
+class SeqState:
+    """One sequence of the context: where its next row goes, and what each of its KV positions
+    holds (a token id, or an audio row's identity (clip hash, row index)); `common_prefix`
+    compares a prompt against it so only the part that differs is decoded."""
+
+    __slots__ = ("n_past", "items")
+
+    def __init__(self):
+        self.n_past = 0
+        self.items: list = []
+
+
 class LlamaEngine(NativeResource):
-    """One llama.cpp model + context + one sequence; `n_past` is where the next row goes."""
+    """One llama.cpp model + context with `n_seq` sequences (seq 0 unless told otherwise), each
+    with its own KV cache of `n_ctx` positions (llama.cpp's non-unified multi-sequence KV)."""
 
     def __init__(self, gguf: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512, threads: int | None = None,
-                 n_gpu_layers: int = 0, flash_attn: bool | None = None, kv_type: str = "f16",
+                 n_gpu_layers: int = 0, flash_attn: bool | None = None, kv_type: str = "f16", n_seq: int = 1,
                  verbose: bool = False):  # fmt: skip
         import llama_cpp
 
@@ -88,7 +101,11 @@ class LlamaEngine(NativeResource):
         if not self.model:
             raise BundleError(f"llama.cpp could not load {path} (not a GGUF it can read, or truncated)")
         cp = llama_cpp.llama_context_default_params()
-        cp.n_ctx = n_ctx
+        if n_seq < 1:
+            raise OptionsError(f"n_seq must be >= 1, got {n_seq}")
+        cp.n_ctx = n_ctx * n_seq  # llama.cpp splits the total evenly between the sequences
+        cp.n_seq_max = n_seq
+        cp.kv_unified = False
         cp.n_batch = n_batch
         cp.n_ubatch = n_batch
         n_threads = threads or max(1, os.cpu_count() or 1)
@@ -105,44 +122,77 @@ class LlamaEngine(NativeResource):
             llama_cpp.llama_model_free(self.model)
             raise RuntimeError(f"llama.cpp could not create a context of {n_ctx} tokens for {path}")
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
-        self.n_ctx = llama_cpp.llama_n_ctx(self.ctx)
+        self.n_ctx = llama_cpp.llama_n_ctx_seq(self.ctx)  # positions per sequence
+        self.n_seq = n_seq
         self.n_batch = n_batch
         self.n_embd = llama_cpp.llama_model_n_embd(self.model)
         self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
-        self._tok = llama_cpp.llama_batch_init(n_batch, 0, 1)
+        self._tok = llama_cpp.llama_batch_init(max(n_batch, n_seq), 0, 1)
         self._emb = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
         self.n_gpu_layers = n_gpu_layers
-        self.n_past = 0
-        # what each KV position holds: a token id, or an audio row's identity (clip hash, row index);
-        # `common_prefix` compares a prompt against it so only the part that differs is decoded
-        self.items: list = []
+        self.seqs = [SeqState() for _ in range(n_seq)]
         self.owner = None  # who made the last decode (its logits are the context's): the runtime's streams
         self.decoded_rows = 0  # counters that tests read: work actually done
         self.decode_calls = 0
 
+    # seq 0's state, which the in-process runtime uses
+    @property
+    def n_past(self) -> int:
+        return self.seqs[0].n_past
+
+    @property
+    def items(self) -> list:
+        return self.seqs[0].items
+
     # -- decoding -------------------------------------------------------------------------
-    def _check_room(self, n: int) -> None:
-        if self.n_past + n > self.n_ctx:
+    def _check_room(self, n: int, seq: int = 0) -> None:
+        need = self.seqs[seq].n_past + n
+        if need > self.n_ctx:
             raise ContextOverflowError(
-                f"the prompt needs {self.n_past + n} positions but n_ctx is {self.n_ctx}; "
-                f"load the model with n_ctx >= {self.n_past + n}"
+                f"the prompt needs {need} positions but n_ctx is {self.n_ctx}; load the model with n_ctx >= {need}"
             )
 
-    def _run(self, batch, n: int, want_logits: str, items: Sequence) -> None:
+    def _run(self, batch, n: int, want_logits: str, items: Sequence, seq: int = 0) -> None:
         self.owner = None
+        state = self.seqs[seq]
         batch.n_tokens = n
         for i in range(n):
-            batch.pos[i] = self.n_past + i
+            batch.pos[i] = state.n_past + i
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = 0
+            batch.seq_id[i][0] = seq
             batch.logits[i] = 1 if (want_logits == "all" or (want_logits == "last" and i == n - 1)) else 0
+        self._decode(batch, state.n_past)
+        state.n_past += n
+        state.items.extend(items)
+        self.decoded_rows += n
+
+    def _decode(self, batch, at: int) -> None:
         rc = self._ll.llama_decode(self.ctx, batch)
         if rc != 0:
-            raise RuntimeError(f"llama_decode failed with code {rc} at position {self.n_past}")
-        self.n_past += n
-        self.items.extend(items)
-        self.decoded_rows += n
+            raise RuntimeError(f"llama_decode failed with code {rc} at position {at}")
         self.decode_calls += 1
+
+    def decode_step(self, steps: Sequence[tuple[int, int]]) -> None:
+        """One batched decode of one token per sequence: `steps` = (seq, token) pairs, each token
+        at its sequence's next position; the logits of pair i are at batch index i (`sample(s, i)`)."""
+        if not steps or len(steps) > self.n_seq:
+            raise ValueError(f"decode_step takes 1..{self.n_seq} (seq, token) pairs, got {len(steps)}")
+        for seq, _ in steps:
+            self._check_room(1, seq)
+        batch = self._tok
+        batch.n_tokens = len(steps)
+        for i, (seq, token) in enumerate(steps):
+            batch.token[i] = token
+            batch.pos[i] = self.seqs[seq].n_past
+            batch.n_seq_id[i] = 1
+            batch.seq_id[i][0] = seq
+            batch.logits[i] = 1
+        self.owner = None
+        self._decode(batch, self.seqs[steps[0][0]].n_past)
+        for seq, token in steps:
+            self.seqs[seq].n_past += 1
+            self.seqs[seq].items.append(token)
+        self.decoded_rows += len(steps)
 
     def _logits_rows(self, n: int) -> np.ndarray:
         out = np.empty((n, self.n_vocab), dtype=np.float32)
@@ -151,10 +201,10 @@ class LlamaEngine(NativeResource):
             out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out
 
-    def decode_tokens(self, ids: Sequence[int], *, logits: str = "last") -> np.ndarray | None:
+    def decode_tokens(self, ids: Sequence[int], *, logits: str = "last", seq: int = 0) -> np.ndarray | None:
         """Feed token ids. logits: 'last' -> [vocab] of the last id, 'all' -> [n, vocab], 'none'."""
         ids = list(ids)
-        self._check_room(len(ids))
+        self._check_room(len(ids), seq)
         collected = []
         for start in range(0, len(ids), self.n_batch):
             chunk = ids[start : start + self.n_batch]
@@ -162,7 +212,7 @@ class LlamaEngine(NativeResource):
             for i, t in enumerate(chunk):
                 self._tok.token[i] = t
             mode = logits if (logits == "all" or last_chunk) else "none"
-            self._run(self._tok, len(chunk), mode, chunk)
+            self._run(self._tok, len(chunk), mode, chunk, seq)
             if mode == "all":
                 collected.append(self._logits_rows(len(chunk)))
         if logits == "all":
@@ -171,7 +221,8 @@ class LlamaEngine(NativeResource):
             return self.last_logits((len(ids) - 1) % self.n_batch)
         return None
 
-    def decode_embeddings(self, rows: np.ndarray, *, logits: str = "none", ids: Sequence | None = None) -> np.ndarray | None:
+    def decode_embeddings(self, rows: np.ndarray, *, logits: str = "none", ids: Sequence | None = None,
+                          seq: int = 0) -> np.ndarray | None:  # fmt: skip
         """Feed float rows [n, n_embd] (audio) at the next positions, n_batch rows per decode.
         `ids`: a hashable identity per row, for prefix reuse (default: never equal to anything)."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)
@@ -179,7 +230,7 @@ class LlamaEngine(NativeResource):
             raise ValueError(f"embedding rows must be [n, {self.n_embd}], got {rows.shape}")
         if ids is not None and len(ids) != rows.shape[0]:
             raise ValueError(f"{len(ids)} row ids for {rows.shape[0]} rows")
-        self._check_room(rows.shape[0])
+        self._check_room(rows.shape[0], seq)
         ids = list(ids) if ids is not None else [object() for _ in range(rows.shape[0])]
         collected = []
         for start in range(0, rows.shape[0], self.n_batch):
@@ -187,7 +238,7 @@ class LlamaEngine(NativeResource):
             ctypes.memmove(self._emb.embd, chunk.ctypes.data, chunk.nbytes)
             last_chunk = start + self.n_batch >= rows.shape[0]
             mode = logits if (logits == "all" or last_chunk) else "none"
-            self._run(self._emb, chunk.shape[0], mode, ids[start : start + self.n_batch])
+            self._run(self._emb, chunk.shape[0], mode, ids[start : start + self.n_batch], seq)
             if mode == "all":
                 collected.append(self._logits_rows(chunk.shape[0]))
         if logits == "all":
@@ -206,24 +257,24 @@ class LlamaEngine(NativeResource):
         ptr = self._ll.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def truncate(self, n_past: int) -> None:
-        """Forget every position >= n_past (the KV cache keeps the prefix)."""
+    def truncate(self, n_past: int, seq: int = 0) -> None:
+        """Forget every position >= n_past of a sequence (its KV cache keeps the prefix)."""
         mem = self._ll.llama_get_memory(self.ctx)
-        self._ll.llama_memory_seq_rm(mem, 0, n_past, -1)
+        self._ll.llama_memory_seq_rm(mem, seq, n_past, -1)
         self.owner = None
-        self.n_past = n_past
-        del self.items[n_past:]
+        state = self.seqs[seq]
+        state.n_past = min(state.n_past, n_past)
+        del state.items[n_past:]
 
     def reset(self) -> None:
         self._ll.llama_memory_clear(self._ll.llama_get_memory(self.ctx), True)
         self.owner = None
-        self.n_past = 0
-        self.items.clear()
+        self.seqs = [SeqState() for _ in range(self.n_seq)]
 
-    def common_prefix(self, items) -> int:
-        """How many leading positions of the KV cache already hold `items` (an iterable)."""
+    def common_prefix(self, items, seq: int = 0) -> int:
+        """How many leading positions of a sequence's KV cache already hold `items` (an iterable)."""
         n = 0
-        for have, want in zip(self.items, items):
+        for have, want in zip(self.seqs[seq].items, items):
             if have != want:
                 break
             n += 1
@@ -296,9 +347,10 @@ class LlamaEngine(NativeResource):
             out[arr.data[i].id] = arr.data[i].logit
         return out
 
-    def sample(self, sampler) -> int:
-        """Sample from the logits of the last decoded row (the sampler accepts the token)."""
-        return int(self._ll.llama_sampler_sample(sampler, self.ctx, -1))
+    def sample(self, sampler, index: int = -1) -> int:
+        """Sample from the logits of a row of the last decode (default its last; the sampler
+        accepts the token)."""
+        return int(self._ll.llama_sampler_sample(sampler, self.ctx, index))
 
     def free_sampler(self, sampler) -> None:
         self._ll.llama_sampler_free(sampler)

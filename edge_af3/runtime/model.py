@@ -37,7 +37,7 @@ class AF3:
                  kv_type: str | None = None, flash_attn: bool | None = None, exact: bool = False,
                  encoder_engine: str | None = None, windows_per_run: int | None = None, overlap: bool | None = None,
                  n_gpu_layers: int | None = None, n_batch: int = 512, cache_size: int = 16,
-                 options: GenerationOptions | None = None):  # fmt: skip
+                 options: GenerationOptions | None = None, n_seq: int = 1):  # fmt: skip
         self.bundle = bundle
         self.template = bundle.manifest.get("chat_template")
         if not self.template:
@@ -60,7 +60,7 @@ class AF3:
             self.settings: Settings = settings
             self.llm = self._stack.enter_context(
                 LlamaEngine(bundle.llm, n_ctx=settings.n_ctx, n_batch=n_batch, threads=threads, kv_type=settings.kv_type,
-                            flash_attn=settings.flash_attn, n_gpu_layers=settings.n_gpu_layers)  # fmt: skip
+                            flash_attn=settings.flash_attn, n_gpu_layers=settings.n_gpu_layers, n_seq=n_seq)  # fmt: skip
             )
             if self.llm.n_embd != bundle.hidden_size:
                 raise BundleError(f"{bundle.path}: LLM width {self.llm.n_embd} != encoder rows {bundle.hidden_size}")
@@ -88,7 +88,9 @@ class AF3:
         settings: device ("auto" | "cpu" | "cuda"), n_ctx (default 16384: AF3's longest prompt),
         threads, kv_type ("f16" | "q8_0" | "f32"), flash_attn, exact (f32 KV, flash attention off:
         greedy tokens equal transformers'), encoder_engine, windows_per_run, overlap, n_gpu_layers,
-        options (a `GenerationOptions`: this model's defaults over the checkpoint's).
+        options (a `GenerationOptions`: this model's defaults over the checkpoint's), n_seq (llama.cpp
+        sequences, each with its own n_ctx of KV cache: the server's slots; the in-process API uses
+        the first).
         check_hashes: None hashes files the first time they are seen (remembered), True always,
         False never.
         """

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from ..constants import THINK_SUFFIX
-from ..errors import ContextOverflowError, SessionBusyError
+from ..errors import ContextOverflowError, PromptError, SessionBusyError
 from ..prompt import Message, render, split_sound
 from .clips import Clip, items
 from .stream import Stream
@@ -33,6 +33,32 @@ class Turn:
     target: list
     clips: list[Clip]
     prompt_len: int
+
+
+def segments(llm, text: str, clips: list[Clip]) -> list:
+    """Prompt text with one `<sound>` per clip -> token id lists and clips, in prompt order."""
+    pieces = split_sound(text)
+    if len(pieces) != len(clips) + 1:
+        raise PromptError(f"the prompt has {len(pieces) - 1} <sound> placeholder(s) for {len(clips)} audio clip(s)")
+    out: list = []
+    for i, piece in enumerate(pieces):
+        ids = llm.tokenize(piece)
+        if ids:
+            out.append(ids)
+        if i < len(clips):
+            out.append(clips[i])
+    return out
+
+
+def check_fits(target: list, clips: list[Clip], n_ctx: int, max_new_tokens: int) -> int:
+    """Positions `target` takes; refused (before anything is encoded) when it leaves no room to answer."""
+    total = sum(len(seg) for seg in target)
+    if total >= n_ctx:
+        raise ContextOverflowError(
+            f"the prompt needs {total} positions ({sum(len(c) for c in clips)} of them audio) but n_ctx is "
+            f"{n_ctx}; load the model with n_ctx >= {total + max_new_tokens}"
+        )
+    return total
 
 
 class ChatSession:
@@ -106,24 +132,8 @@ class ChatSession:
         full = render(model.template, self.messages + [user], add_generation_prompt=True)
         if not full.startswith(self.rendered):
             raise RuntimeError("the chat template does not render conversations incrementally")
-        pieces = split_sound(full[len(self.rendered) :])
-        if len(pieces) != len(clips) + 1:
-            raise ValueError(f"the prompt has {len(pieces) - 1} <sound> slots for {len(clips)} audio clip(s)")
-        new: list = []
-        for i, piece in enumerate(pieces):
-            ids = model.llm.tokenize(piece)
-            if ids:
-                new.append(ids)
-            if i < len(clips):
-                new.append(clips[i])
-        target = self.segments + new
-        total = sum(len(seg) for seg in target)
-        n_ctx = model.llm.n_ctx
-        if total >= n_ctx:  # checked before anything is encoded
-            raise ContextOverflowError(
-                f"the prompt needs {total} positions ({sum(len(c) for c in clips)} of them audio) but n_ctx is "
-                f"{n_ctx}; load the model with n_ctx >= {total + max_new_tokens}"
-            )
+        target = self.segments + segments(model.llm, full[len(self.rendered) :], clips)
+        total = check_fits(target, clips, model.llm.n_ctx, max_new_tokens)
         return Turn(full=full, user=user, target=target, clips=clips, prompt_len=total)
 
     def _prefill(self, target: list) -> int:

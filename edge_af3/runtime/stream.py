@@ -16,7 +16,7 @@ import time
 from typing import TYPE_CHECKING
 
 from .clips import Clip, penalty_ids
-from .types import Answer, FinishReason, GenerationOptions, Timings
+from .types import Answer, FinishReason, GenerationOptions, StopScanner, Timings
 
 if TYPE_CHECKING:
     from .session import ChatSession, Turn
@@ -31,6 +31,7 @@ class Stream:
         self.answer: Answer | None = None  # set when the stream ends
         self.tokens: list[int] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        self._scan = StopScanner(options.stop)
         self._sampler = None
         self._started = False
         self._dead = False  # a step raised: the stream is over (the error reached the caller)
@@ -138,7 +139,9 @@ class Stream:
                 return self._finish("stop")
             self.tokens.append(tok)
             self._t_last = time.perf_counter()
-            piece = self._decoder.decode(llm.piece(tok))
+            piece = self._scan.feed(self._decoder.decode(llm.piece(tok)))
+            if self._scan.hit:
+                return piece + self._finish("stop")
             if llm.n_past >= llm.n_ctx:  # the token is kept, but the context has no room to go on
                 return piece + self._finish("context")
             llm.decode_next(tok)
@@ -153,10 +156,11 @@ class Stream:
 
     def _finish(self, reason: FinishReason) -> str:
         """End the stream: the answer, the session's history (unless cancelled); returns the last bytes."""
-        tail = self._decoder.decode(b"", final=True)
+        tail = self._scan.feed(self._decoder.decode(b"", final=True))
+        tail += self._scan.flush()
         self._release_sampler()
         llm = self.model.llm
-        text = llm.detokenize(self.tokens)
+        text = self._scan.text if self.options.stop else llm.detokenize(self.tokens)
         t_end = time.perf_counter()
         t_start = self._t_start or t_end
         n = len(self.tokens)

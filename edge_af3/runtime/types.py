@@ -27,6 +27,8 @@ class GenerationOptions:
         positive logit is divided by it, a negative one multiplied, once per distinct token.
     seed: the sampler's seed (the same seed and prompt give the same tokens).
     ignore_eos: generate exactly max_new_tokens (benchmarks, like llama.cpp's --ignore-eos).
+    stop: strings that end the answer where they first appear (the text stops before them;
+        finish_reason "stop"), up to 16 (OpenAI's `stop`).
 
     Plain greedy decoding: `temperature=0, repetition_penalty=1.0`.
     """
@@ -38,8 +40,13 @@ class GenerationOptions:
     repetition_penalty: float | None = None
     seed: int = 0
     ignore_eos: bool = False
+    stop: tuple[str, ...] = ()
 
     def __post_init__(self):
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop or ())
+        if len(stop) > 16 or not all(isinstance(s, str) and s for s in stop):
+            raise OptionsError(f"stop must be up to 16 non-empty strings, got {self.stop!r}")
+        object.__setattr__(self, "stop", stop)
         if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
             raise OptionsError(f"max_new_tokens must be a whole number >= 1, got {self.max_new_tokens!r}")
         if self.temperature is not None and not self.temperature >= 0:
@@ -74,6 +81,37 @@ class GenerationOptions:
             repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None
             else float(defaults.get("repetition_penalty", 1.0)),
         )  # fmt: skip
+
+
+class StopScanner:
+    """Cuts streamed text at the first stop string. `feed(piece)` returns what may be shown now:
+    text that could still be the start of a stop string is held back until the next piece tells."""
+
+    def __init__(self, stops: tuple[str, ...] = ()):
+        self.stops = stops
+        self.text = ""  # everything released so far
+        self.hit = False
+        self._held = ""
+
+    def feed(self, piece: str) -> str:
+        if self.hit:
+            return ""
+        buf = self._held + piece
+        found = [i for i in (buf.find(s) for s in self.stops) if i >= 0]
+        if found:
+            out, self._held, self.hit = buf[: min(found)], "", True
+        else:
+            keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])),
+                       default=0)  # fmt: skip
+            out, self._held = buf[: len(buf) - keep], buf[len(buf) - keep :]
+        self.text += out
+        return out
+
+    def flush(self) -> str:
+        """The held-back tail, at the end of the answer (no stop string came)."""
+        out, self._held = ("" if self.hit else self._held), ""
+        self.text += out
+        return out
 
 
 def eos_ids(defaults: dict) -> frozenset[int]:

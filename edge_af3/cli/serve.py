@@ -1,0 +1,54 @@
+"""`edge-af3 serve`: the OpenAI-compatible HTTP server."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from ..errors import OptionsError
+from .common import DEFAULT_MODEL, DeviceOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, VerifyOpt, check_threads
+
+
+def serve_cmd(
+    model: ModelOpt = None,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 to serve the network)."),
+    port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
+    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGE_AF3_API_KEY",
+                                          help="Require 'Authorization: Bearer KEY' on /v1/*. Env: EDGE_AF3_API_KEY."),
+    parallel: int = typer.Option(1, "--parallel", "-np", min=1, max=64,
+                                 help="Slots decoded together (each its own KV cache of --n-ctx positions)."),
+    max_queue: int = typer.Option(16, "--max-queue", min=0, help="Requests that may wait for a slot; more get 429."),
+    max_body_mb: int = typer.Option(64, "--max-body-mb", min=1, help="Largest request body (413 above it)."),
+    timeout: float = typer.Option(30.0, "--timeout", min=0, help="Seconds SIGTERM waits for requests in flight."),
+    allow_urls: bool = typer.Option(False, "--allow-urls", help="Fetch http(s) audio_url parts (data: URLs always work)."),
+    name: Optional[str] = typer.Option(None, "--name", help="Model id to serve under (default: the checkpoint's Hub id)."),
+    n_ctx: NCtxOpt = None,
+    threads: ThreadsOpt = None,
+    device: DeviceOpt = "auto",
+    kv_type: KvOpt = None,
+    engine: EngineOpt = None,
+    exact: ExactOpt = False,
+    verify: VerifyOpt = False,
+    log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error"),
+) -> None:
+    """Serve AF3 over OpenAI's API: /v1/chat/completions (audio as input_audio or data: audio_url,
+    streaming), /v1/audio/transcriptions, /v1/models, /health, /metrics. Binds to localhost unless
+    --host says otherwise. Needs the `server` extra: pip install 'edge-af3\[server]'.
+
+    Examples:
+      edge-af3 serve -m ./af3-bundle --parallel 4
+      EDGE_AF3_API_KEY=secret edge-af3 serve --host 0.0.0.0 --port 8080
+    """
+    from ..server import serve
+    from ..server.app import ServerConfig
+
+    check_threads(threads)
+    if log_level.lower() not in ("debug", "info", "warning", "error"):
+        raise OptionsError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
+    load = dict(n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine, exact=exact,
+                check_hashes=True if verify else None)  # fmt: skip
+    config = ServerConfig(model=model or DEFAULT_MODEL, name=name, api_key=api_key or None, parallel=parallel,
+                          max_queue=max_queue, max_body_mb=max_body_mb, timeout=timeout, allow_urls=allow_urls,
+                          load=load)  # fmt: skip
+    serve(config, host, port, log_level=log_level)

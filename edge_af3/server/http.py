@@ -1,0 +1,91 @@
+"""The HTTP edge: body limits, API keys, a request id and one log line per request."""
+
+from __future__ import annotations
+
+import hmac
+import json
+import logging
+import time
+import uuid
+
+from .openai_api import APIError
+
+log = logging.getLogger("edge_af3.server")
+
+
+class BodyTooLarge(APIError):
+    def __init__(self, limit: int):
+        super().__init__(413, f"the request body is over the server's {limit >> 20} MB limit (--max-body-mb)",
+                         code="body_too_large")  # fmt: skip
+
+
+async def read_body(request, limit: int) -> bytes:
+    """The whole body, refused (413) as soon as it passes `limit` bytes."""
+    chunks, n = [], 0
+    async for part in request.stream():
+        n += len(part)
+        if n > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(part)
+    return b"".join(chunks)
+
+
+def auth_check(request, key: str | None) -> None:
+    if not key:
+        return
+    got = request.headers.get("authorization", "")
+    scheme, _, token = got.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
+        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'" if got else
+                       "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")  # fmt: skip
+
+
+class BodyLimit:
+    """Pure ASGI middleware: a request id per request (header X-Request-Id), a declared body over
+    the limit answered 413 before it is read, a streamed one cut off as it passes the limit, and
+    one log line + metrics when the response has been sent (for a stream: when it ends)."""
+
+    def __init__(self, app, max_bytes: int, metrics=None):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        prefix = "chatcmpl" if scope["path"].endswith("/completions") else "req"
+        rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
+        state = scope.setdefault("state", {})
+        state["request_id"] = rid
+        t0, status = time.perf_counter(), [0]
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
+            err = BodyTooLarge(self.max_bytes)
+            body = json.dumps(err.body()).encode()
+            await send({"type": "http.response.start", "status": 413,
+                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send({"type": "http.response.body", "body": body})
+            return self._done(scope, 413, t0, rid)
+
+        async def send_logged(message):
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+                message.setdefault("headers", [])
+                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+            await send(message)
+            if message["type"] == "http.response.body" and not message.get("more_body", False):
+                self._done(scope, status[0], t0, rid)
+
+        await self.app(scope, receive, send_logged)
+
+    def _done(self, scope, status: int, t0: float, rid: str) -> None:
+        path, job = scope["path"], scope.get("state", {}).get("job")
+        ms = (time.perf_counter() - t0) * 1000
+        if self.metrics:
+            self.metrics.request(path, status)
+        if job is None:
+            log.info("%s %s %s %d %.0fms", rid, scope["method"], path, status, ms)
+            return
+        ttft = f"{job.ttft_s * 1000:.0f}ms" if job.ttft_s is not None else "-"
+        log.info("%s %s %s %d audio=%.1fs prompt=%d cached=%d tokens=%d ttft=%s finish=%s slot=%d %.0fms", rid,
+                 scope["method"], path, status, job.audio_seconds, job.prompt_len, job.reused, len(job.tokens), ttft,
+                 job.finish_reason, job.slot, ms)  # fmt: skip

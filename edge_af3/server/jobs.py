@@ -1,0 +1,35 @@
+"""A conversation with its audio -> a `Job` the scheduler can run: audio decoded, clips encoded,
+the prompt rendered by the checkpoint's template and checked against the context."""
+
+from __future__ import annotations
+
+import warnings
+
+from ..audio import load_audio
+from ..prompt import Message, render
+from ..runtime.session import check_fits, segments
+from ..runtime.types import GenerationOptions
+from .scheduler import Job
+
+
+def prepare(model, messages: list[Message], audios: list[tuple[str, bytes]], options: GenerationOptions) -> tuple[Job, list[str]]:
+    """Blocking (run it off the event loop): returns the job (no sink yet) and warnings to pass on
+    (audio over 600 s is cut). Raises the runtime's user errors (AudioError, PromptError,
+    ContextOverflowError, OptionsError) before anything reaches the LLM."""
+    opts = options.resolved(model.generation)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        clips = model.clips([load_audio(data, name=where) for where, data in audios])
+    text = render(model.template, messages, add_generation_prompt=True)
+    target = segments(model.llm, text, clips)
+    prompt_len = check_fits(target, clips, model.llm.n_ctx, opts.max_new_tokens)
+    seconds = sum(c.audio.seconds for c in clips)
+    for clip in clips:  # a clip seen before (same samples) has its rows from the cache already
+        model.encode(clip)
+    job = Job(target=target, prompt_len=prompt_len, options=opts, eos=model.eos_ids, sink=_unset,
+              audio_tokens=sum(len(c) for c in clips), audio_seconds=seconds)  # fmt: skip
+    return job, [str(w.message) for w in caught]
+
+
+def _unset(kind, value) -> None:  # noqa: ARG001
+    raise RuntimeError("a job ran before its sink was set")

@@ -1,0 +1,293 @@
+"""Many generations in one llama.cpp context: slots, a bounded queue, one batched decode per step.
+
+Each slot is one llama.cpp sequence (`seq_id`) with its own KV cache, which it keeps after a
+request ends: the slot's prefix cache. A request waits in the queue until a slot is free, then
+takes the free slot whose cache holds the longest prefix of its prompt (a follow-up turn lands
+where its conversation is, and decodes only the new part). The scheduler thread alternates one
+prefill chunk (at most n_batch rows of one slot) with one `llama_decode` that advances every
+decoding slot by a token, as llama-server's slots do, so a long prompt never stalls the others
+for more than a chunk. Requests are prepared (audio decoded and encoded) before they queue, on
+the caller's thread; the encoder takes one clip at a time.
+"""
+
+from __future__ import annotations
+
+import codecs
+import itertools
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Callable
+
+from ..errors import EdgeAF3Error
+from ..runtime.clips import Clip, items, penalty_ids
+from ..runtime.types import FinishReason, GenerationOptions, StopScanner
+
+EventSink = Callable[[str, object], None]  # ("piece", str) | ("done", Job) | ("error", BaseException)
+
+
+class QueueFullError(EdgeAF3Error):
+    """Every slot is busy and the queue is full: try again later (HTTP 429)."""
+
+    def __init__(self, message: str, retry_after: int = 1):
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+@dataclass(eq=False)
+class Job:
+    """One generation: what to decode (segments with every clip's rows ready), how, and where its
+    text goes. The scheduler fills in the outcome."""
+
+    target: list
+    prompt_len: int
+    options: GenerationOptions  # resolved: no None left
+    eos: frozenset[int]
+    sink: EventSink
+    id: str = ""
+    audio_tokens: int = 0
+    audio_seconds: float = 0.0
+    tokens: list[int] = field(default_factory=list)
+    text: str = ""
+    finish_reason: FinishReason | None = None
+    reused: int = 0
+    slot: int = -1
+    t_submit: float = field(default_factory=time.perf_counter)
+    t_start: float | None = None  # a slot took it
+    t_first: float | None = None
+    t_last: float | None = None
+    _cancel: threading.Event = field(default_factory=threading.Event)
+    _wake: Callable[[], None] | None = None
+
+    def cancel(self) -> None:
+        """Stop (any thread): a queued job never starts, a running one ends within one token."""
+        self._cancel.set()
+        if self._wake:
+            self._wake()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def ttft_s(self) -> float | None:
+        return None if self.t_first is None else self.t_first - self.t_submit
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        n = len(self.tokens)
+        dt = (self.t_last or 0) - (self.t_first or 0)
+        return (n - 1) / dt if n > 1 and dt > 0 else 0.0
+
+
+class Slot:
+    def __init__(self, seq: int):
+        self.seq = seq
+        self.job: Job | None = None
+        self.sampler = None
+        self.pending: int | None = None  # the sampled token the next batched step feeds
+        self.prefill = None  # a generator: one chunk per next(), True after the last
+        self.used = 0.0
+        self.decoder = self.scan = None
+
+
+class Scheduler:
+    """Runs jobs on `parallel` slots of `model.llm` (loaded with n_seq >= parallel) on one thread."""
+
+    def __init__(self, model, parallel: int = 1, max_queue: int = 16, on_done: Callable[[Job], None] | None = None):
+        if model.llm.n_seq < parallel:
+            raise ValueError(f"the LLM context has {model.llm.n_seq} sequences for {parallel} slots")
+        self.model, self.llm = model, model.llm
+        self.slots = [Slot(i) for i in range(parallel)]
+        self.capacity = parallel + max_queue
+        self.on_done = on_done
+        self._waiting: deque[Job] = deque()
+        self._reserved = 0  # requests taken and not yet done: being prepared, queued or in a slot
+        self._cv = threading.Condition()
+        self._running = False
+        self._thread: threading.Thread | None = None
+        self._rr = itertools.count()
+
+    # -- admission (any thread) -------------------------------------------------------------
+    def reserve(self) -> None:
+        """Take a place for a request about to be prepared, or refuse it when the queue is full."""
+        with self._cv:
+            if not self._running:
+                raise QueueFullError("the server is shutting down", retry_after=5)
+            if self._reserved >= self.capacity:
+                raise QueueFullError(f"all {len(self.slots)} slots are busy and {self.capacity - len(self.slots)} "
+                                     "requests are waiting; retry later")  # fmt: skip
+            self._reserved += 1
+
+    def release(self) -> None:
+        """Give back a place whose request never reached `submit` (it failed while being prepared)."""
+        with self._cv:
+            self._reserved -= 1
+
+    def submit(self, job: Job) -> Job:
+        """Queue a prepared job (after `reserve`); its events go to `job.sink` from the scheduler thread."""
+        job._wake = self._wake
+        with self._cv:
+            self._waiting.append(job)
+            self._cv.notify()
+        return job
+
+    def _wake(self) -> None:
+        with self._cv:
+            self._cv.notify()
+
+    @property
+    def queued(self) -> int:
+        """Requests taken but not in a slot yet (being prepared or waiting)."""
+        return self._reserved - self.in_flight
+
+    @property
+    def in_flight(self) -> int:
+        return sum(1 for s in self.slots if s.job is not None)
+
+    # -- lifetime ---------------------------------------------------------------------------
+    def start(self) -> "Scheduler":
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="edge-af3-scheduler", daemon=True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Stop the thread; jobs still queued or running end cancelled."""
+        with self._cv:
+            self._running = False
+            for job in list(self._waiting) + [s.job for s in self.slots if s.job]:
+                job._cancel.set()
+            self._cv.notify()
+        if self._thread:
+            self._thread.join(timeout=30)
+
+    # -- the scheduler thread ---------------------------------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._cv:
+                self._admit()
+                busy = any(s.job for s in self.slots)
+                if not busy:
+                    if not self._running and not self._waiting:
+                        return
+                    self._cv.wait(timeout=1.0)
+                    continue
+            with self.model.lock:
+                try:
+                    self._work()
+                except Exception as e:  # noqa: BLE001 - a failed decode ends the jobs it carried, not the server
+                    for slot in self.slots:
+                        if slot.job:
+                            self._end(slot, None, error=e)
+
+    def _admit(self) -> None:
+        while self._waiting and self._waiting[0].cancelled:
+            self._drop(self._waiting.popleft())
+        free = [s for s in self.slots if s.job is None]
+        while self._waiting and free:
+            job = self._waiting.popleft()
+            if job.cancelled:
+                self._drop(job)
+                continue
+            want = list(items(job.target))
+            best = max(free, key=lambda s: (self.llm.common_prefix(want, s.seq), -s.used))
+            free.remove(best)
+            self._begin(best, job)
+
+    def _drop(self, job: Job) -> None:
+        job.finish_reason = "cancelled"
+        self._reserved -= 1
+        self._deliver(job)
+
+    def _begin(self, slot: Slot, job: Job) -> None:
+        llm, opts = self.llm, job.options
+        slot.job, slot.pending, job.slot, job.t_start = job, None, slot.seq, time.perf_counter()
+        slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        slot.scan = StopScanner(opts.stop)
+        slot.sampler = llm.make_sampler(opts)
+        if opts.repetition_penalty != 1.0:  # transformers counts the whole input, <sound> ids included
+            llm.accept(slot.sampler, penalty_ids(job.target))
+        slot.prefill = self._prefill(slot, job)
+
+    def _prefill(self, slot: Slot, job: Job):
+        """Decode what the slot's cache lacks of the prompt, one chunk per step; True after the last."""
+        llm, seq, nb = self.llm, slot.seq, self.llm.n_batch
+        reuse = min(llm.common_prefix(items(job.target), seq), job.prompt_len - 1)  # >= 1 row decoded: logits
+        llm.truncate(reuse, seq)
+        job.reused = reuse
+        segs = [seg for seg in job.target if len(seg)]
+        offset = 0
+        for i, seg in enumerate(segs):
+            n, skip = len(seg), max(0, reuse - offset)
+            offset += n
+            for lo in range(skip, n, nb):
+                hi = min(n, lo + nb)
+                last = i == len(segs) - 1 and hi == n
+                mode = "last" if last else "none"
+                if isinstance(seg, Clip):
+                    llm.decode_embeddings(seg.rows[lo:hi], ids=[(seg.key, j) for j in range(lo, hi)], logits=mode, seq=seq)
+                else:
+                    llm.decode_tokens(seg[lo:hi], logits=mode, seq=seq)
+                yield last
+
+    def _work(self) -> None:
+        """One prefill chunk (slots in turn), then one batched decode step of every decoding slot."""
+        for slot in self.slots:
+            if slot.job and slot.job.cancelled:
+                self._end(slot, "cancelled")
+        prefilling = [s for s in self.slots if s.job and s.prefill]
+        if prefilling:
+            slot = prefilling[next(self._rr) % len(prefilling)]
+            try:
+                if next(slot.prefill, True):  # its last chunk: sample now, before another decode moves the logits
+                    slot.prefill = None
+                    self._take(slot, self.llm.sample(slot.sampler))
+            except Exception as e:  # noqa: BLE001 - this job fails; the others go on
+                self._end(slot, None, error=e)
+        decoding = [s for s in self.slots if s.job and s.pending is not None]
+        if decoding:
+            self.llm.decode_step([(s.seq, s.pending) for s in decoding])
+            for i, slot in enumerate(decoding):
+                slot.pending = None
+                self._take(slot, self.llm.sample(slot.sampler, i))
+
+    def _take(self, slot: Slot, tok: int) -> None:
+        """A sampled token: end on eos / a stop string / the length or context limit, else feed it next step."""
+        job, llm = slot.job, self.llm
+        now = time.perf_counter()
+        if job.t_first is None:
+            job.t_first = now
+        if tok in job.eos and not job.options.ignore_eos:
+            return self._end(slot, "stop")
+        job.tokens.append(tok)
+        job.t_last = now
+        piece = slot.scan.feed(slot.decoder.decode(llm.piece(tok)))
+        if piece:
+            job.sink("piece", piece)
+        if slot.scan.hit:
+            return self._end(slot, "stop")
+        if len(job.tokens) >= job.options.max_new_tokens:
+            return self._end(slot, "length")
+        if llm.seqs[slot.seq].n_past >= llm.n_ctx:  # the token is kept; there is no room to go on
+            return self._end(slot, "context")
+        slot.pending = tok
+
+    def _end(self, slot: Slot, reason: FinishReason | None, *, error: BaseException | None = None) -> None:
+        job = slot.job
+        tail = slot.scan.feed(slot.decoder.decode(b"", final=True)) + slot.scan.flush()
+        if tail and error is None:
+            job.sink("piece", tail)
+        self.llm.free_sampler(slot.sampler)
+        slot.job = slot.sampler = slot.pending = slot.prefill = None
+        slot.used = time.perf_counter()
+        job.text, job.finish_reason = slot.scan.text, reason
+        with self._cv:
+            self._reserved -= 1
+        self._deliver(job, error)
+
+    def _deliver(self, job: Job, error: BaseException | None = None) -> None:
+        if self.on_done and error is None:
+            self.on_done(job)
+        job.sink("error", error) if error is not None else job.sink("done", job)
