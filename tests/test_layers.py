@@ -36,7 +36,8 @@ from edge_af3 import AF3
 bundle = sys.argv[1]
 for mod in pkgutil.iter_modules(edge_af3.engines.__path__):
     importlib.import_module(f"edge_af3.engines.{mod.name}")
-for name in ("listen", "vad", "plan", "settings", "runtime", "cli.app", "onnx_tools", "checkpoint", "paths"):
+for name in ("listen", "vad", "plan", "settings", "runtime", "cli.app", "onnx_tools", "checkpoint", "paths",
+             "server.app", "server.scheduler", "client"):
     importlib.import_module(f"edge_af3.{name}")
 x = (0.1 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32)
 with AF3.load(bundle, n_ctx=1024) as m:
@@ -88,8 +89,8 @@ def test_cli_without_torch(tiny_bundle, speech_wav, tmp_path):
     assert lines[-1]["summary"]["answered"] >= 1 and all("text" in a for a in lines[:-1])
 
 
-LAYERS = ("runtime", "engines", "listen.py", "vad.py", "plan.py", "settings.py", "audio.py", "features.py",
-          "bundle.py", "prompt.py", "paths.py", "checkpoint.py", "onnx_tools.py")  # fmt: skip
+LAYERS = ("runtime", "engines", "server", "listen.py", "vad.py", "plan.py", "settings.py", "audio.py", "features.py",
+          "bundle.py", "prompt.py", "paths.py", "checkpoint.py", "onnx_tools.py", "client.py")  # fmt: skip
 
 
 def _imports(path: Path):

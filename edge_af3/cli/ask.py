@@ -19,6 +19,19 @@ TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass 
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k likeliest (0 = off). Default: the checkpoint's.")]
 PenaltyOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", help=PENALTY_HELP)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="The sampler's seed.")]
+BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", envvar="EDGE_AF3_BASE_URL",
+                       help="Ask an OpenAI-compatible server (edge-af3 serve, vLLM) instead of loading a model.")]
+ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="EDGE_AF3_API_KEY", help="The server's API key.")]
+
+
+def connect_or_load(base_url, model, **load):
+    """A server (--base-url: -m names the served model) or a model loaded here."""
+    if base_url:
+        from ..runtime import AF3
+
+        return AF3.connect(base_url, api_key=load.pop("api_key", None), model=model)
+    load.pop("api_key", None)
+    return load_model(model, **load)
 
 
 def ask_cmd(
@@ -40,6 +53,8 @@ def ask_cmd(
     exact: ExactOpt = False,
     verify: VerifyOpt = False,
     dry: DryRunOpt = False,
+    base_url: BaseUrlOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Ask one question about one or more clips; the answer streams as it is produced.
 
@@ -60,8 +75,8 @@ def ask_cmd(
     clips = [load_audio(p) for p in paths]  # bad audio fails before the model loads
     opts = generation_overrides(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
-    af3 = load_model(model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine,
-                     exact=exact, verify=verify)  # fmt: skip
+    af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
+                          encoder_engine=engine, exact=exact, verify=verify, api_key=api_key)  # fmt: skip
     with af3:
         stream = af3.stream(prompt, clips, think=think, **opts)  # the context is checked before encoding
         with stream:
@@ -70,9 +85,10 @@ def ask_cmd(
                     emit(piece)
         answer = stream.answer
     if as_json:
-        emit_json({"model": str(af3.bundle.path), "audio": paths, "prompt": prompt, "think": think,
+        emit_json({"model": af3.label, "audio": paths, "prompt": prompt, "think": think,
                    "text": answer.text, "tokens": list(answer.tokens), "finish_reason": answer.finish_reason,
-                   "settings": af3.settings.__dict__, "options": answer.options.__dict__,
+                   "settings": af3.settings.__dict__ if hasattr(af3, "settings") else None,
+                   "options": answer.options.__dict__ if answer.options else None,
                    "timings": answer.timings.__dict__})  # fmt: skip
         return
     out.print()
@@ -101,6 +117,8 @@ def chat_cmd(
     exact: ExactOpt = False,
     verify: VerifyOpt = False,
     dry: DryRunOpt = False,
+    base_url: BaseUrlOpt = None,
+    api_key: ApiKeyOpt = None,
 ) -> None:
     """Talk about audio over several turns; the session keeps its KV cache between turns.
 
@@ -115,7 +133,7 @@ def chat_cmd(
         return show_plan(model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact)
     opts = generation_overrides(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
-    af3 = load_model(model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine,
-                     exact=exact, verify=verify)  # fmt: skip
+    af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
+                          encoder_engine=engine, exact=exact, verify=verify, api_key=api_key)  # fmt: skip
     with af3:
         run_chat(af3, audio=list(audio), system=system, think=think, options=opts)

@@ -54,7 +54,7 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
 
     for p in audio:
         attach(str(p))
-    console.print(f"[bold]edge-af3 chat[/] — {af3.bundle.path.name}. /help for commands, Ctrl-D to leave.")
+    console.print(f"[bold]edge-af3 chat[/] — {af3.label}. /help for commands, Ctrl-D to leave.")
     try:
         while True:
             try:
@@ -92,7 +92,7 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
                         continue
                     target = Path(arg).expanduser()
                     tmp = target.with_name(f".{target.name}.tmp")
-                    tmp.write_text(json.dumps({"model": str(af3.bundle.path), "system": system, "turns": transcript},
+                    tmp.write_text(json.dumps({"model": af3.label, "system": system, "turns": transcript},
                                               indent=2, ensure_ascii=False) + "\n", "utf-8")  # fmt: skip
                     tmp.replace(target)  # never a half-written file
                     console.print(f"[dim]saved {len(transcript)} turn(s) to {target}[/]")

@@ -97,6 +97,18 @@ class AF3:
         path = locate(source, quant=quant, progress=progress)
         return cls(open_bundle(path, check_hashes=check_hashes), **settings)
 
+    @staticmethod
+    def connect(base_url: str, api_key: str | None = None, model: str | None = None, **kwargs):
+        """A model behind an OpenAI-compatible server (`edge-af3 serve`, or vLLM serving
+        nvidia/audio-flamingo-3-hf) with the same ask / stream / chat calls (extra `client`)."""
+        from ..client import RemoteAF3
+
+        return RemoteAF3(base_url, api_key=api_key, model=model, **kwargs)
+
+    @property
+    def label(self) -> str:
+        return str(self.bundle.path)
+
     # -- audio ------------------------------------------------------------------------------
     def clips(self, audio) -> list[Clip]:
         """Clips for `audio` (None, one clip or a list), rows from the cache where the same samples

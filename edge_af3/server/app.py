@@ -68,7 +68,7 @@ class State:
             self.names = {self.name, folder, source, "edge-af3"} - {""}
             self.model = model
             self.scheduler = Scheduler(model, self.config.parallel, self.config.max_queue,
-                                       on_done=self.metrics.job_done).start()  # fmt: skip
+                                       on_done=self.metrics.job_done, on_step=self.metrics.step).start()  # fmt: skip
             self.ready.set()
             log.info("ready: %s (%s), %d slot(s) of %d positions", self.name, model.bundle.path,
                      self.config.parallel, model.llm.n_ctx)  # fmt: skip

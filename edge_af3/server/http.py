@@ -66,16 +66,22 @@ class BodyLimit:
             await send({"type": "http.response.body", "body": body})
             return self._done(scope, 413, t0, rid)
 
+        logged = [False]
+
         async def send_logged(message):
             if message["type"] == "http.response.start":
                 status[0] = message["status"]
-                message.setdefault("headers", [])
-                message["headers"] = list(message["headers"]) + [(b"x-request-id", rid.encode())]
+                message["headers"] = list(message.get("headers") or []) + [(b"x-request-id", rid.encode())]
             await send(message)
-            if message["type"] == "http.response.body" and not message.get("more_body", False):
+            if message["type"] == "http.response.body" and not message.get("more_body", False) and not logged[0]:
+                logged[0] = True
                 self._done(scope, status[0], t0, rid)
 
-        await self.app(scope, receive, send_logged)
+        try:
+            await self.app(scope, receive, send_logged)
+        finally:
+            if not logged[0]:  # the client went away before the end (499, as nginx logs it)
+                self._done(scope, 499 if status[0] in (0, 200) else status[0], t0, rid)
 
     def _done(self, scope, status: int, t0: float, rid: str) -> None:
         path, job = scope["path"], scope.get("state", {}).get("job")
@@ -88,4 +94,4 @@ class BodyLimit:
         ttft = f"{job.ttft_s * 1000:.0f}ms" if job.ttft_s is not None else "-"
         log.info("%s %s %s %d audio=%.1fs prompt=%d cached=%d tokens=%d ttft=%s finish=%s slot=%d %.0fms", rid,
                  scope["method"], path, status, job.audio_seconds, job.prompt_len, job.reused, len(job.tokens), ttft,
-                 job.finish_reason, job.slot, ms)  # fmt: skip
+                 job.finish_reason or ("cancelled" if status == 499 else "-"), job.slot, ms)  # fmt: skip

@@ -24,10 +24,12 @@ def prepare(model, messages: list[Message], audios: list[tuple[str, bytes]], opt
     target = segments(model.llm, text, clips)
     prompt_len = check_fits(target, clips, model.llm.n_ctx, opts.max_new_tokens)
     seconds = sum(c.audio.seconds for c in clips)
+    encoded = sum(1 for c in clips if c.pending)
     for clip in clips:  # a clip seen before (same samples) has its rows from the cache already
         model.encode(clip)
     job = Job(target=target, prompt_len=prompt_len, options=opts, eos=model.eos_ids, sink=_unset,
-              audio_tokens=sum(len(c) for c in clips), audio_seconds=seconds)  # fmt: skip
+              audio_tokens=sum(len(c) for c in clips), audio_seconds=seconds,
+              clips_encoded=encoded, clips_cached=len(clips) - encoded)  # fmt: skip
     return job, [str(w.message) for w in caught]
 
 

@@ -19,11 +19,15 @@ class Metrics:
         self.ttft = Histogram("edge_af3_time_to_first_token_seconds", "from the request to its first token",
                               buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64), registry=r)  # fmt: skip
         self.rate = Histogram("edge_af3_decode_tokens_per_second", "decode rate of each request",
-                              buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320), registry=r)  # fmt: skip
+                              buckets=(1, 2, 5, 10, 20, 40, 80, 160, 320, 640, 1280), registry=r)  # fmt: skip
         self.audio = Counter("edge_af3_audio_seconds", "seconds of audio in requests", registry=r)
         self.prompt = Counter("edge_af3_prompt_tokens", "prompt positions (text + audio)", registry=r)
         self.cached = Counter("edge_af3_cached_prompt_tokens", "prompt positions reused from a slot's KV cache", registry=r)
         self.completion = Counter("edge_af3_completion_tokens", "generated tokens", registry=r)
+        self.clips = Counter("edge_af3_audio_clips", "clips in requests: encoded, or rows from the cache",
+                             ["source"], registry=r)  # fmt: skip
+        self.batch = Histogram("edge_af3_decode_batch_size", "slots advanced by each batched decode step",
+                               buckets=(1, 2, 4, 8, 16, 32, 64), registry=r)  # fmt: skip
         self.finished = Counter("edge_af3_generations", "generations by finish reason", ["reason"], registry=r)
 
     def request(self, path: str, status: int) -> None:
@@ -41,6 +45,11 @@ class Metrics:
         self.cached.inc(job.reused)
         self.completion.inc(len(job.tokens))
         self.finished.labels(job.finish_reason or "error").inc()
+        self.clips.labels("encoded").inc(job.clips_encoded)
+        self.clips.labels("cache").inc(job.clips_cached)
+
+    def step(self, n: int) -> None:
+        self.batch.observe(n)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

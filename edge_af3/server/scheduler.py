@@ -48,6 +48,8 @@ class Job:
     id: str = ""
     audio_tokens: int = 0
     audio_seconds: float = 0.0
+    clips_encoded: int = 0  # clips of the prompt the encoder ran for (the others came from the rows cache)
+    clips_cached: int = 0
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
@@ -95,13 +97,14 @@ class Slot:
 class Scheduler:
     """Runs jobs on `parallel` slots of `model.llm` (loaded with n_seq >= parallel) on one thread."""
 
-    def __init__(self, model, parallel: int = 1, max_queue: int = 16, on_done: Callable[[Job], None] | None = None):
+    def __init__(self, model, parallel: int = 1, max_queue: int = 16, on_done: Callable[[Job], None] | None = None,
+                 on_step: Callable[[int], None] | None = None):  # fmt: skip
         if model.llm.n_seq < parallel:
             raise ValueError(f"the LLM context has {model.llm.n_seq} sequences for {parallel} slots")
         self.model, self.llm = model, model.llm
         self.slots = [Slot(i) for i in range(parallel)]
         self.capacity = parallel + max_queue
-        self.on_done = on_done
+        self.on_done, self.on_step = on_done, on_step  # on_step(n): a batched decode of n slots ran
         self._waiting: deque[Job] = deque()
         self._reserved = 0  # requests taken and not yet done: being prepared, queued or in a slot
         self._cv = threading.Condition()
@@ -249,6 +252,8 @@ class Scheduler:
         decoding = [s for s in self.slots if s.job and s.pending is not None]
         if decoding:
             self.llm.decode_step([(s.seq, s.pending) for s in decoding])
+            if self.on_step:
+                self.on_step(len(decoding))
             for i, slot in enumerate(decoding):
                 slot.pending = None
                 self._take(slot, self.llm.sample(slot.sampler, i))

@@ -1,0 +1,256 @@
+"""`AF3.connect(base_url)`: the same `ask` / `stream` / `chat` calls as a loaded model, over
+OpenAI's chat API with `input_audio` parts, so one program runs against `edge-af3 serve` or a
+vLLM server of `nvidia/audio-flamingo-3-hf` by changing its base URL (extra `client`: the
+`openai` package).
+
+What maps where: max_new_tokens -> max_tokens; temperature, top_p, seed, stop as OpenAI's;
+top_k, repetition_penalty, ignore_eos in the body as vLLM reads them; think -> AF3's think
+suffix written into the prompt (what both servers understand) plus `"think": true` for
+edge-af3's server. Options left None are the server's defaults (both use the checkpoint's
+generation_config.json). A remote answer has no token ids: `Answer.tokens` is empty.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import os
+import time
+from pathlib import Path
+
+from .audio import Audio, load_audio
+from .constants import SAMPLE_RATE, THINK_SUFFIX
+from .errors import AudioError, EdgeAF3Error, MissingDependencyError, SessionBusyError
+from .runtime.types import Answer, GenerationOptions, Timings
+
+FINISH = {"stop": "stop", "length": "length", "content_filter": "stop", None: "stop"}
+_MAGIC = ((b"RIFF", "wav"), (b"fLaC", "flac"), (b"OggS", "ogg"), (b"ID3", "mp3"), (b"\xff\xfb", "mp3"), (b"\xff\xf3", "mp3"))
+
+
+def audio_part(audio) -> dict:
+    """An `input_audio` content part: a wav/mp3/flac/ogg file is sent as it is, anything else (an
+    array, `(array, rate)`, an `Audio`, another format) as a 16 kHz float WAV of its samples."""
+    data = fmt = None
+    if isinstance(audio, (str, os.PathLike)):
+        path = Path(audio)
+        if not path.is_file():
+            raise AudioError(f"{path}: no such file")
+        data = path.read_bytes()
+    elif isinstance(audio, (bytes, bytearray)):
+        data = bytes(audio)
+    if data is not None:
+        fmt = next((f for magic, f in _MAGIC if data.startswith(magic)), None)
+    if fmt is None:
+        import soundfile as sf
+
+        clip = load_audio(audio) if not isinstance(audio, Audio) else audio
+        buf = io.BytesIO()
+        sf.write(buf, clip.samples, SAMPLE_RATE, format="WAV", subtype="FLOAT")
+        data, fmt = buf.getvalue(), "wav"
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode("ascii"), "format": fmt}}
+
+
+def _as_list(audio) -> list:
+    return [] if audio is None else audio if isinstance(audio, list) else [audio]
+
+
+class RemoteStream:
+    """A streamed answer from the server: iterate for text; `.answer` when it ends; `cancel()`
+    closes the connection (the server frees its slot within a token)."""
+
+    def __init__(self, owner: "RemoteAF3", response, t0: float, on_end=None):
+        self._owner, self._response, self._on_end = owner, response, on_end
+        self._t0, self._t_first = t0, None
+        self._pieces: list[str] = []
+        self._finish, self._usage = None, None
+        self.answer: Answer | None = None
+        self._it = iter(response)
+
+    def __iter__(self):
+        return self
+
+    def __next__(self) -> str:
+        while self.answer is None:
+            try:
+                ch = next(self._it)
+            except StopIteration:
+                self._end(self._finish or "stop")
+                raise
+            if getattr(ch, "usage", None):
+                self._usage = ch.usage
+            for choice in ch.choices or []:
+                if choice.finish_reason:
+                    self._finish = FINISH.get(choice.finish_reason, "stop")
+                piece = choice.delta.content if choice.delta else None
+                if piece:
+                    if self._t_first is None:
+                        self._t_first = time.perf_counter()
+                    self._pieces.append(piece)
+                    return piece
+        raise StopIteration
+
+    @property
+    def text(self) -> str:
+        return "".join(self._pieces)
+
+    def result(self) -> Answer:
+        for _ in self:
+            pass
+        return self.answer
+
+    def cancel(self) -> None:
+        if self.answer is None:
+            self._response.close()
+            self._end("cancelled")
+
+    close = cancel
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.cancel()
+
+    def _end(self, reason: str) -> None:
+        t_end = time.perf_counter()
+        u = self._usage
+        details = getattr(u, "prompt_tokens_details", None) if u else None
+        n = u.completion_tokens if u else len(self._pieces)
+        first = self._t_first or t_end
+        timings = Timings(
+            first_token_ms=(first - self._t0) * 1000,
+            decode_tokens_per_s=(n - 1) / (t_end - first) if n > 1 and t_end > first else 0.0,
+            prompt_tokens=u.prompt_tokens if u else 0,
+            audio_tokens=(getattr(details, "audio_tokens", None) or 0) if details else 0,
+            reused_tokens=(getattr(details, "cached_tokens", None) or 0) if details else 0,
+        )
+        self.answer = Answer(text=self.text, tokens=(), timings=timings, finish_reason=reason)
+        if self._on_end:
+            self._on_end(self)
+
+
+class RemoteChat:
+    """A conversation kept on the client: every turn re-sends the history and its audio (the
+    server reuses its KV prefix and cached rows, so only the new turn costs)."""
+
+    def __init__(self, owner: "RemoteAF3", system: str | None = None):
+        self.owner, self.system = owner, system
+        self._open: RemoteStream | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        if self._open is not None:
+            self._open.cancel()
+        self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system is not None else []
+        self.last_answer: Answer | None = None
+
+    def stream(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
+               **overrides) -> RemoteStream:  # fmt: skip
+        if self._open is not None and self._open.answer is None:
+            raise SessionBusyError("this session's previous answer is still streaming; finish or cancel() it first")
+        text = prompt + (THINK_SUFFIX if think else "")
+        user = {"role": "user", "content": [audio_part(a) for a in _as_list(audio)] + [{"type": "text", "text": text}]}
+
+        def ended(s: RemoteStream) -> None:
+            self.last_answer = s.answer
+            if s.answer.finish_reason != "cancelled":
+                self.messages += [user, {"role": "assistant", "content": s.answer.text}]
+
+        self._open = self.owner._request(self.messages + [user], think, GenerationOptions.of(options, **overrides), ended)
+        return self._open
+
+    def ask(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
+            **overrides) -> Answer:  # fmt: skip
+        return self.stream(prompt, audio, think=think, options=options, **overrides).result()
+
+    send = ask
+
+
+class RemoteAF3:
+    """A model behind an OpenAI-compatible server (`AF3.connect`)."""
+
+    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, *, timeout: float = 600):
+        try:
+            import openai
+        except ImportError:
+            raise MissingDependencyError("connecting to a server needs the openai package: pip install 'edge-af3[client]'") from None
+        self._openai = openai
+        url = base_url.rstrip("/")
+        self.base_url = url if url.endswith("/v1") else url + "/v1"
+        key = api_key or os.environ.get("EDGE_AF3_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
+        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=2)
+        self.model = model or self._first_model()
+
+    @property
+    def label(self) -> str:
+        return f"{self.model} at {self.base_url}"
+
+    def _first_model(self) -> str:
+        try:
+            models = list(self.client.models.list())
+        except self._openai.APIStatusError as e:
+            raise EdgeAF3Error(f"{self.base_url}: {e.status_code} {_message(e)}") from None
+        except self._openai.OpenAIError as e:
+            raise EdgeAF3Error(f"{self.base_url}: {e}") from None
+        if not models:
+            raise EdgeAF3Error(f"{self.base_url} serves no model")
+        return models[0].id
+
+    def _request(self, messages: list[dict], think: bool, opts: GenerationOptions, on_end=None) -> RemoteStream:
+        kw: dict = {"max_tokens": opts.max_new_tokens}
+        for name in ("temperature", "top_p"):
+            if getattr(opts, name) is not None:
+                kw[name] = getattr(opts, name)
+        if opts.seed:
+            kw["seed"] = opts.seed
+        if opts.stop:
+            kw["stop"] = list(opts.stop)
+        extra = {k: getattr(opts, k) for k in ("top_k", "repetition_penalty") if getattr(opts, k) is not None}
+        extra |= {"ignore_eos": True} if opts.ignore_eos else {}
+        extra |= {"think": True} if think else {}
+        t0 = time.perf_counter()
+        try:
+            response = self.client.chat.completions.create(
+                model=self.model, messages=messages, stream=True, stream_options={"include_usage": True},
+                extra_body=extra or None, **kw)  # fmt: skip
+        except self._openai.APIStatusError as e:
+            raise EdgeAF3Error(f"{self.base_url}: {e.status_code} {_message(e)}") from None
+        except self._openai.OpenAIError as e:
+            raise EdgeAF3Error(f"{self.base_url}: {e}") from None
+        return RemoteStream(self, response, t0, on_end)
+
+    def stream(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
+               **overrides) -> RemoteStream:  # fmt: skip
+        return self.chat().stream(prompt, audio, think=think, options=options, **overrides)
+
+    def ask(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
+            **overrides) -> Answer:  # fmt: skip
+        return self.chat().ask(prompt, audio, think=think, options=options, **overrides)
+
+    def chat(self, system: str | None = None) -> RemoteChat:
+        return RemoteChat(self, system)
+
+    def transcribe(self, audio, prompt: str | None = None) -> str:
+        part = audio_part(audio)["input_audio"]
+        data = base64.b64decode(part["data"])
+        r = self.client.audio.transcriptions.create(model=self.model, file=(f"audio.{part['format']}", data),
+                                                    **({"prompt": prompt} if prompt else {}))  # fmt: skip
+        return r.text
+
+    def close(self) -> None:
+        self.client.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _message(e) -> str:
+    body = getattr(e, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return err["message"]
+    return str(e)
