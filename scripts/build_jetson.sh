@@ -14,6 +14,6 @@ python3 -m pip install "llama-cpp-python==0.3.36" --no-binary llama-cpp-python
 # encoder runs on the Orin's CPU through the plain onnxruntime wheel.
 python3 -m pip install onnxruntime-gpu --extra-index-url "${JETSON_INDEX:-https://pypi.jetson-ai-lab.dev/jp6/cu126}" \
   || python3 -m pip install onnxruntime
-python3 -m pip install -e ".[mic]"
+python3 -m pip install -e ".[mic,server,client]"
 python3 -c "import llama_cpp; assert llama_cpp.llama_supports_gpu_offload(), 'llama.cpp built without CUDA'"
 edge-af3 doctor

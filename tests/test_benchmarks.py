@@ -41,3 +41,25 @@ def test_suite_smoke_on_tiny(tiny_ckpt, tmp_path):
         assert enc["peers"][name]["cosine"] >= 0.9999 and enc["peers"][name]["max_abs"] <= 1e-4
         assert set(enc["peers"][name]["timing"]) == {"1", "3"}
     assert "| torch-cpu |" in (tmp_path / "out" / "encoder-tiny-cpu.md").read_text()
+
+
+def test_server_benchmark_smoke_on_tiny(tiny_ckpt, tmp_path):
+    """bench_server on tiny: every run and peer present, token counts as asked; no timing asserted."""
+    from benchmarks.bench_server import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_ckpt, work / "tiny-seed0")
+    report = main(["--shape", "tiny", "--clients", "1", "4", "--new-tokens", "4", "--requests", "2",
+                   "--work", str(work), "--out", str(tmp_path / "out")])  # fmt: skip
+    runs = {(r["server"], r["parallel"], r["audio"], r["clients"]): r for r in report["runs"]}
+    assert set(runs) == {("edge-af3", p, a, n) for p in (1, 4) for a in (True, False) for n in (1, 4)} | {
+        ("llama-cpp-python", 1, False, 1), ("llama-cpp-python", 1, False, 4)}  # fmt: skip
+    for (server, _, _, n), r in runs.items():
+        assert len(r["ttft_ms"]) >= n and r["ttft_ms_p95"] >= r["ttft_ms_p50"]
+        if server == "edge-af3":  # ignore_eos: every request gave exactly the tokens asked for
+            assert r["completion_tokens"] == 4 * n
+    assert report["in_process"]["completion_tokens"] == 4 * 2 and report["paired_ttft_ratio"] > 0
+    assert set(report["decode_step_ms"]) == {"1", "2", "4"}
+    assert {g["goal"].split(":")[0] for g in report["goals"]} == {"1 client", "4 clients"}
+    assert "| llama-cpp-python | 1 | text | 4 |" in (tmp_path / "out" / "server-tiny-q4_k_m-cpu.md").read_text()

@@ -107,8 +107,8 @@ GREEDY = dict(temperature=0)
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    s = Server(tiny_bundle, "--parallel", "4", "--max-queue", "32", "--max-body-mb", "16",
-               tmp_path=tmp_path_factory.mktemp("server"))  # fmt: skip
+    s = Server(tiny_bundle, "--parallel", "4", "--max-queue", "32", "--max-body-mb", "16", "--decode-batching",
+               "always", tmp_path=tmp_path_factory.mktemp("server"))  # fmt: skip
     yield s
     s.stop()
 
@@ -313,6 +313,29 @@ def test_sixteen_concurrent_clients_on_four_slots(server, clips):
         assert _stream(client, msgs, max_tokens=20, **GREEDY)[:2] == results[i][:2], f"request {i} differs alone"
 
 
+def test_auto_decode_batching_is_measured_and_keeps_every_text(tiny_bundle, model, clips, tmp_path):
+    srv = Server(tiny_bundle, "--parallel", "3", tmp_path=tmp_path)  # --decode-batching auto: the default
+    try:
+        costs = httpx.get(srv.url + "/health", timeout=10).json()["decode_step_ms"]
+        assert len(costs) == 3 and all(c > 0 for c in costs)
+        assert "decode step of 1..3 slots" in srv.tail()
+        client = srv.client(timeout=300)
+        out: dict = {}
+        threads = [threading.Thread(target=lambda i=i: out.update({i: _stream(client, [user("What is it?", clips[i])],
+                                                                            max_tokens=12, **GREEDY)}))
+                   for i in range(3)]  # fmt: skip
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=300)
+        for i in range(3):
+            want = model.ask("What is it?", (sf.read(io.BytesIO(clips[i]))[0], sf.info(io.BytesIO(clips[i])).samplerate),
+                             max_new_tokens=12, **GREEDY)  # fmt: skip
+            assert out[i][0] == want.text
+    finally:
+        srv.stop()
+
+
 def test_queue_full_429_dropped_client_frees_its_slot_sigterm_drains(tiny_bundle, tmp_path):
     srv = Server(tiny_bundle, "--parallel", "1", "--max-queue", "1", "--n-ctx", "8192", tmp_path=tmp_path, key=None)
     try:
@@ -429,6 +452,12 @@ def test_auth_body_limit_long_audio_and_other_routes(server, clips):
             yield b" " * (1 << 20)
 
     r = server.post("/v1/chat/completions", content=chunked())
+    assert r.status_code == 413
+    def multipart():  # a file part that never ends within the limit
+        yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
+        yield from chunked()
+
+    r = server.post("/v1/audio/transcriptions", content=multipart(), headers={"Content-Type": "multipart/form-data; boundary=x"})
     assert r.status_code == 413
     long = wav_bytes((0.1 * np.sin(np.arange(601 * 8000) * 0.05)).astype(np.float32), 8000, "PCM_16")
     r = server.post("/v1/chat/completions", json=_chat(audio_part(long), TEXT, temperature=0))

@@ -22,6 +22,9 @@ def serve_cmd(
     max_body_mb: int = typer.Option(64, "--max-body-mb", min=1, help="Largest request body (413 above it)."),
     timeout: float = typer.Option(30.0, "--timeout", min=0, help="Seconds SIGTERM waits for requests in flight."),
     allow_urls: bool = typer.Option(False, "--allow-urls", help="Fetch http(s) audio_url parts (data: URLs always work)."),
+    decode_batching: str = typer.Option("auto", "--decode-batching",
+                                        help="auto: batch the slots' decode steps where measured cheaper at start-up "
+                                             "than one slot at a time (K-quants on some CPUs are not) | always."),
     name: Optional[str] = typer.Option(None, "--name", help="Model id to serve under (default: the checkpoint's Hub id)."),
     n_ctx: NCtxOpt = None,
     threads: ThreadsOpt = None,
@@ -44,11 +47,13 @@ def serve_cmd(
     from ..server.app import ServerConfig
 
     check_threads(threads)
+    if decode_batching not in ("auto", "always"):
+        raise OptionsError(f"--decode-batching must be auto or always, got {decode_batching!r}")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise OptionsError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
     load = dict(n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine, exact=exact,
                 check_hashes=True if verify else None)  # fmt: skip
     config = ServerConfig(model=model or DEFAULT_MODEL, name=name, api_key=api_key or None, parallel=parallel,
                           max_queue=max_queue, max_body_mb=max_body_mb, timeout=timeout, allow_urls=allow_urls,
-                          load=load)  # fmt: skip
+                          decode_batching=decode_batching, load=load)  # fmt: skip
     serve(config, host, port, log_level=log_level)

@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -42,6 +43,7 @@ class ServerConfig:
     max_body_mb: int = 64
     timeout: float = 30.0  # seconds SIGTERM waits for requests in flight
     allow_urls: bool = False
+    decode_batching: str = "auto"  # auto: batch the slots' steps where measured cheaper | always
     load: dict = field(default_factory=dict)  # AF3.load settings (device, n_ctx, kv_type, threads, ...)
 
 
@@ -66,9 +68,16 @@ class State:
             folder = Path(model.bundle.path).name
             self.name = self.config.name or (source if source.count("/") == 1 and not Path(source).exists() else folder)
             self.names = {self.name, folder, source, "edge-af3"} - {""}
-            self.model = model
             self.scheduler = Scheduler(model, self.config.parallel, self.config.max_queue,
-                                       on_done=self.metrics.job_done, on_step=self.metrics.step).start()  # fmt: skip
+                                       on_done=self.metrics.job_done, on_step=self.metrics.step)  # fmt: skip
+            if self.config.parallel > 1 and self.config.decode_batching == "auto":
+                with model.lock:
+                    costs = self.scheduler.calibrate()
+                log.info("decode step of 1..%d slots: %s ms -> batched for %s", self.config.parallel,
+                         " / ".join(f"{c:.1f}" for c in costs),
+                         [n for n in range(1, len(costs) + 1) if self.scheduler.batch_cheaper(n)])  # fmt: skip
+            self.scheduler.start()
+            self.model = model  # ready: /health says 200 from here on
             self.ready.set()
             log.info("ready: %s (%s), %d slot(s) of %d positions", self.name, model.bundle.path,
                      self.config.parallel, model.llm.n_ctx)  # fmt: skip
@@ -139,7 +148,8 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
     @app.get("/health")
     async def health():
         if state.model is not None:
-            return {"status": "ok", "model": state.name, "slots": config.parallel, "n_ctx": state.model.llm.n_ctx}
+            return {"status": "ok", "model": state.name, "slots": config.parallel, "n_ctx": state.model.llm.n_ctx,
+                    "decode_step_ms": [round(c, 2) for c in state.scheduler.step_ms]}  # fmt: skip
         body = {"status": "error" if state.error else "loading"}
         return JSONResponse(body, status_code=503)
 
@@ -155,9 +165,11 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
 
     async def submit(request: Request, messages, audios, options) -> tuple[Job, asyncio.Queue, list[str]]:
         model = state.require()
+        t_arrival = request.state.t_arrival
         state.scheduler.reserve()
         try:
             job, warns = await run_in_threadpool(prepare, model, messages, audios, options)
+            job.prepare_s, job.t_submit = time.perf_counter() - t_arrival, t_arrival
         except BaseException:
             state.scheduler.release()
             raise

@@ -54,8 +54,8 @@ class BodyLimit:
         prefix = "chatcmpl" if scope["path"].endswith("/completions") else "req"
         rid = f"{prefix}-{uuid.uuid4().hex[:24]}"
         state = scope.setdefault("state", {})
-        state["request_id"] = rid
         t0, status = time.perf_counter(), [0]
+        state["request_id"], state["t_arrival"] = rid, t0
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
@@ -66,7 +66,15 @@ class BodyLimit:
             await send({"type": "http.response.body", "body": body})
             return self._done(scope, 413, t0, rid)
 
-        logged = [False]
+        logged, received = [False], [0]
+
+        async def receive_counted():  # a chunked body (no Content-Length) is cut off as it passes the limit
+            message = await receive()
+            if message["type"] == "http.request":
+                received[0] += len(message.get("body", b""))
+                if received[0] > self.max_bytes:
+                    raise BodyTooLarge(self.max_bytes)
+            return message
 
         async def send_logged(message):
             if message["type"] == "http.response.start":
@@ -78,7 +86,7 @@ class BodyLimit:
                 self._done(scope, status[0], t0, rid)
 
         try:
-            await self.app(scope, receive, send_logged)
+            await self.app(scope, receive_counted, send_logged)
         finally:
             if not logged[0]:  # the client went away before the end (499, as nginx logs it)
                 self._done(scope, 499 if status[0] in (0, 200) else status[0], t0, rid)
@@ -92,6 +100,7 @@ class BodyLimit:
             log.info("%s %s %s %d %.0fms", rid, scope["method"], path, status, ms)
             return
         ttft = f"{job.ttft_s * 1000:.0f}ms" if job.ttft_s is not None else "-"
-        log.info("%s %s %s %d audio=%.1fs prompt=%d cached=%d tokens=%d ttft=%s finish=%s slot=%d %.0fms", rid,
-                 scope["method"], path, status, job.audio_seconds, job.prompt_len, job.reused, len(job.tokens), ttft,
+        log.info("%s %s %s %d audio=%.1fs prompt=%d cached=%d tokens=%d prepare=%.0fms ttft=%s finish=%s slot=%d %.0fms",
+                 rid, scope["method"], path, status, job.audio_seconds, job.prompt_len, job.reused, len(job.tokens),
+                 job.prepare_s * 1000, ttft,
                  job.finish_reason or ("cancelled" if status == 499 else "-"), job.slot, ms)  # fmt: skip

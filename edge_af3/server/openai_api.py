@@ -82,13 +82,14 @@ def options_from(body: dict, default_max: int) -> GenerationOptions:
     if len(stop) > 16:
         raise bad("'stop' takes at most 16 strings", "stop")
     seed = _number(body, "seed", int)
+    top_k = _number(body, "top_k", int, -1, 1 << 20)  # vLLM's -1 = off is our 0
     ignore_eos = body.get("ignore_eos", False)
     if not isinstance(ignore_eos, bool):
         raise bad("'ignore_eos' must be true or false", "ignore_eos")
     return GenerationOptions(
         max_new_tokens=max_new or default_max, temperature=_number(body, "temperature", float, 0, 2),
-        top_p=_number(body, "top_p", float, 1e-9, 1), top_k=_number(body, "top_k", int, 0, 1 << 20) or None,
-        repetition_penalty=_number(body, "repetition_penalty", float, 1e-3, 100), seed=(seed or 0) & 0xFFFFFFFF,
+        top_p=_number(body, "top_p", float, 1e-9, 1), top_k=None if top_k is None else max(0, top_k),
+        repetition_penalty=_number(body, "repetition_penalty", float, 1e-3, 100), seed=(seed or 0) & 0xFFFFFFFF,  # noqa
         ignore_eos=ignore_eos, stop=tuple(stop),
     )  # fmt: skip
 

@@ -55,7 +55,8 @@ class Job:
     finish_reason: FinishReason | None = None
     reused: int = 0
     slot: int = -1
-    t_submit: float = field(default_factory=time.perf_counter)
+    t_submit: float = field(default_factory=time.perf_counter)  # the request's arrival (the server sets it)
+    prepare_s: float = 0.0  # arrival -> queued: audio decoded, features, encoder
     t_start: float | None = None  # a slot took it
     t_first: float | None = None
     t_last: float | None = None
@@ -111,6 +112,7 @@ class Scheduler:
         self._running = False
         self._thread: threading.Thread | None = None
         self._rr = itertools.count()
+        self.step_ms: list[float] = []  # measured cost of a decode step of 1..parallel slots (calibrate)
 
     # -- admission (any thread) -------------------------------------------------------------
     def reserve(self) -> None:
@@ -236,7 +238,7 @@ class Scheduler:
                 yield last
 
     def _work(self) -> None:
-        """One prefill chunk (slots in turn), then one batched decode step of every decoding slot."""
+        """One prefill chunk (slots in turn), then one decode step of every decoding slot."""
         for slot in self.slots:
             if slot.job and slot.job.cancelled:
                 self._end(slot, "cancelled")
@@ -250,13 +252,39 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - this job fails; the others go on
                 self._end(slot, None, error=e)
         decoding = [s for s in self.slots if s.job and s.pending is not None]
-        if decoding:
-            self.llm.decode_step([(s.seq, s.pending) for s in decoding])
+        # one batch, unless measured dearer than one decode per slot (K-quants on some CPUs)
+        groups = [decoding] if self.batch_cheaper(len(decoding)) else [[s] for s in decoding]
+        for group in groups if decoding else ():
+            self.llm.decode_step([(s.seq, s.pending) for s in group])
             if self.on_step:
-                self.on_step(len(decoding))
-            for i, slot in enumerate(decoding):
+                self.on_step(len(group))
+            for i, slot in enumerate(group):
                 slot.pending = None
                 self._take(slot, self.llm.sample(slot.sampler, i))
+
+    def batch_cheaper(self, n: int) -> bool:
+        costs = self.step_ms
+        return n <= 1 or not costs or n > len(costs) or costs[n - 1] <= n * costs[0]
+
+    def calibrate(self, steps: int = 4) -> list[float]:
+        """Time one batched decode step of 1..parallel sequences on this machine (before serving:
+        it uses, then clears, the KV cache). `--decode-batching auto` batches only where that is
+        cheaper than decoding each slot alone."""
+        llm, n = self.llm, len(self.slots)
+        costs = []
+        for b in range(1, n + 1):
+            for i in range(b):
+                llm.truncate(0, i)
+                llm.decode_tokens(llm.tokenize("<|im_start|>user\nhello"), logits="none", seq=i)
+            pairs = [(i, 13) for i in range(b)]
+            llm.decode_step(pairs)  # warm-up
+            t0 = time.perf_counter()
+            for _ in range(steps):
+                llm.decode_step(pairs)
+            costs.append((time.perf_counter() - t0) / steps * 1000)
+        llm.reset()
+        self.step_ms = costs
+        return costs
 
     def _take(self, slot: Slot, tok: int) -> None:
         """A sampled token: end on eos / a stop string / the length or context limit, else feed it next step."""
