@@ -74,11 +74,12 @@ class SeqState:
     holds (a token id, or an audio row's identity (clip hash, row index)); `common_prefix`
     compares a prompt against it so only the part that differs is decoded."""
 
-    __slots__ = ("n_past", "items")
+    __slots__ = ("n_past", "items", "adapter")
 
     def __init__(self):
         self.n_past = 0
         self.items: list = []
+        self.adapter: str | None = None  # the LoRA adapter its KV was computed with
 
 
 class LlamaEngine(NativeResource):
@@ -131,6 +132,8 @@ class LlamaEngine(NativeResource):
         self._emb = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
         self.n_gpu_layers = n_gpu_layers
         self.seqs = [SeqState() for _ in range(n_seq)]
+        self.adapters: dict[str, object] = {}  # name -> llama_adapter_lora (freed with the model)
+        self.active: str | None = None  # the adapter set on the context now
         self.owner = None  # who made the last decode (its logits are the context's): the runtime's streams
         self.decoded_rows = 0  # counters that tests read: work actually done
         self.decode_calls = 0
@@ -269,7 +272,7 @@ class LlamaEngine(NativeResource):
     def reset(self) -> None:
         self._ll.llama_memory_clear(self._ll.llama_get_memory(self.ctx), True)
         self.owner = None
-        self.seqs = [SeqState() for _ in range(self.n_seq)]
+        self.seqs = [SeqState() for _ in range(self.n_seq)]  # (the context's active adapter stays)
 
     def common_prefix(self, items, seq: int = 0) -> int:
         """How many leading positions of a sequence's KV cache already hold `items` (an iterable)."""
@@ -279,6 +282,42 @@ class LlamaEngine(NativeResource):
                 break
             n += 1
         return n
+
+    # -- adapters -------------------------------------------------------------------------
+    def load_adapter(self, name: str, path: str | os.PathLike) -> None:
+        """Load a GGUF LoRA adapter (once); `activate(name)` switches to it."""
+        if name in self.adapters:
+            return
+        ptr = self._ll.llama_adapter_lora_init(self.model, str(path).encode())
+        if not ptr:
+            raise BundleError(f"llama.cpp could not load the LoRA adapter {path} (not an adapter for this model?)")
+        self.adapters[name] = ptr
+
+    def activate(self, name: str | None) -> None:
+        """Decode with adapter `name` (None: the base model) from now on; no reload, no copy."""
+        if name == self.active:
+            return
+        ll = self._ll
+        if name is None:
+            rc = ll.llama_set_adapters_lora(self.ctx, None, 0, None)
+        else:
+            if name not in self.adapters:
+                raise OptionsError(f"no adapter {name!r} is loaded; loaded: {', '.join(self.adapters) or 'none'}")
+            ptrs = (ll.llama_adapter_lora_p_ctypes * 1)(self.adapters[name])
+            rc = ll.llama_set_adapters_lora(self.ctx, ptrs, 1, (ctypes.c_float * 1)(1.0))
+        if rc != 0:
+            raise RuntimeError(f"llama_set_adapters_lora failed with code {rc}")
+        self.active = name
+        self.owner = None
+
+    def bind(self, seq: int, adapter: str | None) -> None:
+        """The sequence is about to be decoded under `adapter`: KV computed under another adapter is
+        never reused (its positions are dropped). Then activates it."""
+        state = self.seqs[seq]
+        if state.adapter != adapter:
+            self.truncate(0, seq)
+            state.adapter = adapter
+        self.activate(adapter)
 
     # -- vocabulary -----------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:

@@ -40,7 +40,8 @@ class OnnxEncoder:
     name = "onnxruntime-cpu"
 
     def __init__(self, path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None,
-                 io_binding: bool = False, cuda_graphs: bool | None = None, max_windows: int = 20):  # fmt: skip
+                 io_binding: bool = False, cuda_graphs: bool | None = None, max_windows: int = 20,
+                 overrides: dict[str, np.ndarray] | None = None):  # fmt: skip
         import onnxruntime as ort
 
         self._ort = ort
@@ -53,6 +54,11 @@ class OnnxEncoder:
         # (off: +50% on the first run and +10% after); the runtime bounds it by feeding at most
         # `windows_per_run` windows per run (default 1).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # an adapter's encoder weights: these initializers replace the graph's (the file is shared)
+        self._overrides = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
+                           for name, a in (overrides or {}).items()}  # fmt: skip
+        for name, value in self._overrides.items():
+            opts.add_initializer(name, value)
         available = ort.get_available_providers()
         wanted = providers or ["CPUExecutionProvider"]
         use = [p for p in wanted if p in available] or ["CPUExecutionProvider"]

@@ -100,6 +100,24 @@ def onnx_weights(path: str | os.PathLike) -> dict[str, np.ndarray | Int8Weight]:
     return out
 
 
+def initializer_names(path: str | os.PathLike) -> dict[str, tuple[str, bool, str]]:
+    """{state-dict name: (ONNX initializer, stored transposed, its dtype)} of an fp32/fp16
+    encoder.onnx: where each weight of the tower and projector lives in the graph (an adapter's
+    encoder-side weights replace those initializers). Int8 weights are not listed."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(path), load_external_data=False)
+    inits = {t.name: t for t in model.graph.initializer}
+    dtype = lambda t: str(helper.tensor_dtype_to_np_dtype(t.data_type))  # noqa: E731
+    out = {name: (name, False, dtype(t)) for name, t in inits.items() if name.startswith(("tower.", "projector."))}
+    for node in model.graph.node:
+        m = _MATMUL.match(node.name)
+        if node.op_type == "MatMul" and m and len(node.input) == 2 and node.input[1] in inits:
+            out[_module(m) + ".weight"] = (node.input[1], True, dtype(inits[node.input[1]]))
+    return out
+
+
 @dataclass(frozen=True)
 class EncoderShape:
     layers: int

@@ -38,6 +38,7 @@ from ..constants import (
     SAMPLE_RATE,
     SOUND_TOKEN_ID,
 )
+from .adapters import export_adapters
 from .gguf_llm import QUANTS, quantize, write_gguf
 from .gguf_mmproj import MMPROJ_TYPES, write_mmproj
 from .onnx_encoder import PRECISIONS, export_encoder, load_encoder
@@ -161,8 +162,9 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k_m", encoder_precision: str = "fp32",
            force: bool = False, verify: bool = True, revision: str | None = None, mmproj: bool = False,
-           mmproj_type: str = "f16", progress: Progress | None = None) -> Path:  # fmt: skip
-    """Export checkpoint `src` (folder or Hub id) into the bundle folder `out`; returns its path."""
+           mmproj_type: str = "f16", progress: Progress | None = None, adapters: dict | None = None) -> Path:  # fmt: skip
+    """Export checkpoint `src` (folder or Hub id) into the bundle folder `out`; returns its path.
+    A checkpoint's `think/` adapter is exported with it; `adapters` adds {name: PEFT folder}."""
     from ..checkpoint import read_config, read_generation_config, resolve_checkpoint, weight_files
 
     say = progress or (lambda _msg: None)
@@ -217,6 +219,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
             say("verifying GGUF logits against transformers")
             checks["llm"] = verify_llm(llm_path, ckpt, quant, dtype="bfloat16" if big else "float32")
 
+        adapter_entries = export_adapters(ckpt, {k: Path(v) for k, v in (adapters or {}).items()}, cfg, tmp, say)
         files = {p.name: describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         audio = cfg["audio_config"]
         manifest = {
@@ -241,6 +244,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
             "encoder": {"file": "encoder.onnx", "precision": encoder_precision, "opset": 17,
                         "inputs": ["input_features", "input_features_mask"], "output": "audio_rows"},  # fmt: skip
             "llm": {"file": llm_path.name, "quant": quant, "arch": "qwen2"},
+            "adapters": adapter_entries,
             "mmproj": {"file": mm_path.name, "type": mmproj_type, "projector": "musicflamingo"} if mm_path else None,
             "chat_template": (ckpt / "chat_template.jinja").read_text("utf-8")
             if (ckpt / "chat_template.jinja").exists()

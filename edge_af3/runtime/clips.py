@@ -76,9 +76,11 @@ class Clip:
     sample count before encoding) and its rows: ready (cached), encoded when first asked for
     (`encode`), or being encoded on a thread (`start`), the prefill taking each chunk as it comes."""
 
-    def __init__(self, audio: Audio, rows: np.ndarray | None = None, *, key: str | None = None):
+    def __init__(self, audio: Audio, rows: np.ndarray | None = None, *, key: str | None = None,
+                 variant: str | None = None):  # fmt: skip
         self.audio = audio
-        self.key = key or hashlib.sha256(audio.samples.tobytes()).hexdigest()
+        self.variant = variant  # the adapter whose encoder weights make its rows (None: the base encoder)
+        self.key = key or hashlib.sha256(audio.samples.tobytes()).hexdigest() + (f"/{variant}" if variant else "")
         self.count = token_count(audio.samples.shape[0])
         self.rows = rows
         self.features_ms = self.encoder_ms = 0.0
@@ -103,8 +105,7 @@ class Clip:
                 emit(chunk)
         self.encoder_ms = (time.perf_counter() - t1) * 1000
         self.rows = np.concatenate(got)
-        cache.put(self.key, self.rows)
-        self.audio = None  # the samples are no longer needed
+        cache.put(self.key, self.rows)  # (the samples stay: another adapter's encoder may need them)
         return self
 
     def start(self, *args) -> "Clip":

@@ -8,10 +8,10 @@ import threading
 
 from ..audio import Audio, load_audio
 from ..bundle import Bundle, open_bundle
-from ..constants import MIN_TOKEN_SAMPLES, SAMPLE_RATE
+from ..constants import MIN_TOKEN_SAMPLES, SAMPLE_RATE, THINK_SUFFIX
 from ..engines.llamacpp import LlamaEngine
 from ..engines.select import EncoderChoice, make_encoder
-from ..errors import AudioError, BundleError
+from ..errors import AudioError, BundleError, OptionsError
 from ..settings import Settings, resolve
 from .clips import Clip, RowsCache
 from .locate import locate
@@ -64,12 +64,17 @@ class AF3:
             )
             if self.llm.n_embd != bundle.hidden_size:
                 raise BundleError(f"{bundle.path}: LLM width {self.llm.n_embd} != encoder rows {bundle.hidden_size}")
+            self.adapters: dict = dict(bundle.manifest.get("adapters") or {})  # name -> its manifest entry
+            for name, entry in self.adapters.items():
+                self.llm.load_adapter(name, bundle.path / entry["lora"]["file"])
         except BaseException:
             self._stack.close()
             raise
         self.lock = threading.RLock()  # the llama.cpp context: one prefill or decode step at a time
         self._encoder_lock = threading.Lock()  # one encoder run at a time (CUDA graphs share buffers)
         self.rows_cache = RowsCache(cache_size)
+        self._threads = threads
+        self._variant_encoders: dict[str, object] = {}  # adapter -> the encoder with its weights (lazy)
         self.closed = False
 
     @property
@@ -109,8 +114,41 @@ class AF3:
     def label(self) -> str:
         return str(self.bundle.path)
 
+    # -- adapters ---------------------------------------------------------------------------
+    def resolve_adapter(self, think: bool = False, adapter: str | None = None) -> tuple[str | None, str]:
+        """(the adapter a request runs with, its prompt suffix). think=True: the bundle's `think`
+        adapter when it has one (AF3's think mode as shipped), always AF3's think suffix."""
+        if adapter is not None and adapter not in self.adapters:
+            raise OptionsError(f"this bundle has no adapter {adapter!r}; it has: {', '.join(self.adapters) or 'none'}")
+        name = adapter or ("think" if think and "think" in self.adapters else None)
+        suffix = THINK_SUFFIX if think else (self.adapters[name].get("prompt_suffix", "") if name else "")
+        return name, suffix
+
+    def encoder_variant(self, adapter: str | None) -> str | None:
+        """The adapter whose encoder weights make the rows (None: the base encoder's rows serve)."""
+        return adapter if adapter and (self.adapters[adapter].get("encoder") or None) else None
+
+    def _encoder_for(self, variant: str | None):
+        if variant is None:
+            return self.encoder
+        enc = self._variant_encoders.get(variant)
+        if enc is None:  # ONNX Runtime with the adapter's initializers over the shared encoder.onnx
+            import numpy as np
+
+            from ..engines.onnx import OnnxEncoder
+
+            entry = self.adapters[variant]["encoder"]
+            with np.load(self.bundle.path / entry["file"], allow_pickle=False) as npz:
+                overrides = {k: npz[k] for k in npz.files}
+            cuda = self.engine_choice.engine == "onnxruntime-cuda"
+            enc = OnnxEncoder(self.bundle.encoder, threads=self._threads, overrides=overrides, io_binding=cuda,
+                              providers=["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None)  # fmt: skip
+            self._stack.callback(enc.close)
+            self._variant_encoders[variant] = enc
+        return enc
+
     # -- audio ------------------------------------------------------------------------------
-    def clips(self, audio) -> list[Clip]:
+    def clips(self, audio, variant: str | None = None) -> list[Clip]:
         """Clips for `audio` (None, one clip or a list), rows from the cache where the same samples
         were seen; nothing is encoded yet. Refuses audio too short to give one audio token."""
         out = []
@@ -120,7 +158,7 @@ class AF3:
             if n < MIN_TOKEN_SAMPLES:
                 raise AudioError(f"{clip.name}: clip too short: {n} samples at {SAMPLE_RATE} Hz; AF3 needs at least "
                                  f"{MIN_TOKEN_SAMPLES} ({MIN_TOKEN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms) for one audio token")  # fmt: skip
-            c = Clip(clip)
+            c = Clip(clip, variant=variant)
             c.rows = self.rows_cache.get(c.key)
             out.append(c)
         return out
@@ -129,7 +167,7 @@ class AF3:
         """Give a pending clip its rows: encoded now, or on a thread (`background`) that the
         prefill reads chunk by chunk. A clip with rows (cached) is left as it is."""
         if clip.pending:
-            args = (self.encoder, self.settings.windows_per_run, self._encoder_lock, self.rows_cache)
+            args = (self._encoder_for(clip.variant), self.settings.windows_per_run, self._encoder_lock, self.rows_cache)
             clip.start(*args) if background else clip.encode(*args)
 
     def audio_rows(self, audio):
@@ -145,16 +183,16 @@ class AF3:
             self.llm.reset()
 
     # -- questions --------------------------------------------------------------------------
-    def stream(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
-               **overrides) -> Stream:  # fmt: skip
+    def stream(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
+               options: GenerationOptions | None = None, **overrides) -> Stream:  # fmt: skip
         """A `Stream` of the answer to one question: iterate it for text; `.answer` when done;
         `.cancel()`. Arguments as `ChatSession.stream`."""
-        return self.chat().stream(prompt, audio, think=think, options=options, **overrides)
+        return self.chat().stream(prompt, audio, think=think, adapter=adapter, options=options, **overrides)
 
-    def ask(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
-            **overrides) -> Answer:  # fmt: skip
+    def ask(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
+            options: GenerationOptions | None = None, **overrides) -> Answer:  # fmt: skip
         """The whole `Answer` (text, tokens, timings, finish_reason) to one question about `audio`."""
-        return self.chat().ask(prompt, audio, think=think, options=options, **overrides)
+        return self.chat().ask(prompt, audio, think=think, adapter=adapter, options=options, **overrides)
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)

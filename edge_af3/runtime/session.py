@@ -13,7 +13,6 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..constants import THINK_SUFFIX
 from ..errors import ContextOverflowError, PromptError, SessionBusyError
 from ..prompt import Message, render, split_sound
 from .clips import Clip, items
@@ -33,6 +32,7 @@ class Turn:
     target: list
     clips: list[Clip]
     prompt_len: int
+    adapter: str | None = None  # the LoRA adapter the turn runs with (its KV is never shared with another's)
 
 
 def segments(llm, text: str, clips: list[Clip]) -> list:
@@ -91,55 +91,64 @@ class ChatSession:
         return sum(len(seg) for seg in self.segments)
 
     # -- asking -----------------------------------------------------------------------------
-    def stream(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
-               **overrides) -> Stream:  # fmt: skip
+    def stream(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
+               options: GenerationOptions | None = None, **overrides) -> Stream:  # fmt: skip
         """A `Stream` of the answer to `prompt` about `audio` (None, one clip or a list; each a path,
         file bytes, `(array, sample_rate)` or an `Audio`). think: AF3's think mode (its prompt
-        suffix). options / overrides: `GenerationOptions` whole and/or as keywords
+        suffix, and the bundle's `think` adapter when it has one). adapter: an exported adapter by
+        name (the whole conversation is then computed with it). options / overrides: `GenerationOptions` whole and/or as keywords
         (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos); what is
         not given is the checkpoint's generation_config.json. Audio, prompt and context are checked
         here; encoding and decoding happen as the stream is iterated."""
         if self._open is not None and self._open.answer is None:
             raise SessionBusyError("this session's previous answer is still streaming; finish or cancel() it first")
         opts = GenerationOptions.of(options or self.model.options, **overrides).resolved(self.model.generation)
-        turn = self._turn(prompt, audio, think, opts.max_new_tokens)
+        turn = self._turn(prompt, audio, think, opts.max_new_tokens, adapter)
         self._open = Stream(self, turn, opts, self.model.eos_ids)
         return self._open
 
-    def ask(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
-            **overrides) -> Answer:  # fmt: skip
+    def ask(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
+            options: GenerationOptions | None = None, **overrides) -> Answer:  # fmt: skip
         """The whole `Answer` to `prompt` (the arguments of `stream`)."""
-        return self.stream(prompt, audio, think=think, options=options, **overrides).result()
+        return self.stream(prompt, audio, think=think, adapter=adapter, options=options, **overrides).result()
 
     send = ask  # the chat verb: session.send("And the tempo?")
 
-    def logits(self, prompt: str, audio=None, *, think: bool = False) -> np.ndarray:
+    def logits(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None) -> np.ndarray:
         """Next-token logits [vocab] after the history plus a user turn (parity checks, scoring)."""
-        turn = self._turn(prompt, audio, think, 0)
+        turn = self._turn(prompt, audio, think, 0, adapter)
         model = self.model
         for clip in turn.clips:
             model.encode(clip)
         with model.lock:
-            self._prefill(turn.target)
+            self._prefill(turn.target, turn.adapter)
             model.llm.owner = None
             return model.llm.last_logits()
 
     # -- internals --------------------------------------------------------------------------
-    def _turn(self, prompt: str, audio, think: bool, max_new_tokens: int) -> Turn:
+    def _turn(self, prompt: str, audio, think: bool, max_new_tokens: int, adapter: str | None = None) -> Turn:
         model = self.model
-        clips = model.clips(audio)
-        user = Message("user", prompt + (THINK_SUFFIX if think else ""), n_audio=len(clips))
+        name, suffix = model.resolve_adapter(think, adapter)
+        variant = model.encoder_variant(name)
+        if any(isinstance(seg, Clip) and seg.variant != variant for seg in self.segments):
+            # earlier turns' clips get this turn's encoder rows: the whole conversation runs with it
+            self.segments = [model.clips(seg.audio, variant)[0] if isinstance(seg, Clip) else seg
+                             for seg in self.segments]  # fmt: skip
+        clips = model.clips(audio, variant)
+        user = Message("user", prompt + suffix, n_audio=len(clips))
         full = render(model.template, self.messages + [user], add_generation_prompt=True)
         if not full.startswith(self.rendered):
             raise RuntimeError("the chat template does not render conversations incrementally")
         target = self.segments + segments(model.llm, full[len(self.rendered) :], clips)
         total = check_fits(target, clips, model.llm.n_ctx, max_new_tokens)
-        return Turn(full=full, user=user, target=target, clips=clips, prompt_len=total)
+        return Turn(full=full, user=user, target=target, clips=clips, prompt_len=total, adapter=name)
 
-    def _prefill(self, target: list) -> int:
-        """Make the KV cache hold `target`, decoding only what it does not hold yet; the last decode
-        keeps its logits. Returns how many positions were reused. Call with the model lock held."""
+    def _prefill(self, target: list, adapter: str | None = None) -> int:
+        """Make the KV cache hold `target` (computed with `adapter`), decoding only what it does not
+        hold yet; the last decode keeps its logits. Returns how many positions were reused. Call
+        with the model lock held."""
         llm = self.model.llm
+        llm.bind(0, adapter)
         total = sum(len(seg) for seg in target)
         if total > llm.n_ctx:
             raise ContextOverflowError(f"the prompt needs {total} positions but n_ctx is {llm.n_ctx}")

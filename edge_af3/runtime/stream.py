@@ -117,14 +117,14 @@ class Stream:
         llm, opts = self.model.llm, self.options
         if not self._started:
             t0 = time.perf_counter()
-            self._reused = self.session._prefill(self.turn.target)
+            self._reused = self.session._prefill(self.turn.target, self.turn.adapter)
             self._prefill_ms = (time.perf_counter() - t0) * 1000
             self._sampler = llm.make_sampler(opts)
             if opts.repetition_penalty != 1.0:  # transformers counts the whole input, <sound> ids included
                 llm.accept(self._sampler, penalty_ids(self.turn.target))
             self._started = True
         elif not (llm.owner is self and llm.n_past == self.turn.prompt_len + len(self.tokens)):
-            self.session._prefill(self._target())  # another stream used the context meanwhile
+            self.session._prefill(self._target(), self.turn.adapter)  # another stream used the context meanwhile
             self._resyncs += 1
         llm.owner = self
         while True:
@@ -178,6 +178,6 @@ class Stream:
             resyncs=self._resyncs,
         )
         self.answer = Answer(text=text, tokens=tuple(self.tokens), timings=timings, finish_reason=reason,
-                             options=self.options)  # fmt: skip
+                             options=self.options, adapter=self.turn.adapter)  # fmt: skip
         self.session._ended(self)
         return tail

@@ -140,3 +140,4 @@ class Answer:
     timings: Timings
     finish_reason: FinishReason = "stop"
     options: GenerationOptions | None = None  # what was actually applied (checkpoint defaults filled in)
+    adapter: str | None = None  # the LoRA adapter that ran (None: the base model)
