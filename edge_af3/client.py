@@ -144,8 +144,8 @@ class RemoteChat:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system is not None else []
         self.last_answer: Answer | None = None
 
-    def stream(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
-               **overrides) -> RemoteStream:  # fmt: skip
+    def stream(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
+               options: GenerationOptions | None = None, **overrides) -> RemoteStream:  # fmt: skip
         if self._open is not None and self._open.answer is None:
             raise SessionBusyError("this session's previous answer is still streaming; finish or cancel() it first")
         text = prompt + (THINK_SUFFIX if think else "")
@@ -156,12 +156,13 @@ class RemoteChat:
             if s.answer.finish_reason != "cancelled":
                 self.messages += [user, {"role": "assistant", "content": s.answer.text}]
 
-        self._open = self.owner._request(self.messages + [user], think, GenerationOptions.of(options, **overrides), ended)
+        opts = GenerationOptions.of(options, **overrides)
+        self._open = self.owner._request(self.messages + [user], think, opts, ended, adapter=adapter)
         return self._open
 
-    def ask(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
-            **overrides) -> Answer:  # fmt: skip
-        return self.stream(prompt, audio, think=think, options=options, **overrides).result()
+    def ask(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
+            options: GenerationOptions | None = None, **overrides) -> Answer:  # fmt: skip
+        return self.stream(prompt, audio, think=think, adapter=adapter, options=options, **overrides).result()
 
     send = ask
 
@@ -196,7 +197,8 @@ class RemoteAF3:
             raise EdgeAF3Error(f"{self.base_url} serves no model")
         return models[0].id
 
-    def _request(self, messages: list[dict], think: bool, opts: GenerationOptions, on_end=None) -> RemoteStream:
+    def _request(self, messages: list[dict], think: bool, opts: GenerationOptions, on_end=None,
+                 adapter: str | None = None) -> RemoteStream:  # fmt: skip
         kw: dict = {"max_tokens": opts.max_new_tokens}
         for name in ("temperature", "top_p"):
             if getattr(opts, name) is not None:
@@ -208,6 +210,7 @@ class RemoteAF3:
         extra = {k: getattr(opts, k) for k in ("top_k", "repetition_penalty") if getattr(opts, k) is not None}
         extra |= {"ignore_eos": True} if opts.ignore_eos else {}
         extra |= {"think": True} if think else {}
+        extra |= {"adapter": adapter} if adapter else {}
         t0 = time.perf_counter()
         try:
             response = self.client.chat.completions.create(
@@ -219,13 +222,13 @@ class RemoteAF3:
             raise EdgeAF3Error(f"{self.base_url}: {e}") from None
         return RemoteStream(self, response, t0, on_end)
 
-    def stream(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
-               **overrides) -> RemoteStream:  # fmt: skip
-        return self.chat().stream(prompt, audio, think=think, options=options, **overrides)
+    def stream(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
+               options: GenerationOptions | None = None, **overrides) -> RemoteStream:  # fmt: skip
+        return self.chat().stream(prompt, audio, think=think, adapter=adapter, options=options, **overrides)
 
-    def ask(self, prompt: str, audio=None, *, think: bool = False, options: GenerationOptions | None = None,
-            **overrides) -> Answer:  # fmt: skip
-        return self.chat().ask(prompt, audio, think=think, options=options, **overrides)
+    def ask(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
+            options: GenerationOptions | None = None, **overrides) -> Answer:  # fmt: skip
+        return self.chat().ask(prompt, audio, think=think, adapter=adapter, options=options, **overrides)
 
     def chat(self, system: str | None = None) -> RemoteChat:
         return RemoteChat(self, system)

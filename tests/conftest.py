@@ -107,3 +107,21 @@ def pulse(tmp_path_factory):
     env = start_pulse(tmp_path_factory.mktemp("xdg"), "edgeaf3")
     yield env
     stop_pulse(env)
+
+
+@pytest.fixture(scope="session")
+def think_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
+    """The tiny checkpoint with a think/ folder as AF3 ships it (make-tiny --think)."""
+    from edge_af3.reference.adapters import write_think
+
+    path = tmp_path_factory.mktemp("think") / "af3-tiny-think"
+    shutil.copytree(tiny_ckpt, path)
+    write_think(path, seed=0)
+    return path
+
+
+@pytest.fixture(scope="session")
+def think_bundle(think_ckpt, tmp_path_factory) -> Path:
+    from edge_af3.export import export
+
+    return export(think_ckpt, tmp_path_factory.mktemp("think-bundle") / "f32", quant="f32", verify=False)

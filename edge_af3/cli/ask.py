@@ -21,6 +21,7 @@ PenaltyOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", hel
 SeedOpt = Annotated[int, typer.Option("--seed", help="The sampler's seed.")]
 BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", envvar="EDGE_AF3_BASE_URL",
                        help="Ask an OpenAI-compatible server (edge-af3 serve, vLLM) instead of loading a model.")]
+AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="Run with an exported adapter by name (see the bundle's manifest).")]
 ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="EDGE_AF3_API_KEY", help="The server's API key.")]
 
 
@@ -37,7 +38,8 @@ def connect_or_load(base_url, model, **load):
 def ask_cmd(
     args: Optional[list[str]] = typer.Argument(None, metavar="AUDIO... PROMPT", help="One or more clips, then the question."),
     model: ModelOpt = None,
-    think: bool = typer.Option(False, "--think", help="Reason step by step before answering (AF3 think mode)."),
+    think: bool = typer.Option(False, "--think", help="Reason step by step before answering (AF3 think mode: the think adapter + prompt)."),
+    adapter: AdapterOpt = None,
     as_json: bool = typer.Option(False, "--json", help="Print the answer, tokens, finish reason and timings as JSON."),
     max_new_tokens: MaxNewOpt = 500,
     temperature: TempOpt = None,
@@ -78,14 +80,14 @@ def ask_cmd(
     af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
                           encoder_engine=engine, exact=exact, verify=verify, api_key=api_key)  # fmt: skip
     with af3:
-        stream = af3.stream(prompt, clips, think=think, **opts)  # the context is checked before encoding
+        stream = af3.stream(prompt, clips, think=think, adapter=adapter, **opts)  # context checked before encoding
         with stream:
             for piece in stream:
                 if not as_json:
                     emit(piece)
         answer = stream.answer
     if as_json:
-        emit_json({"model": af3.label, "audio": paths, "prompt": prompt, "think": think,
+        emit_json({"model": af3.label, "audio": paths, "prompt": prompt, "think": think, "adapter": answer.adapter,
                    "text": answer.text, "tokens": list(answer.tokens), "finish_reason": answer.finish_reason,
                    "settings": af3.settings.__dict__ if hasattr(af3, "settings") else None,
                    "options": answer.options.__dict__ if answer.options else None,
@@ -103,6 +105,7 @@ def chat_cmd(
     audio: list[Path] = typer.Option([], "--audio", "-a", help="Clip(s) attached to the first message."),
     system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
     think: bool = typer.Option(False, "--think", help="Start with think mode on (/think off to stop)."),
+    adapter: AdapterOpt = None,
     max_new_tokens: MaxNewOpt = 500,
     temperature: TempOpt = None,
     top_p: TopPOpt = None,
@@ -123,6 +126,7 @@ def chat_cmd(
     """Talk about audio over several turns; the session keeps its KV cache between turns.
 
     In the chat: /audio PATH attaches a clip to your next message (several allowed), /think on|off,
+    /adapter NAME|off,
     /reset, /save FILE (the conversation as JSON), /help, /quit. Up/down arrows recall history.
 
     Example: edge-af3 chat --audio street.wav
@@ -136,4 +140,4 @@ def chat_cmd(
     af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
                           encoder_engine=engine, exact=exact, verify=verify, api_key=api_key)  # fmt: skip
     with af3:
-        run_chat(af3, audio=list(audio), system=system, think=think, options=opts)
+        run_chat(af3, audio=list(audio), system=system, think=think, options=opts, adapter=adapter)

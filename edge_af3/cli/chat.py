@@ -8,7 +8,8 @@ from pathlib import Path
 
 HELP = """commands:
   /audio PATH     attach a clip to your next message (repeat for several)
-  /think on|off   step-by-step reasoning before the answer
+  /think on|off   step-by-step reasoning before the answer (the think adapter when the bundle has one)
+  /adapter NAME|off  answer with an exported adapter (the whole conversation is recomputed with it)
   /reset          forget the conversation (and its KV cache)
   /save FILE      write the conversation so far as JSON
   /help           this text
@@ -30,7 +31,7 @@ def _readline(history: Path):
     return readline
 
 
-def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options: dict) -> None:
+def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options: dict, adapter: str | None = None) -> None:
     from ..audio import load_audio
     from ..errors import AudioError, EdgeAF3Error
     from ..paths import cache_dir
@@ -80,6 +81,16 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
                     else:
                         think = arg == "on"
                         console.print(f"[dim]think mode {arg}[/]")
+                elif cmd == "/adapter":
+                    known = sorted(getattr(af3, "adapters", {}) or {})
+                    if arg == "off":
+                        adapter = None
+                        console.print("[dim]no adapter[/]")
+                    elif arg in known:
+                        adapter = arg
+                        console.print(f"[dim]adapter {arg}[/]")
+                    else:
+                        console.print(f"[red]usage: /adapter NAME|off[/] (this model has: {', '.join(known) or 'none'})")
                 elif cmd == "/reset":
                     session.reset()
                     pending.clear()
@@ -102,7 +113,7 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
             out.print("af3> ", end="")
             t0 = time.time()
             try:
-                with session.stream(text, list(pending), think=think, **options) as stream:
+                with session.stream(text, list(pending), think=think, adapter=adapter, **options) as stream:
                     for piece in stream:
                         emit(piece)
             except EdgeAF3Error as e:
@@ -112,7 +123,8 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
             out.print()
             answer = stream.answer
             console.print(f"[dim]{timings_line(answer.timings, answer.finish_reason)}[/]")
-            transcript.append({"time": t0, "user": text, "audio": list(names), "think": think, "assistant": answer.text})
+            transcript.append({"time": t0, "user": text, "audio": list(names), "think": think,
+                               "adapter": answer.adapter, "assistant": answer.text})  # fmt: skip
             pending.clear()
             names.clear()
     finally:

@@ -19,10 +19,11 @@ def make_tiny(
     shape: str = typer.Option("tiny", "--shape", help="tiny | bench-small | full"),
     seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
     force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
+    think: bool = typer.Option(False, "--think", help="Add a think/ adapter as AF3 ships it (LoRA + non-LoRA weights; needs peft)."),
 ) -> None:
     """Write a randomly initialised AF3 checkpoint in the real HF layout (real Qwen2 vocabulary).
 
-    Example: edge-af3 make-tiny ./af3-tiny --shape tiny --seed 0
+    Example: edge-af3 make-tiny ./af3-tiny --shape tiny --seed 0 --think
     """
     from rich.progress import Progress
 
@@ -34,10 +35,11 @@ def make_tiny(
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"writing {shape} checkpoint", total=n)
-            path = make_checkpoint(out_dir, shape=shape, seed=seed, force=force, progress=lambda _: bar.advance(task))
+            path = make_checkpoint(out_dir, shape=shape, seed=seed, force=force, think=think,
+                                   progress=lambda _: bar.advance(task))  # fmt: skip
     except FileExistsError as e:
         raise OptionsError(str(e)) from e
-    console.print(f"[green]wrote[/] {path} ({shape}, seed {seed}, {n} tensors)")
+    console.print(f"[green]wrote[/] {path} ({shape}, seed {seed}, {n} tensors{', think/ adapter' if think else ''})")
 
 
 def export_cmd(
@@ -51,8 +53,10 @@ def export_cmd(
     mmproj: bool = typer.Option(False, "--mmproj", help="Also write llama.cpp's mmproj GGUF (musicflamingo)."),
     mmproj_type: str = typer.Option("f16", "--mmproj-type", help="mmproj weights: f16 | f32"),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest's verification as JSON."),
+    adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: add a PEFT LoRA folder (e.g. one `train` wrote); repeatable."),
 ) -> None:
     """Export an AF3 checkpoint into a verified bundle (ONNX encoder + GGUF LLM + manifest).
+    The checkpoint's think/ adapter comes along as `think`.
 
     Examples:
       edge-af3 export nvidia/audio-flamingo-3-hf ./af3 --quant q4_k_m
@@ -60,10 +64,18 @@ def export_cmd(
     """
     from ..export import export
 
+    adapters = {}
+    for spec in adapter:
+        name, sep, folder = spec.partition("=")
+        if not sep or not name or not folder:
+            raise OptionsError(f"--adapter takes NAME=DIR, got {spec!r}")
+        if not Path(folder).expanduser().is_dir():
+            raise OptionsError(f"--adapter {name}: {folder} is not a folder")
+        adapters[name] = Path(folder).expanduser()
     try:
         with console.status("exporting") as status:
             path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
-                          verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type,
+                          verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type, adapters=adapters,
                           progress=lambda msg: (status.update(msg), console.log(msg, _stack_offset=2)))  # fmt: skip
     except FileExistsError as e:
         raise OptionsError(str(e)) from e

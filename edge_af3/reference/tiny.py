@@ -253,7 +253,7 @@ def _write_processor(out: Path) -> None:
 
 
 def make_checkpoint(out: str | os.PathLike, *, shape: str = "tiny", seed: int = 0, force: bool = False,
-                    progress: Callable[[str], None] | None = None, device: str = "cpu") -> Path:  # fmt: skip
+                    progress: Callable[[str], None] | None = None, device: str = "cpu", think: bool = False) -> Path:  # fmt: skip
     """Write a random AF3 checkpoint of `shape` to `out` (atomically: temp folder, then rename).
     device="cuda" draws the numbers on a GPU (the 7B shape in seconds instead of minutes); they are
     then other numbers than the CPU's for the same seed, equally deterministic."""
@@ -279,5 +279,10 @@ def make_checkpoint(out: str | os.PathLike, *, shape: str = "tiny", seed: int = 
         _write_processor(tmp)
         make = lambda n, d, k: _random_tensor(n, d, k, seed, spec.dtype, device)  # noqa: E731
         _write_shards(tmp, tensor_specs(spec), make, progress)
-        (tmp / "edge_af3_tiny.json").write_text(json.dumps({"shape": shape, "seed": seed, "device": device}) + "\n")
+        if think:  # AF3's think/ folder: a LoRA on the LLM + non-LoRA weights (reference/adapters.py)
+            from .adapters import write_think
+
+            write_think(tmp, seed=seed)
+        meta = {"shape": shape, "seed": seed, "device": device} | ({"think": True} if think else {})
+        (tmp / "edge_af3_tiny.json").write_text(json.dumps(meta) + "\n")
     return out

@@ -118,8 +118,9 @@ class ChatSession:
         """Next-token logits [vocab] after the history plus a user turn (parity checks, scoring)."""
         turn = self._turn(prompt, audio, think, 0, adapter)
         model = self.model
-        for clip in turn.clips:
-            model.encode(clip)
+        for clip in turn.target:
+            if isinstance(clip, Clip):
+                model.encode(clip)
         with model.lock:
             self._prefill(turn.target, turn.adapter)
             model.llm.owner = None

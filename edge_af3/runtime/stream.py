@@ -107,8 +107,9 @@ class Stream:
                     raise
 
     def _prepare_clips(self) -> None:
-        for clip in self.turn.clips:
-            self.model.encode(clip, background=self.model.settings.overlap)
+        for clip in self.turn.target:  # this turn's clips, and history clips re-made for another adapter's encoder
+            if isinstance(clip, Clip):
+                self.model.encode(clip, background=self.model.settings.overlap)
 
     def _target(self) -> list:
         return self.turn.target + ([self.tokens] if self.tokens else [])

@@ -163,12 +163,12 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
         state.require()
         return {"object": "list", "data": [{"id": state.name, "object": "model", "created": 0, "owned_by": "edge-af3"}]}
 
-    async def submit(request: Request, messages, audios, options) -> tuple[Job, asyncio.Queue, list[str]]:
+    async def submit(request: Request, messages, audios, options, **how) -> tuple[Job, asyncio.Queue, list[str]]:
         model = state.require()
         t_arrival = request.state.t_arrival
         state.scheduler.reserve()
         try:
-            job, warns = await run_in_threadpool(prepare, model, messages, audios, options)
+            job, warns = await run_in_threadpool(lambda: prepare(model, messages, audios, options, **how))
             job.prepare_s, job.t_submit = time.perf_counter() - t_arrival, t_arrival
         except BaseException:
             state.scheduler.release()
@@ -212,7 +212,8 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
         req = parse_chat(payload, default_max=model.options.max_new_tokens, allow_urls=config.allow_urls,
                          max_bytes=config.max_body_mb << 20)  # fmt: skip
         state.check_model(req.model)
-        job, events, warns = await submit(request, req.messages, req.audios, req.options)
+        job, events, warns = await submit(request, req.messages, req.audios, req.options, think=req.think,
+                                          adapter=req.adapter)  # fmt: skip
         headers = {"X-Request-Id": job.id} | ({"X-Edge-AF3-Warning": "; ".join(warns)[:1000]} if warns else {})
         created = now()
         if not req.stream:

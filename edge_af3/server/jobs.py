@@ -12,14 +12,20 @@ from ..runtime.types import GenerationOptions
 from .scheduler import Job
 
 
-def prepare(model, messages: list[Message], audios: list[tuple[str, bytes]], options: GenerationOptions) -> tuple[Job, list[str]]:
+def prepare(model, messages: list[Message], audios: list[tuple[str, bytes]], options: GenerationOptions, *,
+            think: bool = False, adapter: str | None = None) -> tuple[Job, list[str]]:  # fmt: skip
     """Blocking (run it off the event loop): returns the job (no sink yet) and warnings to pass on
-    (audio over 600 s is cut). Raises the runtime's user errors (AudioError, PromptError,
-    ContextOverflowError, OptionsError) before anything reaches the LLM."""
+    (audio over 600 s is cut). think / adapter as in `AF3.ask` (the whole conversation runs with
+    the adapter; its suffix goes on the last user message). Raises the runtime's user errors
+    (AudioError, PromptError, ContextOverflowError, OptionsError) before anything reaches the LLM."""
     opts = options.resolved(model.generation)
+    name, suffix = model.resolve_adapter(think, adapter)
+    if suffix and messages and messages[-1].role == "user":
+        last = messages[-1]
+        messages = messages[:-1] + [Message(last.role, last.text + suffix, last.n_audio)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        clips = model.clips([load_audio(data, name=where) for where, data in audios])
+        clips = model.clips([load_audio(data, name=where) for where, data in audios], model.encoder_variant(name))
     text = render(model.template, messages, add_generation_prompt=True)
     target = segments(model.llm, text, clips)
     prompt_len = check_fits(target, clips, model.llm.n_ctx, opts.max_new_tokens)
@@ -29,7 +35,7 @@ def prepare(model, messages: list[Message], audios: list[tuple[str, bytes]], opt
         model.encode(clip)
     job = Job(target=target, prompt_len=prompt_len, options=opts, eos=model.eos_ids, sink=_unset,
               audio_tokens=sum(len(c) for c in clips), audio_seconds=seconds,
-              clips_encoded=encoded, clips_cached=len(clips) - encoded)  # fmt: skip
+              clips_encoded=encoded, clips_cached=len(clips) - encoded, adapter=name)  # fmt: skip
     return job, [str(w.message) for w in caught]
 
 

@@ -8,7 +8,8 @@ OpenAI's error shape (`{"error": {"message", "type", "param", "code"}}`). What i
   any user turn, several per turn; a `<sound>` written in the text places a clip there (as the HF
   processor does), otherwise the message's clips go before its text as AF3's template puts them.
 - sampling: max_tokens / max_completion_tokens, temperature, top_p, seed, stop, n=1, and the
-  fields vLLM also takes: top_k, repetition_penalty, ignore_eos; `think` (AF3's think mode).
+  fields vLLM also takes: top_k, repetition_penalty, ignore_eos; `think` (AF3's think mode: the
+  bundle's think adapter + AF3's suffix), `adapter` (an exported adapter by name).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import binascii
 import time
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from ..constants import THINK_SUFFIX
 from ..prompt import Message
@@ -55,7 +56,7 @@ class ChatRequest:
     stream: bool = False
     include_usage: bool = False
     think: bool = False
-    user_fields: dict = field(default_factory=dict)
+    adapter: str | None = None
 
 
 def _number(body: dict, name: str, kind=float, lo=None, hi=None):
@@ -177,9 +178,12 @@ def parse_chat(body, *, default_max: int, allow_urls: bool = False, max_bytes: i
     think = body.get("think", False)
     if not isinstance(think, bool):
         raise bad("'think' must be true or false", "think")
-    if think and not messages[-1].text.endswith(THINK_SUFFIX):
+    if think and messages[-1].text.endswith(THINK_SUFFIX):  # a client that wrote the suffix itself
         last = messages[-1]
-        messages[-1] = Message(last.role, last.text + THINK_SUFFIX, last.n_audio)
+        messages[-1] = Message(last.role, last.text[: -len(THINK_SUFFIX)], last.n_audio)
+    adapter = body.get("adapter")
+    if adapter is not None and not isinstance(adapter, str):
+        raise bad("'adapter' must be an adapter's name", "adapter")
     so = body.get("stream_options") or {}
     stream = body.get("stream", False)
     if not isinstance(stream, bool) or not isinstance(so, dict):
@@ -192,7 +196,7 @@ def parse_chat(body, *, default_max: int, allow_urls: bool = False, max_bytes: i
     except ValueError as e:  # OptionsError
         raise bad(str(e)) from None
     return ChatRequest(model=model, messages=messages, audios=audios, options=options, stream=stream,
-                       include_usage=bool(so.get("include_usage")), think=think)  # fmt: skip
+                       include_usage=bool(so.get("include_usage")), think=think, adapter=adapter)  # fmt: skip
 
 
 # -- responses -------------------------------------------------------------------------------

@@ -50,6 +50,7 @@ class Job:
     audio_seconds: float = 0.0
     clips_encoded: int = 0  # clips of the prompt the encoder ran for (the others came from the rows cache)
     clips_cached: int = 0
+    adapter: str | None = None  # the LoRA adapter it runs with
     tokens: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: FinishReason | None = None
@@ -197,7 +198,9 @@ class Scheduler:
                 self._drop(job)
                 continue
             want = list(items(job.target))
-            best = max(free, key=lambda s: (self.llm.common_prefix(want, s.seq), -s.used))
+            seqs = self.llm.seqs  # a cache computed under another adapter is no prefix of this job's
+            best = max(free, key=lambda s: (self.llm.common_prefix(want, s.seq) if seqs[s.seq].adapter == job.adapter
+                                            else 0, -s.used))  # fmt: skip
             free.remove(best)
             self._begin(best, job)
 
@@ -219,6 +222,7 @@ class Scheduler:
     def _prefill(self, slot: Slot, job: Job):
         """Decode what the slot's cache lacks of the prompt, one chunk per step; True after the last."""
         llm, seq, nb = self.llm, slot.seq, self.llm.n_batch
+        llm.bind(seq, job.adapter)
         reuse = min(llm.common_prefix(items(job.target), seq), job.prompt_len - 1)  # >= 1 row decoded: logits
         llm.truncate(reuse, seq)
         job.reused = reuse
@@ -231,6 +235,7 @@ class Scheduler:
                 hi = min(n, lo + nb)
                 last = i == len(segs) - 1 and hi == n
                 mode = "last" if last else "none"
+                llm.activate(job.adapter)  # another adapter's slots may have decoded since the last chunk
                 if isinstance(seg, Clip):
                     llm.decode_embeddings(seg.rows[lo:hi], ids=[(seg.key, j) for j in range(lo, hi)], logits=mode, seq=seq)
                 else:
@@ -252,9 +257,14 @@ class Scheduler:
             except Exception as e:  # noqa: BLE001 - this job fails; the others go on
                 self._end(slot, None, error=e)
         decoding = [s for s in self.slots if s.job and s.pending is not None]
-        # one batch, unless measured dearer than one decode per slot (K-quants on some CPUs)
-        groups = [decoding] if self.batch_cheaper(len(decoding)) else [[s] for s in decoding]
-        for group in groups if decoding else ():
+        # one batch per adapter (llama.cpp's adapters are the context's), unless measured dearer
+        # than one decode per slot (K-quants on some CPUs)
+        groups = []
+        for name in dict.fromkeys(s.job.adapter for s in decoding):
+            same = [s for s in decoding if s.job.adapter == name]
+            groups += [same] if self.batch_cheaper(len(same)) else [[s] for s in same]
+        for group in groups:
+            self.llm.activate(group[0].job.adapter)
             self.llm.decode_step([(s.seq, s.pending) for s in group])
             if self.on_step:
                 self.on_step(len(group))
