@@ -7,7 +7,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="export,mic,bench,server,client"
-[ "${1:-}" = "--dev" ] && EXTRAS="export,mic,bench,server,client,dev"
+[ "${1:-}" = "--dev" ] && EXTRAS="export,mic,bench,server,client,train,dev"
 TORCH_PIN="torch==2.13.0"
 LLAMA_PIN="llama-cpp-python==0.3.36"
 APT_PKGS="libsndfile1 libportaudio2 espeak-ng sox alsa-utils tmux pulseaudio pulseaudio-utils libasound2-plugins time"

@@ -10,7 +10,7 @@ import warnings
 import typer
 
 from ..errors import EdgeAF3Error
-from . import ask, listen_cmd, serve, system, tools
+from . import ask, listen_cmd, serve, system, tools, train_cmd
 from .common import console
 
 app = typer.Typer(
@@ -28,6 +28,7 @@ app.command("ask", context_settings={"allow_interspersed_args": True})(ask.ask_c
 app.command("chat")(ask.chat_cmd)
 app.command("listen")(listen_cmd.listen_cmd)
 app.command("serve")(serve.serve_cmd)
+app.command("train")(train_cmd.train_cmd)
 app.command("plan")(system.plan_cmd)
 app.command("doctor")(system.doctor_cmd)
 app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(system.bench_cmd)
