@@ -124,4 +124,5 @@ def think_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
 def think_bundle(think_ckpt, tmp_path_factory) -> Path:
     from edge_af3.export import export
 
-    return export(think_ckpt, tmp_path_factory.mktemp("think-bundle") / "f32", quant="f32", verify=False)
+    return export(think_ckpt, tmp_path_factory.mktemp("think-bundle") / "f32", quant="f32", verify=False,
+                  adapter_type="f32")  # f32 LoRA tensors: the exact parity tests compare with PEFT's float32

@@ -63,3 +63,16 @@ def test_server_benchmark_smoke_on_tiny(tiny_ckpt, tmp_path):
     assert set(report["decode_step_ms"]) == {"1", "2", "4"}
     assert {g["goal"].split(":")[0] for g in report["goals"]} == {"1 client", "4 clients"}
     assert "| llama-cpp-python | 1 | text | 4 |" in (tmp_path / "out" / "server-tiny-q4_k_m-cpu.md").read_text()
+
+
+def test_adapters_benchmark_smoke_on_tiny(tmp_path):
+    """bench_adapters on tiny: the think bundle, the LoRA types, the trainer; no timing asserted."""
+    from benchmarks.bench_adapters import main
+
+    report = main(["--shape", "tiny", "--repeats", "1", "--new-tokens", "4", "--train-steps", "2",
+                   "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])  # fmt: skip
+    rt = report["runtime"]
+    assert set(rt) >= {"base", "think", "think-f32", "think-q8_0", "switch_decode_ms", "think_encoder_extra_rss_mb"}
+    assert report["lora"]["r"] == 64 and report["lora"]["type"] == "f16"
+    assert report["trainer"]["tiny"]["steps"] == 2
+    assert "| decode tok/s |" in (tmp_path / "out" / "adapters-tiny.md").read_text()

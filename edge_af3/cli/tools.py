@@ -54,6 +54,7 @@ def export_cmd(
     mmproj_type: str = typer.Option("f16", "--mmproj-type", help="mmproj weights: f16 | f32"),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest's verification as JSON."),
     adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: add a PEFT LoRA folder (e.g. one `train` wrote); repeatable."),
+    adapter_type: str = typer.Option("f16", "--adapter-type", help="LoRA tensors in the GGUF adapters: f16 | f32 | q8_0"),
 ) -> None:
     """Export an AF3 checkpoint into a verified bundle (ONNX encoder + GGUF LLM + manifest).
     The checkpoint's think/ adapter comes along as `think`.
@@ -76,6 +77,7 @@ def export_cmd(
         with console.status("exporting") as status:
             path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
                           verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type, adapters=adapters,
+                          adapter_type=adapter_type,
                           progress=lambda msg: (status.update(msg), console.log(msg, _stack_offset=2)))  # fmt: skip
     except FileExistsError as e:
         raise OptionsError(str(e)) from e

@@ -148,6 +148,32 @@ def verify_llm(gguf_path: Path, ckpt: Path, quant: str, *, dtype: str = "float32
     return out
 
 
+def verify_adapter(gguf_path: Path, ckpt: Path, name: str, folder: Path, adapter_gguf: Path, *,
+                   dtype: str = "float32") -> dict:  # fmt: skip
+    """The LLM with its GGUF adapter (llama.cpp, exact path) vs transformers + PEFT on the probe."""
+    import gc
+
+    from ..engines.llamacpp import LlamaEngine
+    from ..reference.adapters import apply_adapter
+    from ..reference.loader import Reference, load_reference
+
+    ref = load_reference(ckpt, dtype=dtype)
+    ref = Reference(model=apply_adapter(ref.model, ckpt, name, folder), processor=ref.processor, path=ref.path)
+    conv = [{"role": "user", "content": [{"type": "text", "text": PROBE_TEXT}]}]
+    ids = ref.inputs(conv)["input_ids"][0].tolist()
+    want = ref.logits(conv)
+    del ref
+    gc.collect()
+    with LlamaEngine(gguf_path, n_ctx=max(256, len(ids) + 8), n_batch=256, kv_type="f32", flash_attn=False) as eng:
+        eng.load_adapter(name, adapter_gguf)
+        eng.activate(name)
+        got = eng.decode_tokens(ids, logits="all")
+    p = _softmax(want)
+    kl = float(np.mean(np.sum(p * (np.log(p + 1e-30) - np.log(_softmax(got) + 1e-30)), axis=-1)))
+    return {"probe_tokens": len(ids), "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+            "kl_divergence": kl, "reference": "transformers + PEFT", "reference_dtype": dtype}  # fmt: skip
+
+
 def _decode_ids(ckpt: Path, ids: list[int]) -> str:
     from transformers import AutoTokenizer
 
@@ -162,7 +188,8 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k_m", encoder_precision: str = "fp32",
            force: bool = False, verify: bool = True, revision: str | None = None, mmproj: bool = False,
-           mmproj_type: str = "f16", progress: Progress | None = None, adapters: dict | None = None) -> Path:  # fmt: skip
+           mmproj_type: str = "f16", progress: Progress | None = None, adapters: dict | None = None,
+           adapter_type: str = "f16") -> Path:  # fmt: skip
     """Export checkpoint `src` (folder or Hub id) into the bundle folder `out`; returns its path.
     A checkpoint's `think/` adapter is exported with it; `adapters` adds {name: PEFT folder}."""
     from ..checkpoint import read_config, read_generation_config, resolve_checkpoint, weight_files
@@ -219,7 +246,14 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
             say("verifying GGUF logits against transformers")
             checks["llm"] = verify_llm(llm_path, ckpt, quant, dtype="bfloat16" if big else "float32")
 
-        adapter_entries = export_adapters(ckpt, {k: Path(v) for k, v in (adapters or {}).items()}, cfg, tmp, say)
+        adapter_entries = export_adapters(ckpt, {k: Path(v) for k, v in (adapters or {}).items()}, cfg, tmp, say,
+                                          adapter_type)  # fmt: skip
+        if verify:
+            for name in adapter_entries:
+                folder = Path((adapters or {}).get(name) or ckpt / name).expanduser()
+                say(f"verifying adapter {name} against transformers + PEFT")
+                checks[f"adapter:{name}"] = verify_adapter(llm_path, ckpt, name, folder, tmp / f"adapter-{name}.gguf",
+                                                           dtype="bfloat16" if big else "float32")  # fmt: skip
         files = {p.name: describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         audio = cfg["audio_config"]
         manifest = {

@@ -58,9 +58,31 @@ def _lora_tensors(folder: Path) -> dict:
     raise CheckpointError(f"{folder}: no adapter_model.safetensors (or .bin)")
 
 
-def write_lora_gguf(folder: Path, cfg: dict, out: Path) -> dict:
-    """The PEFT LoRA in `folder` as a llama.cpp adapter GGUF at `out`; returns what it holds."""
+ADAPTER_TYPES = ("f16", "f32", "q8_0")
+
+
+def _tensor(w, name: str, value: np.ndarray, dtype: str) -> None:
     import gguf
+
+    value = np.ascontiguousarray(value, dtype=np.float32)
+    if dtype == "f32":
+        w.add_tensor(name, value)
+    elif dtype == "f16":
+        w.add_tensor(name, value.astype(np.float16))
+    elif value.shape[-1] % 32:  # q8_0 blocks of 32 along the row: a rank not divisible stays f16
+        w.add_tensor(name, value.astype(np.float16))
+    else:
+        q = gguf.quants.quantize(value, gguf.GGMLQuantizationType.Q8_0)
+        w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+
+
+def write_lora_gguf(folder: Path, cfg: dict, out: Path, dtype: str = "f16") -> dict:
+    """The PEFT LoRA in `folder` as a llama.cpp adapter GGUF at `out` (tensors in `dtype`);
+    returns what it holds."""
+    import gguf
+
+    if dtype not in ADAPTER_TYPES:
+        raise CheckpointError(f"unknown adapter type {dtype!r}; choose one of {', '.join(ADAPTER_TYPES)}")
 
     conf_path = folder / "adapter_config.json"
     if not conf_path.is_file():
@@ -99,13 +121,13 @@ def write_lora_gguf(folder: Path, cfg: dict, out: Path) -> dict:
     w.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     for (layer, module), ab in sorted(pairs.items()):
         name = f"blk.{layer}.{GGUF_NAMES[module]}.weight"
-        w.add_tensor(name + ".lora_a", np.ascontiguousarray(ab["A"], dtype=np.float32))
-        w.add_tensor(name + ".lora_b", np.ascontiguousarray(ab["B"], dtype=np.float32))
+        _tensor(w, name + ".lora_a", ab["A"], dtype)
+        _tensor(w, name + ".lora_b", ab["B"], dtype)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    return {"r": r, "alpha": alpha, "pairs": len(pairs), "targets": sorted({m for _, m in pairs})}
+    return {"r": r, "alpha": alpha, "pairs": len(pairs), "targets": sorted({m for _, m in pairs}), "type": dtype}
 
 
 def encoder_overrides(non_lora: Path, ckpt_state_shapes: dict[str, tuple], onnx_path: Path, out: Path) -> dict:
@@ -140,7 +162,7 @@ def encoder_overrides(non_lora: Path, ckpt_state_shapes: dict[str, tuple], onnx_
     return {"file": out.name, "tensors": sorted(found)}
 
 
-def export_adapters(ckpt: Path, extra: dict[str, Path], cfg: dict, tmp: Path, say) -> dict:
+def export_adapters(ckpt: Path, extra: dict[str, Path], cfg: dict, tmp: Path, say, dtype: str = "f16") -> dict:
     """Every adapter of the checkpoint (its `think/`) and the extra `NAME=DIR` folders, into `tmp`;
     returns the manifest's `adapters` entry."""
     folders = dict(extra)
@@ -153,7 +175,7 @@ def export_adapters(ckpt: Path, extra: dict[str, Path], cfg: dict, tmp: Path, sa
             raise CheckpointError(f"adapter name {name!r}: use letters, digits, - and _")
         folder = Path(folder).expanduser()
         say(f"exporting adapter {name} from {folder}")
-        entry = {"lora": write_lora_gguf(folder, cfg, tmp / f"adapter-{name}.gguf") | {"file": f"adapter-{name}.gguf"}}
+        entry = {"lora": write_lora_gguf(folder, cfg, tmp / f"adapter-{name}.gguf", dtype) | {"file": f"adapter-{name}.gguf"}}
         if (folder / NON_LORA_FILE).is_file():
             if state_shapes is None:
                 state_shapes = _checkpoint_shapes(ckpt)

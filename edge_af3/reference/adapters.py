@@ -78,14 +78,15 @@ def read_non_lora(path: str | Path) -> dict:
     return state
 
 
-def apply_adapter(model, ckpt: str | Path, name: str = "think"):
+def apply_adapter(model, ckpt: str | Path, name: str = "think", folder: str | Path | None = None):
     """The reference with an adapter as AF3 ships it: the non-LoRA weights loaded with
-    strict=False (refused when some match nothing), then `PeftModel.from_pretrained`."""
+    strict=False (refused when some match nothing), then `PeftModel.from_pretrained`. `folder`:
+    an adapter folder elsewhere than CKPT/NAME (e.g. one the trainer wrote)."""
     from peft import PeftModel
 
     from ..errors import CheckpointError
 
-    folder = Path(ckpt) / name
+    folder = Path(folder) if folder else Path(ckpt) / name
     non_lora = folder / NON_LORA_FILE
     if non_lora.is_file():
         state = read_non_lora(non_lora)
@@ -93,6 +94,6 @@ def apply_adapter(model, ckpt: str | Path, name: str = "think"):
         if result.unexpected_keys:
             raise CheckpointError(f"{non_lora}: {len(result.unexpected_keys)} key(s) match nothing in the model "
                                   f"(strict=False would skip them), e.g. {result.unexpected_keys[0]}")  # fmt: skip
-    peft_model = PeftModel.from_pretrained(model, str(ckpt), subfolder=name)
+    peft_model = PeftModel.from_pretrained(model, str(folder))
     peft_model.eval()
     return peft_model

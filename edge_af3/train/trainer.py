@@ -110,9 +110,9 @@ def train(ckpt: str | Path, data: str | Path, out: str | Path, config: TrainConf
         opt.load_state_dict(state["optimizer"])
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["torch_rng"])
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / config.warmup_steps) if config.warmup_steps else 1.0)
-    for _ in range(step):
-        sched.step()
+    def lr_at(s: int) -> float:  # linear warm-up, then constant (a function of the step: resumes exactly)
+        return config.lr * (min(1.0, (s + 1) / config.warmup_steps) if config.warmup_steps else 1.0)
+
     template = (ckpt / "chat_template.jinja").read_text("utf-8")
     tok, sound_id = ref.processor.tokenizer, ref.processor.audio_token_id
     cache: dict[int, dict] = {}
@@ -130,12 +130,14 @@ def train(ckpt: str | Path, data: str | Path, out: str | Path, config: TrainConf
             loss = model(**batch).loss / per_step
             loss.backward()
             step_loss += float(loss.detach())
+        lr = lr_at(step)
+        for group in opt.param_groups:
+            group["lr"] = lr
         opt.step()
-        sched.step()
         step += 1
         losses.append(step_loss)
         if progress:
-            progress({"step": step, "total": total, "loss": step_loss, "lr": sched.get_last_lr()[0]})
+            progress({"step": step, "total": total, "loss": step_loss, "lr": lr})
         if step % config.save_every == 0 or step == total:
             _save(model, opt, step, losses, config, out / f"checkpoint-{step}", torch)
     seconds = time.perf_counter() - t0
