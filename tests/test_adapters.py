@@ -193,11 +193,14 @@ def test_cli_make_tiny_think_export_adapter_and_ask(think_bundle, think_ckpt, tm
     res = run_cli("ask", str(speech_wav), Q, "-m", str(think_bundle), "--adapter", "nope", "-n", "2")
     assert res.returncode == 1 and "no adapter 'nope'" in res.stderr and "Traceback" not in res.stderr
     folder = _copy_adapter(think_ckpt, tmp_path)
-    res = run_cli("export", str(think_ckpt), str(tmp_path / "b2"), "--quant", "f32", "--no-verify",
-                  "--adapter", f"mine={folder}", "--json")  # fmt: skip
+    res = run_cli("export", str(think_ckpt), str(tmp_path / "b2"), "--quant", "f32", "--adapter", f"mine={folder}",
+                  "--json")  # verified: each adapter against transformers + PEFT (f16 LoRA tensors, the default)
     assert res.returncode == 0, res.stderr
     manifest = json.loads((tmp_path / "b2" / "manifest.json").read_text())
     assert set(manifest["adapters"]) == {"think", "mine"} and manifest["adapters"]["mine"]["prompt_suffix"] == ""
+    for name in ("think", "mine"):
+        check = manifest["verification"][f"adapter:{name}"]
+        assert check["top1_agreement"] == 1.0 and check["kl_divergence"] < 1e-5, check
     res = run_cli("export", str(think_ckpt), str(tmp_path / "b3"), "--adapter", "mine")
     assert res.returncode != 0 and "NAME=DIR" in res.stderr
 

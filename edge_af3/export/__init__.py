@@ -114,35 +114,44 @@ def verify_mmproj(mmproj_path: Path, llm_path: Path, wrapper) -> dict:
     }
 
 
-def verify_llm(gguf_path: Path, ckpt: Path, quant: str, *, dtype: str = "float32") -> dict:
-    """GGUF logits (llama.cpp, f32 KV, no flash attention) vs transformers on a probe prompt.
-
-    `dtype` is the reference's: float32 for small models; bfloat16 (the checkpoint's own dtype) for
-    the 7B, whose float32 copy (30 GB) would not fit next to anything on a 24 GiB machine.
-    """
+def _probe(ckpt: Path, gguf_path: Path, dtype: str, adapter: tuple[str, Path, Path] | None = None):
+    """(probe ids, reference logits, llama.cpp logits) on the probe prompt: llama.cpp's exact path
+    (f32 KV, no flash attention), with `adapter` = (name, PEFT folder, GGUF) applied on both sides."""
     import gc
 
     from ..engines.llamacpp import LlamaEngine
-    from ..reference.loader import load_reference
+    from ..reference.loader import Reference, load_reference
 
     ref = load_reference(ckpt, dtype=dtype)
+    if adapter:
+        from ..reference.adapters import apply_adapter
+
+        ref = Reference(model=apply_adapter(ref.model, ckpt, adapter[0], adapter[1]), processor=ref.processor, path=ref.path)
     conv = [{"role": "user", "content": [{"type": "text", "text": PROBE_TEXT}]}]
     ids = ref.inputs(conv)["input_ids"][0].tolist()
     want = ref.logits(conv)
     del ref
     gc.collect()
     with LlamaEngine(gguf_path, n_ctx=max(256, len(ids) + 8), n_batch=256, kv_type="f32", flash_attn=False) as eng:
-        same_tokens = eng.tokenize(_decode_ids(ckpt, ids)) == ids
+        if adapter:
+            eng.load_adapter(adapter[0], adapter[2])
+            eng.activate(adapter[0])
         got = eng.decode_tokens(ids, logits="all")
+        same_tokens = eng.tokenize(_decode_ids(ckpt, ids)) == ids
     p = _softmax(want)
     kl = float(np.mean(np.sum(p * (np.log(p + 1e-30) - np.log(_softmax(got) + 1e-30)), axis=-1)))
-    out = {
-        "probe_tokens": len(ids),
-        "tokenization_identical": bool(same_tokens),
-        "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
-        "kl_divergence": kl,
-        "reference_dtype": dtype,
-    }
+    return {"probe_tokens": len(ids), "tokenization_identical": bool(same_tokens),
+            "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))), "kl_divergence": kl,
+            "reference_dtype": dtype}, got, want  # fmt: skip
+
+
+def verify_llm(gguf_path: Path, ckpt: Path, quant: str, *, dtype: str = "float32") -> dict:
+    """GGUF logits (llama.cpp, f32 KV, no flash attention) vs transformers on a probe prompt.
+
+    `dtype` is the reference's: float32 for small models; bfloat16 (the checkpoint's own dtype) for
+    the 7B, whose float32 copy (30 GB) would not fit next to anything on a 24 GiB machine.
+    """
+    out, got, want = _probe(ckpt, gguf_path, dtype)
     if quant in ("f32", "f16"):
         out["max_abs_diff"] = float(np.abs(got - want).max())
     return out
@@ -150,28 +159,9 @@ def verify_llm(gguf_path: Path, ckpt: Path, quant: str, *, dtype: str = "float32
 
 def verify_adapter(gguf_path: Path, ckpt: Path, name: str, folder: Path, adapter_gguf: Path, *,
                    dtype: str = "float32") -> dict:  # fmt: skip
-    """The LLM with its GGUF adapter (llama.cpp, exact path) vs transformers + PEFT on the probe."""
-    import gc
-
-    from ..engines.llamacpp import LlamaEngine
-    from ..reference.adapters import apply_adapter
-    from ..reference.loader import Reference, load_reference
-
-    ref = load_reference(ckpt, dtype=dtype)
-    ref = Reference(model=apply_adapter(ref.model, ckpt, name, folder), processor=ref.processor, path=ref.path)
-    conv = [{"role": "user", "content": [{"type": "text", "text": PROBE_TEXT}]}]
-    ids = ref.inputs(conv)["input_ids"][0].tolist()
-    want = ref.logits(conv)
-    del ref
-    gc.collect()
-    with LlamaEngine(gguf_path, n_ctx=max(256, len(ids) + 8), n_batch=256, kv_type="f32", flash_attn=False) as eng:
-        eng.load_adapter(name, adapter_gguf)
-        eng.activate(name)
-        got = eng.decode_tokens(ids, logits="all")
-    p = _softmax(want)
-    kl = float(np.mean(np.sum(p * (np.log(p + 1e-30) - np.log(_softmax(got) + 1e-30)), axis=-1)))
-    return {"probe_tokens": len(ids), "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
-            "kl_divergence": kl, "reference": "transformers + PEFT", "reference_dtype": dtype}  # fmt: skip
+    """The LLM with its GGUF adapter vs transformers + PEFT on the probe."""
+    out, _, _ = _probe(ckpt, gguf_path, dtype, (name, folder, adapter_gguf))
+    return out | {"reference": "transformers + PEFT"}
 
 
 def _decode_ids(ckpt: Path, ids: list[int]) -> str:
