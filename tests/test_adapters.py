@@ -190,6 +190,10 @@ def test_cli_make_tiny_think_export_adapter_and_ask(think_bundle, think_ckpt, tm
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["adapter"] == "think" and out["think"] is True
+    res = run_cli("doctor", "-m", str(think_bundle), "--json")
+    assert res.returncode == 0, res.stderr
+    doc = json.loads(res.stdout)["model"]
+    assert doc["adapters"]["think"]["encoder_weights"] and doc["think"] == "think adapter + suffix"
     res = run_cli("ask", str(speech_wav), Q, "-m", str(think_bundle), "--adapter", "nope", "-n", "2")
     assert res.returncode == 1 and "no adapter 'nope'" in res.stderr and "Traceback" not in res.stderr
     folder = _copy_adapter(think_ckpt, tmp_path)

@@ -20,6 +20,10 @@ PACKAGES = [
     ("transformers", "transformers", "export / reference", "pip install 'edge-af3[export]'"),
     ("onnx", "onnx", "export / torch + TensorRT engines", "pip install 'edge-af3[export]'"),
     ("gguf", "gguf", "export", "pip install 'edge-af3[export]'"),
+    ("fastapi", "fastapi", "serve", "pip install 'edge-af3[server]'"),
+    ("uvicorn", "uvicorn", "serve", "pip install 'edge-af3[server]'"),
+    ("openai", "openai", "AF3.connect / --base-url", "pip install 'edge-af3[client]'"),
+    ("peft", "peft", "train / think reference", "pip install 'edge-af3[train]'"),
     ("sounddevice", "sounddevice", "listen --mic", "pip install 'edge-af3[mic]'  (+ apt-get install libportaudio2)"),
     ("onnxruntime-gpu", None, "CUDA encoder (ONNX Runtime)", "pip install 'edge-af3[gpu]'"),
     ("cuda-python", None, "CUDA graphs (TensorRT engine)", "pip install 'edge-af3[gpu]'"),
@@ -63,6 +67,19 @@ def _audio_inputs():
         for i, d in enumerate(sd.query_devices())
         if d["max_input_channels"] > 0
     ]
+
+
+def bundle_report(path) -> dict:
+    """A bundle's model and adapters, from its manifest (nothing loaded)."""
+    from ..bundle import read_manifest
+
+    m = read_manifest(path)
+    adapters = {name: {"rank": a["lora"]["r"], "alpha": a["lora"]["alpha"], "type": a["lora"].get("type", "f32"),
+                       "encoder_weights": bool(a.get("encoder")), "prompt_suffix": bool(a.get("prompt_suffix"))}
+                for name, a in (m.get("adapters") or {}).items()}  # fmt: skip
+    return {"bundle": str(path), "source": (m.get("source") or {}).get("id"), "llm": m["llm"]["quant"],
+            "encoder": m["encoder"]["precision"], "adapters": adapters,
+            "think": "think adapter + suffix" if "think" in adapters else "suffix only (no think/ in the checkpoint)"}  # fmt: skip
 
 
 def checks() -> dict:
@@ -121,6 +138,12 @@ def render(report: dict, out) -> None:
         out.print(f"audio inputs:           {inputs or 'sounddevice not installed'}")
     out.print(f"encoder:                {report['encoder_engine']}")
     out.print(f"cache:                  {report['cache']}")
+    if report.get("model"):
+        m = report["model"]
+        names = ", ".join(f"{n} (r {a['rank']}, {a['type']}{', encoder weights' if a['encoder_weights'] else ''})"
+                          for n, a in m["adapters"].items()) or "none"  # fmt: skip
+        out.print(f"model:                  {m['bundle']} ({m['llm']}, encoder {m['encoder']})", markup=False)
+        out.print(f"adapters:               {names}; think mode: {m['think']}", markup=False)
     for h in report["hints"]:
         out.print(f"[yellow]fix:[/] {h}")
     out.print("[green]ready[/]" if report["ok"] else "[red]not ready: see the fixes above[/]")

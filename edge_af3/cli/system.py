@@ -35,15 +35,19 @@ def plan_cmd(
               target=target, encoder_precision=encoder_precision, as_json=as_json)  # fmt: skip
 
 
-def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON.")) -> None:
+def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+               model: Optional[Path] = typer.Option(None, "--model", "-m", help="Also describe this bundle: its adapters and think mode.")) -> None:  # fmt: skip
     """Check this machine: Python, packages, ONNX Runtime providers, CUDA/TensorRT, llama.cpp GPU
-    offload, audio devices; prints the install command for whatever is missing.
+    offload, audio devices; prints the install command for whatever is missing. With -m BUNDLE:
+    the bundle's LLM, encoder and adapters (which adapter think mode runs).
 
-    Example: edge-af3 doctor
+    Example: edge-af3 doctor -m ./af3-bundle
     """
-    from .doctor import checks, render
+    from .doctor import bundle_report, checks, render
 
     report = checks()
+    if model is not None:
+        report["model"] = bundle_report(model)
     if as_json:
         emit_json(report)
         return
