@@ -166,6 +166,12 @@ class RemoteChat:
 
     send = ask
 
+    def append(self, prompt: str, audio=None, answer: str = "", *, think: bool = False, adapter: str | None = None) -> None:  # noqa: ARG002
+        """Add a finished turn to the history without asking (a restored conversation)."""
+        text = prompt + (THINK_SUFFIX if think else "")
+        user = {"role": "user", "content": [audio_part(a) for a in _as_list(audio)] + [{"type": "text", "text": text}]}
+        self.messages += [user, {"role": "assistant", "content": answer}]
+
 
 class RemoteAF3:
     """A model behind an OpenAI-compatible server (`AF3.connect`)."""

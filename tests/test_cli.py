@@ -295,3 +295,77 @@ def _wait_for(stream, text: str, timeout: float, count: int = 1) -> str:
             assert chunk, f"the process closed its output before {text!r}: {seen[-500:]!r}"
             seen += chunk
     return seen
+
+
+def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_bundle, speech_wav, tmp_path):
+    """Ctrl-C mid-answer returns to `you>`; the next question sees the earlier turns (not the
+    stopped one); Ctrl-C at the prompt, /save to a missing folder and /load of a bad file are one
+    line each; /save stores absolute paths and /load restores the conversation."""
+    import subprocess
+    import sys
+    import time
+
+    tmux = shutil.which("tmux")
+    assert tmux, "tmux is required (scripts/setup.sh installs it)"
+    sock, saved = str(tmp_path / "tmux.sock"), tmp_path / "conv.json"
+    home = tmp_path / "home"
+    (home / "clips").mkdir(parents=True)
+    shutil.copyfile(speech_wav, home / "clips" / "speech.wav")
+    cmd = f"{sys.executable} -m edge_af3 chat -m {tiny_bundle} -n 2500 --ignore-eos; echo EXIT=$?; sleep 30"
+    env = {"EDGE_AF3_CACHE": str(tmp_path / "cache"), "TERM": "xterm", "HOME": str(home)}
+    subprocess.run([tmux, "-S", sock, "new-session", "-d", "-x", "200", "-y", "50", "-s", "t",
+                    "env " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + cmd], check=True)  # fmt: skip
+
+    def pane() -> str:
+        return subprocess.run([tmux, "-S", sock, "capture-pane", "-p", "-J", "-t", "t", "-S", "-2000"],
+                              capture_output=True, text=True).stdout  # fmt: skip
+
+    def wait_for(text: str, count: int = 1, timeout: float = 180) -> str:
+        end = time.time() + timeout  # a deadline guard for the terminal, not a timing assertion
+        while time.time() < end:
+            screen = pane()
+            if screen.count(text) >= count:
+                return screen
+            time.sleep(0.2)
+        raise AssertionError(f"{text!r} x{count} never appeared:\n{pane()[-3000:]}")
+
+    def send(*keys: str) -> None:
+        subprocess.run([tmux, "-S", sock, "send-keys", "-t", "t", *keys], check=True)
+
+    try:
+        wait_for("you>")
+        send("C-c")  # at the prompt
+        wait_for("Ctrl-D or /quit leaves")
+        send("/audio ~/clips/speech.wav", "Enter")  # ~ is the user's home
+        wait_for("attached")
+        send("Describe it.", "Enter")
+        wait_for("tok/s")  # turn 1 completes
+        send("Now write a very long story.", "Enter")
+        wait_for("af3>", count=2)
+        time.sleep(0.5)
+        send("C-c")  # mid-answer
+        wait_for("(stopped; this turn is not part of the conversation)")
+        wait_for("you>", count=4)
+        send("And the tempo?", "Enter")
+        screen = wait_for("tok/s", count=2)
+        send("/save /nonexistent/dir/c.json", "Enter")
+        wait_for("cannot save to /nonexistent/dir/c.json")
+        send(f"/save {saved}", "Enter")
+        wait_for("saved 2 turn(s)")
+        send(f"/load {tmp_path / 'missing.json'}", "Enter")
+        wait_for("(the conversation is unchanged)")
+        send(f"/load {saved}", "Enter")
+        wait_for("loaded 2 turn(s)")
+        send("/quit", "Enter")
+        screen = wait_for("EXIT=")
+    finally:
+        subprocess.run([tmux, "-S", sock, "kill-server"], capture_output=True)
+    assert "EXIT=0" in screen and "Traceback" not in screen
+    turns = json.loads(saved.read_text())["turns"]
+    assert [t["user"] for t in turns] == ["Describe it.", "And the tempo?"]  # the stopped turn is not there
+    assert turns[0]["audio"] == [str(home / "clips" / "speech.wav")]
+    import re
+
+    stats = re.findall(r"prompt (\d+) positions, (\d+) from the KV cache", screen)
+    first_prompt, (third_prompt, third_reused) = int(stats[0][0]), stats[-1]
+    assert int(third_prompt) > first_prompt and int(third_reused) >= first_prompt  # turn 3 carries turn 1

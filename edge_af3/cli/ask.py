@@ -19,6 +19,7 @@ TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass 
 TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k likeliest (0 = off). Default: the checkpoint's.")]
 PenaltyOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", help=PENALTY_HELP)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="The sampler's seed.")]
+IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Generate exactly --max-new-tokens (benchmarks, tests).")]
 BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", envvar="EDGE_AF3_BASE_URL",
                        help="Ask an OpenAI-compatible server (edge-af3 serve, vLLM) instead of loading a model.")]
 AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="Run with an exported adapter by name (see the bundle's manifest).")]
@@ -47,6 +48,7 @@ def ask_cmd(
     top_k: TopKOpt = None,
     repetition_penalty: PenaltyOpt = None,
     seed: SeedOpt = 0,
+    ignore_eos: IgnoreEosOpt = False,
     n_ctx: NCtxOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
@@ -76,7 +78,8 @@ def ask_cmd(
     *paths, prompt = args
     clips = [load_audio(p) for p in paths]  # bad audio fails before the model loads
     opts = generation_overrides(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+                                repetition_penalty=repetition_penalty, seed=seed,
+                                ignore_eos=ignore_eos or None)  # fmt: skip
     af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
                           encoder_engine=engine, exact=exact, verify=verify, api_key=api_key)  # fmt: skip
     with af3:
@@ -112,6 +115,7 @@ def chat_cmd(
     top_k: TopKOpt = None,
     repetition_penalty: PenaltyOpt = None,
     seed: SeedOpt = 0,
+    ignore_eos: IgnoreEosOpt = False,
     n_ctx: NCtxOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
@@ -136,7 +140,8 @@ def chat_cmd(
     if dry:
         return show_plan(model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact)
     opts = generation_overrides(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty, seed=seed)  # fmt: skip
+                                repetition_penalty=repetition_penalty, seed=seed,
+                                ignore_eos=ignore_eos or None)  # fmt: skip
     af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
                           encoder_engine=engine, exact=exact, verify=verify, api_key=api_key)  # fmt: skip
     with af3:

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import threading
 import time
 from pathlib import Path
 
@@ -11,9 +14,10 @@ HELP = """commands:
   /think on|off   step-by-step reasoning before the answer (the think adapter when the bundle has one)
   /adapter NAME|off  answer with an exported adapter (the whole conversation is recomputed with it)
   /reset          forget the conversation (and its KV cache)
-  /save FILE      write the conversation so far as JSON
+  /save FILE      write the conversation so far as JSON (audio as absolute paths)
+  /load FILE      continue a saved conversation (its clips are read again)
   /help           this text
-  /quit           leave (Ctrl-D works too)"""
+  /quit           leave (Ctrl-D works too); Ctrl-C stops an answer and returns here"""
 
 
 def _readline(history: Path):
@@ -31,6 +35,53 @@ def _readline(history: Path):
     return readline
 
 
+@contextlib.contextmanager
+def _ctrl_c_cancels(stream):
+    """While an answer streams, Ctrl-C stops it (within a token) instead of ending the program."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, lambda *_: stream.cancel())
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def save(target: Path, conversation: dict) -> None:
+    """Write the conversation (temporary file + rename); an unwritable place is one line, not a crash."""
+    from .common import console
+
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        tmp.write_text(json.dumps(conversation, indent=2, ensure_ascii=False) + "\n", "utf-8")
+        tmp.replace(target)  # never a half-written file
+    except OSError as e:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        console.print(f"[red]cannot save to {target}: {e.strerror or e}[/]")
+        return
+    console.print(f"[dim]saved {len(conversation['turns'])} turn(s) to {target}[/]")
+
+
+def load(path: Path, session):
+    """A /save file restored into a fresh session like `session` (its clips read again):
+    (session, turns), or None and one line when it cannot (the current conversation stays)."""
+    from ..errors import EdgeAF3Error
+    from .common import console
+
+    fresh = session.model.chat(system=session.system) if hasattr(session, "model") else session.owner.chat(session.system)
+    try:
+        turns = json.loads(path.read_text("utf-8"))["turns"]
+        for t in turns:
+            fresh.append(t["user"], list(t.get("audio") or []), t["assistant"], think=bool(t.get("think")),
+                         adapter=t.get("adapter"))  # fmt: skip
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, EdgeAF3Error) as e:
+        console.print(f"[red]cannot load {path}: {getattr(e, 'strerror', None) or e}[/] (the conversation is unchanged)")
+        return None
+    console.print(f"[dim]loaded {len(turns)} turn(s) from {path}[/]")
+    return fresh, turns
+
+
 def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options: dict, adapter: str | None = None) -> None:
     from ..audio import load_audio
     from ..errors import AudioError, EdgeAF3Error
@@ -45,6 +96,7 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
     transcript: list[dict] = []
 
     def attach(path: str) -> None:
+        path = str(Path(path).expanduser().resolve())
         try:
             pending.append(load_audio(path))
         except AudioError as e:
@@ -63,6 +115,10 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
             except EOFError:
                 out.print()
                 break
+            except KeyboardInterrupt:  # at the prompt: a fresh line, the session stays
+                out.print()
+                console.print("[dim](Ctrl-D or /quit leaves)[/]")
+                continue
             text = line.strip()
             if not text:
                 continue
@@ -101,12 +157,16 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
                     if not arg:
                         console.print("[red]usage: /save FILE[/]")
                         continue
-                    target = Path(arg).expanduser()
-                    tmp = target.with_name(f".{target.name}.tmp")
-                    tmp.write_text(json.dumps({"model": af3.label, "system": system, "turns": transcript},
-                                              indent=2, ensure_ascii=False) + "\n", "utf-8")  # fmt: skip
-                    tmp.replace(target)  # never a half-written file
-                    console.print(f"[dim]saved {len(transcript)} turn(s) to {target}[/]")
+                    save(Path(arg).expanduser(), {"model": af3.label, "system": system, "turns": transcript})
+                elif cmd == "/load":
+                    if not arg:
+                        console.print("[red]usage: /load FILE[/]")
+                        continue
+                    loaded = load(Path(arg).expanduser(), session)
+                    if loaded is not None:
+                        session, transcript[:] = loaded
+                        pending.clear()
+                        names.clear()
                 else:
                     console.print(f"[red]unknown command {cmd}[/]; /help lists them")
                 continue
@@ -114,14 +174,18 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
             t0 = time.time()
             try:
                 with session.stream(text, list(pending), think=think, adapter=adapter, **options) as stream:
-                    for piece in stream:
-                        emit(piece)
+                    with _ctrl_c_cancels(stream):
+                        for piece in stream:
+                            emit(piece)
             except EdgeAF3Error as e:
                 out.print()
                 console.print(f"[red]{e}[/] (/reset starts over)")
                 continue
             out.print()
             answer = stream.answer
+            if answer.finish_reason == "cancelled":  # Ctrl-C: the turn is dropped, the history kept
+                console.print("[dim](stopped; this turn is not part of the conversation)[/]")
+                continue
             console.print(f"[dim]{timings_line(answer.timings, answer.finish_reason)}[/]")
             transcript.append({"time": t0, "user": text, "audio": list(names), "think": think,
                                "adapter": answer.adapter, "assistant": answer.text})  # fmt: skip

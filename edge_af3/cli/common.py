@@ -117,10 +117,11 @@ def generation_overrides(**given) -> dict:
 
 
 def timings_line(t, finish_reason: str | None = None) -> str:
-    reuse = f" ({t.reused_tokens} reused)" if t.reused_tokens else ""
+    """One line of what a turn cost: the prompt (the whole conversation's positions, how many of
+    them the KV cache already held, this turn's new audio tokens) and each stage."""
     end = f" | finish {finish_reason}" if finish_reason else ""
     return (
-        f"{t.audio_tokens} audio + {t.prompt_tokens - t.audio_tokens} text tokens{reuse} | features {t.features_ms:.0f} ms"
-        f" | encoder {t.encoder_ms:.0f} ms | prefill {t.prefill_ms:.0f} ms | first token {t.first_token_ms:.0f} ms | "
-        f"{t.decode_tokens_per_s:.1f} tok/s{end}"
+        f"prompt {t.prompt_tokens} positions, {t.reused_tokens} from the KV cache, {t.audio_tokens} new audio tokens"
+        f" | features {t.features_ms:.0f} ms | encoder {t.encoder_ms:.0f} ms | prefill {t.prefill_ms:.0f} ms"
+        f" | first token {t.first_token_ms:.0f} ms | {t.decode_tokens_per_s:.1f} tok/s{end}"
     )

@@ -186,8 +186,17 @@ class ChatSession:
         self.last_answer = stream.answer
         if stream.answer.finish_reason == "cancelled":
             return
-        turn = stream.turn
-        self.messages = self.messages + [turn.user, Message("assistant", stream.answer.text)]
+        self._remember(stream.turn, stream.answer.text)
+
+    def _remember(self, turn: Turn, answer: str) -> None:
+        self.messages = self.messages + [turn.user, Message("assistant", answer)]
         rendered = render(self.model.template, self.messages, add_generation_prompt=False)
         self.rendered = rendered
         self.segments = turn.target + [self.model.llm.tokenize(rendered[len(turn.full) :])]
+
+    def append(self, prompt: str, audio=None, answer: str = "", *, think: bool = False, adapter: str | None = None) -> None:
+        """Add a finished turn to the history without generating (restoring a saved conversation);
+        the KV cache is filled when the next question is asked."""
+        if self._open is not None and self._open.answer is None:
+            raise SessionBusyError("this session's answer is still streaming; finish or cancel() it first")
+        self._remember(self._turn(prompt, audio, think, 1, adapter), answer)
