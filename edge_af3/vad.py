@@ -94,21 +94,23 @@ class SileroDetector:
 
 
 class EnergyDetector:
-    """Active when a frame is `margin_db` above a noise floor that follows the quietest frames."""
+    """Active when a frame is `margin_db` above a noise floor that follows the room both ways: it
+    drops at once to a quieter frame and rises `rise_db_per_s` under sustained sound. It starts at
+    a quiet room's level (not at the first frame's), so a sound already there when listening
+    starts (a machine, music) is heard first, then becomes the floor if it stays steady."""
 
     name = "energy"
 
     def __init__(self, margin_db: float = 9.0, min_dbfs: float = -55.0, rise_db_per_s: float = 3.0):
         self.margin_db, self.min_dbfs = margin_db, min_dbfs
         self.rise = rise_db_per_s * FRAME / RATE
-        self.floor: float | None = None
+        self.floor: float = min_dbfs - margin_db  # a quiet room: anything at or above min_dbfs is heard
 
     def is_active(self, frame: np.ndarray) -> bool:
         rms = float(np.sqrt(np.mean(np.square(frame, dtype=np.float64))))
         db = 20 * math.log10(rms + 1e-10)
-        if self.floor is None:
-            self.floor = db
-        self.floor = min(self.floor + self.rise, db) if db < self.floor + self.margin_db else self.floor + self.rise
+        floor = min(self.floor + self.rise, db) if db < self.floor + self.margin_db else self.floor + self.rise
+        self.floor = max(floor, self.min_dbfs - self.margin_db)  # digital silence does not sink it forever
         return db >= max(self.floor + self.margin_db, self.min_dbfs)
 
 

@@ -369,3 +369,16 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_bundle, speech_
     stats = re.findall(r"prompt (\d+) positions, (\d+) from the KV cache", screen)
     first_prompt, (third_prompt, third_reused) = int(stats[0][0]), stats[-1]
     assert int(third_prompt) > first_prompt and int(third_reused) >= first_prompt  # turn 3 carries turn 1
+
+
+def test_listen_hears_a_sound_that_is_there_from_the_first_frame(tiny_bundle, tmp_path):
+    """A tone from frame 1 (the room's machine), silence, the tone again: two segments, the first at 0 s."""
+    t = np.arange(12 * 16000) / 16000
+    tone = (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32)
+    path = tmp_path / "tone.wav"
+    sf.write(path, np.concatenate([tone, np.zeros(3 * 16000, np.float32), tone]), 16000)
+    res = run_cli("listen", "--file", str(path), "-m", str(tiny_bundle), "-n", "2", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]  # JSON Lines
+    segments, summary = lines[:-1], lines[-1]["summary"]
+    assert summary["segments"] == 2 and [round(s["start"]) for s in segments] == [0, 15]
