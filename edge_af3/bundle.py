@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from .errors import BundleError
+from .errors import BundleError, OutputError
 from .paths import cache_dir
 
 FORMAT_VERSION = 1
@@ -38,9 +38,12 @@ def staged_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
     (Ctrl-C included) it is removed, so `out` is either complete or untouched."""
     out = Path(out)
     if out.exists() and not force:
-        raise FileExistsError(f"{out} exists; pass --force (force=True) to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+        raise FileExistsError(f"{out} exists; pass --force to replace it")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    except OSError as e:
+        raise OutputError(f"cannot write {out}: {e.strerror or e}") from None
     umask = os.umask(0)
     os.umask(umask)
     tmp.chmod(0o777 & ~umask)  # mkdtemp makes 0700; a bundle is an ordinary folder

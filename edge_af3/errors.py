@@ -45,5 +45,9 @@ class SessionBusyError(EdgeAF3Error, RuntimeError):
     """A chat session asked for a new answer while its previous stream is still open."""
 
 
+class OutputError(EdgeAF3Error, OSError):
+    """A place that cannot be written to (a read-only or missing folder, no space)."""
+
+
 class MissingDependencyError(EdgeAF3Error, ImportError):
     """An optional package this path needs is not installed; the message has the install command."""

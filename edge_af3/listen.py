@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from .errors import EdgeAF3Error
+from .errors import EdgeAF3Error, OptionsError
 from .vad import FRAME, RATE, Segment, Segmenter
 
 MAX_SEGMENT_S = 30.0  # one AF3 window
@@ -166,7 +166,9 @@ class Listener:
                  on_event: Callable[[Event], None] = lambda e: None, **options):  # fmt: skip
         self.model, self.prompt, self.options = model, prompt, options
         self.segmenter = Segmenter(detector, max_s=MAX_SEGMENT_S) if every_s is None else None
-        self.every = None if every_s is None else max(0.5, min(every_s, MAX_SEGMENT_S))
+        if every_s is not None and not 0.5 <= every_s <= MAX_SEGMENT_S:
+            raise OptionsError(f"--every must be between 0.5 and {MAX_SEGMENT_S:g} seconds (one AF3 window at most), got {every_s:g}")
+        self.every = every_s
         self.wait = wait  # True: never drop (a file processed as fast as possible)
         self.on_event = on_event
         self.stats = ListenStats()
@@ -249,6 +251,9 @@ class Listener:
             if self.segmenter is not None:
                 for seg in self.segmenter.flush():
                     self._submit(seg)
+            elif window and self.stats.audio_s > next_cut - self.every + 0.3:  # the tail after the last cut
+                tail = np.concatenate(window)[-int((self.stats.audio_s - (next_cut - self.every)) * RATE) :]
+                self._submit(Segment(self.stats.audio_s - tail.size / RATE, self.stats.audio_s, tail))
             self.pending.put(None)  # the end of the stream: answer what is queued, then stop
             self.worker.join()
         finally:

@@ -382,3 +382,32 @@ def test_listen_hears_a_sound_that_is_there_from_the_first_frame(tiny_bundle, tm
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]  # JSON Lines
     segments, summary = lines[:-1], lines[-1]["summary"]
     assert summary["segments"] == 2 and [round(s["start"]) for s in segments] == [0, 15]
+
+
+def test_user_mistakes_are_one_line_before_anything_loads(tiny_bundle, tmp_path):
+    """Each of these was a traceback or a silent change of meaning; now one line and exit 1."""
+    res = run_cli("--version")
+    assert res.returncode == 0 and res.stdout.startswith("edge-af3 0.1.0")
+    cases = [
+        (["export", str(tmp_path / "nope"), "/proc/x"], "no "),  # a missing checkpoint is named first
+        (["make-tiny", "/proc/t"], "cannot write /proc/t"),
+        (["listen", "--file", str(tmp_path / "x.wav"), "-m", str(tiny_bundle), "--every", "0"], "--every must be between"),
+        (["listen", "--file", str(tmp_path / "x.wav"), "-m", str(tiny_bundle), "--every", "100"], "--every must be between"),
+        (["demo", "--audio", str(tmp_path / "missing.wav")], "no such file"),
+        (["plan", str(tiny_bundle), "--encoder-precision", "int4"], "unknown encoder precision"),
+        (["ask", str(tmp_path / "x.wav"), "q", "-m", str(tiny_bundle), "--threads", "0"], "--threads must be >= 1"),
+    ]
+    sf.write(tmp_path / "x.wav", np.zeros(16000, np.float32), 16000)
+    for args, message in cases:
+        res = run_cli(*args)
+        assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr[-500:])
+
+
+def test_listen_every_answers_the_tail_too(tiny_bundle, tmp_path):
+    t = np.arange(int(19.8 * 16000)) / 16000
+    sf.write(tmp_path / "t.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
+    res = run_cli("listen", "--file", str(tmp_path / "t.wav"), "-m", str(tiny_bundle), "--every", "5", "-n", "1", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
+    spans = [(round(x["start"]), round(x["end"], 1)) for x in lines[:-1]]
+    assert len(spans) == 4 and spans[-1] == (15, 19.8), spans  # 0-5, 5-10, 10-15, then the last 4.8 s

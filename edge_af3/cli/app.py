@@ -13,13 +13,29 @@ from ..errors import EdgeAF3Error
 from . import ask, listen_cmd, serve, system, tools, train_cmd
 from .common import console
 
+def _version(value: bool) -> None:
+    if value:
+        import llama_cpp
+
+        from .. import __version__
+
+        print(f"edge-af3 {__version__} (llama-cpp-python {llama_cpp.__version__}, Python {sys.version.split()[0]})")
+        raise typer.Exit()
+
+
 app = typer.Typer(
     name="edge-af3",
-    help="Run NVIDIA Audio Flamingo 3 on the edge: export, ask, chat, listen.",
+    help="Run NVIDIA Audio Flamingo 3 on the edge: export, ask, chat, listen, serve, train.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
 )
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
+                                       help="Print the version and exit.")) -> None:  # noqa: ARG001
+    """Run NVIDIA Audio Flamingo 3 on the edge: export, ask, chat, listen, serve, train."""
+
+
 app.command("make-tiny")(tools.make_tiny)
 app.command("export")(tools.export_cmd)
 app.command("features")(tools.features_cmd)

@@ -60,6 +60,8 @@ def listen_cmd(
         return
     if mic == (file is not None):
         raise OptionsError("choose one input: --mic or --file PATH")
+    if every is not None and not 0.5 <= every <= 30:  # checked before the model loads
+        raise OptionsError(f"--every must be between 0.5 and 30 seconds (one AF3 window at most), got {every:g}")
     detector = make_detector(vad) if every is None else None
     if mic:
         source = MicSource(device)
