@@ -62,7 +62,7 @@ def test_ask_streams_the_api_answer(tiny_bundle, speech_wav):
     assert res.returncode == 0, res.stderr[-2000:]
     want = _greedy_text(tiny_bundle, speech_wav, "What do you hear?", 16)
     assert res.stdout.rstrip("\n") == want and want
-    assert "audio +" in res.stderr and "tok/s" in res.stderr  # timings go to stderr, not into the answer
+    assert "new audio tokens" in res.stderr and "tok/s" in res.stderr  # timings go to stderr, not into the answer
 
 
 def test_ask_json_two_clips_and_env_model(tiny_bundle, speech_wav, tmp_path):
