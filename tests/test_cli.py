@@ -223,7 +223,7 @@ def test_listen_mic_reads_a_real_portaudio_input(tiny_bundle, speech_wav, tmp_pa
     import time
 
     path, _ = _two_utterances(tmp_path, speech_wav)
-    proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "listen", "--mic", "--device", "pulse", "--json",
+    proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "listen", "--mic", "--input", "pulse", "--json",
                              "-m", str(tiny_bundle), "-n", "4"],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pulse)  # fmt: skip
     try:
@@ -257,7 +257,7 @@ def test_listen_device_faults(tiny_bundle, tmp_path, pulse):
     # no input device at all (no PulseAudio reachable, no ALSA capture card)
     res = run_cli("listen", "--mic", "-m", str(tiny_bundle), env={"XDG_RUNTIME_DIR": str(tmp_path), "PULSE_SERVER": "unix:/nope"})
     assert res.returncode == 1 and "no audio input device" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("listen", "--mic", "--device", "99", "-m", str(tiny_bundle), env=pulse)
+    res = run_cli("listen", "--mic", "--input", "99", "-m", str(tiny_bundle), env=pulse)
     assert res.returncode == 1 and "--list-devices" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("listen", "--list-devices", "--json", env=pulse)
     assert res.returncode == 0 and any(d["name"] == "pulse" for d in json.loads(res.stdout))
@@ -268,7 +268,7 @@ def test_listen_device_faults(tiny_bundle, tmp_path, pulse):
     try:
         mod = subprocess.run(["pactl", "list", "modules", "short"], env=lone, capture_output=True, text=True).stdout
         sink_module = next(line.split()[0] for line in mod.splitlines() if "sink_name=lone" in line)
-        proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "listen", "--mic", "--device", "pulse",
+        proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "listen", "--mic", "--input", "pulse",
                                  "-m", str(tiny_bundle)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True, env=lone)  # fmt: skip
         _wait_for(proc.stderr, "listening to", 120)  # loaded and capturing
@@ -396,6 +396,8 @@ def test_user_mistakes_are_one_line_before_anything_loads(tiny_bundle, tmp_path)
         (["demo", "--audio", str(tmp_path / "missing.wav")], "no such file"),
         (["plan", str(tiny_bundle), "--encoder-precision", "int4"], "unknown encoder precision"),
         (["ask", str(tmp_path / "x.wav"), "q", "-m", str(tiny_bundle), "--threads", "0"], "--threads must be >= 1"),
+        (["listen", "--mic", "--device", "2", "-m", str(tiny_bundle)], "the microphone is --input"),
+        (["listen", "--file", str(tmp_path / "x.wav"), "-m", str(tiny_bundle), "--adapter", "nope"], "no adapter 'nope'"),
     ]
     sf.write(tmp_path / "x.wav", np.zeros(16000, np.float32), 16000)
     for args, message in cases:

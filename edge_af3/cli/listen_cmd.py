@@ -8,7 +8,8 @@ from typing import Optional
 import typer
 
 from ..errors import OptionsError
-from .common import ExactOpt, ModelOpt, NCtxOpt, ThreadsOpt, console, emit, emit_json, load_model, out
+from .common import (DeviceOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, console, emit, emit_json,
+                     load_model, out)  # fmt: skip
 
 LISTEN_PROMPT = "Describe what you hear. If there is speech, transcribe it."
 
@@ -20,7 +21,7 @@ def listen_cmd(
     prompt: str = typer.Option(LISTEN_PROMPT, "--prompt", "-p", help="The standing question asked of each segment."),
     every: Optional[float] = typer.Option(None, "--every", help="Ask about the last S seconds every S seconds (no VAD)."),
     vad: str = typer.Option("silero+energy", "--vad", help="silero+energy | silero | energy | webrtc"),
-    device: Optional[str] = typer.Option(None, "--device", "-d", help="Input device index or name (see --list-devices)."),
+    input_device: Optional[str] = typer.Option(None, "--input", "-i", help="Microphone: input device index or name (see --list-devices)."),
     list_devices: bool = typer.Option(False, "--list-devices", help="List input devices and exit."),
     model: ModelOpt = None,
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", min=1),
@@ -28,6 +29,12 @@ def listen_cmd(
     n_ctx: NCtxOpt = None,
     threads: ThreadsOpt = None,
     exact: ExactOpt = False,
+    device: DeviceOpt = "auto",
+    kv_type: KvOpt = None,
+    engine: EngineOpt = None,
+    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy. Default: the checkpoint's."),
+    think: bool = typer.Option(False, "--think", help="AF3 think mode for every segment."),
+    adapter: Optional[str] = typer.Option(None, "--adapter", help="Answer with an exported adapter by name."),
 ) -> None:
     """Listen continuously: a VAD cuts speech and sound events, each is asked the standing prompt.
 
@@ -38,7 +45,7 @@ def listen_cmd(
 
       edge-af3 listen --mic
 
-      edge-af3 listen --mic --device 2 --prompt "Is anyone asking for help?"
+      edge-af3 listen --mic --input 2 --prompt "Is anyone asking for help?"
 
       edge-af3 listen --file meeting.wav --realtime --every 10
     """
@@ -58,16 +65,21 @@ def listen_cmd(
         for d in devices if not as_json else []:
             out.print(f"[{d['index']}] {d['name']} ({d['channels']} ch, {d['default_rate']:.0f} Hz)", markup=False)
         return
+    if device not in ("auto", "cpu", "cuda"):
+        raise OptionsError(f"--device is the compute device (auto, cpu or cuda), got {device!r}; the microphone is --input")
     if mic == (file is not None):
         raise OptionsError("choose one input: --mic or --file PATH")
     if every is not None and not 0.5 <= every <= 30:  # checked before the model loads
         raise OptionsError(f"--every must be between 0.5 and 30 seconds (one AF3 window at most), got {every:g}")
     detector = make_detector(vad) if every is None else None
     if mic:
-        source = MicSource(device)
+        source = MicSource(input_device)
     else:
         next(iter(stream_file(file, 16)), None)  # a missing or unreadable file fails before the model loads
-    af3 = load_model(model, n_ctx=n_ctx, threads=threads, exact=exact)
+    af3 = load_model(model, n_ctx=n_ctx, threads=threads, exact=exact, device=device, kv_type=kv_type,
+                     encoder_engine=engine)  # fmt: skip
+    if adapter is not None:
+        af3.resolve_adapter(False, adapter)  # an unknown name fails now, not at the first segment
 
     def stamp(seconds: float) -> str:
         return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
@@ -87,8 +99,9 @@ def listen_cmd(
             out.print()
 
     listener = Listener(af3, prompt, detector=detector, every_s=every, wait=file is not None and not realtime,
-                        on_event=on_event, max_new_tokens=max_new_tokens)  # fmt: skip
-    what = f"microphone {device if device is not None else '(default)'}" if mic else str(file)
+                        on_event=on_event, max_new_tokens=max_new_tokens, think=think, adapter=adapter,
+                        **({"temperature": temperature} if temperature is not None else {}))  # fmt: skip
+    what = f"microphone {input_device if input_device is not None else '(default)'}" if mic else str(file)
     console.print(f"[dim]listening to {what} ({'every %.1f s' % every if every else 'VAD ' + vad}); Ctrl-C to stop[/]")
     blocks = source if mic else file_blocks(file, realtime=realtime)
     code = 0
@@ -106,11 +119,11 @@ def listen_cmd(
     if as_json:
         emit_json({"summary": summary})
     else:
-        lat = summary["first_token_latency_p50_s"]
+        p50, p95 = summary["first_token_latency_p50_s"], summary["first_token_latency_p95_s"]
+        latency = f"first-token latency p50 {p50} s / p95 {p95} s" if p50 is not None else "nothing answered"
         console.print(
             f"[bold]{summary['segments']} segment(s)[/], {summary['answered']} answered, {summary['dropped']} dropped, "
-            f"{summary['audio_s']:.1f} s of audio, real-time factor {summary['real_time_factor']}, "
-            f"first-token latency p50 {lat} s / p95 {summary['first_token_latency_p95_s']} s"
+            f"{summary['audio_s']:.1f} s of audio, real-time factor {summary['real_time_factor']}, {latency}"
         )
     if code:
         raise typer.Exit(code)
