@@ -26,12 +26,14 @@ SILERO_WHEEL = ("silero-vad", "6.2.3", "7b7f5436cfcb02fae583a05b512ea96467fd449f
 SILERO_MEMBER = "silero_vad/data/silero_vad_16k_op15.onnx"
 
 
-def silero_model() -> Path:
-    """Silero VAD v6's ONNX model (MIT), taken once from the pinned `silero-vad` wheel on PyPI.
+SILERO_ONNX_SHA256 = "7ed98ddbad84ccac4cd0aeb3099049280713df825c610a8ed34543318f1b2c49"  # the wheel's 16k op15 model
 
-    The wheel itself is not installed (it depends on torch); pip downloads it (so the user's index
-    and proxy settings apply), its sha256 is checked and the one .onnx file is kept in the cache.
-    `EDGE_AF3_SILERO_ONNX` points at a local copy instead (offline devices).
+
+def silero_model() -> Path:
+    """Silero VAD v6's ONNX model (MIT; `data/SILERO_VAD_LICENSE`): `EDGE_AF3_SILERO_ONNX` when
+    set, else the copy shipped inside the package (1.3 MB: listen works offline on first use),
+    else taken once from the pinned `silero-vad` wheel on PyPI (a package installed without its
+    data: pip downloads the wheel, its sha256 is checked, the one .onnx file is cached).
     """
     import hashlib
     import os
@@ -44,6 +46,9 @@ def silero_model() -> Path:
 
     if os.environ.get("EDGE_AF3_SILERO_ONNX"):
         return Path(os.environ["EDGE_AF3_SILERO_ONNX"])
+    packaged = Path(__file__).resolve().parent / "data" / "silero_vad_16k_op15.onnx"
+    if packaged.is_file():
+        return packaged
     name, version, sha = SILERO_WHEEL
     dest = cache_dir() / "vad" / f"silero-{version}-16k.onnx"
     if dest.is_file():

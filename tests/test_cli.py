@@ -413,3 +413,18 @@ def test_listen_every_answers_the_tail_too(tiny_bundle, tmp_path):
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
     spans = [(round(x["start"]), round(x["end"], 1)) for x in lines[:-1]]
     assert len(spans) == 4 and spans[-1] == (15, 19.8), spans  # 0-5, 5-10, 10-15, then the last 4.8 s
+
+
+def test_listen_vad_model_ships_with_the_package(tmp_path, monkeypatch):
+    """Silero's ONNX model is inside the package (offline first use); the environment variable overrides it."""
+    import hashlib
+
+    from edge_af3.vad import SILERO_ONNX_SHA256, silero_model
+
+    monkeypatch.delenv("EDGE_AF3_SILERO_ONNX", raising=False)
+    monkeypatch.setenv("EDGE_AF3_CACHE", str(tmp_path / "empty-cache"))
+    path = silero_model()
+    assert "edge_af3" in str(path) and hashlib.sha256(path.read_bytes()).hexdigest() == SILERO_ONNX_SHA256
+    assert (path.parent / "SILERO_VAD_LICENSE").read_text().startswith("MIT License")
+    monkeypatch.setenv("EDGE_AF3_SILERO_ONNX", str(tmp_path / "mine.onnx"))
+    assert silero_model() == tmp_path / "mine.onnx"
