@@ -428,3 +428,25 @@ def test_listen_vad_model_ships_with_the_package(tmp_path, monkeypatch):
     assert (path.parent / "SILERO_VAD_LICENSE").read_text().startswith("MIT License")
     monkeypatch.setenv("EDGE_AF3_SILERO_ONNX", str(tmp_path / "mine.onnx"))
     assert silero_model() == tmp_path / "mine.onnx"
+
+
+def test_ask_text_only_stdin_audio_and_system(tiny_bundle, speech_wav):
+    import subprocess
+    import sys
+
+    from edge_af3 import AF3
+
+    with AF3.load(tiny_bundle) as m:
+        text_only = m.ask("What can you do?", max_new_tokens=6, temperature=0).text
+        clip = m.ask("What is it?", str(speech_wav), max_new_tokens=6, temperature=0).text
+        sys_text = m.chat("You are terse.").ask("What is it?", str(speech_wav), max_new_tokens=6, temperature=0).text
+    res = run_cli("ask", "What can you do?", "-m", str(tiny_bundle), "-t", "0", "-n", "6", "--json")
+    assert res.returncode == 0 and json.loads(res.stdout)["text"] == text_only, res.stderr
+    res = subprocess.run([sys.executable, "-m", "edge_af3", "ask", "-", "What is it?", "-m", str(tiny_bundle), "-t", "0",
+                          "-n", "6", "--json"], input=speech_wav.read_bytes(), capture_output=True)  # fmt: skip
+    assert res.returncode == 0 and json.loads(res.stdout)["text"] == clip, res.stderr[-1000:]
+    res = run_cli("ask", str(speech_wav), "What is it?", "--system", "You are terse.", "-m", str(tiny_bundle), "-t", "0",
+                  "-n", "6", "--json")  # fmt: skip
+    assert res.returncode == 0 and json.loads(res.stdout)["text"] == sys_text
+    res = run_cli("ask", str(speech_wav), "-m", str(tiny_bundle))
+    assert res.returncode == 1 and "give the question after the audio" in res.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -41,6 +42,7 @@ def ask_cmd(
     model: ModelOpt = None,
     think: bool = typer.Option(False, "--think", help="Reason step by step before answering (AF3 think mode: the think adapter + prompt)."),
     adapter: AdapterOpt = None,
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the checkpoint's template's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer, tokens, finish reason and timings as JSON."),
     max_new_tokens: MaxNewOpt = 500,
     temperature: TempOpt = None,
@@ -66,6 +68,8 @@ def ask_cmd(
       edge-af3 ask clip.wav "What do you hear?"
       edge-af3 ask a.wav b.wav "Which of the two clips is louder, and why?" --think
       edge-af3 ask meeting.flac "Transcribe the input speech." --json > answer.json
+      arecord -f S16_LE -r 16000 -d 5 -t wav | edge-af3 ask - "What was that?"
+      edge-af3 ask "What can you do?"                  (text only)
     """
     from ..audio import load_audio
 
@@ -73,17 +77,22 @@ def ask_cmd(
         return show_plan(model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact,
                          as_json=as_json)  # fmt: skip
     args = args or []
-    if len(args) < 2:
-        raise OptionsError('give at least one audio file and then the question, e.g. edge-af3 ask clip.wav "What is it?"')
+    if not args:
+        raise OptionsError('give audio file(s) and then the question, e.g. edge-af3 ask clip.wav "What is it?"')
     *paths, prompt = args
-    clips = [load_audio(p) for p in paths]  # bad audio fails before the model loads
+    if not paths and (prompt == "-" or Path(prompt).is_file()):
+        raise OptionsError(f'{prompt}: give the question after the audio, e.g. edge-af3 ask {prompt} "What is it?"')
+    if paths.count("-") > 1:
+        raise OptionsError("standard input (-) can hold one clip")
+    # bad audio fails before the model loads; "-" reads a clip from standard input
+    clips = [load_audio(sys.stdin.buffer.read(), name="<stdin>") if p == "-" else load_audio(p) for p in paths]
     opts = generation_overrides(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                                 repetition_penalty=repetition_penalty, seed=seed,
                                 ignore_eos=ignore_eos or None)  # fmt: skip
     af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
                           encoder_engine=engine, exact=exact, verify=verify, api_key=api_key)  # fmt: skip
     with af3:
-        stream = af3.stream(prompt, clips, think=think, adapter=adapter, **opts)  # context checked before encoding
+        stream = af3.chat(system).stream(prompt, clips, think=think, adapter=adapter, **opts)  # context checked first
         with stream:
             for piece in stream:
                 if not as_json:
