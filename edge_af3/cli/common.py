@@ -35,6 +35,13 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the memory pla
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Re-hash every bundle file (normally once per file).")]
 
 
+def step_line(msg: str) -> None:
+    """A progress step as one timestamped line on stderr (no source-file suffix)."""
+    import time
+
+    console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
+
+
 def bundled_clip() -> Path:
     """The short speech clip shipped with the package (espeak-ng, 16 kHz FLAC)."""
     return Path(str(resources.files("edge_af3") / "data" / "clip.flac"))
@@ -68,7 +75,7 @@ def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[i
     with console.status(f"loading {spec}") as status:
         model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device, kv_type=kv_type,
                          encoder_engine=encoder_engine, exact=exact, check_hashes=True if verify else None,
-                         progress=lambda msg: (status.update(msg), console.log(msg, _stack_offset=2)))  # fmt: skip
+                         progress=lambda msg: (status.update(msg), step_line(msg)))  # fmt: skip
     if model.engine_choice.skipped or device == "cuda":
         console.print(f"[dim]{model.engine_choice.explain()}; LLM layers on GPU: {model.llm.n_gpu_layers}[/]")
     return model

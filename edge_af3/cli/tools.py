@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from ..errors import OptionsError
-from .common import ModelOpt, bundled_clip, console, emit, emit_json, load_model, out, timings_line
+from .common import ModelOpt, bundled_clip, console, emit, emit_json, load_model, out, step_line, timings_line
 
 
 def make_tiny(
@@ -78,7 +78,7 @@ def export_cmd(
             path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
                           verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type, adapters=adapters,
                           adapter_type=adapter_type,
-                          progress=lambda msg: (status.update(msg), console.log(msg, _stack_offset=2)))  # fmt: skip
+                          progress=lambda msg: (status.update(msg), step_line(msg)))  # fmt: skip
     except FileExistsError as e:
         raise OptionsError(str(e)) from e
     manifest = json.loads((path / "manifest.json").read_text())

@@ -194,6 +194,12 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")
+    try:  # the exporter reports its own steps: transformers' per-file bars would only interleave with them
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+    except ImportError:
+        pass
     say(f"resolving {src}")
     ckpt = resolve_checkpoint(src, revision=revision)
     cfg = read_config(ckpt)
