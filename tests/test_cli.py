@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+from pathlib import Path
 
 import numpy as np
 import soundfile as sf
@@ -450,3 +451,32 @@ def test_ask_text_only_stdin_audio_and_system(tiny_bundle, speech_wav):
     assert res.returncode == 0 and json.loads(res.stdout)["text"] == sys_text
     res = run_cli("ask", str(speech_wav), "-m", str(tiny_bundle))
     assert res.returncode == 1 and "give the question after the audio" in res.stderr
+
+
+def test_models_pull_list_verify_rm(tiny_ckpt, speech_wav, tmp_path):
+    env = {"EDGE_AF3_CACHE": str(tmp_path / "cache")}
+    res = run_cli("models", "list", env=env)
+    assert res.returncode == 0 and "no bundles" in res.stdout
+    res = run_cli("models", "pull", str(tiny_ckpt), "--quant", "f32", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "of weights to export" in res.stderr and "RAM" in res.stderr  # what it takes, said first
+    res = run_cli("models", "list", "--json", env=env)
+    (entry,) = [json.loads(line) for line in res.stdout.splitlines()]
+    assert entry["quant"] == "f32" and entry["source"] == str(tiny_ckpt) and entry["bytes"] > 0 and entry["last_used"] is None
+    res = run_cli("ask", str(speech_wav), "q", "-m", entry["path"], "-n", "2", env=env)
+    assert res.returncode == 0, res.stderr[-1000:]
+    (entry,) = [json.loads(line) for line in run_cli("models", "list", "--json", env=env).stdout.splitlines()]
+    assert entry["last_used"] is not None
+    res = run_cli("models", "verify", entry["name"], env=env)
+    assert res.returncode == 0 and "match their sha256" in res.stdout
+    with open(Path(entry["path"]) / "encoder.onnx", "r+b") as f:  # corrupt one byte
+        f.seek(100)
+        b = f.read(1)
+        f.seek(100)
+        f.write(bytes([b[0] ^ 1]))
+    res = run_cli("models", "verify", entry["name"], env=env)
+    assert res.returncode == 1 and "encoder.onnx does not match its sha256" in res.stderr and "Traceback" not in res.stderr
+    res = run_cli("models", "rm", str(tiny_ckpt.parent), "--yes", env=env)
+    assert res.returncode == 1
+    res = run_cli("models", "rm", entry["name"], "--yes", env=env)
+    assert res.returncode == 0 and not Path(entry["path"]).exists()

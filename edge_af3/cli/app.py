@@ -10,7 +10,7 @@ import warnings
 import typer
 
 from ..errors import EdgeAF3Error
-from . import ask, listen_cmd, serve, system, tools, train_cmd
+from . import ask, listen_cmd, models, serve, system, tools, train_cmd
 from .common import console
 
 def _version(value: bool) -> None:
@@ -45,6 +45,7 @@ app.command("chat")(ask.chat_cmd)
 app.command("listen")(listen_cmd.listen_cmd)
 app.command("serve")(serve.serve_cmd)
 app.command("train")(train_cmd.train_cmd)
+app.add_typer(models.app, name="models")
 app.command("plan")(system.plan_cmd)
 app.command("doctor")(system.doctor_cmd)
 app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(system.bench_cmd)

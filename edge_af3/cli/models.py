@@ -1,0 +1,169 @@
+"""`edge-af3 models`: what is in the cache (~/.cache/edge-af3/bundles), checked, removed or pulled."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from ..errors import OptionsError
+from .common import console, emit_json, out, step_line
+
+app = typer.Typer(help="List, verify, remove or pull the bundles edge-af3 keeps in its cache.", no_args_is_help=True)
+
+
+def _root() -> Path:
+    from ..paths import cache_dir
+
+    return cache_dir() / "bundles"
+
+
+def _size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def _last_used() -> dict:
+    from ..paths import cache_dir
+
+    try:
+        return json.loads((cache_dir() / "used.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def describe(path: Path, used: dict) -> dict:
+    m = json.loads((path / "manifest.json").read_text())
+    return {"name": path.name, "path": str(path), "bytes": _size(path), "source": (m.get("source") or {}).get("id"),
+            "quant": m["llm"]["quant"], "encoder": m["encoder"]["precision"],
+            "adapters": sorted(m.get("adapters") or {}), "created": m.get("created_unix"),
+            "last_used": used.get(str(path.resolve()))}  # fmt: skip
+
+
+def _find(name: str) -> Path:
+    root = _root()
+    path = Path(name).expanduser()
+    path = path if path.is_dir() else root / name
+    if not (path / "manifest.json").is_file():
+        known = ", ".join(sorted(p.name for p in root.glob("*/manifest.json"))) if root.is_dir() else ""
+        raise OptionsError(f"no bundle {name!r} in {root}; `edge-af3 models list` shows them" + (f" ({known})" if known else ""))
+    return path
+
+
+def _when(t) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.localtime(t)) if t else "never"
+
+
+@app.command("list")
+def list_cmd(as_json: bool = typer.Option(False, "--json", help="One JSON object per bundle.")) -> None:
+    """The bundles in the cache: size, source, quant, adapters, when made and last used."""
+    from rich.table import Table
+
+    root, used = _root(), _last_used()
+    rows = [describe(p.parent, used) for p in sorted(root.glob("*/manifest.json"))] if root.is_dir() else []
+    if as_json:
+        for r in rows:
+            emit_json(r)
+        return
+    if not rows:
+        out.print(f"no bundles in {root} (a checkpoint or Hub id given to -m is exported there once)")
+        return
+    t = Table(show_header=True, header_style="bold")
+    for col in ("name", "size", "source", "quant", "encoder", "adapters", "created", "last used"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["name"], f"{r['bytes'] / 1e6:.0f} MB", r["source"] or "?", r["quant"], r["encoder"],
+                  ", ".join(r["adapters"]) or "-", _when(r["created"]), _when(r["last_used"]))  # fmt: skip
+    out.print(t)
+    out.print(f"{len(rows)} bundle(s), {sum(r['bytes'] for r in rows) / 1e9:.2f} GB in {root}", highlight=False)
+
+
+@app.command("verify")
+def verify_cmd(name: str = typer.Argument(..., help="A bundle in the cache (its name) or any bundle folder.")) -> None:
+    """Hash every file of a bundle against its manifest."""
+    from ..bundle import open_bundle
+
+    path = _find(name)
+    bundle = open_bundle(path, check_hashes=True)
+    out.print(f"[green]ok[/] {path}: {len(bundle.manifest['files'])} files match their sha256", highlight=False)
+
+
+@app.command("rm")
+def rm_cmd(name: str = typer.Argument(..., help="A bundle in the cache (see `models list`)."),
+           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:  # fmt: skip
+    """Remove a bundle from the cache (only what edge-af3 made there; other folders are refused)."""
+    path = _find(name).resolve()
+    if _root().resolve() not in path.parents:
+        raise OptionsError(f"{path} is not in edge-af3's cache ({_root()}); remove it yourself if you mean it")
+    if not yes and not typer.confirm(f"remove {path} ({_size(path) / 1e6:.0f} MB)?", err=True):
+        console.print("kept")
+        return
+    shutil.rmtree(path)
+    console.print(f"removed {path}")
+
+
+@app.command("pull")
+def pull_cmd(source: str = typer.Argument(..., help="Hub id (nvidia/audio-flamingo-3-hf) or checkpoint folder."),
+             quant: str = typer.Option("q4_k_m", "--quant", help="LLM weights: q4_k_m | q4_0 | q8_0 | f16 | f32"),
+             yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before a big download / export.")) -> None:  # fmt: skip
+    """Download (a Hub id) and export into the cache, as `-m SOURCE` would on first use, saying
+    first what it takes: download size, disk and RAM."""
+    from ..runtime.locate import exported
+
+    need = estimate(source)
+    if need:
+        console.print(f"{source}: {need['download_gb']:.1f} GB of weights to {'download and ' if need['remote'] else ''}"
+                      f"export; about {need['disk_gb']:.1f} GB of disk and {need['ram_gb']:.1f} GB of RAM "
+                      f"(this machine: {need['free_disk_gb']:.1f} GB free disk, {need['ram_avail_gb']:.1f} GB RAM available)",
+                      highlight=False)  # fmt: skip
+        if need["download_gb"] > 2 and not yes and not typer.confirm("go on?", err=True):
+            console.print("nothing done")
+            return
+    t0 = time.time()
+    path = exported(source, quant, progress=step_line)
+    out.print(f"[green]ready[/] {path} ({time.time() - t0:.0f} s); use it with -m {path}", highlight=False)
+
+
+def estimate(source: str) -> dict | None:
+    """What pulling `source` takes (None when its size cannot be known offline). RAM: the export
+    peaks at ~2.7x the weights (measured: 19.7 GB for the 7B's 7.4 GB of bf16 safetensors)."""
+    path = Path(source).expanduser()
+    if path.is_dir():
+        size, remote = sum(f.stat().st_size for f in path.glob("*.safetensors")), False
+    else:
+        try:
+            from huggingface_hub import HfApi
+
+            info = HfApi().model_info(source, files_metadata=True)
+            size, remote = sum(s.size or 0 for s in info.siblings if s.rfilename.endswith(".safetensors")), True
+        except Exception:  # noqa: BLE001 - offline or unknown: the export itself says what is wrong
+            return None
+    try:
+        with open("/proc/meminfo") as f:
+            avail = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}.get("MemAvailable", 0)
+    except OSError:
+        avail = 0
+    free = shutil.disk_usage(_root().parent if _root().parent.exists() else Path.home()).free
+    return {"download_gb": size / 1e9, "remote": remote, "disk_gb": size * (2 if remote else 1) / 1e9,
+            "ram_gb": 2.7 * size / 1e9, "free_disk_gb": free / 1e9, "ram_avail_gb": avail / 1e9}  # fmt: skip
+
+
+def mark_used(path: Path) -> None:
+    """Remember when a bundle was loaded (best effort; `models list` shows it)."""
+    from ..paths import cache_dir
+
+    record = cache_dir() / "used.json"
+    try:
+        data = _last_used()
+        data[str(Path(path).resolve())] = time.time()
+        record.parent.mkdir(parents=True, exist_ok=True)
+        tmp = record.with_name(record.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(record)
+    except OSError:
+        pass
+
+
