@@ -64,6 +64,7 @@ def ask_cmd(
 ) -> None:
     """Ask one question about one or more clips; the answer streams as it is produced.
 
+    \b
     Examples:
       edge-af3 ask clip.wav "What do you hear?"
       edge-af3 ask a.wav b.wav "Which of the two clips is louder, and why?" --think
@@ -142,6 +143,7 @@ def chat_cmd(
     /adapter NAME|off,
     /reset, /save FILE (the conversation as JSON), /help, /quit. Up/down arrows recall history.
 
+    \b
     Example: edge-af3 chat --audio street.wav
     """
     from .chat import run_chat

@@ -76,7 +76,7 @@ def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[i
         model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device, kv_type=kv_type,
                          encoder_engine=encoder_engine, exact=exact, check_hashes=True if verify else None,
                          progress=lambda msg: (status.update(msg), step_line(msg)))  # fmt: skip
-    from .models import mark_used
+    from ..paths import mark_used
 
     mark_used(model.bundle.path)
     if model.engine_choice.skipped or device == "cuda":

@@ -41,6 +41,7 @@ def listen_cmd(
     Answers stream with timestamps; when inference falls behind, the oldest waiting segment is
     dropped and reported. Ctrl-C ends with a summary (segments, real-time factor, latency p50/p95).
 
+    \b
     Examples:
 
       edge-af3 listen --mic

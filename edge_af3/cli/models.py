@@ -13,7 +13,8 @@ import typer
 from ..errors import OptionsError
 from .common import console, emit_json, out, step_line
 
-app = typer.Typer(help="List, verify, remove or pull the bundles edge-af3 keeps in its cache.", no_args_is_help=True)
+app = typer.Typer(help="List, verify, remove or pull the bundles edge-af3 keeps in its cache.", no_args_is_help=True,
+                  rich_markup_mode=None)
 
 
 def _root() -> Path:
@@ -27,12 +28,9 @@ def _size(path: Path) -> int:
 
 
 def _last_used() -> dict:
-    from ..paths import cache_dir
+    from ..paths import last_used
 
-    try:
-        return json.loads((cache_dir() / "used.json").read_text())
-    except (OSError, ValueError):
-        return {}
+    return last_used()
 
 
 def describe(path: Path, used: dict) -> dict:
@@ -149,21 +147,3 @@ def estimate(source: str) -> dict | None:
     free = shutil.disk_usage(_root().parent if _root().parent.exists() else Path.home()).free
     return {"download_gb": size / 1e9, "remote": remote, "disk_gb": size * (2 if remote else 1) / 1e9,
             "ram_gb": 2.7 * size / 1e9, "free_disk_gb": free / 1e9, "ram_avail_gb": avail / 1e9}  # fmt: skip
-
-
-def mark_used(path: Path) -> None:
-    """Remember when a bundle was loaded (best effort; `models list` shows it)."""
-    from ..paths import cache_dir
-
-    record = cache_dir() / "used.json"
-    try:
-        data = _last_used()
-        data[str(Path(path).resolve())] = time.time()
-        record.parent.mkdir(parents=True, exist_ok=True)
-        tmp = record.with_name(record.name + ".tmp")
-        tmp.write_text(json.dumps(data))
-        tmp.replace(record)
-    except OSError:
-        pass
-
-

@@ -37,8 +37,9 @@ def serve_cmd(
 ) -> None:
     """Serve AF3 over OpenAI's API: /v1/chat/completions (audio as input_audio or data: audio_url,
     streaming), /v1/audio/transcriptions, /v1/models, /health, /metrics. Binds to localhost unless
-    --host says otherwise. Needs the `server` extra: pip install 'edge-af3\[server]'.
+    --host says otherwise. Needs the `server` extra: pip install 'edge-af3[server]'.
 
+    \b
     Examples:
       edge-af3 serve -m ./af3-bundle --parallel 4
       EDGE_AF3_API_KEY=secret edge-af3 serve --host 0.0.0.0 --port 8080

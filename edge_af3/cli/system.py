@@ -14,7 +14,7 @@ TARGETS_HELP = "orin-nano-8gb | orin-nx-16gb | agx-orin-64gb | rtx-4060-laptop |
 
 
 def plan_cmd(
-    bundle: Optional[str] = typer.Argument(None, help="Bundle, checkpoint folder or Hub id (default: --model / EDGE_AF3_MODEL)."),
+    bundle: Optional[str] = typer.Argument(None, metavar="BUNDLE", help="Bundle, checkpoint folder or Hub id (default: --model / EDGE_AF3_MODEL)."),
     model: ModelOpt = None,
     target: Optional[str] = typer.Option(None, "--target", help=TARGETS_HELP),
     n_ctx: NCtxOpt = None,
@@ -29,6 +29,7 @@ def plan_cmd(
     settings AF3.load would pick here, and whether it fits this machine — or a --target's set-up.
     Nothing is loaded but the GGUF header.
 
+    \b
     Example: edge-af3 plan ./af3 --target orin-nano-8gb --n-ctx 8192 --kv q8_0
     """
     show_plan(bundle or model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact,
@@ -41,6 +42,7 @@ def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print the che
     offload, audio devices; prints the install command for whatever is missing. With -m BUNDLE:
     the bundle's LLM, encoder and adapters (which adapter think mode runs).
 
+    \b
     Example: edge-af3 doctor -m ./af3-bundle
     """
     from .doctor import bundle_report, checks, render

@@ -15,7 +15,7 @@ from .common import ModelOpt, bundled_clip, console, emit, emit_json, load_model
 
 
 def make_tiny(
-    out_dir: Path = typer.Argument(..., help="Folder to write the checkpoint into."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Folder to write the checkpoint into."),
     shape: str = typer.Option("tiny", "--shape", help="tiny | bench-small | full"),
     seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
     force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
@@ -23,6 +23,7 @@ def make_tiny(
 ) -> None:
     """Write a randomly initialised AF3 checkpoint in the real HF layout (real Qwen2 vocabulary).
 
+    \b
     Example: edge-af3 make-tiny ./af3-tiny --shape tiny --seed 0 --think
     """
     from rich.progress import Progress
@@ -43,8 +44,8 @@ def make_tiny(
 
 
 def export_cmd(
-    src: str = typer.Argument(..., help="AF3 checkpoint: a local HF folder or a Hub id (nvidia/audio-flamingo-3-hf)."),
-    out_dir: Path = typer.Argument(..., help="Bundle folder to create."),
+    src: str = typer.Argument(..., metavar="SRC", help="AF3 checkpoint: a local HF folder or a Hub id (nvidia/audio-flamingo-3-hf)."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Bundle folder to create."),
     quant: str = typer.Option("q4_k_m", "--quant", help="LLM weights: q4_k_m | q4_0 | q8_0 | f16 | f32"),
     encoder_precision: str = typer.Option("fp32", "--encoder-precision", help="fp32 | fp16 | int8"),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
@@ -59,6 +60,7 @@ def export_cmd(
     """Export an AF3 checkpoint into a verified bundle (ONNX encoder + GGUF LLM + manifest).
     The checkpoint's think/ adapter comes along as `think`.
 
+    \b
     Examples:
       edge-af3 export nvidia/audio-flamingo-3-hf ./af3 --quant q4_k_m
       edge-af3 export ./my-af3-finetune ./af3-q8 --quant q8_0 --encoder-precision fp16 --mmproj
@@ -91,13 +93,14 @@ def export_cmd(
 
 
 def features_cmd(
-    audio: Path = typer.Argument(..., help="Audio file (wav, flac, ogg, mp3)."),
+    audio: Path = typer.Argument(..., metavar="AUDIO", help="Audio file (wav, flac, ogg, mp3)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Show what AF3 sees of a clip: windows, mask, audio token count, log-mel range.
 
     Only the first 600 s of a longer file are read (AF3 uses no more).
 
+    \b
     Example: edge-af3 features clip.wav --json
     """
     from ..audio import load_audio
@@ -148,6 +151,7 @@ def demo(
     Without --model it builds a tiny randomly initialised AF3 (its answer is gibberish by design;
     the pipeline, token counts and timings are real).
 
+    \b
     Example: edge-af3 demo --model ./af3-bundle --audio clip.wav
     """
     from ..audio import load_audio

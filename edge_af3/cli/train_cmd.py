@@ -12,9 +12,9 @@ from .common import console, emit_json, out
 
 
 def train_cmd(
-    ckpt: str = typer.Argument(..., help="AF3 checkpoint folder (HF layout)."),
-    data: Path = typer.Argument(..., help="JSONL: {audio, prompt, answer} or {messages} per line."),
-    out_dir: Path = typer.Argument(..., help="Folder for the adapter (PEFT layout) and its checkpoints."),
+    ckpt: str = typer.Argument(..., metavar="CKPT", help="AF3 checkpoint folder (HF layout)."),
+    data: Path = typer.Argument(..., metavar="DATA", help="JSONL: {audio, prompt, answer} or {messages} per line."),
+    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Folder for the adapter (PEFT layout) and its checkpoints."),
     base_adapter: Optional[str] = typer.Option(None, "--base-adapter", help="Start from the checkpoint's adapter folder (e.g. think)."),
     r: int = typer.Option(16, "--r", help="LoRA rank."),
     alpha: int = typer.Option(32, "--alpha", help="LoRA alpha (scale = alpha / r)."),
@@ -33,6 +33,7 @@ def train_cmd(
     """Fine-tune a LoRA on AF3's LLM (transformers + PEFT; loss on the answers only), then export
     it with `edge-af3 export CKPT BUNDLE --adapter NAME=OUT_DIR` and ask with `--adapter NAME`.
 
+    \b
     Example: edge-af3 train ./af3 data.jsonl ./my-adapter --max-steps 200 --lr 1e-4
     """
     try:
