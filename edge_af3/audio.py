@@ -135,8 +135,47 @@ def _decode(data, name: str) -> tuple[np.ndarray, int, int, float | None]:
             keep = math.ceil(MAX_SAMPLES / SAMPLE_RATE * rate) if rate > 0 else -1
             x = f.read(frames=keep if 0 < keep < total else -1, dtype="float64", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:  # LibsndfileError covers most
-        raise AudioError(f"{name}: not a readable audio file ({e})") from e
+        if isinstance(data, io.BytesIO):
+            data.seek(0)
+        decoded = _decode_av(data, name, e)  # m4a / mp4 / webm / opus ... through FFmpeg (extra `av`)
+        if decoded is None:
+            raise AudioError(f"{name}: not a readable audio file ({e}); for m4a, mp4, webm or opus install the av "
+                             "extra: pip install 'edge-af3[av]'") from e  # fmt: skip
+        return decoded
     seconds = total / rate if rate > 0 and total > 0 else None
+    return x, rate, int(x.shape[1]), seconds
+
+
+def _decode_av(data, name: str, first_error) -> tuple[np.ndarray, int, int, float | None] | None:
+    """What libsndfile cannot read, through PyAV (FFmpeg); None when PyAV is not installed."""
+    try:
+        import av
+    except ImportError:
+        return None
+    try:
+        with av.open(data) as container:
+            stream = next((s for s in container.streams if s.type == "audio"), None)
+            if stream is None:
+                raise AudioError(f"{name}: the file has no audio stream")
+            rate = int(stream.codec_context.sample_rate or stream.rate or 0)
+            if rate <= 0:
+                raise AudioError(f"{name}: the audio stream has no sample rate")
+            keep = math.ceil(MAX_SAMPLES / SAMPLE_RATE * rate)
+            resampler = av.AudioResampler(format="flt", rate=rate)  # packed float32, the stream's layout
+            chunks, n = [], 0
+            for frame in container.decode(stream):
+                for out in resampler.resample(frame):
+                    arr = out.to_ndarray().reshape(-1, len(out.layout.channels))
+                    chunks.append(arr)
+                    n += arr.shape[0]
+                if n >= keep:
+                    break
+            seconds = float(stream.duration * stream.time_base) if stream.duration else None
+    except av.error.FFmpegError as e:
+        raise AudioError(f"{name}: not a readable audio file ({first_error}; FFmpeg: {e})") from None
+    if not chunks:
+        raise AudioError(f"{name}: the audio stream decodes to no samples")
+    x = np.concatenate(chunks)[:keep].astype(np.float64)
     return x, rate, int(x.shape[1]), seconds
 
 

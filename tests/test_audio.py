@@ -127,3 +127,49 @@ def test_integer_arrays_are_scaled():
     x = (tone(16000) * 32767).astype(np.int16)
     got = load_audio((x, 16000))
     np.testing.assert_allclose(got.samples, x / 32768.0, atol=1e-6)
+
+
+def _encode_with_pyav(path, codec: str, fmt: str, rate: int = 48000, seconds: float = 1.5) -> None:
+    from fractions import Fraction
+
+    import av
+
+    t = np.arange(int(rate * seconds)) / rate
+    x = (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32)
+    with av.open(str(path), "w", format=fmt) as c:
+        s = c.add_stream(codec, rate=rate, layout="stereo")
+        step = s.codec_context.frame_size or 1024
+        data = np.stack([x, x])
+        for i in range(0, data.shape[1], step):
+            f = av.AudioFrame.from_ndarray(np.ascontiguousarray(data[:, i : i + step]), format="fltp", layout="stereo")
+            f.sample_rate, f.pts, f.time_base = rate, i, Fraction(1, rate)
+            for p in s.encode(f):
+                c.mux(p)
+        for p in s.encode(None):
+            c.mux(p)
+
+
+@pytest.mark.parametrize("codec, fmt, ext", [("aac", "mp4", "m4a"), ("libopus", "webm", "webm")])
+def test_formats_libsndfile_cannot_read_go_through_pyav(tmp_path, codec, fmt, ext):
+    from edge_af3.audio import load_audio
+
+    path = tmp_path / f"tone.{ext}"
+    _encode_with_pyav(path, codec, fmt)
+    for source in (path, path.read_bytes()):  # a file and the bytes a server receives
+        a = load_audio(source)
+        assert a.source_rate == 48000 and a.source_channels == 2 and abs(a.seconds - 1.5) < 0.05
+        spectrum = np.abs(np.fft.rfft(a.samples))
+        assert abs(np.argmax(spectrum) * 16000 / a.samples.size - 440) < 5  # the tone, resampled to 16 kHz
+
+
+def test_without_pyav_the_error_names_the_extra(tmp_path):
+    import subprocess
+    import sys
+
+    path = tmp_path / "tone.m4a"
+    _encode_with_pyav(path, "aac", "mp4")
+    code = ("import sys\nclass B:\n    def find_spec(self, n, p=None, t=None):\n        if n.split('.')[0] == 'av': raise ImportError('no av')\n"
+            "sys.meta_path.insert(0, B())\nfrom edge_af3.audio import load_audio\ntry:\n    load_audio(sys.argv[1])\n"
+            "except Exception as e:\n    print(type(e).__name__, e)\n")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True).stdout
+    assert out.startswith("AudioError") and "pip install 'edge-af3[av]'" in out
