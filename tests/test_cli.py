@@ -389,6 +389,10 @@ def test_user_mistakes_are_one_line_before_anything_loads(tiny_bundle, tmp_path)
     """Each of these was a traceback or a silent change of meaning; now one line and exit 1."""
     res = run_cli("--version")
     assert res.returncode == 0 and res.stdout.startswith("edge-af3 0.1.0")
+    res = run_cli("bench", "--help")  # the suite's own options
+    assert res.returncode == 0 and "--clips" in res.stdout and "--peers" in res.stdout
+    res = run_cli("train", "--help")
+    assert res.returncode == 0 and "<bool>" not in res.stdout and "CKPT" in res.stdout.splitlines()[0]
     cases = [
         (["export", str(tmp_path / "nope"), "/proc/x"], "no "),  # a missing checkpoint is named first
         (["make-tiny", "/proc/t"], "cannot write /proc/t"),

@@ -49,7 +49,8 @@ app.command("train")(train_cmd.train_cmd)
 app.add_typer(models.app, name="models")
 app.command("plan")(system.plan_cmd)
 app.command("doctor")(system.doctor_cmd)
-app.command("bench", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(system.bench_cmd)
+app.command("bench", add_help_option=False,  # --help reaches the suite: it lists the suite's own options
+            context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(system.bench_cmd)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001

@@ -71,4 +71,9 @@ def bench_cmd(ctx: typer.Context) -> None:
     sys.path.insert(0, str(root))
     from benchmarks.suite import main as suite_main
 
-    suite_main(list(ctx.args))
+    sys.argv[0] = "edge-af3 bench"  # argparse's usage line
+    try:
+        suite_main(list(ctx.args))
+    except SystemExit as e:  # --help, or argparse's own usage errors (exit 2)
+        if e.code:
+            raise typer.Exit(e.code) from None
