@@ -224,30 +224,35 @@ class Listener:
             self._error = e
 
     def run(self, blocks) -> dict:
-        """Consume `blocks` until they end (or Ctrl-C / a device error, which propagate after cleanup)."""
+        """Consume `blocks` until they end. Ctrl-C stops listening but still answers the segment in
+        progress (a second Ctrl-C stops at once, re-raised); a device error propagates after cleanup."""
         self.worker.start()
         buf = np.zeros(0, np.float32)
         window: list[np.ndarray] = []
         next_cut = self.every
+        interrupted = False
         try:
-            for block in blocks:
-                if self._error is not None:
-                    raise self._error
-                block = np.asarray(block, np.float32).reshape(-1)
-                self.stats.audio_s += block.size / RATE
-                if self.every is not None:
-                    window.append(block)
-                    if self.stats.audio_s >= next_cut:
-                        clip = np.concatenate(window)[-int(self.every * RATE) :]
-                        self._submit(Segment(self.stats.audio_s - clip.size / RATE, self.stats.audio_s, clip))
-                        window = [clip]
-                        next_cut += self.every
-                    continue
-                buf = np.concatenate([buf, block])
-                while buf.size >= FRAME:
-                    frame, buf = buf[:FRAME], buf[FRAME:]
-                    for seg in self.segmenter.push(frame):
-                        self._submit(seg)
+            try:
+                for block in blocks:
+                    if self._error is not None:
+                        raise self._error
+                    block = np.asarray(block, np.float32).reshape(-1)
+                    self.stats.audio_s += block.size / RATE
+                    if self.every is not None:
+                        window.append(block)
+                        if self.stats.audio_s >= next_cut:
+                            clip = np.concatenate(window)[-int(self.every * RATE) :]
+                            self._submit(Segment(self.stats.audio_s - clip.size / RATE, self.stats.audio_s, clip))
+                            window = [clip]
+                            next_cut += self.every
+                        continue
+                    buf = np.concatenate([buf, block])
+                    while buf.size >= FRAME:
+                        frame, buf = buf[:FRAME], buf[FRAME:]
+                        for seg in self.segmenter.push(frame):
+                            self._submit(seg)
+            except KeyboardInterrupt:  # stop listening; what was being heard is still answered below
+                interrupted = True
             if self.segmenter is not None:
                 for seg in self.segmenter.flush():
                     self._submit(seg)
@@ -257,8 +262,10 @@ class Listener:
             self.pending.put(None)  # the end of the stream: answer what is queued, then stop
             self.worker.join()
         finally:
-            if self.worker.is_alive():  # Ctrl-C or a device error: stop without waiting for answers
+            if self.worker.is_alive():  # a second Ctrl-C or a device error: stop without waiting for answers
                 self._stop.set()
         if self._error is not None:
             raise self._error
+        if interrupted:
+            raise KeyboardInterrupt
         return self.stats.summary()

@@ -484,3 +484,31 @@ def test_models_pull_list_verify_rm(tiny_ckpt, speech_wav, tmp_path):
     assert res.returncode == 1
     res = run_cli("models", "rm", entry["name"], "--yes", env=env)
     assert res.returncode == 0 and not Path(entry["path"]).exists()
+
+
+def test_listen_ctrl_c_answers_the_segment_in_progress_then_stops(tiny_bundle, tmp_path):
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    t = np.arange(20 * 16000) / 16000
+    sf.write(tmp_path / "tone.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
+    proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "listen", "--file", str(tmp_path / "tone.wav"), "--realtime",
+                             "-m", str(tiny_bundle), "-n", "3", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)  # fmt: skip
+    try:
+        head = ""
+        while "Ctrl-C to stop" not in head:  # the model is loaded and the file is being fed at real speed
+            line = proc.stderr.readline()
+            assert line, "listen ended before it started listening"
+            head += line
+        time.sleep(4)  # inside the 20 s tone, which sounds from frame 1: a segment is open
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=120)
+        err = head + err
+    finally:
+        proc.kill()
+    assert proc.returncode == 130 and err.count("interrupted") == 1 and "Traceback" not in err
+    lines = [json.loads(line) for line in out.splitlines() if line.strip()]
+    assert len(lines) == 2 and lines[0]["start"] == 0.0 and lines[-1]["summary"]["answered"] == 1
