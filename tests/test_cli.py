@@ -512,3 +512,12 @@ def test_listen_ctrl_c_answers_the_segment_in_progress_then_stops(tiny_bundle, t
     assert proc.returncode == 130 and err.count("interrupted") == 1 and "Traceback" not in err
     lines = [json.loads(line) for line in out.splitlines() if line.strip()]
     assert len(lines) == 2 and lines[0]["start"] == 0.0 and lines[-1]["summary"]["answered"] == 1
+
+
+def test_first_use_of_a_checkpoint_says_what_it_takes(tiny_ckpt, speech_wav, tmp_path):
+    env = {"EDGE_AF3_CACHE": str(tmp_path / "cache")}
+    first = run_cli("ask", str(speech_wav), "q", "-m", str(tiny_ckpt), "-n", "2", env=env)
+    assert first.returncode == 0, first.stderr[-1000:]
+    assert "first use:" in first.stderr and "GB of RAM" in first.stderr and "models pull" in first.stderr
+    again = run_cli("ask", str(speech_wav), "q", "-m", str(tiny_ckpt), "-n", "2", env=env)
+    assert again.returncode == 0 and "first use:" not in again.stderr  # exported once, then quiet

@@ -72,6 +72,11 @@ def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[i
 
     check_threads(threads)
     spec = spec or DEFAULT_MODEL
+    from ..runtime.locate import first_use, first_use_line
+
+    need = first_use(spec)  # a big download / export ahead is said before it starts
+    if need:
+        console.print(f"[yellow]{first_use_line(spec, need)}[/]; `edge-af3 models pull {spec}` does it ahead", highlight=False)
     with console.status(f"loading {spec}") as status:
         model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device, kv_type=kv_type,
                          encoder_engine=encoder_engine, exact=exact, check_hashes=True if verify else None,

@@ -109,41 +109,14 @@ def pull_cmd(source: str = typer.Argument(..., help="Hub id (nvidia/audio-flamin
              yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before a big download / export.")) -> None:  # fmt: skip
     """Download (a Hub id) and export into the cache, as `-m SOURCE` would on first use, saying
     first what it takes: download size, disk and RAM."""
-    from ..runtime.locate import exported
+    from ..runtime.locate import exported, first_use, first_use_line
 
-    need = estimate(source)
+    need = first_use(source)
     if need:
-        console.print(f"{source}: {need['download_gb']:.1f} GB of weights to {'download and ' if need['remote'] else ''}"
-                      f"export; about {need['disk_gb']:.1f} GB of disk and {need['ram_gb']:.1f} GB of RAM "
-                      f"(this machine: {need['free_disk_gb']:.1f} GB free disk, {need['ram_avail_gb']:.1f} GB RAM available)",
-                      highlight=False)  # fmt: skip
+        console.print(first_use_line(source, need), highlight=False)
         if need["download_gb"] > 2 and not yes and not typer.confirm("go on?", err=True):
             console.print("nothing done")
             return
     t0 = time.time()
     path = exported(source, quant, progress=step_line)
     out.print(f"[green]ready[/] {path} ({time.time() - t0:.0f} s); use it with -m {path}", highlight=False)
-
-
-def estimate(source: str) -> dict | None:
-    """What pulling `source` takes (None when its size cannot be known offline). RAM: the export
-    peaks at ~2.7x the weights (measured: 19.7 GB for the 7B's 7.4 GB of bf16 safetensors)."""
-    path = Path(source).expanduser()
-    if path.is_dir():
-        size, remote = sum(f.stat().st_size for f in path.glob("*.safetensors")), False
-    else:
-        try:
-            from huggingface_hub import HfApi
-
-            info = HfApi().model_info(source, files_metadata=True)
-            size, remote = sum(s.size or 0 for s in info.siblings if s.rfilename.endswith(".safetensors")), True
-        except Exception:  # noqa: BLE001 - offline or unknown: the export itself says what is wrong
-            return None
-    try:
-        with open("/proc/meminfo") as f:
-            avail = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}.get("MemAvailable", 0)
-    except OSError:
-        avail = 0
-    free = shutil.disk_usage(_root().parent if _root().parent.exists() else Path.home()).free
-    return {"download_gb": size / 1e9, "remote": remote, "disk_gb": size * (2 if remote else 1) / 1e9,
-            "ram_gb": 2.7 * size / 1e9, "free_disk_gb": free / 1e9, "ram_avail_gb": avail / 1e9}  # fmt: skip
