@@ -208,7 +208,10 @@ class Listener:
                 t0 = time.perf_counter()
                 first = None
                 text = []
-                for piece in self.model.stream(self.prompt, (seg.samples, RATE), **self.options):
+                system = self.options.get("system")
+                ask = self.model.chat(system).stream if system else self.model.stream
+                options = {k: v for k, v in self.options.items() if k != "system"}
+                for piece in ask(self.prompt, (seg.samples, RATE), **options):
                     if first is None:
                         first = time.perf_counter()
                     text.append(piece)

@@ -35,6 +35,7 @@ def listen_cmd(
     temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy. Default: the checkpoint's."),
     think: bool = typer.Option(False, "--think", help="AF3 think mode for every segment."),
     adapter: Optional[str] = typer.Option(None, "--adapter", help="Answer with an exported adapter by name."),
+    system: Optional[str] = typer.Option(None, "--system", help="System prompt for every segment's question."),
 ) -> None:
     """Listen continuously: a VAD cuts speech and sound events, each is asked the standing prompt.
 
@@ -100,7 +101,7 @@ def listen_cmd(
             out.print()
 
     listener = Listener(af3, prompt, detector=detector, every_s=every, wait=file is not None and not realtime,
-                        on_event=on_event, max_new_tokens=max_new_tokens, think=think, adapter=adapter,
+                        on_event=on_event, max_new_tokens=max_new_tokens, think=think, adapter=adapter, system=system,
                         **({"temperature": temperature} if temperature is not None else {}))  # fmt: skip
     what = f"microphone {input_device if input_device is not None else '(default)'}" if mic else str(file)
     console.print(f"[dim]listening to {what} ({'every %.1f s' % every if every else 'VAD ' + vad}); Ctrl-C to stop[/]")
