@@ -42,6 +42,42 @@ def step_line(msg: str) -> None:
     console.print(f"[dim]{time.strftime('%H:%M:%S')}[/] {msg}", highlight=False)
 
 
+class ExportProgress:
+    """Rich progress for an export: each step as a timestamped line, and a bar over the steps
+    with elapsed time and the time left (estimated from the steps done so far)."""
+
+    def __init__(self, total: int):
+        from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
+                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console, transient=True)  # fmt: skip
+        self.task = None
+        self.total = total
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        if self.task is not None:
+            self.progress.stop()
+
+    def __call__(self, msg: str) -> None:
+        step_line(msg)
+        if self.task is None:  # the first step: only an export reports any (a bundle loads quietly)
+            self.progress.start()
+            self.task = self.progress.add_task("exporting", total=self.total)
+        task = self.progress.tasks[0]
+        if msg.startswith("exporting adapter"):  # each adapter adds its export (+ its check)
+            self.progress.update(self.task, total=task.total + 2)
+        done = task.total if msg.startswith("bundle ready") else min(task.completed + 1, task.total - 1)
+        self.progress.update(self.task, completed=done, description=msg[:48])
+
+
+def export_steps(*, verify: bool = True, quantize: bool = True, mmproj: bool = False) -> int:
+    """How many progress steps an export reports (before its adapters)."""
+    return 4 + (2 if verify else 0) + (1 if quantize else 0) + ((1 + verify) if mmproj else 0)
+
+
 def bundled_clip() -> Path:
     """The short speech clip shipped with the package (espeak-ng, 16 kHz FLAC)."""
     return Path(str(resources.files("edge_af3") / "data" / "clip.flac"))
@@ -77,10 +113,10 @@ def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[i
     need = first_use(spec)  # a big download / export ahead is said before it starts
     if need:
         console.print(f"[yellow]{first_use_line(spec, need)}[/]; `edge-af3 models pull {spec}` does it ahead", highlight=False)
-    with console.status(f"loading {spec}") as status:
+    with ExportProgress(export_steps(quantize=quant not in ("f32", "f16"))) as steps:  # shown only if it exports
         model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device, kv_type=kv_type,
                          encoder_engine=encoder_engine, exact=exact, check_hashes=True if verify else None,
-                         progress=lambda msg: (status.update(msg), step_line(msg)))  # fmt: skip
+                         progress=steps)  # fmt: skip
     from ..paths import mark_used
 
     mark_used(model.bundle.path)

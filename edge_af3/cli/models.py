@@ -11,7 +11,7 @@ from typing import Optional
 import typer
 
 from ..errors import OptionsError
-from .common import console, emit_json, out, step_line
+from .common import ExportProgress, console, emit_json, export_steps, out
 
 app = typer.Typer(help="List, verify, remove or pull the bundles edge-af3 keeps in its cache.", no_args_is_help=True,
                   rich_markup_mode=None)
@@ -118,5 +118,6 @@ def pull_cmd(source: str = typer.Argument(..., help="Hub id (nvidia/audio-flamin
             console.print("nothing done")
             return
     t0 = time.time()
-    path = exported(source, quant, progress=step_line)
+    with ExportProgress(export_steps(quantize=quant not in ("f32", "f16"))) as steps:
+        path = exported(source, quant, progress=steps)
     out.print(f"[green]ready[/] {path} ({time.time() - t0:.0f} s); use it with -m {path}", highlight=False)

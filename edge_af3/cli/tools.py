@@ -11,7 +11,8 @@ from typing import Optional
 import typer
 
 from ..errors import OptionsError
-from .common import ModelOpt, bundled_clip, console, emit, emit_json, load_model, out, step_line, timings_line
+from .common import (ExportProgress, ModelOpt, bundled_clip, console, emit, emit_json, export_steps, load_model, out,
+                     timings_line)  # fmt: skip
 
 
 def make_tiny(
@@ -76,11 +77,10 @@ def export_cmd(
             raise OptionsError(f"--adapter {name}: {folder} is not a folder")
         adapters[name] = Path(folder).expanduser()
     try:
-        with console.status("exporting") as status:
+        with ExportProgress(export_steps(verify=not no_verify, quantize=quant not in ("f32", "f16"), mmproj=mmproj)) as steps:
             path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
                           verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type, adapters=adapters,
-                          adapter_type=adapter_type,
-                          progress=lambda msg: (status.update(msg), step_line(msg)))  # fmt: skip
+                          adapter_type=adapter_type, progress=steps)  # fmt: skip
     except FileExistsError as e:
         raise OptionsError(str(e)) from e
     manifest = json.loads((path / "manifest.json").read_text())
