@@ -129,49 +129,65 @@ def test_doctor_json():
     assert all(p["install"].startswith("pip install") for p in missing)
 
 
-def test_chat_in_a_terminal(tiny_bundle, speech_wav, tmp_path):
-    """`chat` in a real terminal (tmux): /audio, a question, a streamed answer, /save, /quit."""
-    import subprocess
-    import sys
-    import time
+class Terminal:
+    """A command in a real terminal (tmux): read the screen, wait for text, send keys."""
 
-    tmux = shutil.which("tmux")
-    assert tmux, "tmux is required (scripts/setup.sh installs it)"
-    sock = str(tmp_path / "tmux.sock")
-    saved = tmp_path / "conv.json"
-    cmd = f"{sys.executable} -m edge_af3 chat -m {tiny_bundle} -n 12; echo EXIT=$?; sleep 30"
-    env = {"EDGE_AF3_CACHE": str(tmp_path / "cache"), "TERM": "xterm"}
-    subprocess.run([tmux, "-S", sock, "new-session", "-d", "-x", "220", "-y", "50", "-s", "t",
-                    "env " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + cmd], check=True)  # fmt: skip
+    def __init__(self, tmp_path, cmd: str, env: dict, width: int = 220):
+        import subprocess
 
-    def pane() -> str:
-        return subprocess.run([tmux, "-S", sock, "capture-pane", "-p", "-t", "t", "-S", "-200"],
+        self.tmux = shutil.which("tmux")
+        assert self.tmux, "tmux is required (scripts/setup.sh installs it)"
+        self.sock = str(tmp_path / "tmux.sock")
+        subprocess.run([self.tmux, "-S", self.sock, "new-session", "-d", "-x", str(width), "-y", "50", "-s", "t",
+                        "env " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + cmd], check=True)  # fmt: skip
+
+    def screen(self) -> str:
+        import subprocess
+
+        return subprocess.run([self.tmux, "-S", self.sock, "capture-pane", "-p", "-J", "-t", "t", "-S", "-2000"],
                               capture_output=True, text=True).stdout  # fmt: skip
 
-    def wait_for(text: str, timeout: float = 120) -> str:
-        end = time.time() + timeout
+    def wait_for(self, text: str, count: int = 1, timeout: float = 180) -> str:
+        import time
+
+        end = time.time() + timeout  # a deadline guard for the terminal, not a timing assertion
         while time.time() < end:
-            screen = pane()
-            if text in screen:
+            screen = self.screen()
+            if screen.count(text) >= count:
                 return screen
             time.sleep(0.2)
-        raise AssertionError(f"{text!r} never appeared:\n{pane()}")
+        raise AssertionError(f"{text!r} x{count} never appeared:\n{self.screen()[-3000:]}")
 
-    def send(*keys: str) -> None:
-        subprocess.run([tmux, "-S", sock, "send-keys", "-t", "t", *keys], check=True)
+    def send(self, *keys: str) -> None:
+        import subprocess
 
+        subprocess.run([self.tmux, "-S", self.sock, "send-keys", "-t", "t", *keys], check=True)
+
+    def close(self) -> None:
+        import subprocess
+
+        subprocess.run([self.tmux, "-S", self.sock, "kill-server"], capture_output=True)
+
+
+def test_chat_in_a_terminal(tiny_bundle, speech_wav, tmp_path):
+    """`chat` in a real terminal (tmux): /audio, a question, a streamed answer, /save, /quit."""
+    import sys
+
+    saved = tmp_path / "conv.json"
+    term = Terminal(tmp_path, f"{sys.executable} -m edge_af3 chat -m {tiny_bundle} -n 12; echo EXIT=$?; sleep 30",
+                    {"EDGE_AF3_CACHE": str(tmp_path / "cache"), "TERM": "xterm"})  # fmt: skip
     try:
-        wait_for("you>")
-        send(f"/audio {speech_wav}", "Enter")
-        wait_for("attached")
-        send("What do you hear?", "Enter")
-        screen = wait_for("tok/s")
-        send(f"/save {saved}", "Enter")
-        wait_for("saved 1 turn")
-        send("/quit", "Enter")
-        screen = wait_for("EXIT=")
+        term.wait_for("you>")
+        term.send(f"/audio {speech_wav}", "Enter")
+        term.wait_for("attached")
+        term.send("What do you hear?", "Enter")
+        term.wait_for("tok/s")
+        term.send(f"/save {saved}", "Enter")
+        term.wait_for("saved 1 turn")
+        term.send("/quit", "Enter")
+        screen = term.wait_for("EXIT=")
     finally:
-        subprocess.run([tmux, "-S", sock, "kill-server"], capture_output=True)
+        term.close()
     assert "EXIT=0" in screen and "Traceback" not in screen
     conv = json.loads(saved.read_text())
     turn = conv["turns"][0]
@@ -302,65 +318,42 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_bundle, speech_
     """Ctrl-C mid-answer returns to `you>`; the next question sees the earlier turns (not the
     stopped one); Ctrl-C at the prompt, /save to a missing folder and /load of a bad file are one
     line each; /save stores absolute paths and /load restores the conversation."""
-    import subprocess
     import sys
     import time
 
-    tmux = shutil.which("tmux")
-    assert tmux, "tmux is required (scripts/setup.sh installs it)"
-    sock, saved = str(tmp_path / "tmux.sock"), tmp_path / "conv.json"
-    home = tmp_path / "home"
+    saved, home = tmp_path / "conv.json", tmp_path / "home"
     (home / "clips").mkdir(parents=True)
     shutil.copyfile(speech_wav, home / "clips" / "speech.wav")
-    cmd = f"{sys.executable} -m edge_af3 chat -m {tiny_bundle} -n 2500 --ignore-eos; echo EXIT=$?; sleep 30"
-    env = {"EDGE_AF3_CACHE": str(tmp_path / "cache"), "TERM": "xterm", "HOME": str(home)}
-    subprocess.run([tmux, "-S", sock, "new-session", "-d", "-x", "200", "-y", "50", "-s", "t",
-                    "env " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + cmd], check=True)  # fmt: skip
-
-    def pane() -> str:
-        return subprocess.run([tmux, "-S", sock, "capture-pane", "-p", "-J", "-t", "t", "-S", "-2000"],
-                              capture_output=True, text=True).stdout  # fmt: skip
-
-    def wait_for(text: str, count: int = 1, timeout: float = 180) -> str:
-        end = time.time() + timeout  # a deadline guard for the terminal, not a timing assertion
-        while time.time() < end:
-            screen = pane()
-            if screen.count(text) >= count:
-                return screen
-            time.sleep(0.2)
-        raise AssertionError(f"{text!r} x{count} never appeared:\n{pane()[-3000:]}")
-
-    def send(*keys: str) -> None:
-        subprocess.run([tmux, "-S", sock, "send-keys", "-t", "t", *keys], check=True)
-
+    term = Terminal(tmp_path, f"{sys.executable} -m edge_af3 chat -m {tiny_bundle} -n 1500 --ignore-eos; echo EXIT=$?; sleep 30",
+                    {"EDGE_AF3_CACHE": str(tmp_path / "cache"), "TERM": "xterm", "HOME": str(home)}, width=200)  # fmt: skip
     try:
-        wait_for("you>")
-        send("C-c")  # at the prompt
-        wait_for("Ctrl-D or /quit leaves")
-        send("/audio ~/clips/speech.wav", "Enter")  # ~ is the user's home
-        wait_for("attached")
-        send("Describe it.", "Enter")
-        wait_for("tok/s")  # turn 1 completes
-        send("Now write a very long story.", "Enter")
-        wait_for("af3>", count=2)
+        term.wait_for("you>")
+        term.send("C-c")  # at the prompt
+        term.wait_for("Ctrl-D or /quit leaves")
+        term.send("/audio ~/clips/speech.wav", "Enter")  # ~ is the user's home
+        term.wait_for("attached")
+        term.send("Describe it.", "Enter")
+        term.wait_for("tok/s")  # turn 1 completes
+        term.send("Now write a very long story.", "Enter")
+        term.wait_for("af3>", count=2)
         time.sleep(0.5)
-        send("C-c")  # mid-answer
-        wait_for("(stopped; this turn is not part of the conversation)")
-        wait_for("you>", count=4)
-        send("And the tempo?", "Enter")
-        screen = wait_for("tok/s", count=2)
-        send("/save /nonexistent/dir/c.json", "Enter")
-        wait_for("cannot save to /nonexistent/dir/c.json")
-        send(f"/save {saved}", "Enter")
-        wait_for("saved 2 turn(s)")
-        send(f"/load {tmp_path / 'missing.json'}", "Enter")
-        wait_for("(the conversation is unchanged)")
-        send(f"/load {saved}", "Enter")
-        wait_for("loaded 2 turn(s)")
-        send("/quit", "Enter")
-        screen = wait_for("EXIT=")
+        term.send("C-c")  # mid-answer
+        term.wait_for("(stopped; this turn is not part of the conversation)")
+        term.wait_for("you>", count=4)
+        term.send("And the tempo?", "Enter")
+        screen = term.wait_for("tok/s", count=2)
+        term.send("/save /nonexistent/dir/c.json", "Enter")
+        term.wait_for("cannot save to /nonexistent/dir/c.json")
+        term.send(f"/save {saved}", "Enter")
+        term.wait_for("saved 2 turn(s)")
+        term.send(f"/load {tmp_path / 'missing.json'}", "Enter")
+        term.wait_for("(the conversation is unchanged)")
+        term.send(f"/load {saved}", "Enter")
+        term.wait_for("loaded 2 turn(s)")
+        term.send("/quit", "Enter")
+        screen = term.wait_for("EXIT=")
     finally:
-        subprocess.run([tmux, "-S", sock, "kill-server"], capture_output=True)
+        term.close()
     assert "EXIT=0" in screen and "Traceback" not in screen
     turns = json.loads(saved.read_text())["turns"]
     assert [t["user"] for t in turns] == ["Describe it.", "And the tempo?"]  # the stopped turn is not there

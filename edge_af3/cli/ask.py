@@ -140,8 +140,9 @@ def chat_cmd(
     """Talk about audio over several turns; the session keeps its KV cache between turns.
 
     In the chat: /audio PATH attaches a clip to your next message (several allowed), /think on|off,
-    /adapter NAME|off,
-    /reset, /save FILE (the conversation as JSON), /help, /quit. Up/down arrows recall history.
+    /adapter NAME|off, /load FILE,
+    /reset, /save FILE (the conversation as JSON), /help, /quit. Up/down arrows recall history; Ctrl-C stops an answer and returns to the
+    prompt; Ctrl-D leaves.
 
     \b
     Example: edge-af3 chat --audio street.wav

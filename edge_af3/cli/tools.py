@@ -93,7 +93,7 @@ def export_cmd(
 
 
 def features_cmd(
-    audio: Path = typer.Argument(..., metavar="AUDIO", help="Audio file (wav, flac, ogg, mp3)."),
+    audio: Path = typer.Argument(..., metavar="AUDIO", help="Audio file (wav, flac, ogg, mp3; m4a, mp4, webm, opus with the av extra)."),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Show what AF3 sees of a clip: windows, mask, audio token count, log-mel range.
