@@ -141,8 +141,8 @@ def chat_cmd(
 
     In the chat: /audio PATH attaches a clip to your next message (several allowed), /think on|off,
     /adapter NAME|off, /load FILE,
-    /reset, /save FILE (the conversation as JSON), /help, /quit. Up/down arrows recall history; Ctrl-C stops an answer and returns to the
-    prompt; Ctrl-D leaves.
+    /reset, /save FILE (the conversation as JSON), /help, /quit. Up/down arrows recall history;
+    Ctrl-C stops an answer and returns to the prompt; Ctrl-D leaves.
 
     \b
     Example: edge-af3 chat --audio street.wav
