@@ -305,7 +305,8 @@ def _wait_for(stream, text: str, timeout: float, count: int = 1) -> str:
 
     seen, deadline = "", time.time() + timeout
     while seen.count(text) < count:
-        assert time.time() < deadline, f"{text!r} not seen in {timeout} s; got {seen[-500:]!r}"
+        if time.time() > deadline:  # a guard against a hung process, not a timing assertion
+            raise AssertionError(f"{text!r} not seen in {timeout} s; got {seen[-500:]!r}")
         ready, _, _ = select.select([stream], [], [], 0.2)
         if ready:
             chunk = os.read(stream.fileno(), 4096).decode(errors="replace")

@@ -110,7 +110,7 @@ def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[i
     spec = spec or DEFAULT_MODEL
     from ..runtime.locate import first_use, first_use_line
 
-    need = first_use(spec)  # a big download / export ahead is said before it starts
+    need = first_use(spec, quant)  # a big download / export ahead is said before it starts
     if need:
         console.print(f"[yellow]{first_use_line(spec, need)}[/]; `edge-af3 models pull {spec}` does it ahead", highlight=False)
     with ExportProgress(export_steps(quantize=quant not in ("f32", "f16"))) as steps:  # shown only if it exports

@@ -111,7 +111,7 @@ def pull_cmd(source: str = typer.Argument(..., help="Hub id (nvidia/audio-flamin
     first what it takes: download size, disk and RAM."""
     from ..runtime.locate import exported, first_use, first_use_line
 
-    need = first_use(source)
+    need = first_use(source, quant)
     if need:
         console.print(first_use_line(source, need), highlight=False)
         if need["download_gb"] > 2 and not yes and not typer.confirm("go on?", err=True):

@@ -143,12 +143,13 @@ def forced_encoder(engine: str, device: str = "auto", *, gpu: Callable[[], str |
     return EncoderChoice(engine, "cpu", gpu=name)
 
 
-def _onnxruntime(engine: str, bundle, threads: int | None):
+def _onnxruntime(engine: str, bundle, threads: int | None, overrides: dict | None = None):
+    """ONNX Runtime on the CPU or CUDA; `overrides` replace graph initializers (an adapter's encoder weights)."""
     from .onnx import OnnxEncoder
 
     cuda = engine == "onnxruntime-cuda"
     providers = ["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None
-    enc = OnnxEncoder(bundle.encoder, threads=threads, providers=providers, io_binding=cuda)
+    enc = OnnxEncoder(bundle.encoder, threads=threads, providers=providers, io_binding=cuda, overrides=overrides)
     if cuda and enc.device != "cuda":
         raise RuntimeError("ONNX Runtime did not start its CUDA provider")
     return enc
@@ -178,6 +179,13 @@ BUILDERS: dict[str, Callable] = {
     "tensorrt": _tensorrt,
 }
 assert set(BUILDERS) == set(ENGINES)
+
+
+def onnx_encoder(engine: str, bundle, threads: int | None, overrides: dict | None = None):
+    """The ONNX Runtime engine (`engine` "onnxruntime-cuda" or anything else: the CPU one), with
+    initializer overrides."""
+    return _onnxruntime("onnxruntime-cuda" if engine == "onnxruntime-cuda" else "onnxruntime-cpu", bundle, threads,
+                        overrides)  # fmt: skip
 
 
 def _build(engine: str, bundle, threads: int | None):

@@ -61,7 +61,7 @@ def exported(source, quant: str, progress=None) -> Path:
     return out
 
 
-def first_use(source: str | os.PathLike) -> dict | None:
+def first_use(source: str | os.PathLike, quant: str = "q4_k_m") -> dict | None:
     """What loading `source` will do first when its bundle is not made yet: {download_gb,
     remote, disk_gb, ram_gb, free_disk_gb, ram_avail_gb}; None when nothing big is ahead (a
     bundle, an already exported checkpoint) or its size cannot be known (offline). RAM: the export
@@ -72,7 +72,7 @@ def first_use(source: str | os.PathLike) -> dict | None:
     if (path / "manifest.json").is_file():
         return None
     if path.is_dir():
-        if (path / "config.json").is_file() and (cached_bundle_path(path.resolve(), "q4_k_m") / "manifest.json").is_file():
+        if (path / "config.json").is_file() and (cached_bundle_path(path.resolve(), quant) / "manifest.json").is_file():
             return None
         size, remote = sum(f.stat().st_size for f in path.glob("*.safetensors")), False
     else:
@@ -81,7 +81,7 @@ def first_use(source: str | os.PathLike) -> dict | None:
 
             try:  # already downloaded and exported: nothing to say
                 local = Path(snapshot_download(repo_id=str(source), local_files_only=True))
-                if (cached_bundle_path(local, "q4_k_m") / "manifest.json").is_file():
+                if (cached_bundle_path(local, quant) / "manifest.json").is_file():
                     return None
             except Exception:  # noqa: BLE001 - not in the Hub cache
                 pass

@@ -135,14 +135,12 @@ class AF3:
         if enc is None:  # ONNX Runtime with the adapter's initializers over the shared encoder.onnx
             import numpy as np
 
-            from ..engines.onnx import OnnxEncoder
+            from ..engines.select import onnx_encoder
 
             entry = self.adapters[variant]["encoder"]
             with np.load(self.bundle.path / entry["file"], allow_pickle=False) as npz:
                 overrides = {k: npz[k] for k in npz.files}
-            cuda = self.engine_choice.engine == "onnxruntime-cuda"
-            enc = OnnxEncoder(self.bundle.encoder, threads=self._threads, overrides=overrides, io_binding=cuda,
-                              providers=["CUDAExecutionProvider", "CPUExecutionProvider"] if cuda else None)  # fmt: skip
+            enc = onnx_encoder(self.engine_choice.engine, self.bundle, self._threads, overrides)
             self._stack.callback(enc.close)
             self._variant_encoders[variant] = enc
         return enc

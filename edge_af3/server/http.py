@@ -19,17 +19,6 @@ class BodyTooLarge(APIError):
                          code="body_too_large")  # fmt: skip
 
 
-async def read_body(request, limit: int) -> bytes:
-    """The whole body, refused (413) as soon as it passes `limit` bytes."""
-    chunks, n = [], 0
-    async for part in request.stream():
-        n += len(part)
-        if n > limit:
-            raise BodyTooLarge(limit)
-        chunks.append(part)
-    return b"".join(chunks)
-
-
 def auth_check(request, key: str | None) -> None:
     if not key:
         return
