@@ -5,7 +5,12 @@ audio rows are fed to llama.cpp, so only the LLM's quantization is measured). Ev
 made by our converter (F32, or F16 for the 7B) and llama.cpp's quantizer from the same checkpoint.
 KV cache f32 and flash attention off, llama.cpp's most exact CPU path.
 
-    python -m benchmarks.bench_quality [--shape bench-small] [--quants f16 q8_0 q4_k_m q4_0]
+    python -m benchmarks.bench_quality [--shape bench-small] [--quants f16 q8_0 q4_k_m iq4_nl q4_0]
+
+Also the other lossy defaults: each encoder precision's rows against PyTorch fp32 (cosine, on a
+noise and a tone window and a 45 s two-window clip), and llama.cpp's default attention settings
+(KV f16, flash attention as llama.cpp picks) against exact mode (KV f32, flash attention off) on
+the same GGUF.
 
 Random weights make the logits flat, so these numbers are a lower bound on what a trained model
 keeps (its logit margins are much larger); they are a regression gauge, not a quality claim.
@@ -61,12 +66,13 @@ def reference_side(ckpt: Path, dtype: str) -> list[dict]:
     return out
 
 
-def llama_side(gguf: Path, probes: list[dict]) -> list[dict]:
+def llama_side(gguf: Path, probes: list[dict], *, exact: bool = True) -> list[dict]:
     from edge_af3.constants import SOUND_TOKEN_ID
     from edge_af3.engines.llamacpp import LlamaEngine, SamplerOptions
 
     res = []
-    with LlamaEngine(gguf, n_ctx=2048, n_batch=512, kv_type="f32", flash_attn=False) as eng:
+    kw = {"kv_type": "f32", "flash_attn": False} if exact else {"kv_type": "f16", "flash_attn": None}
+    with LlamaEngine(gguf, n_ctx=2048, n_batch=512, **kw) as eng:
         for p in probes:
             eng.reset()
             ids = p["ids"]
@@ -86,6 +92,43 @@ def llama_side(gguf: Path, probes: list[dict]) -> list[dict]:
                 eng.decode_next(tok)
             eng.free_sampler(sampler)
             res.append({"logits": logits, "greedy": greedy})
+    return res
+
+
+def encoder_side(ckpt: Path, precisions: list[str], work: Path) -> dict:
+    """Rows cosine of each exported encoder precision against the PyTorch fp32 wrapper."""
+    import onnxruntime as ort
+    import torch
+
+    from edge_af3.export.onnx_encoder import export_encoder, load_encoder
+    from edge_af3.features import extract_features
+
+    wrapper = load_encoder(ckpt)
+    t = np.arange(45 * 16000) / 16000
+    rng = np.random.default_rng(7)
+    clips = {"noise 30 s": 0.1 * rng.standard_normal(30 * 16000),
+             "tone 30 s": 0.15 * np.sin(2 * np.pi * 330 * t[: 30 * 16000]) * (1 + np.sin(2 * np.pi * 3 * t[: 30 * 16000])),
+             "noise 45 s (2 windows)": 0.1 * rng.standard_normal(45 * 16000)}  # fmt: skip
+    feats = {k: extract_features((x.astype(np.float32), 16000)) for k, x in clips.items()}
+    want = {}
+    with torch.inference_mode():
+        for k, f in feats.items():
+            out = wrapper(torch.from_numpy(f.features), torch.from_numpy(f.mask)).numpy()
+            want[k] = np.concatenate([out[w, :n] for w, n in enumerate(f.rows_per_window)])
+    res = {}
+    for prec in ["fp32"] + [p for p in precisions if p != "fp32"]:
+        path = work / f"quality-encoder-{prec}.onnx"
+        export_encoder(wrapper, path, precision=prec)
+        sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        res[prec] = {}
+        for k, f in feats.items():
+            out = sess.run(None, {"input_features": f.features, "input_features_mask": f.mask})[0]
+            got = np.concatenate([out[w, :n] for w, n in enumerate(f.rows_per_window)])
+            a, b = got.ravel().astype(np.float64), want[k].ravel().astype(np.float64)
+            res[prec][k] = round(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))), 7)
+        print(f"encoder {prec:6s} rows cosine vs PyTorch fp32: {res[prec]}", flush=True)
+        del sess
+        path.unlink()
     return res
 
 
@@ -116,7 +159,8 @@ def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shape", default="bench-small", choices=["tiny", "bench-small", "full"])
     ap.add_argument("--ckpt", type=Path, default=None, help="an existing checkpoint instead of --shape")
-    ap.add_argument("--quants", nargs="+", default=["f16", "q8_0", "q4_k_m", "q4_0"])
+    ap.add_argument("--quants", nargs="+", default=["f16", "q8_0", "q4_k_m", "iq4_nl", "q4_0"])
+    ap.add_argument("--encoders", nargs="*", default=["fp16", "int8", "mixed"], help="encoder precisions to compare")
     ap.add_argument("--work", type=Path, default=None)
     args = ap.parse_args(argv)
     work = args.work or cache_dir() / "bench"
@@ -131,7 +175,11 @@ def main(argv=None) -> dict:
     base_type = "f16" if big else "f32"
     base = work / f"quality-{args.shape}-{base_type}.gguf"
     write_gguf(ckpt, base, ftype=base_type)
-    rows = {}
+    from edge_af3.checkpoint import read_config
+    from edge_af3.quants import auto_quant
+
+    default_quant = auto_quant(read_config(ckpt)["text_config"])[0]
+    rows, runtime = {}, {}
     print(f"{'quant':8s} {'top-1':>7s} {'KL':>9s} {'max |dlogit|':>13s}  greedy prefix match (of {GREEDY})")
     for q in [base_type] + [q for q in args.quants if q != base_type]:
         path = base if q == base_type else quantize(base, work / f"quality-{args.shape}-{q}.gguf", q)
@@ -139,11 +187,18 @@ def main(argv=None) -> dict:
         r["bytes"] = path.stat().st_size
         rows[q] = r
         print(f"{q:8s} {r['top1_agreement']:7.3f} {r['kl_divergence']:9.5f} {r['max_abs_logit_diff']:13.4f}  {r['greedy_prefix_match']}")
+        if q == default_quant:  # llama.cpp's default attention settings vs exact mode, same GGUF
+            exact = [{"logits": g["logits"], "greedy": g["greedy"]} for g in llama_side(path, probes)]
+            runtime[q] = compare(exact, llama_side(path, probes, exact=False))
+            print(f"{q:8s} KV f16 + FA auto vs exact mode: top-1 {runtime[q]['top1_agreement']:.3f} "
+                  f"KL {runtime[q]['kl_divergence']:.6f}", flush=True)  # fmt: skip
         if path != base:
             path.unlink()
     base.unlink()
+    encoders = encoder_side(ckpt, args.encoders, work) if args.encoders else {}
     out = save(f"quality-{args.shape}", {"benchmark": "quality", "shape": args.shape, "reference_dtype": dtype,
-                                         "probes": len(probes), "results": rows})  # fmt: skip
+                                         "probes": len(probes), "results": rows, "default_quant": default_quant,
+                                         "runtime_defaults_vs_exact": runtime, "encoder_cosine_vs_fp32": encoders})  # fmt: skip
     print(f"wrote {out}")
     return rows
 

@@ -28,7 +28,7 @@ TARGETS = {
     "h100": (int(78 * GIB), "H100 80 GB"),
 }
 KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
-ENCODER_BYTES = {"fp32": 4, "fp16": 2, "int8": 1}
+ENCODER_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "mixed": 3}  # mixed: fc1 (a third of the weights) int8
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,7 @@ def plan(bundle, *, n_ctx: int = DEFAULT_N_CTX, kv_type: str = "f16", encoder_pr
     enc_weights = int(onnx_bytes * ENCODER_BYTES[run_as] / ENCODER_BYTES[stored])
     enc_hidden = int(m["model"]["encoder_hidden"])
     head_dim = shape.n_embd // shape.n_head
-    act = ENCODER_BYTES.get(run_as, 2) if run_as != "int8" else 2
+    act = {"int8": 2, "mixed": 4}.get(run_as, ENCODER_BYTES[run_as])
     items = {
         "llm weights": b.llm.stat().st_size,
         "encoder weights": enc_weights,

@@ -64,6 +64,9 @@ def resolve(stored_precision: str = "fp32", *, device: str = "auto", encoder_eng
         if kv_type not in (None, "f32") or flash_attn:
             raise OptionsError("exact mode runs an f32 KV cache with flash attention off; drop --kv / flash_attn or exact")
         kv_type, flash_attn = "f32", False
+        if stored_precision in ("int8", "mixed"):
+            raise OptionsError(f"exact mode needs the encoder in fp32; this bundle's is {stored_precision} "
+                               "(re-export with --encoder-precision fp32)")  # fmt: skip
     if windows_per_run is not None and windows_per_run < 1:
         raise OptionsError(f"windows_per_run must be >= 1, got {windows_per_run}")
     n_ctx = check_n_ctx(DEFAULT_N_CTX if n_ctx is None else n_ctx)

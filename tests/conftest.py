@@ -31,7 +31,7 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
     """The tiny checkpoint exported with an F32 LLM (no verification: test_export checks exports)."""
     from edge_af3.export import export
 
-    return export(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "f32", quant="f32", verify=False)
+    return export(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "f32", quant="f32", encoder_precision="fp32", verify=False)
 
 
 @pytest.fixture(scope="session")
@@ -124,5 +124,5 @@ def think_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
 def think_bundle(think_ckpt, tmp_path_factory) -> Path:
     from edge_af3.export import export
 
-    return export(think_ckpt, tmp_path_factory.mktemp("think-bundle") / "f32", quant="f32", verify=False,
+    return export(think_ckpt, tmp_path_factory.mktemp("think-bundle") / "f32", quant="f32", encoder_precision="fp32", verify=False,
                   adapter_type="f32")  # f32 LoRA tensors: the exact parity tests compare with PEFT's float32

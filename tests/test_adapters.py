@@ -149,6 +149,7 @@ def _export(think_ckpt, tmp_path, folder, **kw):
     ckpt = tmp_path / "ckpt"
     if not ckpt.exists():
         shutil.copytree(think_ckpt, ckpt, ignore=shutil.ignore_patterns("think"))
+    kw.setdefault("encoder_precision", "fp32")
     return export(ckpt, tmp_path / "bundle", quant="f32", verify=False, force=True, adapters={"mine": folder}, **kw)
 
 
@@ -180,7 +181,7 @@ def test_bad_adapters_are_refused_naming_the_tensor(think_ckpt, tmp_path):
     with pytest.raises(CheckpointError, match="audio_tower.layers.0.fc1.lora_A.weight does not target"):
         _export(think_ckpt, tmp_path, folder)
     save_file(lora, str(folder / "adapter_model.safetensors"))
-    with pytest.raises(CheckpointError, match="int8 encoder cannot take it"):
+    with pytest.raises(CheckpointError, match="int8-quantized weight cannot take it"):
         _export(think_ckpt, tmp_path, folder, encoder_precision="int8")
     assert not (tmp_path / "bundle").exists()  # every refusal left no half bundle
 

@@ -20,7 +20,7 @@ from .conftest import noise, run_cli
 
 @pytest.fixture(scope="session")
 def bundle_f32(tiny_ckpt, tmp_path_factory):
-    return export(tiny_ckpt, tmp_path_factory.mktemp("bundles") / "f32", quant="f32")
+    return export(tiny_ckpt, tmp_path_factory.mktemp("bundles") / "f32", quant="f32", encoder_precision="fp32")
 
 
 def rows(session, feats):
@@ -42,13 +42,28 @@ def test_onnx_fp32_matches_reference(bundle_f32, reference):
         assert np.abs(got - want).max() <= 1e-4
 
 
-@pytest.mark.parametrize("precision, min_cos", [("fp16", 0.999), ("int8", 0.99)])
+@pytest.mark.parametrize("precision, min_cos", [("fp16", 0.999), ("int8", 0.99), ("mixed", 0.9999)])
 def test_onnx_reduced_precision(tiny_ckpt, tmp_path, reference, precision, min_cos):
     b = export(tiny_ckpt, tmp_path / precision, quant="q8_0", encoder_precision=precision, verify=False)
     sess = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])
     feats = extract_features((noise(20.0, seed=9), 16000))
     got, want = rows(sess, feats).ravel(), reference_rows(reference, feats).ravel()
     assert got @ want / (np.linalg.norm(got) * np.linalg.norm(want)) >= min_cos
+
+
+def test_mixed_encoder_graph(tiny_ckpt, tmp_path):
+    """mixed: int8 on each layer's fc1 only, attention one head at a time (tiny: 4 layers x 2 heads);
+    fp32 keeps the batched attention GPU builders fuse."""
+    import onnx
+
+    ops = {}
+    for precision in ("mixed", "fp32"):
+        b = export(tiny_ckpt, tmp_path / precision, quant="q8_0", encoder_precision=precision, verify=False)
+        nodes = onnx.load(str(b / "encoder.onnx")).graph.node
+        ops[precision] = {op: [n.name for n in nodes if n.op_type == op] for op in ("MatMulInteger", "Softmax")}
+        assert open_bundle(b).manifest["encoder"]["precision"] == precision
+    assert len(ops["mixed"]["MatMulInteger"]) == 4 and all("/fc1/" in n for n in ops["mixed"]["MatMulInteger"])
+    assert (len(ops["mixed"]["Softmax"]), len(ops["fp32"]["Softmax"]), ops["fp32"]["MatMulInteger"]) == (8, 4, [])
 
 
 def test_gguf_f32_logits_match_reference(bundle_f32, reference):
@@ -158,10 +173,18 @@ def test_failed_export_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
 
 
 def test_cli_export_subprocess(tiny_ckpt, tmp_path):
-    res = run_cli("export", str(tiny_ckpt), str(tmp_path / "b"), "--quant", "q8_0", "--json")
+    res = run_cli("export", str(tiny_ckpt), str(tmp_path / "b"), "--quant", "q8_0", "--encoder-precision", "fp32", "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout)
     assert info["verification"]["encoder"]["max_abs_diff"] <= 1e-4
+    # the defaults on a machine without a CUDA GPU: --quant auto (tiny's 64-wide rows: iq4_nl), the mixed encoder
+    res = run_cli("export", str(tiny_ckpt), str(tmp_path / "auto"), "--json")
+    assert res.returncode == 0, res.stderr[-3000:]
+    m = json.loads((tmp_path / "auto" / "manifest.json").read_text())
+    assert (m["llm"]["quant"], m["llm"]["quant_asked"], m["encoder"]["precision"]) == ("iq4_nl", "auto", "mixed")
+    assert (tmp_path / "auto" / "llm-iq4_nl.gguf").is_file() and "not a multiple of 256" in m["llm"]["quant_why"]
+    assert m["verification"]["encoder"]["cosine"] >= 0.9999
+    assert "--quant auto: iq4_nl" in res.stderr and "Please consider" not in res.stderr
     res = run_cli("export", str(tiny_ckpt), str(tmp_path / "b"))
     assert res.returncode == 1 and "exists" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("export", str(tiny_ckpt), str(tmp_path / "c"), "--quant", "bogus")
@@ -173,7 +196,7 @@ def test_mmproj_runs_in_llama_cpp(tiny_ckpt, tmp_path, reference):
     audio path agrees with the model, its rows match the reference's."""
     from edge_af3.engines.mtmd import MARKER, MtmdAudio
 
-    b = export(tiny_ckpt, tmp_path / "b", quant="q8_0", mmproj=True)
+    b = export(tiny_ckpt, tmp_path / "b", quant="q8_0", encoder_precision="fp32", mmproj=True)
     m = json.loads((b / "manifest.json").read_text())
     assert m["mmproj"]["file"] == "mmproj-f16.gguf" and "mmproj-f16.gguf" in m["files"]
     assert m["verification"]["mmproj"]["cosine"] >= 0.999
@@ -196,10 +219,15 @@ def test_large_encoder_goes_to_one_data_file(tiny_ckpt, tmp_path, reference, mon
     import edge_af3.export.onnx_encoder as oe
 
     monkeypatch.setattr(oe, "EXTERNAL_BYTES", 0)  # take the >2 GB path on the tiny model
-    b = export(tiny_ckpt, tmp_path / "b", quant="q8_0", verify=False)
-    assert sorted(p.name for p in b.iterdir()) == ["encoder.onnx", "encoder.onnx.data", "llm-q8_0.gguf", "manifest.json"]
-    assert (b / "encoder.onnx").stat().st_size < 200_000 < (b / "encoder.onnx.data").stat().st_size
-    assert "encoder.onnx.data" in open_bundle(b).manifest["files"]
-    sess = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])
     feats = extract_features((noise(12.0, seed=5), 16000))
-    assert np.abs(rows(sess, feats) - reference_rows(reference, feats)).max() <= 1e-4
+    for precision in ("fp32", "mixed"):
+        b = export(tiny_ckpt, tmp_path / precision, quant="q8_0", encoder_precision=precision, verify=False)
+        assert sorted(p.name for p in b.iterdir()) == ["encoder.onnx", "encoder.onnx.data", "llm-q8_0.gguf", "manifest.json"]
+        assert (b / "encoder.onnx").stat().st_size < 200_000 < (b / "encoder.onnx.data").stat().st_size
+        assert "encoder.onnx.data" in open_bundle(b).manifest["files"]
+        sess = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])
+        got, want = rows(sess, feats), reference_rows(reference, feats)
+        if precision == "fp32":
+            assert np.abs(got - want).max() <= 1e-4
+        else:
+            assert got.ravel() @ want.ravel() / (np.linalg.norm(got) * np.linalg.norm(want)) >= 0.9999

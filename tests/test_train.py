@@ -72,7 +72,7 @@ def test_exported_adapter_answers_like_the_peft_model_and_knows_the_labels(train
     from edge_af3.reference.loader import Reference, load_reference
 
     d, held = dataset
-    bundle = export(tiny_ckpt, tmp_path / "bundle", quant="f32", verify=False, adapters={"taught": trained["out"]},
+    bundle = export(tiny_ckpt, tmp_path / "bundle", quant="f32", encoder_precision="fp32", verify=False, adapters={"taught": trained["out"]},
                     adapter_type="f32")  # fmt: skip
     ref = load_reference(tiny_ckpt)
     peft_ref = Reference(model=PeftModel.from_pretrained(ref.model, trained["out"]).eval(), processor=ref.processor,

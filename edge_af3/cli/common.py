@@ -73,9 +73,10 @@ class ExportProgress:
         self.progress.update(self.task, completed=done, description=msg[:48])
 
 
-def export_steps(*, verify: bool = True, quantize: bool = True, mmproj: bool = False) -> int:
-    """How many progress steps an export reports (before its adapters)."""
-    return 4 + (2 if verify else 0) + (1 if quantize else 0) + ((1 + verify) if mmproj else 0)
+def export_steps(*, verify: bool = True, quantize: bool = True, mmproj: bool = False, autos: int = 0) -> int:
+    """How many progress steps an export reports (before its adapters); `autos`: how many of its
+    choices are `auto` (each says what it picked)."""
+    return 4 + (2 if verify else 0) + (1 if quantize else 0) + ((1 + verify) if mmproj else 0) + autos
 
 
 def bundled_clip() -> Path:
@@ -101,7 +102,7 @@ def check_threads(threads: Optional[int]) -> None:
 
 def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[int], device: str = "auto",
                kv_type: Optional[str] = None, encoder_engine: Optional[str] = None, exact: bool = False,
-               verify: bool = False, quant: str = "q4_k_m"):  # fmt: skip
+               verify: bool = False, quant: str = "auto"):  # fmt: skip
     """AF3.load with progress on stderr; says which encoder engine runs, and why faster ones were skipped.
     User errors propagate as EdgeAF3Error (main prints them as one line)."""
     from ..runtime import AF3
@@ -113,7 +114,7 @@ def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[i
     need = first_use(spec, quant)  # a big download / export ahead is said before it starts
     if need:
         console.print(f"[yellow]{first_use_line(spec, need)}[/]; `edge-af3 models pull {spec}` does it ahead", highlight=False)
-    with ExportProgress(export_steps(quantize=quant not in ("f32", "f16"))) as steps:  # shown only if it exports
+    with ExportProgress(export_steps(quantize=quant not in ("f32", "f16"), autos=1 + (quant == "auto"))) as steps:  # shown only if it exports
         model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device, kv_type=kv_type,
                          encoder_engine=encoder_engine, exact=exact, check_hashes=True if verify else None,
                          progress=steps)  # fmt: skip

@@ -105,7 +105,7 @@ def rm_cmd(name: str = typer.Argument(..., help="A bundle in the cache (see `mod
 
 @app.command("pull")
 def pull_cmd(source: str = typer.Argument(..., help="Hub id (nvidia/audio-flamingo-3-hf) or checkpoint folder."),
-             quant: str = typer.Option("q4_k_m", "--quant", help="LLM weights: q4_k_m | q4_0 | q8_0 | f16 | f32"),
+             quant: str = typer.Option("auto", "--quant", help="LLM weights: auto | q4_k_m | iq4_nl | q4_0 | q8_0 | f16 | f32 (auto: q4_k_m when every matrix width is a multiple of 256, as in the real AF3; else iq4_nl)"),
              yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before a big download / export.")) -> None:  # fmt: skip
     """Download (a Hub id) and export into the cache, as `-m SOURCE` would on first use, saying
     first what it takes: download size, disk and RAM."""
@@ -118,6 +118,6 @@ def pull_cmd(source: str = typer.Argument(..., help="Hub id (nvidia/audio-flamin
             console.print("nothing done")
             return
     t0 = time.time()
-    with ExportProgress(export_steps(quantize=quant not in ("f32", "f16"))) as steps:
+    with ExportProgress(export_steps(quantize=quant not in ("f32", "f16"), autos=1 + (quant == "auto"))) as steps:
         path = exported(source, quant, progress=steps)
     out.print(f"[green]ready[/] {path} ({time.time() - t0:.0f} s); use it with -m {path}", highlight=False)

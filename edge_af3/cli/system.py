@@ -22,7 +22,7 @@ def plan_cmd(
     device: DeviceOpt = "auto",
     engine: EngineOpt = None,
     exact: ExactOpt = False,
-    encoder_precision: Optional[str] = typer.Option(None, "--encoder-precision", help="fp16 | int8 | fp32 (default: what the engine runs)"),
+    encoder_precision: Optional[str] = typer.Option(None, "--encoder-precision", help="fp16 | int8 | mixed | fp32 (default: what the engine runs)"),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Dry run: the memory a model needs (weights, encoder, KV cache at n_ctx, buffers) with the

@@ -47,8 +47,8 @@ def make_tiny(
 def export_cmd(
     src: str = typer.Argument(..., metavar="SRC", help="AF3 checkpoint: a local HF folder or a Hub id (nvidia/audio-flamingo-3-hf)."),
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Bundle folder to create."),
-    quant: str = typer.Option("q4_k_m", "--quant", help="LLM weights: q4_k_m | q4_0 | q8_0 | f16 | f32"),
-    encoder_precision: str = typer.Option("fp32", "--encoder-precision", help="fp32 | fp16 | int8"),
+    quant: str = typer.Option("auto", "--quant", help="LLM weights: auto | q4_k_m | iq4_nl | q4_0 | q8_0 | f16 | f32 (auto: q4_k_m when every matrix width is a multiple of 256, as in the real AF3; else iq4_nl)"),
+    encoder_precision: str = typer.Option("auto", "--encoder-precision", help="auto | fp32 | fp16 | int8 | mixed (auto: fp32 where this machine has a CUDA GPU, whose engines build fp16 from it; else mixed: int8 on each layer's fc1 only)"),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity checks against PyTorch."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
@@ -77,7 +77,8 @@ def export_cmd(
             raise OptionsError(f"--adapter {name}: {folder} is not a folder")
         adapters[name] = Path(folder).expanduser()
     try:
-        with ExportProgress(export_steps(verify=not no_verify, quantize=quant not in ("f32", "f16"), mmproj=mmproj)) as steps:
+        with ExportProgress(export_steps(verify=not no_verify, quantize=quant not in ("f32", "f16"), mmproj=mmproj,
+                                         autos=(quant == "auto") + (encoder_precision == "auto"))) as steps:
             path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
                           verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type, adapters=adapters,
                           adapter_type=adapter_type, progress=steps)  # fmt: skip

@@ -98,6 +98,11 @@ class LlamaEngine(NativeResource):
             raise FileNotFoundError(f"{path}: no such GGUF file")
         mp = llama_cpp.llama_model_default_params()
         mp.n_gpu_layers = n_gpu_layers
+        if n_gpu_layers == 0:
+            # read the weights instead of mapping them: the CPU backend copies Q4_0 / IQ4_NL / Q4_K
+            # tensors into repacked buffers at load, and a mapping would keep their file pages
+            # resident next to the copies (measured: 695 -> 516 MB RSS for bench-small's IQ4_NL GGUF)
+            mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise BundleError(f"llama.cpp could not load {path} (not a GGUF it can read, or truncated)")

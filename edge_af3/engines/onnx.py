@@ -63,6 +63,10 @@ class OnnxEncoder:
         wanted = providers or ["CPUExecutionProvider"]
         use = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         self.device = "cuda" if use[0] == "CUDAExecutionProvider" else "cpu"
+        if self.device == "cpu":
+            # MLAS pre-packs fp32 matmul weights into a second copy at load: off, the session holds
+            # ~100-150 MB less on bench-small for ~3 % more time per window (benchmarks/bench_cpu.py)
+            opts.add_session_config_entry("session.disable_prepacking", "1")
         self.cuda_graphs = (self.device == "cuda" and io_binding) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device != "cuda":
             raise ValueError("cuda_graphs needs the CUDAExecutionProvider")

@@ -217,9 +217,10 @@ class TensorRTEncoder:
     def for_bundle(cls, bundle, *, max_windows: int = 20, progress: Callable[[str], None] | None = None) -> "TensorRTEncoder":
         import tensorrt as trt
 
-        if bundle.manifest["encoder"].get("precision") == "int8":
-            raise RuntimeError("TensorRT takes fp32/fp16 encoders; this bundle's is int8 (ONNX Runtime dynamic "
-                               "quantization: MatMulInteger), which torch-cuda and ONNX Runtime run")  # fmt: skip
+        precision = bundle.manifest["encoder"].get("precision")
+        if precision in ("int8", "mixed"):
+            raise RuntimeError(f"TensorRT takes fp32/fp16 encoders; this bundle's is {precision} (ONNX Runtime dynamic "
+                               "quantization: MatMulInteger), which ONNX Runtime runs")  # fmt: skip
         key = engine_key(bundle, trt.__version__, current_device(), max_windows)
         root = cache_root(bundle)
 

@@ -39,7 +39,9 @@ from ..constants import (
     SOUND_TOKEN_ID,
 )
 from .adapters import export_adapters
-from .gguf_llm import QUANTS, quantize, write_gguf
+from ..quants import CHOICES as QUANT_CHOICES
+from ..quants import auto_quant
+from .gguf_llm import quantize, write_gguf
 from .gguf_mmproj import MMPROJ_TYPES, write_mmproj
 from .onnx_encoder import PRECISIONS, export_encoder, load_encoder
 
@@ -176,19 +178,29 @@ def _softmax(x: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k_m", encoder_precision: str = "fp32",
+def auto_encoder_precision() -> str:
+    """fp32 where this machine has a CUDA GPU (TensorRT / ONNX Runtime CUDA build fp16 from it, and
+    take no int8 graph); else mixed, the fastest CPU graph whose rows keep cosine >= 0.9999."""
+    from ..engines.select import gpu_name
+
+    return "fp32" if gpu_name() else "mixed"
+
+
+def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "auto", encoder_precision: str = "auto",
            force: bool = False, verify: bool = True, revision: str | None = None, mmproj: bool = False,
            mmproj_type: str = "f16", progress: Progress | None = None, adapters: dict | None = None,
            adapter_type: str = "f16") -> Path:  # fmt: skip
     """Export checkpoint `src` (folder or Hub id) into the bundle folder `out`; returns its path.
-    A checkpoint's `think/` adapter is exported with it; `adapters` adds {name: PEFT folder}."""
+    A checkpoint's `think/` adapter is exported with it; `adapters` adds {name: PEFT folder}.
+    quant="auto": the type `quants.auto_quant` picks for this checkpoint's widths;
+    encoder_precision="auto": `auto_encoder_precision()`."""
     from ..checkpoint import read_config, read_generation_config, resolve_checkpoint, weight_files
 
     say = progress or (lambda _msg: None)
-    if quant not in QUANTS:
-        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
-    if encoder_precision not in PRECISIONS:
-        raise ValueError(f"unknown encoder precision {encoder_precision!r}; choose one of {', '.join(PRECISIONS)}")
+    if quant not in QUANT_CHOICES:
+        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    if encoder_precision not in ("auto",) + PRECISIONS:
+        raise ValueError(f"unknown encoder precision {encoder_precision!r}; choose auto or one of {', '.join(PRECISIONS)}")
     if mmproj_type not in MMPROJ_TYPES:
         raise ValueError(f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
     out = Path(out).expanduser().resolve()
@@ -204,6 +216,14 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
     ckpt = resolve_checkpoint(src, revision=revision)
     cfg = read_config(ckpt)
     weight_files(ckpt)
+    asked = quant
+    quant, quant_why = (auto_quant(cfg["text_config"]) if quant == "auto" else (quant, "asked for"))
+    if asked == "auto":
+        say(f"--quant auto: {quant} ({quant_why})")
+    enc_asked = encoder_precision
+    if encoder_precision == "auto":
+        encoder_precision = auto_encoder_precision()
+        say(f"--encoder-precision auto: {encoder_precision}")
     if mmproj and cfg["audio_config"]["num_hidden_layers"] < 3:
         raise ValueError(f"{ckpt}: llama.cpp's mmproj needs >= 3 encoder layers")
     t_start = time.perf_counter()
@@ -271,9 +291,9 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "q4_k
             "features": {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "n_mels": N_MELS,
                          "frames_per_window": N_FRAMES, "rows_per_window": ROWS_PER_WINDOW,
                          "max_windows": MAX_WINDOWS},  # fmt: skip
-            "encoder": {"file": "encoder.onnx", "precision": encoder_precision, "opset": 17,
+            "encoder": {"file": "encoder.onnx", "precision": encoder_precision, "precision_asked": enc_asked, "opset": 17,
                         "inputs": ["input_features", "input_features_mask"], "output": "audio_rows"},  # fmt: skip
-            "llm": {"file": llm_path.name, "quant": quant, "arch": "qwen2"},
+            "llm": {"file": llm_path.name, "quant": quant, "arch": "qwen2", "quant_asked": asked, "quant_why": quant_why},
             "adapters": adapter_entries,
             "mmproj": {"file": mm_path.name, "type": mmproj_type, "projector": "musicflamingo"} if mm_path else None,
             "chat_template": (ckpt / "chat_template.jinja").read_text("utf-8")

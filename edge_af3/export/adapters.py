@@ -151,7 +151,7 @@ def encoder_overrides(non_lora: Path, ckpt_state_shapes: dict[str, tuple], onnx_
         enc = key.replace("model.multi_modal_projector.", "projector.").replace("model.audio_tower.", "tower.")
         if enc not in names:
             raise CheckpointError(f"{non_lora}: {key}: the bundle's encoder.onnx has no float initializer for it "
-                                  "(an int8 encoder cannot take it: export with --encoder-precision fp32 or fp16)")  # fmt: skip
+                                  "(an int8-quantized weight cannot take it: export with --encoder-precision fp32 or fp16)")  # fmt: skip
         init, transposed, dtype = names[enc]
         arr = value.float().numpy()
         arrays[init] = np.ascontiguousarray(arr.T if transposed else arr).astype(dtype)

@@ -13,14 +13,7 @@ from typing import Callable
 import numpy as np
 
 from ..constants import EOS_TOKEN_ID
-
-QUANTS = {  # name -> llama_ftype
-    "f32": 0,
-    "f16": 1,
-    "q4_0": 2,
-    "q8_0": 7,
-    "q4_k_m": 15,
-}
+from ..quants import QUANTS
 
 _LAYER_MAP = {
     "self_attn.q_proj": "attn_q",

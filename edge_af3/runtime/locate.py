@@ -9,9 +9,10 @@ from pathlib import Path
 from ..checkpoint import content_key, resolve_checkpoint
 from ..errors import CheckpointError, MissingDependencyError, ModelNotFoundError
 from ..paths import cache_dir
+from ..quants import resolve_quant
 
 
-def locate(source: str | os.PathLike, *, quant: str = "q4_k_m", progress=None) -> Path:
+def locate(source: str | os.PathLike, *, quant: str = "auto", progress=None) -> Path:
     """The bundle folder for `source`; raises ModelNotFoundError listing what was tried."""
     text = str(source)
     path = Path(text).expanduser()
@@ -38,7 +39,12 @@ def locate(source: str | os.PathLike, *, quant: str = "q4_k_m", progress=None) -
 
 
 def cached_bundle_path(ckpt: Path, quant: str) -> Path:
-    """Where the bundle exported from this checkpoint's current content lives in the cache."""
+    """Where the bundle exported from this checkpoint's current content lives in the cache
+    (`auto` named by the type it picks for this checkpoint)."""
+    if quant == "auto":
+        from ..checkpoint import read_config
+
+        quant = resolve_quant(quant, read_config(ckpt)["text_config"])
     return cache_dir() / "bundles" / f"{ckpt.name}-{quant}-{content_key(ckpt)}"
 
 
@@ -61,7 +67,7 @@ def exported(source, quant: str, progress=None) -> Path:
     return out
 
 
-def first_use(source: str | os.PathLike, quant: str = "q4_k_m") -> dict | None:
+def first_use(source: str | os.PathLike, quant: str = "auto") -> dict | None:
     """What loading `source` will do first when its bundle is not made yet: {download_gb,
     remote, disk_gb, ram_gb, free_disk_gb, ram_avail_gb}; None when nothing big is ahead (a
     bundle, an already exported checkpoint) or its size cannot be known (offline). RAM: the export

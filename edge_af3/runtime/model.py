@@ -86,7 +86,7 @@ class AF3:
         return self.settings.overlap
 
     @classmethod
-    def load(cls, source: str | os.PathLike, *, check_hashes: bool | None = None, quant: str = "q4_k_m",
+    def load(cls, source: str | os.PathLike, *, check_hashes: bool | None = None, quant: str = "auto",
              progress=None, **settings) -> "AF3":  # fmt: skip
         """Load a bundle; a checkpoint folder or Hub id is exported once into the cache, then reused.
 

@@ -1,0 +1,53 @@
+"""The LLM's GGUF weight types, and which one `--quant auto` picks for a checkpoint.
+
+Torch-free: the runtime resolves `auto` before it looks a checkpoint's bundle up in the cache.
+
+Why `auto` is shape-driven (measured on a 2-core AVX-512 VNNI x86 box, llama.cpp CPU backend;
+benchmarks/bench_cpu.py): llama.cpp's CPU backend repacks Q4_0, IQ4_NL and Q4_K into
+interleaved layouts at load and prefills them with its tiled int8 GEMM; Q5_0, Q5_1, Q8_0 and
+Q6_K it does not repack. K-quants work on 256-wide blocks: a matrix whose input width is not a
+multiple of 256 is quantized to a fallback type instead (Q5_0 / Q5_1 / Q8_0), tensor by tensor.
+- The real AF3 (Qwen2.5-7B: widths 3584 and 18944, both multiples of 256): Q4_K_M keeps its
+  K-quants, prefills at ~0.9x IQ4_NL's speed and keeps more quality: `auto` = q4_k_m.
+- A model with other widths (the 0.5B-shaped bench-small: 896, 4864): Q4_K_M turns mostly into
+  unrepacked Q5_0 and prefills at half IQ4_NL's speed, decodes 1.3x slower: `auto` = iq4_nl
+  (32-wide blocks, non-linear levels: closer to Q4_K than Q4_0 at Q4_0's size and speed).
+"""
+
+from __future__ import annotations
+
+QUANTS = {  # name -> llama_ftype
+    "f32": 0,
+    "f16": 1,
+    "q4_0": 2,
+    "q8_0": 7,
+    "q4_k_m": 15,
+    "iq4_nl": 25,
+}
+CHOICES = ("auto",) + tuple(QUANTS)
+K_BLOCK = 256  # the K-quants' super-block width
+
+
+def widths(text_config: dict) -> dict[str, int]:
+    """The input width of each kind of LLM matrix (what a quantization block runs along)."""
+    return {"hidden (q/k/v/o, gate/up, output)": int(text_config["hidden_size"]),
+            "intermediate (down)": int(text_config["intermediate_size"])}  # fmt: skip
+
+
+def auto_quant(text_config: dict) -> tuple[str, str]:
+    """(quant, why) for a checkpoint's text config."""
+    bad = {k: v for k, v in widths(text_config).items() if v % K_BLOCK}
+    if not bad:
+        return "q4_k_m", f"every matrix width is a multiple of {K_BLOCK}: Q4_K_M keeps its K-quants"
+    what = ", ".join(f"{k} {v}" for k, v in bad.items())
+    return "iq4_nl", (f"{what} not a multiple of {K_BLOCK}: Q4_K_M would fall back to unrepacked Q5_0/Q8_0 "
+                      "tensors (half the CPU prefill speed); IQ4_NL instead")  # fmt: skip
+
+
+def resolve_quant(quant: str, text_config: dict | None) -> str:
+    """`quant` itself, or what `auto` picks (q4_k_m when the config is not known)."""
+    if quant not in CHOICES:
+        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(CHOICES)}")
+    if quant != "auto":
+        return quant
+    return auto_quant(text_config)[0] if text_config else "q4_k_m"
