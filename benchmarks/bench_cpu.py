@@ -316,7 +316,36 @@ def section_memory(bundle: Path, work: Path, args) -> dict:
     mark("after a 30 s question")
     model.close()
     mark("closed")
-    return {"stages": stages}
+    llm = {}
+    ctx = mp.get_context("spawn")
+    for release in (True, False):
+        q = ctx.Queue()
+        p = ctx.Process(target=_llm_memory_child, args=(str(open_gguf(bundle)), release, q))
+        p.start()
+        llm["pages released (edge-af3)" if release else "mapping kept (llama.cpp's tools)"] = q.get()
+        p.join()
+    for k, r in llm.items():
+        print(f"  LLM alone, {k:34s} after load {r['loaded_mb']:5.0f} MB, after 750 rows + 32 tokens {r['rss_mb']:5.0f} MB, "
+              f"peak {r['peak_mb']:5.0f} MB", flush=True)  # fmt: skip
+    return {"stages": stages, "llm_alone": llm}
+
+
+def open_gguf(bundle: Path) -> Path:
+    from edge_af3.bundle import open_bundle
+
+    return open_bundle(bundle, check_hashes=False).llm
+
+
+def _llm_memory_child(gguf: str, release: bool, q) -> None:
+    from edge_af3.engines.llamacpp import LlamaEngine
+
+    with LlamaEngine(gguf, n_ctx=16384, release_pages=release) as eng:
+        loaded = _rss()[0]
+        eng.decode_embeddings(_rows(750, eng.n_embd), logits="last")
+        for _ in range(32):
+            eng.decode_next(9707)
+        now, peak = _rss()
+    q.put({"loaded_mb": loaded, "rss_mb": now, "peak_mb": peak})
 
 
 SECTIONS = {"llm": section_llm, "settings": section_settings, "encoder": section_encoder, "overlap": section_overlap,
@@ -366,6 +395,10 @@ def markdown(report: dict) -> str:
     if "memory" in s:
         lines += ["| stage | RSS MB | peak MB |", "|---|---|---|"]
         lines += [f"| {r['stage']} | {r['rss_mb']:.0f} | {r['peak_mb']:.0f} |" for r in s["memory"]["stages"]]
+        lines += ["", "The LLM alone (n_ctx 16384, f16 KV): | after load MB | after 750 rows + 32 tokens MB | peak MB |",
+                  "|---|---|---|---|"]  # fmt: skip
+        lines += [f"| {k} | {r['loaded_mb']:.0f} | {r['rss_mb']:.0f} | {r['peak_mb']:.0f} |"
+                  for k, r in s["memory"].get("llm_alone", {}).items()]  # fmt: skip
         lines.append("")
     return "\n".join(lines)
 

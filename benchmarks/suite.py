@@ -5,6 +5,8 @@ Peers (each measured in its own child process, so peak RSS is its own):
   reference   transformers' AudioFlamingo3ForConditionalGeneration (fp32 on CPU, bf16 on CUDA)
   mtmd        llama.cpp's own AF3 path (libmtmd) on the bundle's mmproj + the same GGUF
   raw         llama.cpp decoding the same GGUF with no audio: the decode ceiling
+mtmd and raw load the GGUF as llama.cpp's tools do (mapped, every page kept); every llama.cpp
+peer has the same context length (N_CTX).
 
 Per clip: feature ms, encoder ms (and per window), audio tokens, prefill ms, time to first token.
 Per peer: decode tokens/s over N new tokens after the 30 s clip, peak RSS (and GPU memory).
@@ -215,7 +217,7 @@ def peer_mtmd(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
     b = open_bundle(bundle, check_hashes=False)
     if b.mmproj is None:
         raise RuntimeError(f"{bundle} has no mmproj (export with --mmproj)")
-    eng = LlamaEngine(b.llm, n_ctx=N_CTX, n_gpu_layers=_gpu_layers(device))
+    eng = LlamaEngine(b.llm, n_ctx=N_CTX, n_gpu_layers=_gpu_layers(device), release_pages=False)
     mt = MtmdAudio(b.mmproj, eng, use_gpu=device == "cuda")
     text = _chatml(MARKER + PROMPT)
     res = {}
@@ -254,7 +256,7 @@ def peer_raw(bundle: str, clips: dict, repeats: int, new_tokens: int, device: st
     b = open_bundle(bundle, check_hashes=False)
     from edge_af3.features import token_count
 
-    eng = LlamaEngine(b.llm, n_ctx=N_CTX, n_gpu_layers=_gpu_layers(device))
+    eng = LlamaEngine(b.llm, n_ctx=N_CTX, n_gpu_layers=_gpu_layers(device), release_pages=False)
     # the same context length as edge-af3's decode run: its text plus the decode clip's audio rows,
     # here as ordinary text tokens (decode cost depends on positions, not on what fills them)
     ids = eng.tokenize(_chatml(PROMPT))

@@ -27,7 +27,7 @@ TARGETS = {
     "rtx-4090": (int(23 * GIB), "RTX 4090, 24 GB VRAM"),
     "h100": (int(78 * GIB), "H100 80 GB"),
 }
-KV_BYTES = {"f32": 4.0, "f16": 2.0, "q8_0": 34 / 32}
+KV_BYTES = {"f32": 4.0, "f16": 2.0, "bf16": 2.0, "q8_0": 34 / 32}
 ENCODER_BYTES = {"fp32": 4, "fp16": 2, "int8": 1, "mixed": 3}  # mixed: fc1 (a third of the weights) int8
 
 

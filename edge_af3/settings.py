@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from .constants import DEFAULT_N_CTX, MIN_N_CTX
 from .errors import OptionsError
 
-KV_TYPES = ("f16", "q8_0", "f32")
+KV_TYPES = ("f16", "bf16", "q8_0", "f32")
 CPU_ENGINES = ("onnxruntime-cpu", "torch-cpu")
 
 

@@ -20,7 +20,7 @@ DEFAULT_MODEL = "nvidia/audio-flamingo-3-hf"
 MODEL_HELP = "Bundle, HF checkpoint folder or Hub id (exported once into the cache). Env: EDGE_AF3_MODEL."
 DEVICE_HELP = "auto | cpu | cuda (cuda: the best GPU encoder engine, all LLM layers offloaded)"
 ENGINE_HELP = "Force the encoder engine: tensorrt | onnxruntime-cuda | torch-cuda | onnxruntime-cpu | torch-cpu."
-KV_HELP = "KV cache type: f16 (default) | q8_0 | f32"
+KV_HELP = "KV cache type: f16 (default) | bf16 | q8_0 | f32"
 N_CTX_HELP = "Context length (default 16384: a 10 min clip's 15000 audio tokens + text + answer)."
 EXACT_HELP = "The configuration whose greedy tokens equal transformers' (f32 KV, flash attention off)."
 
