@@ -436,6 +436,9 @@ def main(argv=None) -> dict:
         report["sections"][name] = payload
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"cpu-levers-{args.shape}"
+    if stem.with_suffix(".json").is_file():  # a run of some sections replaces those, keeps the others
+        kept = json.loads(stem.with_suffix(".json").read_text())["sections"]
+        report["sections"] = {k: report["sections"].get(k, v) for k, v in kept.items()} | report["sections"]
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     stem.with_suffix(".md").write_text(markdown(report))
     print(markdown(report))

@@ -63,3 +63,25 @@ def test_a_checkpoint_loads_through_the_auto_bundle(tiny_ckpt, tmp_path, monkeyp
     manifest = json.loads((path / "manifest.json").read_text())
     assert (manifest["llm"]["quant"], manifest["encoder"]["precision"]) == ("iq4_nl", "mixed")
     assert manifest["encoder"]["precision_asked"] == "auto"
+
+
+def test_the_mixed_encoder_takes_the_think_adapters_projector(think_ckpt, think_bundle, tmp_path, speech_wav):
+    """The think adapter's encoder weights replace the projector's float tensors, which the mixed
+    graph keeps in fp32: its rows equal the fp32 bundle's think rows to the mixed graph's cosine."""
+    import numpy as np
+
+    from edge_af3 import AF3
+    from edge_af3.export import export
+
+    b = export(think_ckpt, tmp_path / "mixed", quant="f32", encoder_precision="mixed", verify=False)
+    assert json.loads((b / "manifest.json").read_text())["adapters"]["think"]["encoder"]
+    rows = {}
+    for name, bundle in (("mixed", b), ("fp32", think_bundle)):
+        with AF3.load(bundle, n_ctx=2048) as model:
+            answer = model.ask("What is this?", speech_wav, think=True, max_new_tokens=2)
+            assert answer.adapter == "think"
+            (clip,) = model.clips(speech_wav, variant="think")
+            model.encode(clip)
+            rows[name] = clip.rows
+    a, c = rows["mixed"].ravel(), rows["fp32"].ravel()
+    assert a @ c / (np.linalg.norm(a) * np.linalg.norm(c)) >= 0.9999
