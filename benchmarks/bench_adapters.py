@@ -36,7 +36,7 @@ def think_bundle(shape: str, work: Path) -> Path:
 
     from .suite import prepare
 
-    ckpt, _ = prepare(shape, "q4_k_m", work, mmproj=False, verify=False)
+    ckpt, _ = prepare(shape, "q4_k_m", work, mmproj=False, verify=False, encoder_precision="fp32")
     tckpt = work / f"{shape}-seed0-think"
     if not (tckpt / "think" / "adapter_config.json").is_file():
         shutil.rmtree(tckpt, ignore_errors=True)
@@ -109,7 +109,7 @@ def trainer(shape: str, work: Path, steps: int) -> dict:
 
     from .suite import prepare
 
-    ckpt, _ = prepare(shape, "q4_k_m", work, mmproj=False, verify=False) if shape != "tiny" else (None, None)
+    ckpt, _ = prepare(shape, "q4_k_m", work, mmproj=False, verify=False, encoder_precision="fp32") if shape != "tiny" else (None, None)
     if shape == "tiny":
         from edge_af3.reference.tiny import make_checkpoint
 

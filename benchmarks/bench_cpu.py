@@ -80,7 +80,7 @@ def _gguf(ckpt: Path, quant: str, work: Path) -> Path:
 
 
 def _k256_checkpoint(work: Path) -> Path:
-    import edge_af3.reference.tiny as tiny
+    from edge_af3.reference import tiny
 
     ckpt = work / "k256-seed0"
     if not (ckpt / "config.json").is_file():
@@ -149,8 +149,14 @@ def _encoder_variants(ckpt: Path, src: Path, work: Path, n_layers: int, hidden: 
     import re
 
     import onnx
-    from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                          quantize_dynamic, quantize_static)  # fmt: skip
+    from onnxruntime.quantization import (
+        CalibrationDataReader,
+        CalibrationMethod,
+        QuantFormat,
+        QuantType,
+        quantize_dynamic,  # fmt: skip
+        quantize_static,
+    )
     from onnxruntime.transformers.optimizer import optimize_model
 
     from edge_af3.export.onnx_encoder import export_encoder, load_encoder
@@ -379,9 +385,9 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {k} | {r['prefill_s']:.2f} | {r['rows_per_s']:.0f} | {d} |")
         lines.append("")
     if "encoder" in s:
-        lines += ["Each graph in its own process, its session as the runtime makes it (weights not pre-packed, no spinning, "
-                  "arena on) unless the row says otherwise; memory: RSS growth once the session is made, and the peak over "
-                  "the runs, above the process's RSS before the session.", "",
+        lines += [("Each graph in its own process, its session as the runtime makes it (weights not pre-packed, no "
+                   "spinning, arena on) unless the row says otherwise; memory: RSS growth once the session is made, and "
+                   "the peak over the runs, above the process's RSS before the session."), "",
                   "| encoder graph | ms / window | cosine vs fp32 (noise, tone) | file MB | session MB | peak MB |",
                   "|---|---|---|---|---|---|"]  # fmt: skip
         for k, r in s["encoder"].items():

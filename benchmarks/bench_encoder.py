@@ -83,7 +83,7 @@ def run(shape: str, device: str, windows: list[int], repeats: int, work: Path, e
 
     from .suite import prepare
 
-    ckpt, bundle_path = prepare(shape, "q4_k_m", work, verify=verify, mmproj=False)
+    ckpt, bundle_path = prepare(shape, "q4_k_m", work, verify=verify, mmproj=False, encoder_precision="fp32")
     bundle = open_bundle(bundle_path, check_hashes=False)
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)

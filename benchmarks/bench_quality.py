@@ -66,7 +66,9 @@ def reference_side(ckpt: Path, dtype: str) -> list[dict]:
     return out
 
 
-def llama_side(gguf: Path, probes: list[dict], *, exact: bool = True) -> list[dict]:
+def llama_side(gguf: Path, probes: list[dict], *, exact: bool = True, penalty: float = 1.0) -> list[dict]:
+    """Prompt logits and the greedy continuation, with the reference's repetition penalty (its
+    generate applies the checkpoint's generation_config) over the prompt ids and the answer."""
     from edge_af3.constants import SOUND_TOKEN_ID
     from edge_af3.engines.llamacpp import LlamaEngine, SamplerOptions
 
@@ -84,7 +86,8 @@ def llama_side(gguf: Path, probes: list[dict], *, exact: bool = True) -> list[di
                 logits = np.concatenate([eng.decode_tokens(ids[:a], logits="all"),
                                          eng.decode_embeddings(p["rows"], logits="all"),
                                          eng.decode_tokens(ids[b:], logits="all")])  # fmt: skip
-            sampler = eng.make_sampler(SamplerOptions())
+            sampler = eng.make_sampler(SamplerOptions(repetition_penalty=penalty))
+            eng.accept(sampler, ids)  # transformers' penalty counts every prompt id, <sound> included
             greedy = []
             for _ in range(GREEDY):
                 tok = eng.sample(sampler)
@@ -179,17 +182,20 @@ def main(argv=None) -> dict:
     from edge_af3.quants import auto_quant
 
     default_quant = auto_quant(read_config(ckpt)["text_config"])[0]
+    from edge_af3.checkpoint import read_generation_config
+
+    penalty = float((read_generation_config(ckpt) or {}).get("repetition_penalty") or 1.0)
     rows, runtime = {}, {}
     print(f"{'quant':8s} {'top-1':>7s} {'KL':>9s} {'max |dlogit|':>13s}  greedy prefix match (of {GREEDY})")
     for q in [base_type] + [q for q in args.quants if q != base_type]:
         path = base if q == base_type else quantize(base, work / f"quality-{args.shape}-{q}.gguf", q)
-        r = compare(probes, llama_side(path, probes))
+        r = compare(probes, llama_side(path, probes, penalty=penalty))
         r["bytes"] = path.stat().st_size
         rows[q] = r
         print(f"{q:8s} {r['top1_agreement']:7.3f} {r['kl_divergence']:9.5f} {r['max_abs_logit_diff']:13.4f}  {r['greedy_prefix_match']}")
         if q == default_quant:  # llama.cpp's default attention settings vs exact mode, same GGUF
-            exact = [{"logits": g["logits"], "greedy": g["greedy"]} for g in llama_side(path, probes)]
-            runtime[q] = compare(exact, llama_side(path, probes, exact=False))
+            exact = [{"logits": g["logits"], "greedy": g["greedy"]} for g in llama_side(path, probes, penalty=penalty)]
+            runtime[q] = compare(exact, llama_side(path, probes, exact=False, penalty=penalty))
             print(f"{q:8s} KV f16 + FA auto vs exact mode: top-1 {runtime[q]['top1_agreement']:.3f} "
                   f"KL {runtime[q]['kl_divergence']:.6f}", flush=True)  # fmt: skip
         if path != base:

@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
 
     work = args.work or cache_dir() / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    _, bundle = prepare(args.shape, args.quant, work, mmproj=False, verify=False)
+    _, bundle = prepare(args.shape, args.quant, work, mmproj=False, verify=False, encoder_precision="fp32")
     gguf = next(bundle.glob("llm-*.gguf"))
     report: dict = {"shape": args.shape, "quant": args.quant, "new_tokens": args.new_tokens, "clip_seconds": args.seconds, "runs": []}
     seed = iter(range(10_000))

@@ -55,6 +55,13 @@ def _repeat(fn, repeats: int, seconds: str) -> list[dict]:
     return [fn() for _ in range(repeats)]
 
 
+def _peak_so_far(res: dict) -> float:
+    """The process's peak RSS through the clips measured so far. /proc's VmHWM is refreshed
+    lazily (dropping mapped pages can show a lower value than an earlier reading), so the readings
+    are carried forward."""
+    return max([peak_rss_mb()] + [c["peak_rss_mb"] for c in res.values() if "peak_rss_mb" in c])
+
+
 def _collect(runs: list[dict]) -> dict:
     keys = [k for k, v in runs[0].items() if isinstance(v, (int, float)) and v is not None]
     out = {k: _stats([r[k] for r in runs]) for k in keys}
@@ -97,7 +104,7 @@ def peer_edge(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
                     "ttft_ms": t.first_token_ms, "audio_tokens": t.audio_tokens,
                     "followup_ttft_ms": f.first_token_ms}  # fmt: skip
 
-        res[sec] = _collect(_repeat(once, repeats, sec)) | {"peak_rss_mb": peak_rss_mb()}
+        res[sec] = _collect(_repeat(once, repeats, sec)) | {"peak_rss_mb": _peak_so_far(res)}
     decode = []
     for _ in range(repeats):
         model.forget()
@@ -106,7 +113,7 @@ def peer_edge(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
     engine = f"{model.encoder.name} + llama.cpp ({model.llm.n_gpu_layers} layers on GPU)" if device == "cuda" else model.encoder.name
     gpu = gpu_process_mb() if device == "cuda" else None
     model.close()
-    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu, "engine": engine}
+    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": _peak_so_far(res), "gpu_mb": gpu, "engine": engine}
 
 
 def peer_reference(ckpt: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict | None = None) -> dict:
@@ -158,7 +165,7 @@ def peer_reference(ckpt: str, clips: dict, repeats: int, new_tokens: int, device
             return {"features_ms": (t1 - t0) * 1000, "encoder_ms": (t2 - t1) * 1000, "prefill_ms": (t3 - t2) * 1000,
                     "ttft_ms": (t5 - t4) * 1000, "audio_tokens": n_audio}  # fmt: skip
 
-        res[sec] = _collect(_repeat(once, repeats, sec)) | {"peak_rss_mb": peak_rss_mb()}
+        res[sec] = _collect(_repeat(once, repeats, sec)) | {"peak_rss_mb": _peak_so_far(res)}
     x = _load(clips[_decode_key(clips)])
     batch = ref.inputs(conv(x)).to(dev)
     from transformers.generation.streamers import BaseStreamer
@@ -187,7 +194,7 @@ def peer_reference(ckpt: str, clips: dict, repeats: int, new_tokens: int, device
         # first to last token of one call: the prefill is outside it, and it cannot go negative
         decode.append((len(stamps.times) - 1) / (stamps.times[-1] - stamps.times[0]))
     gpu = gpu_process_mb() if cuda else None  # the process's device memory (torch's allocator peak is lower)
-    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu,
+    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": _peak_so_far(res), "gpu_mb": gpu,
             "torch_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
             "engine": f"transformers {'bf16 cuda' if cuda else 'fp32 cpu'}"}  # fmt: skip
 
@@ -236,7 +243,7 @@ def peer_mtmd(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
                     "prefill_ms": info["prefill_ms"], "ttft_ms": (t1 - t0) * 1000,
                     "audio_tokens": info["audio_tokens"], "windows": info["audio_tokens"] // 750}  # fmt: skip
 
-        res[sec] = _collect(_repeat(once, repeats, sec)) | {"peak_rss_mb": peak_rss_mb()}
+        res[sec] = _collect(_repeat(once, repeats, sec)) | {"peak_rss_mb": _peak_so_far(res)}
     x = _load(clips[_decode_key(clips)])
     decode = []
     for _ in range(repeats):
@@ -246,7 +253,7 @@ def peer_mtmd(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
     gpu = gpu_process_mb() if device == "cuda" else None
     mt.close()
     eng.close()
-    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu, "engine": "libmtmd"}
+    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": _peak_so_far(res), "gpu_mb": gpu, "engine": "libmtmd"}
 
 
 def peer_raw(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict | None = None) -> dict:

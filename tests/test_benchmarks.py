@@ -29,7 +29,7 @@ def test_suite_smoke_on_tiny(tiny_ckpt, tmp_path):
                                                     "decode vs raw llama.cpp (>= 0.95x)"}  # fmt: skip
     assert saved["quant"] == "iq4_nl" and saved["encoder"] == "mixed"  # the auto defaults on a box without a GPU
     for p in ("edge-af3", "reference", "mtmd"):  # peak RSS so far, after each clip (clips run shortest first)
-        assert peers[p]["clips"]["5"]["peak_rss_mb"] <= peers[p]["clips"]["30"]["peak_rss_mb"] <= peers[p]["peak_rss_mb"]
+        assert 50 < peers[p]["clips"]["5"]["peak_rss_mb"] <= peers[p]["clips"]["30"]["peak_rss_mb"] <= peers[p]["peak_rss_mb"]
     table = stem.with_suffix(".md").read_text()
     assert "| 30 s | mtmd | 1500 |" in table and "decode tok/s" in table
     assert stem.with_suffix(".png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

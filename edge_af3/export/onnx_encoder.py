@@ -54,7 +54,7 @@ def load_encoder(ckpt: Path):
     return wrapper.float().eval()
 
 
-def per_head_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):  # noqa: ARG001
+def per_head_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
     """transformers' eager attention, one head at a time: the same arithmetic, but ONNX Runtime's
     planner then holds one head's [T, T] scores instead of all heads' (measured on bench-small:
     activation peak 257 -> 83 MB per window, and no slower). Used for the CPU graphs (int8,
