@@ -85,3 +85,22 @@ def test_the_mixed_encoder_takes_the_think_adapters_projector(think_ckpt, think_
             rows[name] = clip.rows
     a, c = rows["mixed"].ravel(), rows["fp32"].ravel()
     assert a @ c / (np.linalg.norm(a) * np.linalg.norm(c)) >= 0.9999
+
+
+def test_released_pages_change_no_number(tiny_ckpt, tmp_path):
+    """Dropping the mapped GGUF pages (what llama.cpp repacked) leaves every logit as it was: the
+    pages still in use fault back in from the file."""
+    import numpy as np
+
+    from edge_af3.engines.llamacpp import LlamaEngine
+    from edge_af3.export.gguf_llm import quantize, write_gguf
+
+    gguf = quantize(write_gguf(tiny_ckpt, tmp_path / "f32.gguf", ftype="f32"), tmp_path / "iq4_nl.gguf", "iq4_nl")
+    logits = {}
+    for release in (True, False):
+        with LlamaEngine(gguf, n_ctx=512, release_pages=release) as eng:
+            assert (eng.released_mb > 0) == release  # Linux: the whole read-only mapping
+            ids = eng.tokenize("<|im_start|>user\nWhat is this?<|im_end|>\n<|im_start|>assistant\n")
+            rows = np.random.default_rng(0).standard_normal((40, eng.n_embd)).astype(np.float32)
+            logits[release] = np.concatenate([eng.decode_tokens(ids, logits="all"), eng.decode_embeddings(rows, logits="all")])
+    assert np.array_equal(logits[True], logits[False])
