@@ -20,14 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS, machine, peak_rss_mb
-
-
-def _rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+from .common import RESULTS, machine, peak_rss_mb, rss_mb
 
 
 def think_bundle(shape: str, work: Path) -> Path:
@@ -57,9 +50,9 @@ def runtime(bundle: Path, repeats: int, new_tokens: int, clip: np.ndarray) -> di
     cfg = json.loads((Path(json.loads((bundle / "manifest.json").read_text())["source"]["path"]) / "config.json").read_text())
     with AF3.load(bundle, n_ctx=2048) as model:
         llm = model.llm
-        before = _rss_mb()
+        before = rss_mb()
         model._encoder_for("think")  # the adapter's encoder: a second ONNX Runtime session
-        out["think_encoder_extra_rss_mb"] = _rss_mb() - before
+        out["think_encoder_extra_rss_mb"] = rss_mb() - before
         src = Path(json.loads((bundle / "manifest.json").read_text())["source"]["path"]) / "think"
         for dtype in ("f32", "q8_0"):  # the same LoRA in other tensor types, beside the bundle's f16
             path = bundle.parent / f"{bundle.name}-think-{dtype}.gguf"

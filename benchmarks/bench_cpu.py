@@ -29,16 +29,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS, machine
+from .common import RESULTS, cosine, machine, peak_rss_mb, rss_mb
 
 QUANTS = ("q4_k_m", "iq4_nl", "q4_0", "q8_0")
 K256 = dict(enc_layers=4, enc_hidden=128, enc_heads=2, enc_ffn=256, llm_layers=8, llm_hidden=1024, llm_heads=16,
             llm_kv_heads=2, llm_ffn=4096)  # fmt: skip
-
-
-def _cos(a, b) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def _rows(n: int, width: int) -> np.ndarray:
@@ -132,7 +127,6 @@ def section_settings(ckpt: Path, work: Path, args) -> dict:
 
 
 def _window(seed: int, kind: str):
-    from edge_af3.audio import Audio
     from edge_af3.features import extract_features
 
     rng = np.random.default_rng(seed)
@@ -141,7 +135,7 @@ def _window(seed: int, kind: str):
         x = 0.1 * rng.standard_normal(t.size)
     else:  # a tremolo tone over faint noise
         x = 0.15 * np.sin(2 * np.pi * 330 * t) * (1 + np.sin(2 * np.pi * 3 * t)) + 0.02 * rng.standard_normal(t.size)
-    f = extract_features(Audio(x.astype(np.float32), name=kind, source_rate=16000, source_channels=1))
+    f = extract_features((x.astype(np.float32), 16000))
     return {"input_features": f.features[:1], "input_features_mask": f.mask[:1].astype(np.int64)}
 
 
@@ -266,7 +260,7 @@ def section_encoder(bundle: Path, work: Path, args) -> dict:
         if status != "ok":
             raise RuntimeError(f"encoder variant {name}: {r}")
         base = base or rows
-        r |= {"mb": path.stat().st_size / 1e6, "cosine_vs_fp32": [_cos(a, b) for a, b in zip(rows, base)]}
+        r |= {"mb": path.stat().st_size / 1e6, "cosine_vs_fp32": [cosine(a, b) for a, b in zip(rows, base)]}
         out[name] = r
         print(f"  {name:56s} {r['ms_per_window']:7.1f} ms  cos {min(r['cosine_vs_fp32']):.6f}  file {r['mb']:.0f} MB  "
               f"session {r['session_mb']:.0f} MB  peak {r['run_peak_mb']:.0f} MB", flush=True)  # fmt: skip
@@ -292,8 +286,7 @@ def section_overlap(bundle: Path, work: Path, args) -> dict:
 
 
 def _rss() -> tuple[float, float]:
-    status = dict(line.split(":", 1) for line in Path("/proc/self/status").read_text().splitlines() if ":" in line)
-    return int(status["VmRSS"].split()[0]) / 1024, int(status["VmHWM"].split()[0]) / 1024
+    return rss_mb(), peak_rss_mb()
 
 
 def section_memory(bundle: Path, work: Path, args) -> dict:

@@ -27,15 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS, machine
+from .common import RESULTS, cosine, machine
 
 CPU_ENGINES = ("onnxruntime-cpu", "torch-cpu")
 CUDA_ENGINES = ("torch-cuda", "onnxruntime-cuda", "tensorrt")
-
-
-def _cos(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = a.ravel().astype(np.float64), b.ravel().astype(np.float64)
-    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 def _time(fn, repeats: int, sync=lambda: None) -> dict:
@@ -134,7 +129,7 @@ def run(shape: str, device: str, windows: list[int], repeats: int, work: Path, e
         valid = [(w, n) for w, n in enumerate(feats45.rows_per_window)]
         g = np.concatenate([got[w, :n] for w, n in valid])
         r = np.concatenate([want[w, :n] for w, n in valid])
-        entry = {"cosine": _cos(g, r), "max_abs": float(np.abs(g - r).max()), "timing": {}}
+        entry = {"cosine": cosine(g, r), "max_abs": float(np.abs(g - r).max()), "timing": {}}
         for w in windows:
             f, m = inputs[w]
             entry["timing"][str(w)] = _time(lambda e=enc, f=f, m=m: e.encode(f, m), repeats)

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import save
+from .common import cosine, save
 
 PROBES = [
     "Describe the sound in one sentence.",
@@ -127,8 +127,7 @@ def encoder_side(ckpt: Path, precisions: list[str], work: Path) -> dict:
         for k, f in feats.items():
             out = sess.run(None, {"input_features": f.features, "input_features_mask": f.mask})[0]
             got = np.concatenate([out[w, :n] for w, n in enumerate(f.rows_per_window)])
-            a, b = got.ravel().astype(np.float64), want[k].ravel().astype(np.float64)
-            res[prec][k] = round(float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b))), 7)
+            res[prec][k] = round(cosine(got, want[k]), 7)
         print(f"encoder {prec:6s} rows cosine vs PyTorch fp32: {res[prec]}", flush=True)
         del sess
         path.unlink()

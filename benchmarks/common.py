@@ -33,6 +33,25 @@ def measure(fn: Callable[[], object], *, repeats: int = 5, warmup: int = 1) -> T
     return Timing(statistics.median(times), min(times), max(times), repeats)
 
 
+def cosine(a, b) -> float:
+    """Cosine similarity of two arrays, flattened, in float64."""
+    import numpy as np
+
+    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
+    return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
+
+
+def rss_mb() -> float:
+    """This process's resident set now (/proc's VmRSS; NaN where there is no /proc)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
 def peak_rss_mb() -> float:
     """This process's peak RSS. /proc's VmHWM starts afresh at exec; ru_maxrss would carry the
     parent's peak into a spawned child."""

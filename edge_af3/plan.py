@@ -15,6 +15,7 @@ from pathlib import Path
 
 from .constants import DEFAULT_N_CTX
 from .errors import OptionsError
+from .quants import CPU_ENCODER_GRAPHS
 
 GIB = 1 << 30
 
@@ -123,7 +124,7 @@ def plan(bundle, *, n_ctx: int = DEFAULT_N_CTX, kv_type: str = "f16", encoder_pr
         "LLM compute buffer (est.)": int(n_ubatch * (shape.n_vocab + 4 * shape.n_embd + 2 * shape.n_ff) * 4),
         # encoder: one layer's attention scores (the CPU graphs, int8 and mixed, hold one head's at a
         # time: measured ~80 MB a window on bench-small) + hidden states for the windows of one run
-        "encoder activations (est.)": int(windows_per_run * ((3 * 1500 * 1500 * 4 if run_as in ("int8", "mixed") else
+        "encoder activations (est.)": int(windows_per_run * ((3 * 1500 * 1500 * 4 if run_as in CPU_ENCODER_GRAPHS else
                                                               20 * 1500 * 1500 * act / 2) + 8 * 1500 * enc_hidden * act)),
         # the projected rows of the longest clip the context holds (10 min = 15000 rows), float32 on the host
         "audio rows": int(min(15000, n_ctx) * shape.n_embd * 4),

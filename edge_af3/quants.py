@@ -1,4 +1,5 @@
-"""The LLM's GGUF weight types, and which one `--quant auto` picks for a checkpoint.
+"""The weight types a bundle is exported in: the LLM's GGUF types (and which one `--quant auto`
+picks for a checkpoint) and the encoder graph's precisions.
 
 Torch-free: the runtime resolves `auto` before it looks a checkpoint's bundle up in the cache.
 
@@ -25,6 +26,10 @@ QUANTS = {  # name -> llama_ftype
     "iq4_nl": 25,
 }
 CHOICES = ("auto",) + tuple(QUANTS)
+ENCODER_PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+# quantized encoder graphs (ONNX Runtime's MatMulInteger): only ONNX Runtime runs them, TensorRT
+# refuses them, exact mode cannot use them; exported with attention one head at a time
+CPU_ENCODER_GRAPHS = ("int8", "mixed")
 K_BLOCK = 256  # the K-quants' super-block width
 
 

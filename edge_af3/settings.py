@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 from .constants import DEFAULT_N_CTX, MIN_N_CTX
 from .errors import OptionsError
+from .quants import CPU_ENCODER_GRAPHS
 
 KV_TYPES = ("f16", "bf16", "q8_0", "f32")
 CPU_ENGINES = ("onnxruntime-cpu", "torch-cpu")
@@ -64,7 +65,7 @@ def resolve(stored_precision: str = "fp32", *, device: str = "auto", encoder_eng
         if kv_type not in (None, "f32") or flash_attn:
             raise OptionsError("exact mode runs an f32 KV cache with flash attention off; drop --kv / flash_attn or exact")
         kv_type, flash_attn = "f32", False
-        if stored_precision in ("int8", "mixed"):
+        if stored_precision in CPU_ENCODER_GRAPHS:
             raise OptionsError(f"exact mode needs the encoder in fp32; this bundle's is {stored_precision} "
                                "(re-export with --encoder-precision fp32)")  # fmt: skip
     if windows_per_run is not None and windows_per_run < 1:

@@ -73,10 +73,11 @@ class ExportProgress:
         self.progress.update(self.task, completed=done, description=msg[:48])
 
 
-def export_steps(*, verify: bool = True, quantize: bool = True, mmproj: bool = False, autos: int = 0) -> int:
-    """How many progress steps an export reports (before its adapters); `autos`: how many of its
-    choices are `auto` (each says what it picked)."""
-    return 4 + (2 if verify else 0) + (1 if quantize else 0) + ((1 + verify) if mmproj else 0) + autos
+def export_steps(quant: str, *, encoder_precision: str = "auto", verify: bool = True, mmproj: bool = False) -> int:
+    """How many progress steps an export reports (before its adapters): an unquantized LLM skips
+    the quantizer; each `auto` choice says what it picked."""
+    autos = (quant == "auto") + (encoder_precision == "auto")
+    return 4 + (2 if verify else 0) + (quant not in ("f32", "f16")) + ((1 + verify) if mmproj else 0) + autos
 
 
 def bundled_clip() -> Path:
@@ -114,7 +115,7 @@ def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[i
     need = first_use(spec, quant)  # a big download / export ahead is said before it starts
     if need:
         console.print(f"[yellow]{first_use_line(spec, need)}[/]; `edge-af3 models pull {spec}` does it ahead", highlight=False)
-    with ExportProgress(export_steps(quantize=quant not in ("f32", "f16"), autos=1 + (quant == "auto"))) as steps:  # shown only if it exports
+    with ExportProgress(export_steps(quant)) as steps:  # shown only if it exports
         model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device, kv_type=kv_type,
                          encoder_engine=encoder_engine, exact=exact, check_hashes=True if verify else None,
                          progress=steps)  # fmt: skip

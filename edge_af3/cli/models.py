@@ -118,6 +118,6 @@ def pull_cmd(source: str = typer.Argument(..., help="Hub id (nvidia/audio-flamin
             console.print("nothing done")
             return
     t0 = time.time()
-    with ExportProgress(export_steps(quantize=quant not in ("f32", "f16"), autos=1 + (quant == "auto"))) as steps:
+    with ExportProgress(export_steps(quant)) as steps:
         path = exported(source, quant, progress=steps)
     out.print(f"[green]ready[/] {path} ({time.time() - t0:.0f} s); use it with -m {path}", highlight=False)

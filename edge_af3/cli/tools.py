@@ -77,8 +77,8 @@ def export_cmd(
             raise OptionsError(f"--adapter {name}: {folder} is not a folder")
         adapters[name] = Path(folder).expanduser()
     try:
-        with ExportProgress(export_steps(verify=not no_verify, quantize=quant not in ("f32", "f16"), mmproj=mmproj,
-                                         autos=(quant == "auto") + (encoder_precision == "auto"))) as steps:
+        with ExportProgress(export_steps(quant, encoder_precision=encoder_precision, verify=not no_verify,
+                                         mmproj=mmproj)) as steps:
             path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
                           verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type, adapters=adapters,
                           adapter_type=adapter_type, progress=steps)  # fmt: skip

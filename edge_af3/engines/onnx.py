@@ -64,8 +64,9 @@ class OnnxEncoder:
         use = [p for p in wanted if p in available] or ["CPUExecutionProvider"]
         self.device = "cuda" if use[0] == "CUDAExecutionProvider" else "cpu"
         if self.device == "cpu":
-            # MLAS pre-packs fp32 matmul weights into a second copy at load: off, the session holds
-            # ~100-150 MB less on bench-small for ~3 % more time per window (benchmarks/bench_cpu.py)
+            # MLAS pre-packs fp32 matmul weights into a second copy at load. Off, on bench-small
+            # (cpu-levers-bench-small.md): fp32 session -72 MB, window peak -116 MB; mixed peak
+            # -46 MB; for 4-14 % more time per window
             opts.add_session_config_entry("session.disable_prepacking", "1")
         self.cuda_graphs = (self.device == "cuda" and io_binding) if cuda_graphs is None else cuda_graphs
         if self.cuda_graphs and self.device != "cuda":

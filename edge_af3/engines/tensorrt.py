@@ -29,6 +29,7 @@ from typing import Callable
 import numpy as np
 
 from ..constants import N_FRAMES, N_MELS, rows_for_frames
+from ..quants import CPU_ENCODER_GRAPHS
 from .buckets import FRAME_BUCKETS, run_bucketed, window_buckets
 from .trt_cache import EngineKey, lookup, store
 
@@ -218,7 +219,7 @@ class TensorRTEncoder:
         import tensorrt as trt
 
         precision = bundle.manifest["encoder"].get("precision")
-        if precision in ("int8", "mixed"):
+        if precision in CPU_ENCODER_GRAPHS:
             raise RuntimeError(f"TensorRT takes fp32/fp16 encoders; this bundle's is {precision} (ONNX Runtime dynamic "
                                "quantization: MatMulInteger), which ONNX Runtime runs")  # fmt: skip
         key = engine_key(bundle, trt.__version__, current_device(), max_windows)

@@ -18,6 +18,7 @@ import torch
 
 from ..constants import N_FRAMES, N_MELS
 from ..onnx_tools import resave, to_fp16
+from ..quants import CPU_ENCODER_GRAPHS, ENCODER_PRECISIONS
 
 OPSET = 17
 INPUTS = ("input_features", "input_features_mask")
@@ -71,7 +72,6 @@ def per_head_attention(module, query, key, value, attention_mask, scaling=None, 
 
 
 PER_HEAD = "edge_af3_per_head"
-CPU_GRAPHS = ("int8", "mixed")  # precisions only ONNX Runtime's CPU provider is meant to run
 
 
 @contextlib.contextmanager
@@ -117,7 +117,7 @@ class _Wrapper(torch.nn.Module):
         return self.projector(t.layer_norm(hidden))  # [N, seq_len // 2, H]
 
 
-PRECISIONS = ("fp32", "fp16", "int8", "mixed")
+PRECISIONS = ENCODER_PRECISIONS
 # mixed: int8 (ONNX Runtime's dynamic quantization, one scale per output channel) on the first
 # matmul of every layer's feed-forward block (fc1), fp32 everywhere else. Measured on bench-small
 # (benchmarks/bench_cpu.py): 1.2x fp32's speed per window at rows cosine 0.99993 vs fp32; all
@@ -141,7 +141,7 @@ def export_encoder(wrapper, out: Path, *, precision: str = "fp32", per_head: boo
     work.mkdir()
     try:
         raw = work / "encoder.onnx"
-        impl = PER_HEAD if (precision in CPU_GRAPHS if per_head is None else per_head) else "eager"
+        impl = PER_HEAD if (precision in CPU_ENCODER_GRAPHS if per_head is None else per_head) else "eager"
         with torch.inference_mode(), _attention(wrapper, impl):
             torch.onnx.export(
                 wrapper,
