@@ -41,27 +41,28 @@ def cosine(a, b) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
-def rss_mb() -> float:
-    """This process's resident set now (/proc's VmRSS; NaN where there is no /proc)."""
+def _status_mb(key: str) -> float | None:
+    """A memory line of /proc/self/status in MB (None where there is no /proc)."""
     try:
         for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
+            if line.startswith(key + ":"):
                 return int(line.split()[1]) / 1024
     except OSError:
         pass
-    return float("nan")
+    return None
+
+
+def rss_mb() -> float:
+    """This process's resident set now (/proc's VmRSS; NaN where there is no /proc)."""
+    now = _status_mb("VmRSS")
+    return float("nan") if now is None else now
 
 
 def peak_rss_mb() -> float:
     """This process's peak RSS. /proc's VmHWM starts afresh at exec; ru_maxrss would carry the
     parent's peak into a spawned child."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _status_mb("VmHWM")
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 if peak is None else peak
 
 
 def gpu_process_mb(pid: int | None = None) -> float | None:
