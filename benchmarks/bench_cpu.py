@@ -100,6 +100,21 @@ def section_llm(ckpt: Path, work: Path, args) -> dict:
     return out
 
 
+def section_repack(ckpt: Path, work: Path, args) -> dict:
+    """What loading without llama.cpp's extra buffer types costs (edge-af3's guard on a llama.cpp
+    built with the crashing AMX path: no AMX, and no CPU repacking either), per GGUF type."""
+    out = {}
+    for label, source in (("bench", ckpt), ("widths of 256", _k256_checkpoint(work))):
+        for q in QUANTS:
+            path = _gguf(source, q, work)
+            for repack in (True, False):
+                r = _prefill(path, 750, decode=64, repack=repack)
+                out[f"{label}/{q}/{'repack' if repack else 'no extra bufts'}"] = r
+                print(f"  {label:14s} {q:7s} {'repack' if repack else 'plain ':6s} prefill {r['rows_per_s']:6.0f} rows/s  "
+                      f"decode {r['decode_tok_s']:5.1f} tok/s", flush=True)
+    return out
+
+
 def section_settings(ckpt: Path, work: Path, args) -> dict:
     from edge_af3.checkpoint import read_config
     from edge_af3.quants import auto_quant
@@ -347,13 +362,13 @@ def _llm_memory_child(gguf: str, release: bool, q) -> None:
     q.put({"loaded_mb": loaded, "rss_mb": now, "peak_mb": peak})
 
 
-SECTIONS = {"llm": section_llm, "settings": section_settings, "encoder": section_encoder, "overlap": section_overlap,
+SECTIONS = {"llm": section_llm, "repack": section_repack, "settings": section_settings, "encoder": section_encoder, "overlap": section_overlap,
             "memory": section_memory}  # fmt: skip
 
 
 def _child(name, ckpt, fp32, bundle, work, args, q):
     try:
-        src = ckpt if name in ("llm", "settings") else fp32 if name == "encoder" else bundle
+        src = ckpt if name in ("llm", "repack", "settings") else fp32 if name == "encoder" else bundle
         q.put(("ok", SECTIONS[name](Path(src), Path(work), args)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
@@ -362,13 +377,21 @@ def _child(name, ckpt, fp32, bundle, work, args, q):
 
 
 def markdown(report: dict) -> str:
-    lines = [f"### CPU levers, {report['shape']} ({report['machine']['cores']} cores; {report['when']})", ""]
+    lines = [f"### CPU levers, {report['shape']} ({report['machine']['cores']} cores of {report['machine']['cpu']}; {report['when']})", ""]
     s = report["sections"]
     if "llm" in s:
         lines += ["| shape | GGUF | prefill rows/s (750 rows) | decode tok/s | MB | block tensor types |", "|---|---|---|---|---|---|"]
         for k, r in s["llm"].items():
             shape, q = k.split("/")
             lines.append(f"| {shape} | {q} | {r['rows_per_s']:.0f} | {r['decode_tok_s']:.1f} | {r['mb']:.0f} | {', '.join(r['types'])} |")
+        lines.append("")
+    if "repack" in s:
+        lines += ["llama.cpp's extra buffer types (CPU repacking) on and off: what edge-af3's guard against a build "
+                  "with the AMX path costs.", "",
+                  "| shape | GGUF | load | prefill rows/s (750 rows) | decode tok/s |", "|---|---|---|---|---|"]
+        for k, r in s["repack"].items():
+            shape, q, how = k.split("/")
+            lines.append(f"| {shape} | {q} | {how} | {r['rows_per_s']:.0f} | {r['decode_tok_s']:.1f} |")
         lines.append("")
     if "settings" in s:
         lines += [f"On {s['settings']['quant']}:", "", "| setting | prefill s | rows/s | decode tok/s |", "|---|---|---|---|"]

@@ -88,9 +88,19 @@ def gpu_process_mb(pid: int | None = None) -> float | None:
 
 
 def machine() -> dict:
+    """The machine a figure belongs to: the CPU by name and by the instruction sets that decide
+    llama.cpp's and ONNX Runtime's kernels, and what the installed llama.cpp was built with."""
     import os
 
-    return {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(), "python": platform.python_version()}
+    from edge_af3.cpu_features import llama_system_info, read_cpu
+
+    cpu = read_cpu()
+    try:
+        llama = llama_system_info()
+    except Exception as e:  # noqa: BLE001 - a benchmark without llama-cpp-python still reports its machine
+        llama = f"unavailable: {e}"
+    return {"cpu": f"{cpu.name} ({' '.join(cpu.options) or cpu.machine})", "cores": os.cpu_count(),
+            "python": platform.python_version(), "llama_cpp": llama}  # fmt: skip
 
 
 def save(name: str, payload: dict) -> Path:

@@ -30,7 +30,9 @@ python -m pip install -q --upgrade pip wheel
 python -m pip install -q "$TORCH_PIN"
 
 # llama-cpp-python ships only an sdist; keep it (the test checkpoints read llama.cpp's Qwen2
-# vocabulary from it) and build it once (pip caches the wheel).
+# vocabulary from it) and build it for this CPU's instruction sets, spelled out (GGML_NATIVE=OFF,
+# AMX off: docs/cpu.md), into a wheel named by those sets. A machine with other instruction sets
+# builds its own wheel, never reusing a neighbour's (pip's own cache is keyed by the sdist only).
 SDIST_DIR=.cache/sdist
 mkdir -p "$SDIST_DIR"
 SDIST=$(ls "$SDIST_DIR"/llama_cpp_python-0.3.36.tar.gz 2>/dev/null || true)
@@ -38,9 +40,20 @@ if [ -z "$SDIST" ]; then
   python -m pip download -q --no-deps --no-binary :all: "$LLAMA_PIN" -d "$SDIST_DIR"
   SDIST="$SDIST_DIR/llama_cpp_python-0.3.36.tar.gz"
 fi
-if ! python -c "import llama_cpp" >/dev/null 2>&1; then
-  echo "[setup] building llama-cpp-python (about 8 minutes on 2 cores the first time)"
-  python -m pip install -q "$LLAMA_PIN"  # from the index, so pip caches the built wheel
+LLAMA_ARGS="$(python edge_af3/cpu_features.py --cmake-args) ${CMAKE_ARGS:-}"
+LLAMA_TAG=$(python edge_af3/cpu_features.py --tag "${CMAKE_ARGS:-}")
+WHEELS="${XDG_CACHE_HOME:-$HOME/.cache}/edge-af3/wheels/llama-cpp-python-0.3.36-$LLAMA_TAG"
+MARK=.venv/llama-cpp-build.txt
+if [ "$(cat "$MARK" 2>/dev/null)" != "$LLAMA_TAG" ] || ! python -c "import llama_cpp" >/dev/null 2>&1; then
+  if ! ls "$WHEELS"/llama_cpp_python-*.whl >/dev/null 2>&1; then
+    echo "[setup] building llama-cpp-python for $LLAMA_TAG (about 8 minutes on 2 cores, once per CPU kind)"
+    rm -rf "$WHEELS.tmp" && mkdir -p "$WHEELS.tmp"
+    CMAKE_ARGS="$LLAMA_ARGS" python -m pip wheel -q --no-deps --no-cache-dir -w "$WHEELS.tmp" "$SDIST"
+    rm -rf "$WHEELS" && mv "$WHEELS.tmp" "$WHEELS"
+  fi
+  python -m pip install -q --force-reinstall --no-deps "$WHEELS"/llama_cpp_python-*.whl
+  python -m pip install -q "$LLAMA_PIN"  # its Python dependencies
+  echo "$LLAMA_TAG" > "$MARK"
 fi
 python -m pip install -q -e ".[$EXTRAS]"
-echo "[setup] done: $(python -c 'import edge_af3, llama_cpp, onnxruntime, torch, transformers; print("edge-af3", edge_af3.__version__, "| llama-cpp-python", llama_cpp.__version__, "| onnxruntime", onnxruntime.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)')"
+echo "[setup] done: $(python -c 'import edge_af3, llama_cpp, onnxruntime, torch, transformers; print("edge-af3", edge_af3.__version__, "| llama-cpp-python", llama_cpp.__version__, "('"$LLAMA_TAG"')", "| onnxruntime", onnxruntime.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)')"

@@ -59,6 +59,12 @@ def _cuda():
     return [line.strip() for line in res.stdout.splitlines() if line.strip()] or None
 
 
+def _llama_system_info() -> str:
+    from ..cpu_features import llama_system_info
+
+    return llama_system_info()
+
+
 def _audio_inputs():
     import sounddevice as sd
 
@@ -67,6 +73,48 @@ def _audio_inputs():
         for i, d in enumerate(sd.query_devices())
         if d["max_input_channels"] > 0
     ]
+
+
+def cpu_report(system_info: str | None) -> dict:
+    """The CPU's instruction sets that matter to llama.cpp and ONNX Runtime, llama.cpp's own
+    system info, and where the build and the CPU disagree (docs/cpu.md)."""
+    from .. import cpu_features as cf
+
+    cpu = cf.read_cpu()
+    report = {
+        "name": cpu.name,
+        "machine": cpu.machine,
+        "features": {o: cpu.supports(o) for o in cf.GGML_X86_OPTIONS} if cpu.is_x86 else {},
+        "llama_cpp_system_info": system_info,
+        "build_tag_for_this_cpu": cf.build_tag(cpu),
+        "build_uses_missing": [],
+        "build_leaves_unused": [],
+        "amx_path": False,
+    }
+    if system_info and not system_info.startswith("error:"):
+        missing, unused, amx = cf.build_mismatch(cpu, cf.parse_system_info(system_info))
+        report.update(build_uses_missing=missing, build_leaves_unused=unused, amx_path=amx)
+    return report
+
+
+def _cpu_hints(cpu: dict) -> list[str]:
+    hints = []
+    if cpu["build_uses_missing"]:
+        hints.append(
+            f"llama-cpp-python was built for another CPU: it uses {', '.join(cpu['build_uses_missing'])}, which "
+            "this CPU lacks (it will die with 'Illegal instruction'): rebuild it here with scripts/setup.sh"
+        )
+    if cpu["amx_path"]:
+        hints.append(
+            "llama-cpp-python was built with llama.cpp's AMX path, which crashes (llama.cpp #20824): edge-af3 "
+            "loads models without weight repacking on it (slower); rebuild with scripts/setup.sh (AMX off)"
+        )
+    if cpu["build_leaves_unused"]:
+        hints.append(
+            f"llama-cpp-python leaves {', '.join(cpu['build_leaves_unused'])} of this CPU unused (slower than it "
+            "could be): rebuild it here with scripts/setup.sh"
+        )
+    return hints
 
 
 def bundle_report(path) -> dict:
@@ -98,6 +146,7 @@ def checks() -> dict:
         "onnxruntime_providers": _probe(_ort_providers) if "onnxruntime" in have else None,
         "llama_cpp_gpu_offload": _probe(supports_gpu_offload) if "llama-cpp-python" in have else None,
         "cuda_gpus": _probe(_cuda),
+        "cpu": cpu_report(_probe(_llama_system_info) if "llama-cpp-python" in have else None),
         "audio_inputs": _probe(_audio_inputs) if "sounddevice" in have else None,
         "cache": str(cache_dir()),
     }
@@ -109,10 +158,15 @@ def checks() -> dict:
     hints = sorted({p["install"] for p in missing})
     if report["cuda_gpus"] and report["llama_cpp_gpu_offload"] is False:
         hints.append('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python')
+    hints += _cpu_hints(report["cpu"])
     if isinstance(report["audio_inputs"], list) and not report["audio_inputs"]:
         hints.append("no audio input device: plug a microphone in, or check PulseAudio/ALSA (pactl list sources short)")
     report["hints"] = hints
-    report["ok"] = report["python"]["ok"] and not any(p["for"].startswith("runtime") for p in missing)
+    report["ok"] = (
+        report["python"]["ok"]
+        and not any(p["for"].startswith("runtime") for p in missing)
+        and not report["cpu"]["build_uses_missing"]
+    )
     return report
 
 
@@ -126,6 +180,16 @@ def render(report: dict, out) -> None:
     for p in report["packages"]:
         t.add_row(p["package"], p["version"] or "[yellow]missing[/]", p["for"])
     out.print(t)
+    cpu = report["cpu"]
+    have = [o for o, ok in cpu["features"].items() if ok]
+    lacks = [o for o, ok in cpu["features"].items() if not ok]
+    out.print(f"CPU:                    {cpu['name']} ({cpu['machine']})", markup=False)
+    if cpu["features"]:
+        out.print(f"  has:                  {' '.join(have) or 'none of them'}", markup=False)
+        out.print(f"  lacks:                {' '.join(lacks) or 'none of them'}", markup=False)
+    out.print(f"llama.cpp system info:  {cpu['llama_cpp_system_info']}", markup=False)
+    agree = not (cpu["build_uses_missing"] or cpu["build_leaves_unused"] or cpu["amx_path"])
+    out.print(f"  build vs this CPU:    {'agree' if agree else '[yellow]disagree (see the fixes below)[/]'}")
     out.print(f"ONNX Runtime providers: {report['onnxruntime_providers']}")
     out.print(f"llama.cpp GPU offload:  {report['llama_cpp_gpu_offload']}")
     out.print(f"CUDA GPUs:              {report['cuda_gpus'] or 'none found (nvidia-smi)'}")

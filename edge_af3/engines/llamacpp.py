@@ -10,12 +10,14 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import numpy as np
 
+from ..cpu_features import AMX_WHY, amx_path_would_run
 from ..errors import BundleError, ContextOverflowError, OptionsError
 from ._native import NativeResource
 from .pages import release_mapped_pages
@@ -43,6 +45,30 @@ def init_backend(verbose: bool = False):
             llama_cpp.llama_backend_init()
         _LOG["verbose"] = verbose
         return _LOG["callback"]
+
+
+def model_params(n_gpu_layers: int = 0, repack: bool = True):
+    """llama.cpp's model parameters as every edge-af3 load sets them. A llama.cpp built with its
+    AMX path (a native build on an AMX CPU, not what scripts/setup.sh builds) loads without extra
+    buffer types: no AMX repacking (it crashes), and no CPU repacking either (slower; docs/cpu.md).
+    `repack=False` does the same on any build (what that costs: benchmarks.bench_cpu's repack)."""
+    import llama_cpp
+
+    mp = llama_cpp.llama_model_default_params()
+    mp.n_gpu_layers = n_gpu_layers
+    if not repack:
+        mp.use_extra_bufts = False
+    elif amx_path_would_run():
+        mp.use_extra_bufts = False
+        if not _LOG.get("amx_warned"):
+            _LOG["amx_warned"] = True
+            warnings.warn(
+                f"this llama-cpp-python was built with AMX and {AMX_WHY}: loading without weight "
+                "repacking (slower); rebuild it with scripts/setup.sh (docs/cpu.md)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return mp
 
 
 def is_verbose() -> bool:
@@ -89,7 +115,7 @@ class LlamaEngine(NativeResource):
 
     def __init__(self, gguf: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512, threads: int | None = None,
                  n_gpu_layers: int = 0, flash_attn: bool | None = None, kv_type: str = "f16", n_seq: int = 1,
-                 verbose: bool = False, release_pages: bool = True):  # fmt: skip
+                 verbose: bool = False, release_pages: bool = True, repack: bool = True):  # fmt: skip
         import llama_cpp
 
         self._ll = llama_cpp
@@ -97,8 +123,7 @@ class LlamaEngine(NativeResource):
         path = Path(gguf)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such GGUF file")
-        mp = llama_cpp.llama_model_default_params()
-        mp.n_gpu_layers = n_gpu_layers
+        mp = model_params(n_gpu_layers, repack)
         self.model = llama_cpp.llama_model_load_from_file(str(path).encode(), mp)
         if not self.model:
             raise BundleError(f"llama.cpp could not load {path} (not a GGUF it can read, or truncated)")

@@ -70,6 +70,9 @@ class Shape:
 SHAPES = {
     # Tests: >= 4 encoder layers so llama.cpp's mmproj converter accepts it; a 2-layer LLM.
     "tiny": Shape("tiny", 4, 128, 2, 256, 2, 64, 2, 1, 128, "float32"),
+    # Tests of the K-quants: every LLM width a multiple of 256, so Q4_K_M keeps Q4_K/Q6_K tensors
+    # (as the real AF3 does) instead of falling back to Q5_0/Q8_0 as at the tiny widths.
+    "tiny-k256": Shape("tiny-k256", 4, 128, 2, 256, 2, 256, 4, 1, 512, "bfloat16"),
     # CPU benchmarks: a Whisper-small encoder and a Qwen2.5-0.5B-shaped LLM.
     "bench-small": Shape("bench-small", 12, 768, 12, 3072, 24, 896, 14, 2, 4864, "bfloat16"),
     # The real AF3: AF-Whisper (large-v3 shape) + Qwen2.5-7B.

@@ -27,7 +27,7 @@ from ..prompt import Message
 from .http import BodyLimit, auth_check
 from .jobs import prepare
 from .metrics import Metrics
-from .openai_api import FINISH, APIError, bad, chunk, completion, now, options_from, parse_chat, usage
+from .openai_api import FINISH, APIError, ChatRequest, bad, chunk, completion, now, options_from, parse_chat, usage
 from .scheduler import Job, QueueFullError, Scheduler
 
 log = logging.getLogger("edge_af3.server")
@@ -205,12 +205,16 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
         auth_check(request, config.api_key)
         model = state.require()
         body = await request.body()  # BodyLimit refuses (413) a body past --max-body-mb as it arrives
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad(f"the body is not valid JSON ({e})") from None
-        req = parse_chat(payload, default_max=model.options.max_new_tokens, allow_urls=config.allow_urls,
-                         max_bytes=config.max_body_mb << 20)  # fmt: skip
+
+        def parse() -> ChatRequest:  # JSON, base64 and --allow-urls fetches: off the event loop
+            try:
+                payload = json.loads(body)
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise bad(f"the body is not valid JSON ({e})") from None
+            return parse_chat(payload, default_max=model.options.max_new_tokens, allow_urls=config.allow_urls,
+                              max_bytes=config.max_body_mb << 20)
+
+        req = await run_in_threadpool(parse)
         state.check_model(req.model)
         job, events, warns = await submit(request, req.messages, req.audios, req.options, think=req.think,
                                           adapter=req.adapter)  # fmt: skip
