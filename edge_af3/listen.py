@@ -128,7 +128,8 @@ def file_blocks(source, *, realtime: bool, block: int = FRAME) -> Iterator[np.nd
 class ListenStats:
     segments: int = 0
     answered: int = 0
-    dropped: int = 0
+    dropped: int = 0  # segments never answered: inference was behind
+    overflows: int = 0  # capture blocks lost: the input's buffer overflowed (PortAudio, or the ring queue)
     audio_s: float = 0.0  # stream audio seen
     busy_s: float = 0.0  # time inference ran
     first_token_latency_s: list[float] = field(default_factory=list)  # segment end -> first token
@@ -142,6 +143,7 @@ class ListenStats:
             "segments": self.segments,
             "answered": self.answered,
             "dropped": self.dropped,
+            "overflows": self.overflows,
             "audio_s": round(self.audio_s, 2),
             "real_time_factor": round(self.busy_s / self.audio_s, 3) if self.audio_s else None,
             "first_token_latency_p50_s": pct(self.first_token_latency_s, 50),
@@ -178,12 +180,28 @@ class Listener:
         self._error: BaseException | None = None
         self.worker = threading.Thread(target=self._work, name="af3-listen", daemon=True)
 
+    def _put(self, item) -> None:
+        """Queue for the worker, waiting while it works; a worker that died ends the run with its
+        error instead of a wait that never ends."""
+        while True:
+            if self._error is not None:
+                raise self._error
+            if not self.worker.is_alive():
+                raise RuntimeError("the listen worker stopped unexpectedly")
+            try:
+                self.pending.put(item, timeout=0.1)
+                return
+            except queue.Full:
+                continue
+
     def _submit(self, seg: Segment) -> None:
         self.stats.segments += 1
         item = (seg, time.perf_counter())
         if self.wait:
-            self.pending.put(item)
+            self._put(item)
             return
+        if self._error is not None:
+            raise self._error
         while True:
             try:
                 self.pending.put_nowait(item)
@@ -201,7 +219,7 @@ class Listener:
         try:
             while True:
                 item = self.pending.get()
-                if item is None:
+                if item is None or self._stop.is_set():
                     return
                 seg, closed_at = item
                 self.on_event(Event("segment", seg))
@@ -211,11 +229,14 @@ class Listener:
                 system = self.options.get("system")
                 ask = self.model.chat(system).stream if system else self.model.stream
                 options = {k: v for k, v in self.options.items() if k != "system"}
-                for piece in ask(self.prompt, (seg.samples, RATE), **options):
-                    if first is None:
-                        first = time.perf_counter()
-                    text.append(piece)
-                    self.on_event(Event("piece", seg, piece))
+                with ask(self.prompt, (seg.samples, RATE), **options) as stream:
+                    for piece in stream:
+                        if first is None:
+                            first = time.perf_counter()
+                        text.append(piece)
+                        self.on_event(Event("piece", seg, piece))
+                        if self._stop.is_set():  # the run is over (a second Ctrl-C, a device error)
+                            return
                 done = time.perf_counter()
                 with self._lock:
                     self.stats.answered += 1
@@ -262,9 +283,10 @@ class Listener:
             elif window and self.stats.audio_s > next_cut - self.every + 0.3:  # the tail after the last cut
                 tail = np.concatenate(window)[-int((self.stats.audio_s - (next_cut - self.every)) * RATE) :]
                 self._submit(Segment(self.stats.audio_s - tail.size / RATE, self.stats.audio_s, tail))
-            self.pending.put(None)  # the end of the stream: answer what is queued, then stop
+            self._put(None)  # the end of the stream: answer what is queued, then stop
             self.worker.join()
         finally:
+            self.stats.overflows = getattr(blocks, "overflows", 0)
             if self.worker.is_alive():  # a second Ctrl-C or a device error: stop without waiting for answers
                 self._stop.set()
         if self._error is not None:

@@ -56,3 +56,20 @@ def resolve_quant(quant: str, text_config: dict | None) -> str:
     if quant != "auto":
         return quant
     return auto_quant(text_config)[0] if text_config else "q4_k_m"
+
+
+def resolve_encoder_precision(precision: str = "auto", *, exact: bool = False) -> str:
+    """`precision` itself, or what `auto` picks: fp32 for exact mode or on a machine with a CUDA
+    GPU (its engines build fp16 from fp32 and take no int8 graph), else mixed (the fastest CPU graph
+    whose rows keep cosine >= 0.9999; docs/cpu.md). Exact mode refuses anything but fp32."""
+    if precision not in ("auto",) + ENCODER_PRECISIONS:
+        raise ValueError(f"unknown encoder precision {precision!r}; choose auto or one of {', '.join(ENCODER_PRECISIONS)}")
+    if exact and precision not in ("auto", "fp32"):
+        raise ValueError(f"exact mode computes the encoder in fp32; --encoder-precision {precision} cannot be exact")
+    if precision != "auto":
+        return precision
+    if exact:
+        return "fp32"
+    from .engines.select import gpu_name
+
+    return "fp32" if gpu_name() else "mixed"

@@ -55,7 +55,7 @@ def resolve(stored_precision: str = "fp32", *, device: str = "auto", encoder_eng
             exact: bool = False, choice=None, llm_gpu: bool | None = None) -> Settings:  # fmt: skip
     """Decide every setting. `choice` (an `EncoderChoice`) and `llm_gpu` may be passed in (tests,
     or after an engine failed to start and another took over); otherwise they are probed here."""
-    from .engines.select import choose_encoder, forced_encoder
+    from .engines.select import FP16_ONLY, choose_encoder, forced_encoder
 
     if device not in ("auto", "cpu", "cuda"):
         raise OptionsError(f"unknown device {device!r}; choose auto, cpu or cuda")
@@ -65,14 +65,16 @@ def resolve(stored_precision: str = "fp32", *, device: str = "auto", encoder_eng
         if kv_type not in (None, "f32") or flash_attn:
             raise OptionsError("exact mode runs an f32 KV cache with flash attention off; drop --kv / flash_attn or exact")
         kv_type, flash_attn = "f32", False
-        if stored_precision in CPU_ENCODER_GRAPHS:
+        if stored_precision != "fp32":
             raise OptionsError(f"exact mode needs the encoder in fp32; this bundle's is {stored_precision} "
                                "(re-export with --encoder-precision fp32)")  # fmt: skip
+        if encoder_engine in FP16_ONLY:
+            raise OptionsError(f"exact mode cannot run the {encoder_engine} engine: {FP16_ONLY[encoder_engine]}")
     if windows_per_run is not None and windows_per_run < 1:
         raise OptionsError(f"windows_per_run must be >= 1, got {windows_per_run}")
     n_ctx = check_n_ctx(DEFAULT_N_CTX if n_ctx is None else n_ctx)
     if choice is None:
-        choice = choose_encoder(device) if encoder_engine is None else forced_encoder(encoder_engine, device)
+        choice = choose_encoder(device, fp32=exact) if encoder_engine is None else forced_encoder(encoder_engine, device)
     if llm_gpu is None:
         llm_gpu = choice.gpu is not None and _llama_gpu()
     on_gpu_encoder = choice.engine not in CPU_ENGINES
@@ -83,7 +85,7 @@ def resolve(stored_precision: str = "fp32", *, device: str = "auto", encoder_eng
     return Settings(
         device=device,
         encoder_engine=choice.engine,
-        encoder_precision=("fp16" if stored_precision == "fp32" else stored_precision) if on_gpu_encoder else stored_precision,
+        encoder_precision="fp16" if (on_gpu_encoder and stored_precision == "fp32" and not exact) else stored_precision,
         windows_per_run=windows_per_run or (4 if on_gpu_encoder else 1),
         overlap=on_gpu_encoder if overlap is None else overlap,
         n_gpu_layers=(999 if llm_gpu else 0) if n_gpu_layers is None else n_gpu_layers,

@@ -13,6 +13,7 @@ import soundfile as sf
 from edge_af3.features import extract_features
 
 from .conftest import noise, run_cli
+from .test_runtime import conversation, strip_eos
 
 
 def test_features_json(tmp_path):
@@ -515,3 +516,46 @@ def test_first_use_of_a_checkpoint_says_what_it_takes(tiny_ckpt, speech_wav, tmp
     assert "first use:" in first.stderr and "GB of RAM" in first.stderr and "models pull" in first.stderr
     again = run_cli("ask", str(speech_wav), "q", "-m", str(tiny_ckpt), "-n", "2", env=env)
     assert again.returncode == 0 and "first use:" not in again.stderr  # exported once, then quiet
+
+
+# -- against transformers: greedy, exact mode, the checkpoint's generation config --------------------
+def _tokens_text(reference, ids) -> str:
+    return reference.processor.tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_ask_exact_from_a_checkpoint_folder(tiny_ckpt, reference, tmp_path):
+    x = noise(5.0, seed=7)
+    clip = tmp_path / "noise.wav"
+    sf.write(clip, x, 16000, subtype="FLOAT")
+    env = {"EDGE_AF3_CACHE": str(tmp_path / "cache")}
+    res = run_cli("ask", str(clip), "What do you hear?", "-m", str(tiny_ckpt), "--exact", "-t", "0", "-n", "24",
+                  "--json", env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    got = json.loads(res.stdout)
+    assert got["tokens"] == strip_eos(reference.generate(conversation(x), max_new_tokens=24))
+    (bundle,) = (tmp_path / "cache" / "bundles").iterdir()
+    manifest = json.loads((bundle / "manifest.json").read_text())
+    assert manifest["encoder"]["precision"] == "fp32" and "-fp32-" in bundle.name
+    # the fast path keeps its own bundle (another encoder precision: another cache entry)
+    res = run_cli("ask", str(clip), "What do you hear?", "-m", str(tiny_ckpt), "-n", "2", "--encoder-precision",
+                  "int8", env=env)  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    names = sorted(p.name for p in (tmp_path / "cache" / "bundles").iterdir())
+    assert len(names) == 2 and any("-int8-" in n for n in names)
+    bad = run_cli("ask", str(clip), "x", "-m", str(tiny_ckpt), "--exact", "--encoder-precision", "mixed", env=env)
+    assert bad.returncode == 1 and "exact mode computes the encoder in fp32" in bad.stderr
+
+
+def test_listen_file_greedy_exact_equals_transformers(tiny_bundle, reference, tmp_path):
+    x = noise(2.0, seed=5)
+    clip = tmp_path / "two-seconds.wav"
+    sf.write(clip, x, 16000, subtype="FLOAT")
+    prompt = "Describe the sound."
+    res = run_cli("listen", "--file", str(clip), "--every", "2", "-p", prompt, "-m", str(tiny_bundle), "--exact",
+                  "-t", "0", "-n", "16", "--json")  # fmt: skip
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(chunk) for chunk in res.stdout.replace("}\n{", "}\x00{").split("\x00")]
+    (answer,) = lines[:-1]
+    assert answer["start"] == 0.0 and answer["end"] == 2.0
+    want = strip_eos(reference.generate(conversation(x, prompt), max_new_tokens=16))
+    assert answer["text"] == _tokens_text(reference, want)

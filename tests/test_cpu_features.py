@@ -109,3 +109,22 @@ def test_doctor_hints_for_a_foreign_build():
     hints = _cpu_hints({"build_uses_missing": ["AVX512"], "build_leaves_unused": ["AVX_VNNI"], "amx_path": True})
     assert len(hints) == 3
     assert "Illegal instruction" in hints[0] and "#20824" in hints[1] and "AVX_VNNI" in hints[2]
+
+
+def test_the_native_library_holds_no_instruction_this_cpu_lacks_and_no_amx():
+    """Read llama.cpp's CPU backend as machine code: no AMX tile instruction (whatever the CPU),
+    and no AVX-512 register use where the CPU has no AVX-512 (the library would die with SIGILL)."""
+    import shutil
+    import subprocess
+
+    import llama_cpp
+
+    objdump = shutil.which("objdump")
+    assert objdump, "objdump (binutils) is required"
+    lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
+    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True, check=True).stdout
+    assert asm.count("\n") > 10_000  # the disassembly is really there
+    amx = [m for m in ("ldtilecfg", "tileloadd", "tdpbssd", "tdpbf16ps") if m in asm]
+    assert not amx, f"AMX instructions in {lib.name}: {amx}"
+    if not cf.read_cpu().supports("AVX512"):
+        assert "%zmm" not in asm, "AVX-512 code in a build for a CPU without AVX-512"

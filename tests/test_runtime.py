@@ -146,6 +146,10 @@ def test_sampling_options_are_checked_and_seeded(model):
     a = model.ask("Hi", None, temperature=0.8, top_p=0.9, top_k=40, seed=7, max_new_tokens=8)
     b = model.ask("Hi", None, temperature=0.8, top_p=0.9, top_k=40, seed=7, max_new_tokens=8)
     assert a.tokens == b.tokens
+    # ... and the options are used: a draw is not the greedy answer, another seed draws otherwise
+    greedy = model.ask("Hi", None, temperature=0, max_new_tokens=8).tokens
+    other = model.ask("Hi", None, temperature=0.8, top_p=0.9, top_k=40, seed=8, max_new_tokens=8).tokens
+    assert a.tokens != greedy and other != a.tokens
 
 
 def test_prefix_cache_reuses_system_prompt_and_clip(model, reference):
@@ -326,6 +330,24 @@ def test_close_closes_encoder_and_llm(bundle):
         enc.encode(np.zeros((1, 128, 100), np.float32), np.ones((1, 100), np.int64))
 
 
+
+def processed_logits(llm, sampler, logits: np.ndarray) -> np.ndarray:
+    """What llama.cpp's non-final sampler chain makes of `logits` [vocab]: processed values for the
+    candidates it keeps, -inf for the rest (the distribution a draw samples from, before softmax)."""
+    import ctypes
+
+    ll = llm._ll
+    n = logits.shape[0]
+    data = (ll.llama_token_data * n)()
+    for i in range(n):
+        data[i].id, data[i].logit, data[i].p = i, float(logits[i]), 0.0
+    arr = ll.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
+    ll.llama_sampler_apply(sampler, ctypes.byref(arr))
+    out = np.full(n, -np.inf, dtype=np.float64)
+    for i in range(arr.size):
+        out[arr.data[i].id] = arr.data[i].logit
+    return out
+
 def test_sampling_distribution_equals_transformers(model, reference):
     """The processed next-token distribution (penalty 1.05, temperature 0.7, top-k 20, top-p 0.8:
     the checkpoint's) of llama.cpp's chain equals transformers' at several steps of a sampled
@@ -347,7 +369,7 @@ def test_sampling_distribution_equals_transformers(model, reference):
         chain = llm.make_sampler(opts, final=False)
         try:
             llm.accept(chain, prompt + new[:step])
-            ours = llm.processed_logits(chain, out.logits[step][0].double().numpy())
+            ours = processed_logits(llm, chain, out.logits[step][0].double().numpy())
         finally:
             llm.free_sampler(chain)
         theirs = out.scores[step][0].double().numpy()

@@ -25,6 +25,7 @@ from edge_af3 import AF3
 from edge_af3.constants import ASR_PROMPT
 
 from .conftest import ROOT, noise, run_cli, sweep
+from .test_runtime import conversation, strip_eos
 from .test_layers import BLOCKER
 
 KEY = "test-key"
@@ -495,3 +496,66 @@ def test_health_is_503_while_loading():
 def test_a_model_that_cannot_load_ends_serve_with_one_line(tmp_path):
     res = run_cli("serve", "-m", str(tmp_path / "missing"), "--port", "0")
     assert res.returncode == 1 and "error:" in res.stderr and "Traceback" not in res.stderr
+
+
+def test_a_slow_audio_url_never_stalls_another_clients_stream(tiny_bundle, tmp_path, speech_wav):
+    """With --allow-urls, B's audio_url is served by a local HTTP server that holds the response
+    until the test releases it. Meanwhile A's stream must run to its end: request parsing and
+    the URL fetch are off the event loop (were they on it, A's read would time out). Then B is
+    released and answered."""
+    import http.server
+
+    asked, release = threading.Event(), threading.Event()
+    audio = speech_wav.read_bytes()
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the stdlib's name
+            asked.set()
+            release.wait(120)
+            self.send_response(200)
+            self.send_header("Content-Type", "audio/wav")
+            self.send_header("Content-Length", str(len(audio)))
+            self.end_headers()
+            self.wfile.write(audio)
+
+        def log_message(self, *args):
+            pass
+
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    srv = Server(tiny_bundle, "--parallel", "2", "--allow-urls", tmp_path=tmp_path, key=None)
+    try:
+        url = f"http://127.0.0.1:{web.server_address[1]}/clip.wav"
+        b_result = {}
+        msg_b = {"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": url}},
+                                             {"type": "text", "text": "What do you hear?"}]}  # fmt: skip
+        b = threading.Thread(target=lambda: b_result.update(
+            r=srv.client(timeout=180).chat.completions.create(model="edge-af3", messages=[msg_b], max_tokens=8, **GREEDY)))  # fmt: skip
+        b.start()
+        assert asked.wait(60), "the server never fetched the audio_url"
+        a = srv.client(timeout=30).chat.completions.create(model="edge-af3", messages=[user("Count to ten.")],
+                                                           max_tokens=16, stream=True, extra_body={"ignore_eos": True},
+                                                           **GREEDY)  # fmt: skip
+        text = "".join(c.choices[0].delta.content or "" for c in a if c.choices)
+        assert text and not release.is_set()  # A finished while B's audio was still being fetched
+        release.set()
+        b.join(timeout=180)
+        assert b_result["r"].choices[0].message.content and b_result["r"].usage.prompt_tokens_details.audio_tokens > 0
+    finally:
+        release.set()
+        srv.stop()
+        web.shutdown()
+
+
+def test_server_greedy_exact_equals_transformers(tiny_bundle, reference, tmp_path):
+    x = noise(4.0, seed=11)
+    srv = Server(tiny_bundle, "--exact", tmp_path=tmp_path, key=None)
+    try:
+        r = srv.client(timeout=120).chat.completions.create(
+            model="edge-af3", messages=[user("What do you hear?", wav_bytes(x))], max_tokens=24, **GREEDY
+        )
+    finally:
+        srv.stop()
+    want = strip_eos(reference.generate(conversation(x), max_new_tokens=24))
+    assert r.usage.completion_tokens == len(want)
+    assert r.choices[0].message.content == reference.processor.tokenizer.decode(want, skip_special_tokens=True)

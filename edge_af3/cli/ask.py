@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 import typer
 
 from ..errors import OptionsError
-from .common import (DeviceOpt, DryRunOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, VerifyOpt,
+from .common import (EncPrecOpt, DeviceOpt, DryRunOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, VerifyOpt,
                      console, emit, emit_json, generation_overrides, load_model, out, show_plan, timings_line)  # fmt: skip
 
 TEMP_HELP = "0 = greedy. Default: the checkpoint's generation_config.json (AF3: 0.7, top-k 20, top-p 0.8)."
@@ -57,6 +57,7 @@ def ask_cmd(
     kv_type: KvOpt = None,
     engine: EngineOpt = None,
     exact: ExactOpt = False,
+    encoder_precision: EncPrecOpt = "auto",
     verify: VerifyOpt = False,
     dry: DryRunOpt = False,
     base_url: BaseUrlOpt = None,
@@ -91,7 +92,8 @@ def ask_cmd(
                                 repetition_penalty=repetition_penalty, seed=seed,
                                 ignore_eos=ignore_eos or None)  # fmt: skip
     af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
-                          encoder_engine=engine, exact=exact, verify=verify, api_key=api_key)  # fmt: skip
+                          encoder_engine=engine, exact=exact, encoder_precision=encoder_precision, verify=verify,
+                          api_key=api_key)  # fmt: skip
     with af3:
         stream = af3.chat(system).stream(prompt, clips, think=think, adapter=adapter, **opts)  # context checked first
         with stream:
@@ -132,6 +134,7 @@ def chat_cmd(
     kv_type: KvOpt = None,
     engine: EngineOpt = None,
     exact: ExactOpt = False,
+    encoder_precision: EncPrecOpt = "auto",
     verify: VerifyOpt = False,
     dry: DryRunOpt = False,
     base_url: BaseUrlOpt = None,
@@ -155,6 +158,7 @@ def chat_cmd(
                                 repetition_penalty=repetition_penalty, seed=seed,
                                 ignore_eos=ignore_eos or None)  # fmt: skip
     af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
-                          encoder_engine=engine, exact=exact, verify=verify, api_key=api_key)  # fmt: skip
+                          encoder_engine=engine, exact=exact, encoder_precision=encoder_precision, verify=verify,
+                          api_key=api_key)  # fmt: skip
     with af3:
         run_chat(af3, audio=list(audio), system=system, think=think, options=opts, adapter=adapter)

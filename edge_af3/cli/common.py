@@ -30,6 +30,9 @@ KvOpt = Annotated[Optional[str], typer.Option("--kv", help=KV_HELP)]
 EngineOpt = Annotated[Optional[str], typer.Option("--engine", help=ENGINE_HELP)]
 NCtxOpt = Annotated[Optional[int], typer.Option("--n-ctx", help=N_CTX_HELP)]
 ExactOpt = Annotated[bool, typer.Option("--exact", help=EXACT_HELP)]
+ENC_PREC_HELP = ("How a checkpoint (-m folder or Hub id) is exported: auto | fp32 | fp16 | int8 | mixed (auto: fp32 "
+                 "with --exact or a CUDA GPU, else mixed); each is its own cached bundle. A bundle keeps its own.")
+EncPrecOpt = Annotated[str, typer.Option("--encoder-precision", help=ENC_PREC_HELP)]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the memory plan for these settings; load nothing.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Re-hash every bundle file (normally once per file).")]
@@ -103,7 +106,7 @@ def check_threads(threads: Optional[int]) -> None:
 
 def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[int], device: str = "auto",
                kv_type: Optional[str] = None, encoder_engine: Optional[str] = None, exact: bool = False,
-               verify: bool = False, quant: str = "auto"):  # fmt: skip
+               verify: bool = False, quant: str = "auto", encoder_precision: str = "auto"):  # fmt: skip
     """AF3.load with progress on stderr; says which encoder engine runs, and why faster ones were skipped.
     User errors propagate as EdgeAF3Error (main prints them as one line)."""
     from ..runtime import AF3
@@ -112,11 +115,17 @@ def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[i
     spec = spec or DEFAULT_MODEL
     from ..runtime.locate import first_use, first_use_line
 
-    need = first_use(spec, quant)  # a big download / export ahead is said before it starts
+    from ..quants import resolve_encoder_precision
+
+    try:
+        precision = resolve_encoder_precision(encoder_precision, exact=exact)
+    except ValueError as e:
+        raise OptionsError(str(e)) from None
+    need = first_use(spec, quant, precision)  # a big download / export ahead is said before it starts
     if need:
         console.print(f"[yellow]{first_use_line(spec, need)}[/]; `edge-af3 models pull {spec}` does it ahead", highlight=False)
     with ExportProgress(export_steps(quant)) as steps:  # shown only if it exports
-        model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, device=device, kv_type=kv_type,
+        model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, encoder_precision=precision, device=device, kv_type=kv_type,
                          encoder_engine=encoder_engine, exact=exact, check_hashes=True if verify else None,
                          progress=steps)  # fmt: skip
     from ..paths import mark_used

@@ -7,8 +7,8 @@ from typing import Optional
 
 import typer
 
-from ..errors import OptionsError
-from .common import (DeviceOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, console, emit, emit_json,
+from ..errors import EdgeAF3Error, OptionsError
+from .common import (EncPrecOpt, DeviceOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, console, emit, emit_json,
                      load_model, out)  # fmt: skip
 
 LISTEN_PROMPT = "Describe what you hear. If there is speech, transcribe it."
@@ -29,6 +29,7 @@ def listen_cmd(
     n_ctx: NCtxOpt = None,
     threads: ThreadsOpt = None,
     exact: ExactOpt = False,
+    encoder_precision: EncPrecOpt = "auto",
     device: DeviceOpt = "auto",
     kv_type: KvOpt = None,
     engine: EngineOpt = None,
@@ -78,7 +79,7 @@ def listen_cmd(
         source = MicSource(input_device)
     else:
         next(iter(stream_file(file, 16)), None)  # a missing or unreadable file fails before the model loads
-    af3 = load_model(model, n_ctx=n_ctx, threads=threads, exact=exact, device=device, kv_type=kv_type,
+    af3 = load_model(model, n_ctx=n_ctx, threads=threads, exact=exact, encoder_precision=encoder_precision, device=device, kv_type=kv_type,
                      encoder_engine=engine)  # fmt: skip
     if adapter is not None:
         af3.resolve_adapter(False, adapter)  # an unknown name fails now, not at the first segment
@@ -109,11 +110,12 @@ def listen_cmd(
     code = 0
     try:
         summary = listener.run(blocks)
-    except InputDeviceError as e:
-        console.print(f"[bold red]error:[/] {e}")
-        summary, code = listener.stats.summary(), 1
     except KeyboardInterrupt:
         summary, code = listener.stats.summary(), 130
+    except Exception as e:  # noqa: BLE001 - a device or inference fault ends the run, with its summary
+        kind = "" if isinstance(e, EdgeAF3Error) else f"{type(e).__name__}: "
+        console.print(f"[bold red]error:[/] {kind}{e}", highlight=False)
+        summary, code = listener.stats.summary(), 1
     finally:
         if mic:
             source.close()
@@ -126,6 +128,7 @@ def listen_cmd(
         console.print(
             f"[bold]{summary['segments']} segment(s)[/], {summary['answered']} answered, {summary['dropped']} dropped, "
             f"{summary['audio_s']:.1f} s of audio, real-time factor {summary['real_time_factor']}, {latency}"
+            + (f", [yellow]{summary['overflows']} capture overflow(s)[/]" if summary["overflows"] else "")
         )
     if code:
         raise typer.Exit(code)

@@ -7,7 +7,7 @@ from typing import Optional
 import typer
 
 from ..errors import OptionsError
-from .common import DEFAULT_MODEL, DeviceOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, VerifyOpt, check_threads
+from .common import DEFAULT_MODEL, DeviceOpt, EncPrecOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, VerifyOpt, check_threads
 
 
 def serve_cmd(
@@ -32,6 +32,7 @@ def serve_cmd(
     kv_type: KvOpt = None,
     engine: EngineOpt = None,
     exact: ExactOpt = False,
+    encoder_precision: EncPrecOpt = "auto",
     verify: VerifyOpt = False,
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error"),
 ) -> None:
@@ -53,6 +54,7 @@ def serve_cmd(
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise OptionsError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
     load = dict(n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine, exact=exact,
+                encoder_precision=encoder_precision,
                 check_hashes=True if verify else None)  # fmt: skip
     config = ServerConfig(model=model or DEFAULT_MODEL, name=name, api_key=api_key or None, parallel=parallel,
                           max_queue=max_queue, max_body_mb=max_body_mb, timeout=timeout, allow_urls=allow_urls,

@@ -51,6 +51,7 @@ def export_cmd(
     encoder_precision: str = typer.Option("auto", "--encoder-precision", help="auto | fp32 | fp16 | int8 | mixed (auto: fp32 where this machine has a CUDA GPU, whose engines build fp16 from it; else mixed: int8 on each layer's fc1 only)"),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity checks against PyTorch."),
+    accept: bool = typer.Option(False, "--accept", help="Write the bundle even when a parity check is below its type's floor (recorded in the manifest)."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     mmproj: bool = typer.Option(False, "--mmproj", help="Also write llama.cpp's mmproj GGUF (musicflamingo)."),
     mmproj_type: str = typer.Option("f16", "--mmproj-type", help="mmproj weights: f16 | f32"),
@@ -81,15 +82,23 @@ def export_cmd(
                                          mmproj=mmproj)) as steps:
             path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
                           verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type, adapters=adapters,
-                          adapter_type=adapter_type, progress=steps)  # fmt: skip
+                          adapter_type=adapter_type, accept=accept, progress=steps)  # fmt: skip
     except FileExistsError as e:
         raise OptionsError(str(e)) from e
     manifest = json.loads((path / "manifest.json").read_text())
     if as_json:
-        emit_json({"bundle": str(path), "verification": manifest["verification"], "files": manifest["files"]})
+        emit_json({"bundle": str(path), "verification": manifest["verification"], "parity_gate": manifest["parity_gate"],
+                   "files": manifest["files"]})  # fmt: skip
         return
     for stage, result in manifest["verification"].items():
         out.print(f"{stage:8s} " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+    g = manifest["parity_gate"]
+    if not g["verified"]:
+        out.print("[yellow]parity: not verified (--no-verify)[/]")
+    elif g["failures"]:
+        out.print("[yellow]parity: below the floor, written because of --accept:[/] " + "; ".join(g["failures"]), highlight=False)
+    else:
+        out.print("parity: every figure above its type's floor")
     out.print(f"[green]bundle[/] {path} ({manifest['export_seconds']} s)")
 
 

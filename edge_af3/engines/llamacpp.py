@@ -162,7 +162,9 @@ class LlamaEngine(NativeResource):
         self.seqs = [SeqState() for _ in range(n_seq)]
         self.adapters: dict[str, object] = {}  # name -> llama_adapter_lora (freed with the model)
         self.active: str | None = None  # the adapter set on the context now
-        self.owner = None  # who made the last decode (its logits are the context's): the runtime's streams
+        # bumped by every change of the context's state (a decode, a truncation, another adapter):
+        # a generation that saw the value after its own step knows the logits and KV are still its own
+        self.epoch = 0
         self.decoded_rows = 0  # counters that tests read: work actually done
         self.decode_calls = 0
 
@@ -184,7 +186,7 @@ class LlamaEngine(NativeResource):
             )
 
     def _run(self, batch, n: int, want_logits: str, items: Sequence, seq: int = 0) -> None:
-        self.owner = None
+        self.epoch += 1
         state = self.seqs[seq]
         batch.n_tokens = n
         for i in range(n):
@@ -218,7 +220,7 @@ class LlamaEngine(NativeResource):
             batch.n_seq_id[i] = 1
             batch.seq_id[i][0] = seq
             batch.logits[i] = 1
-        self.owner = None
+        self.epoch += 1
         self._decode(batch, self.seqs[steps[0][0]].n_past)
         for seq, token in steps:
             self.seqs[seq].n_past += 1
@@ -292,14 +294,14 @@ class LlamaEngine(NativeResource):
         """Forget every position >= n_past of a sequence (its KV cache keeps the prefix)."""
         mem = self._ll.llama_get_memory(self.ctx)
         self._ll.llama_memory_seq_rm(mem, seq, n_past, -1)
-        self.owner = None
+        self.epoch += 1
         state = self.seqs[seq]
         state.n_past = min(state.n_past, n_past)
         del state.items[n_past:]
 
     def reset(self) -> None:
         self._ll.llama_memory_clear(self._ll.llama_get_memory(self.ctx), True)
-        self.owner = None
+        self.epoch += 1
         self.seqs = [SeqState() for _ in range(self.n_seq)]  # (the context's active adapter stays)
 
     def common_prefix(self, items, seq: int = 0) -> int:
@@ -336,7 +338,7 @@ class LlamaEngine(NativeResource):
         if rc != 0:
             raise RuntimeError(f"llama_set_adapters_lora failed with code {rc}")
         self.active = name
-        self.owner = None
+        self.epoch += 1
 
     def bind(self, seq: int, adapter: str | None) -> None:
         """The sequence is about to be decoded under `adapter`: KV computed under another adapter is
@@ -368,9 +370,6 @@ class LlamaEngine(NativeResource):
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
 
-    def is_eog(self, token: int) -> bool:
-        return bool(self._ll.llama_vocab_is_eog(self.vocab, token))
-
     # -- sampling -------------------------------------------------------------------------
     def make_sampler(self, opts: SamplerOptions, *, final: bool = True):
         """A sampler chain in transformers' order: repetition penalty (whole-context window), then
@@ -398,21 +397,6 @@ class LlamaEngine(NativeResource):
         """Tell the sampler about tokens it did not sample itself (the prompt, for the penalty)."""
         for t in tokens:
             self._ll.llama_sampler_accept(sampler, int(t))
-
-    def processed_logits(self, sampler, logits: np.ndarray) -> np.ndarray:
-        """What a non-final chain makes of `logits` [vocab]: processed values for the candidates it
-        keeps, -inf for the rest (the distribution a draw would sample from, before softmax)."""
-        ll = self._ll
-        n = logits.shape[0]
-        data = (ll.llama_token_data * n)()
-        for i in range(n):
-            data[i].id, data[i].logit, data[i].p = i, float(logits[i]), 0.0
-        arr = ll.llama_token_data_array(data=data, size=n, selected=-1, sorted=False)
-        ll.llama_sampler_apply(sampler, ctypes.byref(arr))
-        out = np.full(n, -np.inf, dtype=np.float64)
-        for i in range(arr.size):
-            out[arr.data[i].id] = arr.data[i].logit
-        return out
 
     def sample(self, sampler, index: int = -1) -> int:
         """Sample from the logits of a row of the last decode (default its last; the sampler

@@ -18,6 +18,11 @@ from typing import Callable
 from ..errors import OptionsError
 
 CUDA_ENGINES = ("tensorrt", "onnxruntime-cuda", "torch-cuda")
+# the CUDA engines that compute in fp16 whatever the graph's precision: not for exact mode
+FP16_ONLY = {
+    "tensorrt": "exact mode computes the encoder in fp32; TensorRT builds fp16",
+    "torch-cuda": "exact mode computes the encoder in fp32; torch-cuda runs fp16",
+}
 # engines this version can run; the others are probed (so doctor can report them) but skipped
 IMPLEMENTED = {"onnxruntime-cpu", "onnxruntime-cuda", "torch-cuda", "tensorrt"}
 # every engine by name; "torch-cpu" only when asked for (tests, benchmarks): ONNX Runtime is the CPU engine
@@ -104,8 +109,11 @@ PROBES: dict[str, Callable[[], str | None]] = {
 
 
 def choose_encoder(device: str = "auto", *, probes: dict[str, Callable[[], str | None]] | None = None,
-                   gpu: Callable[[], str | None] = gpu_name, implemented: set[str] = IMPLEMENTED) -> EncoderChoice:  # fmt: skip
-    """The engine for `device`; raises ValueError when device='cuda' and no CUDA GPU is visible."""
+                   gpu: Callable[[], str | None] = gpu_name, implemented: set[str] = IMPLEMENTED,
+                   fp32: bool = False) -> EncoderChoice:  # fmt: skip
+    """The engine for `device`; raises ValueError when device='cuda' and no CUDA GPU is visible.
+    fp32: only engines that compute in fp32 (exact mode): ONNX Runtime on CUDA runs the fp32 graph
+    as it is; TensorRT and torch-cuda build fp16 from it."""
     if device not in ("auto", "cpu", "cuda"):
         raise OptionsError(f"unknown device {device!r}; choose auto, cpu or cuda")
     if device == "cpu":
@@ -118,7 +126,8 @@ def choose_encoder(device: str = "auto", *, probes: dict[str, Callable[[], str |
         return EncoderChoice("onnxruntime-cpu", "cpu", (("cuda", "no CUDA GPU visible"),))
     skipped = []
     for engine in CUDA_ENGINES:
-        reason = probes[engine]()
+        reason = FP16_ONLY.get(engine) if fp32 else None
+        reason = reason or probes[engine]()
         if reason is None and engine not in implemented:
             reason = "usable here, but this edge-af3 version has no engine for it yet"
         if reason is None:

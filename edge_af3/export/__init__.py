@@ -40,7 +40,8 @@ from ..constants import (
 )
 from .adapters import export_adapters
 from ..quants import CHOICES as QUANT_CHOICES
-from ..quants import auto_quant
+from ..quants import auto_quant, resolve_encoder_precision
+from .gate import ParityError, gate  # noqa: F401 - ParityError: what export() raises
 from .gguf_llm import quantize, write_gguf
 from .gguf_mmproj import MMPROJ_TYPES, write_mmproj
 from .onnx_encoder import PRECISIONS, export_encoder, load_encoder
@@ -179,21 +180,19 @@ def _softmax(x: np.ndarray) -> np.ndarray:
 
 
 def auto_encoder_precision() -> str:
-    """fp32 where this machine has a CUDA GPU (TensorRT / ONNX Runtime CUDA build fp16 from it, and
-    take no int8 graph); else mixed, the fastest CPU graph whose rows keep cosine >= 0.9999."""
-    from ..engines.select import gpu_name
-
-    return "fp32" if gpu_name() else "mixed"
+    """What `--encoder-precision auto` picks on this machine (`quants.resolve_encoder_precision`)."""
+    return resolve_encoder_precision("auto")
 
 
 def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "auto", encoder_precision: str = "auto",
            force: bool = False, verify: bool = True, revision: str | None = None, mmproj: bool = False,
            mmproj_type: str = "f16", progress: Progress | None = None, adapters: dict | None = None,
-           adapter_type: str = "f16") -> Path:  # fmt: skip
+           adapter_type: str = "f16", accept: bool = False) -> Path:  # fmt: skip
     """Export checkpoint `src` (folder or Hub id) into the bundle folder `out`; returns its path.
     A checkpoint's `think/` adapter is exported with it; `adapters` adds {name: PEFT folder}.
     quant="auto": the type `quants.auto_quant` picks for this checkpoint's widths;
-    encoder_precision="auto": `auto_encoder_precision()`."""
+    encoder_precision="auto": `auto_encoder_precision()`. With `verify`, figures below their
+    type's floor (export/gate.py) refuse the export (ParityError, nothing written) unless `accept`."""
     from ..checkpoint import read_config, read_generation_config, resolve_checkpoint, weight_files
 
     say = progress or (lambda _msg: None)
@@ -270,6 +269,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "auto
                 say(f"verifying adapter {name} against transformers + PEFT")
                 checks[f"adapter:{name}"] = verify_adapter(llm_path, ckpt, name, folder, tmp / f"adapter-{name}.gguf",
                                                            dtype="bfloat16" if big else "float32")  # fmt: skip
+        parity = gate(checks, quant, encoder_precision, verified=verify, accept=accept)
         files = {p.name: describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         audio = cfg["audio_config"]
         manifest = {
@@ -302,6 +302,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "auto
             # the checkpoint's generation_config.json: the runtime's defaults (explicit options win)
             "generation": read_generation_config(ckpt),
             "verification": checks,
+            "parity_gate": parity,
             "export_seconds": round(time.perf_counter() - t_start, 1),
             "files": files,
         }

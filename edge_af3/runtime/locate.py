@@ -9,11 +9,12 @@ from pathlib import Path
 from ..checkpoint import content_key, resolve_checkpoint
 from ..errors import CheckpointError, MissingDependencyError, ModelNotFoundError
 from ..paths import cache_dir
-from ..quants import resolve_quant
+from ..quants import resolve_encoder_precision, resolve_quant
 
 
-def locate(source: str | os.PathLike, *, quant: str = "auto", progress=None) -> Path:
-    """The bundle folder for `source`; raises ModelNotFoundError listing what was tried."""
+def locate(source: str | os.PathLike, *, quant: str = "auto", encoder_precision: str = "auto", progress=None) -> Path:
+    """The bundle folder for `source`; raises ModelNotFoundError listing what was tried. `quant`
+    and `encoder_precision` apply to a checkpoint (a bundle is taken as it was exported)."""
     text = str(source)
     path = Path(text).expanduser()
     tried = []
@@ -22,7 +23,7 @@ def locate(source: str | os.PathLike, *, quant: str = "auto", progress=None) -> 
             return path
         tried.append(f"bundle: {path} has no manifest.json")
         if (path / "config.json").is_file():
-            return exported(path, quant, progress)  # a non-AF3 config is refused there, with the reason
+            return exported(path, quant, progress, encoder_precision)  # a non-AF3 config is refused there, with the reason
         tried.append(f"checkpoint folder: {path} has no config.json")
     elif path.exists():
         tried.append(f"bundle or checkpoint folder: {path} is a file")
@@ -30,7 +31,7 @@ def locate(source: str | os.PathLike, *, quant: str = "auto", progress=None) -> 
         tried.append(f"local folder: {path} does not exist")
         if text.count("/") == 1 and not text.startswith((".", "/", "~")):
             try:
-                return exported(text, quant, progress)
+                return exported(text, quant, progress, encoder_precision)
             except CheckpointError as e:
                 tried.append(f"Hub id: {e}")
         else:
@@ -38,23 +39,25 @@ def locate(source: str | os.PathLike, *, quant: str = "auto", progress=None) -> 
     raise ModelNotFoundError(f"cannot load model {text!r}; tried:\n  - " + "\n  - ".join(tried))
 
 
-def cached_bundle_path(ckpt: Path, quant: str) -> Path:
-    """Where the bundle exported from this checkpoint's current content lives in the cache
-    (`auto` named by the type it picks for this checkpoint)."""
+def cached_bundle_path(ckpt: Path, quant: str, encoder_precision: str = "auto") -> Path:
+    """Where the bundle exported from this checkpoint's current content, in this LLM type and
+    encoder precision, lives in the cache (`auto` named by what it picks here)."""
     if quant == "auto":
         from ..checkpoint import read_config
 
         quant = resolve_quant(quant, read_config(ckpt)["text_config"])
-    return cache_dir() / "bundles" / f"{ckpt.name}-{quant}-{content_key(ckpt)}"
+    precision = resolve_encoder_precision(encoder_precision)
+    return cache_dir() / "bundles" / f"{ckpt.name}-{quant}-{precision}-{content_key(ckpt)}"
 
 
-def exported(source, quant: str, progress=None) -> Path:
+def exported(source, quant: str, progress=None, encoder_precision: str = "auto") -> Path:
     """Export a checkpoint (folder or Hub id) once into ~/.cache/edge-af3/bundles and reuse it."""
     from ..checkpoint import read_config
 
     ckpt = resolve_checkpoint(source)
     read_config(ckpt)  # refuse a non-AF3 folder before anything is exported
-    out = cached_bundle_path(ckpt, quant)
+    encoder_precision = resolve_encoder_precision(encoder_precision)
+    out = cached_bundle_path(ckpt, quant, encoder_precision)
     if not (out / "manifest.json").is_file():
         try:
             from ..export import export  # layer-ok: only a checkpoint (not a bundle) needs the exporter
@@ -63,11 +66,11 @@ def exported(source, quant: str, progress=None) -> Path:
                 f"{source} is a checkpoint; exporting it needs the export extra ({e.name} is missing): "
                 "pip install 'edge-af3[export]', or pass an exported bundle"
             ) from e
-        export(ckpt, out, quant=quant, force=True, progress=progress)
+        export(ckpt, out, quant=quant, encoder_precision=encoder_precision, force=True, progress=progress)
     return out
 
 
-def first_use(source: str | os.PathLike, quant: str = "auto") -> dict | None:
+def first_use(source: str | os.PathLike, quant: str = "auto", encoder_precision: str = "auto") -> dict | None:
     """What loading `source` will do first when its bundle is not made yet: {download_gb,
     remote, disk_gb, ram_gb, free_disk_gb, ram_avail_gb}; None when nothing big is ahead (a
     bundle, an already exported checkpoint) or its size cannot be known (offline). RAM: the export
@@ -78,7 +81,7 @@ def first_use(source: str | os.PathLike, quant: str = "auto") -> dict | None:
     if (path / "manifest.json").is_file():
         return None
     if path.is_dir():
-        if (path / "config.json").is_file() and (cached_bundle_path(path.resolve(), quant) / "manifest.json").is_file():
+        if (path / "config.json").is_file() and (cached_bundle_path(path.resolve(), quant, encoder_precision) / "manifest.json").is_file():
             return None
         size, remote = sum(f.stat().st_size for f in path.glob("*.safetensors")), False
     else:
@@ -87,7 +90,7 @@ def first_use(source: str | os.PathLike, quant: str = "auto") -> dict | None:
 
             try:  # already downloaded and exported: nothing to say
                 local = Path(snapshot_download(repo_id=str(source), local_files_only=True))
-                if (cached_bundle_path(local, quant) / "manifest.json").is_file():
+                if (cached_bundle_path(local, quant, encoder_precision) / "manifest.json").is_file():
                     return None
             except Exception:  # noqa: BLE001 - not in the Hub cache
                 pass

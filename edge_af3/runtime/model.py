@@ -87,7 +87,7 @@ class AF3:
 
     @classmethod
     def load(cls, source: str | os.PathLike, *, check_hashes: bool | None = None, quant: str = "auto",
-             progress=None, **settings) -> "AF3":  # fmt: skip
+             encoder_precision: str = "auto", progress=None, **settings) -> "AF3":  # fmt: skip
         """Load a bundle; a checkpoint folder or Hub id is exported once into the cache, then reused.
 
         settings: device ("auto" | "cpu" | "cuda"), n_ctx (default 16384: AF3's longest prompt),
@@ -97,9 +97,17 @@ class AF3:
         sequences, each with its own n_ctx of KV cache: the server's slots; the in-process API uses
         the first).
         check_hashes: None hashes files the first time they are seen (remembered), True always,
-        False never.
+        False never. quant / encoder_precision: how a checkpoint source is exported ("auto": the
+        type its widths suit; fp32 for exact mode or on a GPU machine, else mixed); each
+        combination is its own cached bundle.
         """
-        path = locate(source, quant=quant, progress=progress)
+        from ..quants import resolve_encoder_precision
+
+        try:
+            precision = resolve_encoder_precision(encoder_precision, exact=bool(settings.get("exact")))
+        except ValueError as e:
+            raise OptionsError(str(e)) from None
+        path = locate(source, quant=quant, encoder_precision=precision, progress=progress)
         return cls(open_bundle(path, check_hashes=check_hashes), **settings)
 
     @staticmethod

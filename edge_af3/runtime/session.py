@@ -15,7 +15,8 @@ import numpy as np
 
 from ..errors import ContextOverflowError, PromptError, SessionBusyError
 from ..prompt import Message, render, split_sound
-from .clips import Clip, items
+from .clips import Clip
+from .prefill import Prefill
 from .stream import Stream
 from .types import Answer, GenerationOptions
 
@@ -123,7 +124,6 @@ class ChatSession:
                 model.encode(clip)
         with model.lock:
             self._prefill(turn.target, turn.adapter)
-            model.llm.owner = None
             return model.llm.last_logits()
 
     # -- internals --------------------------------------------------------------------------
@@ -148,33 +148,10 @@ class ChatSession:
         """Make the KV cache hold `target` (computed with `adapter`), decoding only what it does not
         hold yet; the last decode keeps its logits. Returns how many positions were reused. Call
         with the model lock held."""
-        llm = self.model.llm
-        llm.bind(0, adapter)
-        total = sum(len(seg) for seg in target)
-        if total > llm.n_ctx:
-            raise ContextOverflowError(f"the prompt needs {total} positions but n_ctx is {llm.n_ctx}")
-        reuse = min(llm.common_prefix(items(target)), total - 1)  # at least one decode: the logits
-        llm.truncate(reuse)
-        last = max(i for i, seg in enumerate(target) if len(seg))
-        offset = 0
-        for i, seg in enumerate(target):
-            n, skip = len(seg), max(0, reuse - offset)
-            offset += n
-            if skip >= n:
-                continue  # already in the cache (a clip still encoding is left to finish on its own)
-            if not isinstance(seg, Clip):
-                llm.decode_tokens(seg[skip:], logits="last" if i == last else "none")
-                self.prefilled_tokens += n - skip
-                continue
-            pos = 0
-            for chunk in seg.chunks():  # a clip being encoded: each chunk as soon as it exists
-                lo, hi = max(skip, pos), pos + chunk.shape[0]
-                if hi > lo:
-                    llm.decode_embeddings(chunk[lo - pos :], ids=[(seg.key, j) for j in range(lo, hi)],
-                                          logits="last" if (i == last and hi == n) else "none")  # fmt: skip
-                    self.prefilled_tokens += hi - lo
-                pos = hi
-        return reuse
+        prefill = Prefill(self.model.llm, target, adapter)
+        reused = prefill.run()
+        self.prefilled_tokens += prefill.decoded
+        return reused
 
     def _ended(self, stream: Stream, *, failed: bool = False) -> None:
         """A stream of this session ended: a finished turn joins the history (a cancelled or failed

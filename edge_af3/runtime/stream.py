@@ -10,13 +10,13 @@ stops it within one token; `close()`, leaving a `with` block or garbage collecti
 
 from __future__ import annotations
 
-import codecs
 import threading
 import time
 from typing import TYPE_CHECKING
 
 from .clips import Clip, penalty_ids
-from .types import Answer, FinishReason, GenerationOptions, StopScanner, Timings
+from .generation import Generation
+from .types import Answer, FinishReason, GenerationOptions, Timings
 
 if TYPE_CHECKING:
     from .session import ChatSession, Turn
@@ -29,15 +29,12 @@ class Stream:
         self.session, self.model = session, session.model
         self.turn, self.options, self._eos = turn, options, eos
         self.answer: Answer | None = None  # set when the stream ends
-        self.tokens: list[int] = []
-        self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._scan = StopScanner(options.stop)
-        self._sampler = None
-        self._started = False
+        self.gen: Generation | None = None  # made at the first step, under the model lock
         self._dead = False  # a step raised: the stream is over (the error reached the caller)
+        self._epoch = -1  # the context's epoch after this stream's last step (see LlamaEngine.epoch)
         self._cancel = threading.Event()
         self._busy = threading.Lock()  # held while a step runs (cancel() finishes an idle stream itself)
-        self._t_start = self._t_first = self._t_last = None
+        self._t_start: float | None = None
         self._prefill_ms, self._reused, self._resyncs = 0.0, 0, 0
 
     # -- the caller's side ------------------------------------------------------------------
@@ -50,6 +47,10 @@ class Stream:
             if piece:
                 return piece
         raise StopIteration
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.gen.tokens if self.gen else []
 
     @property
     def text(self) -> str:
@@ -94,7 +95,7 @@ class Stream:
                 return ""
             if self._cancel.is_set():
                 return self._finish("cancelled")
-            if not self._started:
+            if self.gen is None and self._t_start is None:
                 self._t_start = time.perf_counter()
                 self._prepare_clips()  # outside the model lock: others decode while this encodes
             with self.model.lock:
@@ -102,7 +103,8 @@ class Stream:
                     return self._decode_step()
                 except BaseException:
                     self._dead = True
-                    self._release_sampler()
+                    if self.gen is not None:
+                        self.gen.close()
                     self.session._ended(self, failed=True)
                     raise
 
@@ -111,74 +113,54 @@ class Stream:
             if isinstance(clip, Clip):
                 self.model.encode(clip, background=self.model.settings.overlap)
 
-    def _target(self) -> list:
-        return self.turn.target + ([self.tokens] if self.tokens else [])
-
     def _decode_step(self) -> str:
-        llm, opts = self.model.llm, self.options
-        if not self._started:
+        """One step under the model lock: the prefill (and the first token), or one more token."""
+        llm = self.model.llm
+        if self.gen is None:
             t0 = time.perf_counter()
             self._reused = self.session._prefill(self.turn.target, self.turn.adapter)
             self._prefill_ms = (time.perf_counter() - t0) * 1000
-            self._sampler = llm.make_sampler(opts)
-            if opts.repetition_penalty != 1.0:  # transformers counts the whole input, <sound> ids included
-                llm.accept(self._sampler, penalty_ids(self.turn.target))
-            self._started = True
-        elif not (llm.owner is self and llm.n_past == self.turn.prompt_len + len(self.tokens)):
-            self.session._prefill(self._target(), self.turn.adapter)  # another stream used the context meanwhile
+            self.gen = Generation(llm, self.options, self._eos, penalty_ids(self.turn.target))
+        elif llm.epoch != self._epoch:  # another stream used the context meanwhile: re-decode what it displaced
+            self.session._prefill(self.turn.target + [self.gen.tokens], self.turn.adapter)
             self._resyncs += 1
-        llm.owner = self
         while True:
             if self._cancel.is_set():
                 return self._finish("cancelled")
-            if len(self.tokens) >= opts.max_new_tokens:
-                return self._finish("length")
-            tok = llm.sample(self._sampler)
-            if self._t_first is None:
-                self._t_first = time.perf_counter()
-            if tok in self._eos and not opts.ignore_eos:
-                return self._finish("stop")
-            self.tokens.append(tok)
-            self._t_last = time.perf_counter()
-            piece = self._scan.feed(self._decoder.decode(llm.piece(tok)))
-            if self._scan.hit:
-                return piece + self._finish("stop")
-            if llm.n_past >= llm.n_ctx:  # the token is kept, but the context has no room to go on
-                return piece + self._finish("context")
+            tok = self.gen.sample()
+            piece = self.gen.take(tok, llm.n_past, llm.n_ctx)
+            if self.gen.ended:
+                return piece + self._finish(self.gen.finish_reason)
             llm.decode_next(tok)
-            llm.owner = self
+            self._epoch = llm.epoch
             if piece:
                 return piece
 
-    def _release_sampler(self) -> None:
-        if self._sampler is not None:
-            self.model.llm.free_sampler(self._sampler)
-            self._sampler = None
-
     def _finish(self, reason: FinishReason) -> str:
-        """End the stream: the answer, the session's history (unless cancelled); returns the last bytes."""
-        tail = self._scan.feed(self._decoder.decode(b"", final=True))
-        tail += self._scan.flush()
-        self._release_sampler()
-        llm = self.model.llm
-        text = self._scan.text if self.options.stop else llm.detokenize(self.tokens)
+        """End the stream: the answer, the session's history (unless cancelled); returns the last text."""
+        gen = self.gen
+        tail = gen.finish(reason) if gen else ""
         t_end = time.perf_counter()
         t_start = self._t_start or t_end
-        n = len(self.tokens)
-        decode_s = (self._t_last or t_end) - (self._t_first or t_end)
         clips = [c for c in self.turn.clips if isinstance(c, Clip)]
         timings = Timings(
             features_ms=sum(c.features_ms for c in clips),
             encoder_ms=sum(c.encoder_ms for c in clips),
             prefill_ms=self._prefill_ms,
-            first_token_ms=((self._t_first or t_end) - t_start) * 1000,
-            decode_tokens_per_s=(n - 1) / decode_s if n > 1 and decode_s > 0 else 0.0,
+            first_token_ms=(((gen and gen.t_first) or t_end) - t_start) * 1000,
+            decode_tokens_per_s=gen.tokens_per_s if gen else 0.0,
             audio_tokens=sum(len(c) for c in clips),
             prompt_tokens=self.turn.prompt_len,
             reused_tokens=self._reused,
             resyncs=self._resyncs,
         )
-        self.answer = Answer(text=text, tokens=tuple(self.tokens), timings=timings, finish_reason=reason,
-                             options=self.options, adapter=self.turn.adapter)  # fmt: skip
+        self.answer = Answer(
+            text=gen.text if gen else "",
+            tokens=tuple(self.tokens),
+            timings=timings,
+            finish_reason=gen.finish_reason if gen else reason,
+            options=self.options,
+            adapter=self.turn.adapter,
+        )
         self.session._ended(self)
         return tail

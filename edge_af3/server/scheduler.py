@@ -12,7 +12,6 @@ the caller's thread; the encoder takes one clip at a time.
 
 from __future__ import annotations
 
-import codecs
 import itertools
 import threading
 import time
@@ -21,8 +20,10 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from ..errors import EdgeAF3Error
-from ..runtime.clips import Clip, items, penalty_ids
-from ..runtime.types import FinishReason, GenerationOptions, StopScanner
+from ..runtime.clips import items, penalty_ids
+from ..runtime.generation import Generation, tokens_per_s
+from ..runtime.prefill import Prefill
+from ..runtime.types import FinishReason, GenerationOptions
 
 EventSink = Callable[[str, object], None]  # ("piece", str) | ("done", Job) | ("error", BaseException)
 
@@ -80,20 +81,17 @@ class Job:
 
     @property
     def decode_tokens_per_s(self) -> float:
-        n = len(self.tokens)
-        dt = (self.t_last or 0) - (self.t_first or 0)
-        return (n - 1) / dt if n > 1 and dt > 0 else 0.0
+        return tokens_per_s(len(self.tokens), self.t_first, self.t_last)
 
 
 class Slot:
     def __init__(self, seq: int):
         self.seq = seq
         self.job: Job | None = None
-        self.sampler = None
+        self.gen: Generation | None = None  # the job's sampler, text and finish rules
         self.pending: int | None = None  # the sampled token the next batched step feeds
-        self.prefill = None  # a generator: one chunk per next(), True after the last
+        self.prefill: Prefill | None = None  # one chunk per next(), True after the last
         self.used = 0.0
-        self.decoder = self.scan = None
 
 
 class Scheduler:
@@ -210,37 +208,10 @@ class Scheduler:
         self._deliver(job)
 
     def _begin(self, slot: Slot, job: Job) -> None:
-        llm, opts = self.llm, job.options
         slot.job, slot.pending, job.slot, job.t_start = job, None, slot.seq, time.perf_counter()
-        slot.decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        slot.scan = StopScanner(opts.stop)
-        slot.sampler = llm.make_sampler(opts)
-        if opts.repetition_penalty != 1.0:  # transformers counts the whole input, <sound> ids included
-            llm.accept(slot.sampler, penalty_ids(job.target))
-        slot.prefill = self._prefill(slot, job)
-
-    def _prefill(self, slot: Slot, job: Job):
-        """Decode what the slot's cache lacks of the prompt, one chunk per step; True after the last."""
-        llm, seq, nb = self.llm, slot.seq, self.llm.n_batch
-        llm.bind(seq, job.adapter)
-        reuse = min(llm.common_prefix(items(job.target), seq), job.prompt_len - 1)  # >= 1 row decoded: logits
-        llm.truncate(reuse, seq)
-        job.reused = reuse
-        segs = [seg for seg in job.target if len(seg)]
-        offset = 0
-        for i, seg in enumerate(segs):
-            n, skip = len(seg), max(0, reuse - offset)
-            offset += n
-            for lo in range(skip, n, nb):
-                hi = min(n, lo + nb)
-                last = i == len(segs) - 1 and hi == n
-                mode = "last" if last else "none"
-                llm.activate(job.adapter)  # another adapter's slots may have decoded since the last chunk
-                if isinstance(seg, Clip):
-                    llm.decode_embeddings(seg.rows[lo:hi], ids=[(seg.key, j) for j in range(lo, hi)], logits=mode, seq=seq)
-                else:
-                    llm.decode_tokens(seg[lo:hi], logits=mode, seq=seq)
-                yield last
+        slot.gen = Generation(self.llm, job.options, job.eos, penalty_ids(job.target))
+        job.tokens = slot.gen.tokens
+        slot.prefill = Prefill(self.llm, job.target, job.adapter, seq=slot.seq)
 
     def _work(self) -> None:
         """One prefill chunk (slots in turn), then one decode step of every decoding slot."""
@@ -252,8 +223,8 @@ class Scheduler:
             slot = prefilling[next(self._rr) % len(prefilling)]
             try:
                 if next(slot.prefill, True):  # its last chunk: sample now, before another decode moves the logits
-                    slot.prefill = None
-                    self._take(slot, self.llm.sample(slot.sampler))
+                    slot.job.reused, slot.prefill = slot.prefill.reused, None
+                    self._take(slot, slot.gen.sample())
             except Exception as e:  # noqa: BLE001 - this job fails; the others go on
                 self._end(slot, None, error=e)
         decoding = [s for s in self.slots if s.job and s.pending is not None]
@@ -270,7 +241,7 @@ class Scheduler:
                 self.on_step(len(group))
             for i, slot in enumerate(group):
                 slot.pending = None
-                self._take(slot, self.llm.sample(slot.sampler, i))
+                self._take(slot, slot.gen.sample(i))
 
     def batch_cheaper(self, n: int) -> bool:
         costs = self.step_ms
@@ -297,35 +268,25 @@ class Scheduler:
         return costs
 
     def _take(self, slot: Slot, tok: int) -> None:
-        """A sampled token: end on eos / a stop string / the length or context limit, else feed it next step."""
-        job, llm = slot.job, self.llm
-        now = time.perf_counter()
-        if job.t_first is None:
-            job.t_first = now
-        if tok in job.eos and not job.options.ignore_eos:
-            return self._end(slot, "stop")
-        job.tokens.append(tok)
-        job.t_last = now
-        piece = slot.scan.feed(slot.decoder.decode(llm.piece(tok)))
+        """A sampled token: its text to the sink; the job ends when the generation says so, else
+        the token is fed at the next batched step."""
+        job, gen = slot.job, slot.gen
+        piece = gen.take(tok, self.llm.seqs[slot.seq].n_past, self.llm.n_ctx)
+        job.t_first, job.t_last = gen.t_first, gen.t_last
         if piece:
             job.sink("piece", piece)
-        if slot.scan.hit:
-            return self._end(slot, "stop")
-        if len(job.tokens) >= job.options.max_new_tokens:
-            return self._end(slot, "length")
-        if llm.seqs[slot.seq].n_past >= llm.n_ctx:  # the token is kept; there is no room to go on
-            return self._end(slot, "context")
+        if gen.ended:
+            return self._end(slot, gen.finish_reason)
         slot.pending = tok
 
     def _end(self, slot: Slot, reason: FinishReason | None, *, error: BaseException | None = None) -> None:
-        job = slot.job
-        tail = slot.scan.feed(slot.decoder.decode(b"", final=True)) + slot.scan.flush()
+        job, gen = slot.job, slot.gen
+        tail = gen.finish(reason or "cancelled")  # "" when the generation ended itself
         if tail and error is None:
             job.sink("piece", tail)
-        self.llm.free_sampler(slot.sampler)
-        slot.job = slot.sampler = slot.pending = slot.prefill = None
+        slot.job = slot.gen = slot.pending = slot.prefill = None
         slot.used = time.perf_counter()
-        job.text, job.finish_reason = slot.scan.text, reason
+        job.text, job.finish_reason = gen.text, (gen.finish_reason if error is None else None)
         with self._cv:
             self._reserved -= 1
         self._deliver(job, error)
