@@ -11,7 +11,6 @@ import ctypes
 import os
 import threading
 import warnings
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -21,6 +20,7 @@ from ..cpu_features import AMX_WHY, amx_path_would_run
 from ..errors import BundleError, ContextOverflowError, OptionsError
 from ._native import NativeResource
 from .pages import release_mapped_pages
+from .sampling import SamplerOptions, SamplingMixin  # noqa: F401 - SamplerOptions: part of this module's API
 
 _LOG_LOCK = threading.Lock()
 _LOG = {"callback": None, "verbose": False}
@@ -85,17 +85,6 @@ def supports_gpu_offload() -> bool:
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}  # ggml_type ids
 
 
-@dataclass(frozen=True)
-class SamplerOptions:
-    """What `make_sampler` reads (a runtime `GenerationOptions` has the same fields)."""
-
-    temperature: float = 0.0  # 0 = greedy
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0
-    seed: int = 0
-    repetition_penalty: float = 1.0  # 1 = off
-
-
 class SeqState:
     """One sequence of the context: where its next row goes, and what each of its KV positions
     holds (a token id, or an audio row's identity (clip hash, row index)); `common_prefix`
@@ -109,7 +98,7 @@ class SeqState:
         self.adapter: str | None = None  # the LoRA adapter its KV was computed with
 
 
-class LlamaEngine(NativeResource):
+class LlamaEngine(SamplingMixin, NativeResource):
     """One llama.cpp model + context with `n_seq` sequences (seq 0 unless told otherwise), each
     with its own KV cache of `n_ctx` positions (llama.cpp's non-unified multi-sequence KV)."""
 
@@ -369,42 +358,6 @@ class LlamaEngine(NativeResource):
 
     def detokenize(self, tokens: Sequence[int]) -> str:
         return b"".join(self.piece(t) for t in tokens).decode("utf-8", "replace")
-
-    # -- sampling -------------------------------------------------------------------------
-    def make_sampler(self, opts: SamplerOptions, *, final: bool = True):
-        """A sampler chain in transformers' order: repetition penalty (whole-context window), then
-        greedy, or temperature -> top-k -> top-p -> a seeded draw. final=False leaves out the
-        last step (greedy / draw): `processed_logits` reads what the draw would see."""
-        ll = self._ll
-        chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
-        if opts.repetition_penalty != 1.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
-                self.n_vocab, self.n_ctx, opts.repetition_penalty, 0.0, 0.0))  # fmt: skip
-        if opts.temperature <= 0:
-            if final:
-                ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())
-            return chain
-        ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_temp(opts.temperature))
-        if opts.top_k > 0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_k(opts.top_k))
-        if opts.top_p < 1.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_top_p(opts.top_p, 1))
-        if final:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_dist(opts.seed & 0xFFFFFFFF))
-        return chain
-
-    def accept(self, sampler, tokens) -> None:
-        """Tell the sampler about tokens it did not sample itself (the prompt, for the penalty)."""
-        for t in tokens:
-            self._ll.llama_sampler_accept(sampler, int(t))
-
-    def sample(self, sampler, index: int = -1) -> int:
-        """Sample from the logits of a row of the last decode (default its last; the sampler
-        accepts the token)."""
-        return int(self._ll.llama_sampler_sample(sampler, self.ctx, index))
-
-    def free_sampler(self, sampler) -> None:
-        self._ll.llama_sampler_free(sampler)
 
     # -- lifetime -------------------------------------------------------------------------
     def close(self) -> None:
