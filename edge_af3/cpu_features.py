@@ -73,6 +73,15 @@ class CpuInfo:
     def has_amx(self) -> bool:
         return self.is_x86 and self.supports("AMX_INT8")
 
+    @property
+    def has_int8_dot(self) -> bool:
+        """An int8 dot product that accumulates in int32 (x86 VNNI, ARM dotprod). Without it, ONNX
+        Runtime's u8s8 kernels sum pairs in saturating int16 (AVX2's vpmaddubsw) and the int8
+        encoder graphs lose accuracy (docs/cpu.md: mixed rows cosine 0.99988 on AVX2 vs 0.99993)."""
+        if self.is_x86:
+            return self.supports("AVX512_VNNI") or self.supports("AVX_VNNI")
+        return "asimddp" in self.flags
+
 
 def read_cpu(cpuinfo: str | None = None, machine: str | None = None) -> CpuInfo:
     """This machine's CPU (or one described by a /proc/cpuinfo text, for tests)."""

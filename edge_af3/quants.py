@@ -60,8 +60,10 @@ def resolve_quant(quant: str, text_config: dict | None) -> str:
 
 def resolve_encoder_precision(precision: str = "auto", *, exact: bool = False) -> str:
     """`precision` itself, or what `auto` picks: fp32 for exact mode or on a machine with a CUDA
-    GPU (its engines build fp16 from fp32 and take no int8 graph), else mixed (the fastest CPU graph
-    whose rows keep cosine >= 0.9999; docs/cpu.md). Exact mode refuses anything but fp32."""
+    GPU (its engines build fp16 from fp32 and take no int8 graph); on a CPU with an int8 dot
+    product (VNNI), mixed (the fastest CPU graph whose rows keep cosine >= 0.9999); on one without
+    (AVX2 only), fp32: there mixed was 5 % faster at cosine 0.99988 (docs/cpu.md). Exact mode
+    refuses anything but fp32."""
     if precision not in ("auto",) + ENCODER_PRECISIONS:
         raise ValueError(f"unknown encoder precision {precision!r}; choose auto or one of {', '.join(ENCODER_PRECISIONS)}")
     if exact and precision not in ("auto", "fp32"):
@@ -70,6 +72,7 @@ def resolve_encoder_precision(precision: str = "auto", *, exact: bool = False) -
         return precision
     if exact:
         return "fp32"
+    from .cpu_features import read_cpu
     from .engines.select import gpu_name
 
-    return "fp32" if gpu_name() else "mixed"
+    return "fp32" if gpu_name() or not read_cpu().has_int8_dot else "mixed"

@@ -12,7 +12,6 @@ from dataclasses import dataclass
 
 from .constants import DEFAULT_N_CTX, MIN_N_CTX
 from .errors import OptionsError
-from .quants import CPU_ENCODER_GRAPHS
 
 KV_TYPES = ("f16", "bf16", "q8_0", "f32")
 CPU_ENGINES = ("onnxruntime-cpu", "torch-cpu")

@@ -7,7 +7,8 @@ import json
 import pytest
 
 from edge_af3.errors import OptionsError
-from edge_af3.quants import auto_quant, resolve_quant
+from edge_af3.export.gate import encoder_floor
+from edge_af3.quants import auto_quant, resolve_encoder_precision, resolve_quant
 from edge_af3.settings import resolve
 
 QWEN25_7B = {"hidden_size": 3584, "intermediate_size": 18944}  # the real AF3's LLM
@@ -56,12 +57,13 @@ def test_a_checkpoint_loads_through_the_auto_bundle(tiny_ckpt, tmp_path, monkeyp
 
     monkeypatch.setenv("EDGE_AF3_CACHE", str(tmp_path / "cache"))
     path = cached_bundle_path(tiny_ckpt, "auto")
-    assert path.name.startswith("af3-tiny-iq4_nl-") and path == cached_bundle_path(tiny_ckpt, "iq4_nl")
+    auto_enc = resolve_encoder_precision("auto")
+    assert path.name.startswith(f"af3-tiny-iq4_nl-{auto_enc}-") and path == cached_bundle_path(tiny_ckpt, "iq4_nl", auto_enc)
     with AF3.load(tiny_ckpt, n_ctx=2048) as model:
         answer = model.ask("What is this?", speech_wav, max_new_tokens=4)
         assert answer.timings.audio_tokens > 0
     manifest = json.loads((path / "manifest.json").read_text())
-    assert (manifest["llm"]["quant"], manifest["encoder"]["precision"]) == ("iq4_nl", "mixed")
+    assert (manifest["llm"]["quant"], manifest["encoder"]["precision"]) == ("iq4_nl", resolve_encoder_precision("auto"))
     assert manifest["encoder"]["precision_asked"] == "auto"
 
 
@@ -84,7 +86,7 @@ def test_the_mixed_encoder_takes_the_think_adapters_projector(think_ckpt, think_
             model.encode(clip)
             rows[name] = clip.rows
     a, c = rows["mixed"].ravel(), rows["fp32"].ravel()
-    assert a @ c / (np.linalg.norm(a) * np.linalg.norm(c)) >= 0.9999
+    assert a @ c / (np.linalg.norm(a) * np.linalg.norm(c)) >= encoder_floor("mixed")  # this CPU's floor
 
 
 def test_released_pages_change_no_number(tiny_ckpt, tmp_path):

@@ -9,6 +9,9 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
+from edge_af3.export.gate import encoder_floor
+from edge_af3.quants import resolve_encoder_precision
+
 from edge_af3.bundle import BundleError, open_bundle
 from edge_af3.engines.llamacpp import LlamaEngine
 from edge_af3.export import export
@@ -42,8 +45,9 @@ def test_onnx_fp32_matches_reference(bundle_f32, reference):
         assert np.abs(got - want).max() <= 1e-4
 
 
-@pytest.mark.parametrize("precision, min_cos", [("fp16", 0.999), ("int8", 0.99), ("mixed", 0.9999)])
-def test_onnx_reduced_precision(tiny_ckpt, tmp_path, reference, precision, min_cos):
+@pytest.mark.parametrize("precision", ["fp16", "int8", "mixed"])
+def test_onnx_reduced_precision(tiny_ckpt, tmp_path, reference, precision):
+    min_cos = encoder_floor(precision)  # the parity gate's floor on this CPU (int8 dot product or not)
     b = export(tiny_ckpt, tmp_path / precision, quant="q8_0", encoder_precision=precision, verify=False)
     sess = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])
     feats = extract_features((noise(20.0, seed=9), 16000))
@@ -177,13 +181,16 @@ def test_cli_export_subprocess(tiny_ckpt, tmp_path):
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout)
     assert info["verification"]["encoder"]["max_abs_diff"] <= 1e-4
-    # the defaults on a machine without a CUDA GPU: --quant auto (tiny's 64-wide rows: iq4_nl), the mixed encoder
+    # the defaults: --quant auto (tiny's 64-wide rows: iq4_nl); the encoder this machine's `auto` picks
+    # (mixed on a CPU with VNNI and no CUDA GPU, else fp32)
     res = run_cli("export", str(tiny_ckpt), str(tmp_path / "auto"), "--json")
     assert res.returncode == 0, res.stderr[-3000:]
     m = json.loads((tmp_path / "auto" / "manifest.json").read_text())
-    assert (m["llm"]["quant"], m["llm"]["quant_asked"], m["encoder"]["precision"]) == ("iq4_nl", "auto", "mixed")
+    auto_enc = resolve_encoder_precision("auto")
+    assert (m["llm"]["quant"], m["llm"]["quant_asked"], m["encoder"]["precision"]) == ("iq4_nl", "auto", auto_enc)
     assert (tmp_path / "auto" / "llm-iq4_nl.gguf").is_file() and "not a multiple of 256" in m["llm"]["quant_why"]
-    assert m["verification"]["encoder"]["cosine"] >= 0.9999
+    assert m["verification"]["encoder"]["cosine"] >= encoder_floor(auto_enc)
+    assert m["parity_gate"] == {"verified": True, "passed": True, "accepted": False, "failures": []}
     assert "--quant auto: iq4_nl" in res.stderr and "Please consider" not in res.stderr
     res = run_cli("export", str(tiny_ckpt), str(tmp_path / "b"))
     assert res.returncode == 1 and "exists" in res.stderr and "Traceback" not in res.stderr
@@ -230,4 +237,4 @@ def test_large_encoder_goes_to_one_data_file(tiny_ckpt, tmp_path, reference, mon
         if precision == "fp32":
             assert np.abs(got - want).max() <= 1e-4
         else:
-            assert got.ravel() @ want.ravel() / (np.linalg.norm(got) * np.linalg.norm(want)) >= 0.9999
+            assert got.ravel() @ want.ravel() / (np.linalg.norm(got) * np.linalg.norm(want)) >= encoder_floor("mixed")

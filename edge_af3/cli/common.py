@@ -31,7 +31,8 @@ EngineOpt = Annotated[Optional[str], typer.Option("--engine", help=ENGINE_HELP)]
 NCtxOpt = Annotated[Optional[int], typer.Option("--n-ctx", help=N_CTX_HELP)]
 ExactOpt = Annotated[bool, typer.Option("--exact", help=EXACT_HELP)]
 ENC_PREC_HELP = ("How a checkpoint (-m folder or Hub id) is exported: auto | fp32 | fp16 | int8 | mixed (auto: fp32 "
-                 "with --exact or a CUDA GPU, else mixed); each is its own cached bundle. A bundle keeps its own.")
+                 "with --exact, a CUDA GPU or a CPU without VNNI, else mixed); each is its own cached bundle. A bundle "
+                 "keeps its own.")
 EncPrecOpt = Annotated[str, typer.Option("--encoder-precision", help=ENC_PREC_HELP)]
 ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the memory plan for these settings; load nothing.")]

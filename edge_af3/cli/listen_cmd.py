@@ -53,7 +53,7 @@ def listen_cmd(
       edge-af3 listen --file meeting.wav --realtime --every 10
     """
     from ..audio import stream_file
-    from ..listen import InputDeviceError, Listener, MicSource, file_blocks, list_input_devices
+    from ..listen import Listener, MicSource, file_blocks, list_input_devices
     from ..vad import make_detector
 
     if list_devices:

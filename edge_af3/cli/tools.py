@@ -48,7 +48,7 @@ def export_cmd(
     src: str = typer.Argument(..., metavar="SRC", help="AF3 checkpoint: a local HF folder or a Hub id (nvidia/audio-flamingo-3-hf)."),
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Bundle folder to create."),
     quant: str = typer.Option("auto", "--quant", help="LLM weights: auto | q4_k_m | iq4_nl | q4_0 | q8_0 | f16 | f32 (auto: q4_k_m when every matrix width is a multiple of 256, as in the real AF3; else iq4_nl)"),
-    encoder_precision: str = typer.Option("auto", "--encoder-precision", help="auto | fp32 | fp16 | int8 | mixed (auto: fp32 where this machine has a CUDA GPU, whose engines build fp16 from it; else mixed: int8 on each layer's fc1 only)"),
+    encoder_precision: str = typer.Option("auto", "--encoder-precision", help="auto | fp32 | fp16 | int8 | mixed (auto: fp32 where this machine has a CUDA GPU, whose engines build fp16 from it, or a CPU without VNNI, where int8 loses accuracy; else mixed: int8 on each layer's fc1 only)"),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity checks against PyTorch."),
     accept: bool = typer.Option(False, "--accept", help="Write the bundle even when a parity check is below its type's floor (recorded in the manifest)."),

@@ -15,10 +15,12 @@ class Prefill:
     """Make sequence `seq` of `llm` hold `target` (token id lists and clips) computed with
     `adapter`. Nothing happens until the first `next()` (a scheduler creates it outside the model
     lock); each `next()` decodes one chunk and returns True for the last, whose final row keeps its
-    logits. `reused` is the prefix the cache already held, `decoded` the positions decoded."""
+    logits. `reused` is the prefix the cache already held, `decoded` the positions decoded.
+    `step`: positions per `next()` at most (the server: n_batch); None: a whole token list, or a
+    clip's chunk as the encoder hands it over, per `next()` (the engine cuts decodes to n_batch)."""
 
-    def __init__(self, llm, target: list, adapter: str | None = None, seq: int = 0):
-        self.llm, self.target, self.adapter, self.seq = llm, target, adapter, seq
+    def __init__(self, llm, target: list, adapter: str | None = None, seq: int = 0, step: int | None = None):
+        self.llm, self.target, self.adapter, self.seq, self.step = llm, target, adapter, seq, step
         self.total = sum(len(s) for s in target)
         self.reused = 0
         self.decoded = 0
@@ -49,7 +51,7 @@ class Prefill:
 
     def _run(self) -> Iterator[bool]:
         self._start()
-        llm, nb, seq = self.llm, self.llm.n_batch, self.seq
+        llm, seq = self.llm, self.seq
         last_seg = max(i for i, s in enumerate(self.target) if len(s))
         offset = 0
         for i, seg in enumerate(self.target):
@@ -60,8 +62,9 @@ class Prefill:
             pos = 0
             for part in seg.chunks() if isinstance(seg, Clip) else (seg,):  # a clip's rows as the encoder makes them
                 lo_all, hi_all = max(skip, pos), pos + len(part)
-                for lo in range(lo_all, hi_all, nb):
-                    hi = min(hi_all, lo + nb)
+                step = self.step or max(1, hi_all - lo_all)
+                for lo in range(lo_all, hi_all, step):
+                    hi = min(hi_all, lo + step)
                     last = i == last_seg and hi == n
                     mode = "last" if last else "none"
                     llm.activate(self.adapter)  # another sequence's adapter may have decoded since

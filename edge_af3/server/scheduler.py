@@ -211,7 +211,7 @@ class Scheduler:
         slot.job, slot.pending, job.slot, job.t_start = job, None, slot.seq, time.perf_counter()
         slot.gen = Generation(self.llm, job.options, job.eos, penalty_ids(job.target))
         job.tokens = slot.gen.tokens
-        slot.prefill = Prefill(self.llm, job.target, job.adapter, seq=slot.seq)
+        slot.prefill = Prefill(self.llm, job.target, job.adapter, seq=slot.seq, step=self.llm.n_batch)
 
     def _work(self) -> None:
         """One prefill chunk (slots in turn), then one decode step of every decoding slot."""
