@@ -43,11 +43,12 @@ def think_bundle(shape: str, work: Path) -> Path:
 
 def runtime(bundle: Path, repeats: int, new_tokens: int, clip: np.ndarray) -> dict:
     from edge_af3 import AF3
-
     from edge_af3.export.adapters import write_lora_gguf
 
     out: dict = {}
-    cfg = json.loads((Path(json.loads((bundle / "manifest.json").read_text())["source"]["path"]) / "config.json").read_text())
+    cfg = json.loads(
+        (Path(json.loads((bundle / "manifest.json").read_text())["source"]["path"]) / "config.json").read_text()
+    )
     with AF3.load(bundle, n_ctx=2048) as model:
         llm = model.llm
         before = rss_mb()
@@ -88,7 +89,9 @@ def runtime(bundle: Path, repeats: int, new_tokens: int, clip: np.ndarray) -> di
                     x = np.roll(clip, 997 * (r + 1))  # a new clip each time: encoded, not cached
                     b = model.ask("Describe the audio.", (x, 16000), adapter=adapter, max_new_tokens=2, temperature=0)
                     ttft.append(b.timings.first_token_ms)
-            out[mode] = {"decode_tok_s": statistics.median(rates)} | ({"ttft_5s_ms": statistics.median(ttft)} if ttft else {})
+            out[mode] = {"decode_tok_s": statistics.median(rates)} | (
+                {"ttft_5s_ms": statistics.median(ttft)} if ttft else {}
+            )
     for mode in modes:
         out[mode]["slowdown"] = out["base"]["decode_tok_s"] / out[mode]["decode_tok_s"] - 1
     out["think_decode_slowdown"] = out["think"]["slowdown"]
@@ -102,7 +105,11 @@ def trainer(shape: str, work: Path, steps: int) -> dict:
 
     from .suite import prepare
 
-    ckpt, _ = prepare(shape, "q4_k_m", work, mmproj=False, verify=False, encoder_precision="fp32") if shape != "tiny" else (None, None)
+    ckpt, _ = (
+        prepare(shape, "q4_k_m", work, mmproj=False, verify=False, encoder_precision="fp32")
+        if shape != "tiny"
+        else (None, None)
+    )
     if shape == "tiny":
         from edge_af3.reference.tiny import make_checkpoint
 
@@ -119,10 +126,20 @@ def trainer(shape: str, work: Path, steps: int) -> dict:
     (data / "train.jsonl").write_text("\n".join(lines) + "\n")
     out = work / f"train-{shape}"
     shutil.rmtree(out, ignore_errors=True)
-    res = train(ckpt, data / "train.jsonl", out, TrainConfig(r=16, alpha=32, lr=1e-3, max_steps=steps, epochs=100,
-                                                             save_every=10_000))  # fmt: skip
-    return {"steps": res["steps"], "steps_per_s": res["steps_per_s"], "first_loss": res["losses"][0],
-            "last_loss": res["losses"][-1], "clip_seconds": 2.0, "r": 16}  # fmt: skip
+    res = train(
+        ckpt,
+        data / "train.jsonl",
+        out,
+        TrainConfig(r=16, alpha=32, lr=1e-3, max_steps=steps, epochs=100, save_every=10_000),
+    )
+    return {
+        "steps": res["steps"],
+        "steps_per_s": res["steps_per_s"],
+        "first_loss": res["losses"][0],
+        "last_loss": res["losses"][-1],
+        "clip_seconds": 2.0,
+        "r": 16,
+    }
 
 
 def main(argv=None) -> dict:
@@ -140,12 +157,18 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     bundle = think_bundle(args.shape, work)
     clip = (0.1 * np.random.default_rng(5).standard_normal(5 * 16000)).astype(np.float32)
-    report = {"shape": args.shape, "bundle": str(bundle), "lora": json.loads((bundle / "manifest.json").read_text())
-              ["adapters"]["think"]["lora"], "runtime": runtime(bundle, args.repeats, args.new_tokens, clip)}  # fmt: skip
+    report = {
+        "shape": args.shape,
+        "bundle": str(bundle),
+        "lora": json.loads((bundle / "manifest.json").read_text())["adapters"]["think"]["lora"],
+        "runtime": runtime(bundle, args.repeats, args.new_tokens, clip),
+    }
     report["trainer"] = {s: trainer(s, work, args.train_steps) for s in dict.fromkeys(["tiny", args.shape])}
     report["peak_rss_mb"] = peak_rss_mb()
     slow = report["runtime"]["think_decode_slowdown"]
-    report["goals"] = [{"goal": "decode with the think adapter (f16) <= 15% slower", "value": slow, "met": slow <= 0.15}]
+    report["goals"] = [
+        {"goal": "decode with the think adapter (f16) <= 15% slower", "value": slow, "met": slow <= 0.15}
+    ]
     name = f"adapters-{args.shape}"
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{name}.json").write_text(json.dumps({"machine": machine(), **report}, indent=2) + "\n")
@@ -156,19 +179,32 @@ def main(argv=None) -> dict:
 
 def markdown(r: dict) -> str:
     rt = r["runtime"]
-    lines = [f"# Adapters, {r['shape']} (think LoRA r {r['lora']['r']}, alpha {r['lora']['alpha']:g}, "
-             f"{r['lora']['pairs']} layers), CPU", "",
-             "| | base | think (f16 LoRA, the export default) | think, f32 LoRA | think, q8_0 LoRA |", "|---|---|---|---|---|",
-             "| decode tok/s | " + " | ".join(f"{rt[m]['decode_tok_s']:.1f}" for m in ("base", "think", "think-f32", "think-q8_0")) + " |",
-             "| vs base | - | " + " | ".join(f"{rt[m]['slowdown'] * 100:+.1f}%" for m in ("think", "think-f32", "think-q8_0")) + " |",
-             f"| TTFT, 5 s clip | {rt['base']['ttft_5s_ms']:.0f} ms | {rt['think']['ttft_5s_ms']:.0f} ms | | |", "",
-             f"Adapter switch + one decode: {rt['switch_decode_ms']:.2f} ms (the same decode without a switch: "
-             f"{rt['steady_decode_ms']:.2f} ms). Think encoder (ONNX Runtime session with the adapter's projector): "
-             f"+{rt['think_encoder_extra_rss_mb']:.0f} MB RSS.", "",
-             "| trainer | steps/s | loss first -> last |", "|---|---|---|"]  # fmt: skip
+    lines = [
+        f"# Adapters, {r['shape']} (think LoRA r {r['lora']['r']}, alpha {r['lora']['alpha']:g}, "
+        f"{r['lora']['pairs']} layers), CPU",
+        "",
+        "| | base | think (f16 LoRA, the export default) | think, f32 LoRA | think, q8_0 LoRA |",
+        "|---|---|---|---|---|",
+        "| decode tok/s | "
+        + " | ".join(f"{rt[m]['decode_tok_s']:.1f}" for m in ("base", "think", "think-f32", "think-q8_0"))
+        + " |",
+        "| vs base | - | "
+        + " | ".join(f"{rt[m]['slowdown'] * 100:+.1f}%" for m in ("think", "think-f32", "think-q8_0"))
+        + " |",
+        f"| TTFT, 5 s clip | {rt['base']['ttft_5s_ms']:.0f} ms | {rt['think']['ttft_5s_ms']:.0f} ms | | |",
+        "",
+        f"Adapter switch + one decode: {rt['switch_decode_ms']:.2f} ms (the same decode without a switch: "
+        f"{rt['steady_decode_ms']:.2f} ms). Think encoder (ONNX Runtime session with the adapter's projector): "
+        f"+{rt['think_encoder_extra_rss_mb']:.0f} MB RSS.",
+        "",
+        "| trainer | steps/s | loss first -> last |",
+        "|---|---|---|",
+    ]
     for shape, t in r["trainer"].items():
-        lines.append(f"| {shape} ({t['steps']} steps, 2 s clips, r {t['r']}) | {t['steps_per_s']:.2f} | "
-                     f"{t['first_loss']:.3f} -> {t['last_loss']:.3f} |")  # fmt: skip
+        lines.append(
+            f"| {shape} ({t['steps']} steps, 2 s clips, r {t['r']}) | {t['steps_per_s']:.2f} | "
+            f"{t['first_loss']:.3f} -> {t['last_loss']:.3f} |"
+        )
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g['goal']} | {g['value'] * 100:+.1f}% | {'yes' if g['met'] else 'no'} |" for g in r["goals"]]
     return "\n".join(lines) + "\n"

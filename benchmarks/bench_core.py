@@ -60,8 +60,14 @@ print(json.dumps(out))
 
 def run_tree(tree: Path, bundle: Path, work: Path, new_tokens: int, repeats: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
-    res = subprocess.run([sys.executable, "-c", CHILD, str(bundle), str(work), str(new_tokens), str(repeats)],
-                         capture_output=True, text=True, env=env, cwd=tree, check=False)  # fmt: skip
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, str(bundle), str(work), str(new_tokens), str(repeats)],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=tree,
+        check=False,
+    )
     if res.returncode != 0:
         raise RuntimeError(f"{tree}: {res.stderr[-3000:]}")
     return json.loads(res.stdout.strip().splitlines()[-1])
@@ -70,18 +76,27 @@ def run_tree(tree: Path, bundle: Path, work: Path, new_tokens: int, repeats: int
 def _median(rounds: list[dict]) -> dict:
     first = rounds[0]
     return {
-        part: {k: (float(np.median([r[part][k] for r in rounds])) if not isinstance(v, dict) else
-                   {kk: float(np.median([r[part][k][kk] for r in rounds])) for kk in v})
-               for k, v in first[part].items()}
+        part: {
+            k: (
+                float(np.median([r[part][k] for r in rounds]))
+                if not isinstance(v, dict)
+                else {kk: float(np.median([r[part][k][kk] for r in rounds])) for kk in v}
+            )
+            for k, v in first[part].items()
+        }
         for part in first
-    }  # fmt: skip
+    }
 
 
 def markdown(report: dict) -> str:
     b, a = report["before"], report["after"]
-    lines = [f"### Runtime core before / after, {report['shape']} ({report['machine']['cores']} cores of "
-             f"{report['machine']['cpu']}; {report['when']}; medians of {report['rounds']} alternating rounds)", "",
-             "| measure | before | after | after / before |", "|---|---|---|---|"]  # fmt: skip
+    lines = [
+        f"### Runtime core before / after, {report['shape']} ({report['machine']['cores']} cores of "
+        f"{report['machine']['cpu']}; {report['when']}; medians of {report['rounds']} alternating rounds)",
+        "",
+        "| measure | before | after | after / before |",
+        "|---|---|---|---|",
+    ]
     for k in b["in_process"]:
         x, y = b["in_process"][k], a["in_process"][k]
         lines.append(f"| in-process {k} | {x:.1f} | {y:.1f} | {y / x:.3f} |")
@@ -116,9 +131,16 @@ def main(argv=None) -> dict:
         for name in ("before", "after") if r % 2 == 0 else ("after", "before"):
             print(f"round {r + 1}: {name}", flush=True)
             got[name].append(run_tree(getattr(args, name), bundle, work, args.new_tokens, args.repeats))
-    report = {"benchmark": "core-before-after", "shape": args.shape, "when": time.strftime("%Y-%m-%d"),
-              "machine": machine(), "rounds": args.rounds, "before": _median(got["before"]),
-              "after": _median(got["after"]), "raw": got}  # fmt: skip
+    report = {
+        "benchmark": "core-before-after",
+        "shape": args.shape,
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "rounds": args.rounds,
+        "before": _median(got["before"]),
+        "after": _median(got["after"]),
+        "raw": got,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / f"core-before-after-{args.shape}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")

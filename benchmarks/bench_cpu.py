@@ -32,8 +32,17 @@ import numpy as np
 from .common import RESULTS, cosine, machine, peak_rss_mb, rss_mb
 
 QUANTS = ("q4_k_m", "iq4_nl", "q4_0", "q8_0")
-K256 = dict(enc_layers=4, enc_hidden=128, enc_heads=2, enc_ffn=256, llm_layers=8, llm_hidden=1024, llm_heads=16,
-            llm_kv_heads=2, llm_ffn=4096)  # fmt: skip
+K256 = dict(
+    enc_layers=4,
+    enc_hidden=128,
+    enc_heads=2,
+    enc_ffn=256,
+    llm_layers=8,
+    llm_hidden=1024,
+    llm_heads=16,
+    llm_kv_heads=2,
+    llm_ffn=4096,
+)
 
 
 def _rows(n: int, width: int) -> np.ndarray:
@@ -92,11 +101,16 @@ def section_llm(ckpt: Path, work: Path, args) -> dict:
     for label, source in (("bench", ckpt), ("widths of 256", _k256_checkpoint(work))):
         for q in QUANTS:
             path = _gguf(source, q, work)
-            types = sorted({t.tensor_type.name for t in gguf_py.GGUFReader(str(path)).tensors if t.name.startswith("blk")})
+            types = sorted(
+                {t.tensor_type.name for t in gguf_py.GGUFReader(str(path)).tensors if t.name.startswith("blk")}
+            )
             r = _prefill(path, 750, decode=64)
             out[f"{label}/{q}"] = r | {"types": [t for t in types if t != "F32"], "mb": path.stat().st_size / 1e6}
-            print(f"  {label:14s} {q:7s} prefill {r['rows_per_s']:6.0f} rows/s  decode {r['decode_tok_s']:5.1f} tok/s  "
-                  f"types {out[f'{label}/{q}']['types']}", flush=True)  # fmt: skip
+            print(
+                f"  {label:14s} {q:7s} prefill {r['rows_per_s']:6.0f} rows/s  decode {r['decode_tok_s']:5.1f} tok/s  "
+                f"types {out[f'{label}/{q}']['types']}",
+                flush=True,
+            )
     return out
 
 
@@ -110,8 +124,12 @@ def section_repack(ckpt: Path, work: Path, args) -> dict:
             for repack in (True, False):
                 r = _prefill(path, 750, decode=64, repack=repack)
                 out[f"{label}/{q}/{'repack' if repack else 'no extra bufts'}"] = r
-                print(f"  {label:14s} {q:7s} {'repack' if repack else 'plain ':6s} prefill {r['rows_per_s']:6.0f} rows/s  "
-                      f"decode {r['decode_tok_s']:5.1f} tok/s", flush=True)
+                print(
+                    f"  {label:14s} {q:7s} {'repack' if repack else 'plain ':6s} "
+                    f"prefill {r['rows_per_s']:6.0f} rows/s  "
+                    f"decode {r['decode_tok_s']:5.1f} tok/s",
+                    flush=True,
+                )
     return out
 
 
@@ -122,14 +140,22 @@ def section_settings(ckpt: Path, work: Path, args) -> dict:
     quant = auto_quant(read_config(ckpt)["text_config"])[0]
     path = _gguf(ckpt, quant, work)
     out = {"quant": quant}
-    grid = [(n, fa, kv) for n in (750, 3000) for fa in (False, True) for kv in ("f16", "bf16", "q8_0")
-            if not (kv == "q8_0" and not fa)]  # fmt: skip  (llama.cpp quantizes V only with flash attention)
+    grid = [
+        (n, fa, kv)
+        for n in (750, 3000)
+        for fa in (False, True)
+        for kv in ("f16", "bf16", "q8_0")
+        if not (kv == "q8_0" and not fa)
+    ]  # llama.cpp quantizes V only with flash attention
     grid += [(15000, fa, "f16") for fa in (False, True)] if args.long else []
     for n, fa, kv in grid:
         r = _prefill(path, n, repeats=1 if n > 750 else 2, decode=32, flash_attn=fa, kv_type=kv)
         out[f"rows {n} / fa {'on' if fa else 'off'} / kv {kv}"] = r
-        print(f"  {n:5d} rows  FA {'on ' if fa else 'off'} KV {kv:5s} {r['prefill_s']:7.2f} s  decode {r['decode_tok_s']:5.1f}",
-              flush=True)  # fmt: skip
+        print(
+            f"  {n:5d} rows  FA {'on ' if fa else 'off'} KV {kv:5s} {r['prefill_s']:7.2f} s  "
+            f"decode {r['decode_tok_s']:5.1f}",
+            flush=True,
+        )
     for ub in (512, 1024, 2048):
         r = _prefill(path, 750, n_batch=ub)
         out[f"rows 750 / n_ubatch {ub}"] = r
@@ -163,7 +189,7 @@ def _encoder_variants(ckpt: Path, src: Path, work: Path, n_layers: int, hidden: 
         CalibrationMethod,
         QuantFormat,
         QuantType,
-        quantize_dynamic,  # fmt: skip
+        quantize_dynamic,
         quantize_static,
     )
     from onnxruntime.transformers.optimizer import optimize_model
@@ -189,18 +215,25 @@ def _encoder_variants(ckpt: Path, src: Path, work: Path, n_layers: int, hidden: 
     def dyn(tag, nodes=None, per_channel=True):
         p = work / f"enc-{len(out)}.onnx"
         if not p.is_file():
-            quantize_dynamic(str(src), str(p), weight_type=QuantType.QInt8, per_channel=per_channel, nodes_to_quantize=nodes)
+            quantize_dynamic(
+                str(src), str(p), weight_type=QuantType.QInt8, per_channel=per_channel, nodes_to_quantize=nodes
+            )
         out[tag] = p
 
     p = work / "enc-fused.onnx"
     if not p.is_file():
-        optimize_model(str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0).save_model_to_file(str(p))
+        optimize_model(
+            str(src), model_type="bert", num_heads=heads, hidden_size=hidden, opt_level=0
+        ).save_model_to_file(str(p))
     out["fp32, ORT transformer optimizer (bert)"] = p
     exported("fp32, attention one head at a time", "fp32", per_head=True)
     dyn("int8 dynamic, per tensor", per_channel=False)
     dyn("int8 dynamic, per channel")
     exported("int8 precision (per tensor, one head at a time)", "int8")
-    dyn("int8 fc1 + fc2 of the last half", [n for n in names if "/fc1/" in n or ("/fc2/" in n and layer(n) >= n_layers // 2)])
+    dyn(
+        "int8 fc1 + fc2 of the last half",
+        [n for n in names if "/fc1/" in n or ("/fc2/" in n and layer(n) >= n_layers // 2)],
+    )
     dyn("int8 fc1 + q/k/v", [n for n in names if re.search(r"/(fc1|q_proj|k_proj|v_proj)/", n)])
     dyn("int8 fc1 only, batched attention", [n for n in names if "/fc1/" in n])
     exported("mixed precision (int8 fc1 only, one head at a time)", "mixed")
@@ -214,9 +247,17 @@ def _encoder_variants(ckpt: Path, src: Path, work: Path, n_layers: int, hidden: 
 
     p = work / "enc-qdq.onnx"
     if not p.is_file():
-        quantize_static(str(src), str(p), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, op_types_to_quantize=["MatMul"],
-                        calibrate_method=CalibrationMethod.MinMax)  # fmt: skip
+        quantize_static(
+            str(src),
+            str(p),
+            Reader(),
+            quant_format=QuantFormat.QDQ,
+            per_channel=True,
+            activation_type=QuantType.QUInt8,
+            weight_type=QuantType.QInt8,
+            op_types_to_quantize=["MatMul"],
+            calibrate_method=CalibrationMethod.MinMax,
+        )
     out["int8 static QDQ, per channel, MinMax (8 windows)"] = p
     return out
 
@@ -246,8 +287,18 @@ def _encoder_child(path: str, kw: dict, repeats: int, q) -> None:
             s.run(None, tests[0])
             times.append((time.perf_counter() - t0) * 1000)
         rows = [s.run(None, t)[0] for t in tests]
-        q.put(("ok", {"ms_per_window": statistics.median(times), "min_ms": min(times), "session_mb": loaded - before,
-                      "run_peak_mb": _rss()[1] - before}, rows))  # fmt: skip
+        q.put(
+            (
+                "ok",
+                {
+                    "ms_per_window": statistics.median(times),
+                    "min_ms": min(times),
+                    "session_mb": loaded - before,
+                    "run_peak_mb": _rss()[1] - before,
+                },
+                rows,
+            )
+        )
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         q.put(("error", f"{type(e).__name__}: {e}", None))
 
@@ -257,13 +308,17 @@ def section_encoder(bundle: Path, work: Path, args) -> dict:
 
     m = open_bundle(bundle, check_hashes=False).manifest["model"]
     ckpt = Path(json.loads((bundle / "manifest.json").read_text())["source"]["path"])
-    variants = _encoder_variants(ckpt, bundle / "encoder.onnx", work, m["encoder_layers"], m["encoder_hidden"],
-                                 m["encoder_heads"])  # fmt: skip
+    variants = _encoder_variants(
+        ckpt, bundle / "encoder.onnx", work, m["encoder_layers"], m["encoder_hidden"], m["encoder_heads"]
+    )
     mixed = variants["mixed precision (int8 fc1 only, one head at a time)"]
     runs = [(name, p, {}) for name, p in variants.items()]
-    runs += [("fp32, weights pre-packed (ORT's default)", variants["fp32"], {"prepack": True}),
-             ("mixed, weights pre-packed (ORT's default)", mixed, {"prepack": True}),
-             ("fp32, spinning on", variants["fp32"], {"spin": "1"}), ("fp32, arena off", variants["fp32"], {"arena": False})]  # fmt: skip
+    runs += [
+        ("fp32, weights pre-packed (ORT's default)", variants["fp32"], {"prepack": True}),
+        ("mixed, weights pre-packed (ORT's default)", mixed, {"prepack": True}),
+        ("fp32, spinning on", variants["fp32"], {"spin": "1"}),
+        ("fp32, arena off", variants["fp32"], {"arena": False}),
+    ]
     ctx = mp.get_context("spawn")
     out, base = {}, None
     for name, path, kw in runs:
@@ -277,8 +332,11 @@ def section_encoder(bundle: Path, work: Path, args) -> dict:
         base = base or rows
         r |= {"mb": path.stat().st_size / 1e6, "cosine_vs_fp32": [cosine(a, b) for a, b in zip(rows, base)]}
         out[name] = r
-        print(f"  {name:56s} {r['ms_per_window']:7.1f} ms  cos {min(r['cosine_vs_fp32']):.6f}  file {r['mb']:.0f} MB  "
-              f"session {r['session_mb']:.0f} MB  peak {r['run_peak_mb']:.0f} MB", flush=True)  # fmt: skip
+        print(
+            f"  {name:56s} {r['ms_per_window']:7.1f} ms  cos {min(r['cosine_vs_fp32']):.6f}  file {r['mb']:.0f} MB  "
+            f"session {r['session_mb']:.0f} MB  peak {r['run_peak_mb']:.0f} MB",
+            flush=True,
+        )
     return out
 
 
@@ -339,8 +397,12 @@ def section_memory(bundle: Path, work: Path, args) -> dict:
         llm["pages released (edge-af3)" if release else "mapping kept (llama.cpp's tools)"] = q.get()
         p.join()
     for k, r in llm.items():
-        print(f"  LLM alone, {k:34s} after load {r['loaded_mb']:5.0f} MB, after 750 rows + 32 tokens {r['rss_mb']:5.0f} MB, "
-              f"peak {r['peak_mb']:5.0f} MB", flush=True)  # fmt: skip
+        print(
+            f"  LLM alone, {k:34s} after load {r['loaded_mb']:5.0f} MB, "
+            f"after 750 rows + 32 tokens {r['rss_mb']:5.0f} MB, "
+            f"peak {r['peak_mb']:5.0f} MB",
+            flush=True,
+        )
     return {"stages": stages, "llm_alone": llm}
 
 
@@ -362,8 +424,14 @@ def _llm_memory_child(gguf: str, release: bool, q) -> None:
     q.put({"loaded_mb": loaded, "rss_mb": now, "peak_mb": peak})
 
 
-SECTIONS = {"llm": section_llm, "repack": section_repack, "settings": section_settings, "encoder": section_encoder, "overlap": section_overlap,
-            "memory": section_memory}  # fmt: skip
+SECTIONS = {
+    "llm": section_llm,
+    "repack": section_repack,
+    "settings": section_settings,
+    "encoder": section_encoder,
+    "overlap": section_overlap,
+    "memory": section_memory,
+}
 
 
 def _child(name, ckpt, fp32, bundle, work, args, q):
@@ -377,50 +445,83 @@ def _child(name, ckpt, fp32, bundle, work, args, q):
 
 
 def markdown(report: dict) -> str:
-    lines = [f"### CPU levers, {report['shape']} ({report['machine']['cores']} cores of {report['machine']['cpu']}; {report['when']})", ""]
+    lines = [
+        f"### CPU levers, {report['shape']} ({report['machine']['cores']} cores of {report['machine']['cpu']}; "
+        f"{report['when']})",
+        "",
+    ]
     s = report["sections"]
     if "llm" in s:
-        lines += ["| shape | GGUF | prefill rows/s (750 rows) | decode tok/s | MB | block tensor types |", "|---|---|---|---|---|---|"]
+        lines += [
+            "| shape | GGUF | prefill rows/s (750 rows) | decode tok/s | MB | block tensor types |",
+            "|---|---|---|---|---|---|",
+        ]
         for k, r in s["llm"].items():
             shape, q = k.split("/")
-            lines.append(f"| {shape} | {q} | {r['rows_per_s']:.0f} | {r['decode_tok_s']:.1f} | {r['mb']:.0f} | {', '.join(r['types'])} |")
+            lines.append(
+                f"| {shape} | {q} | {r['rows_per_s']:.0f} | {r['decode_tok_s']:.1f} | {r['mb']:.0f} | "
+                f"{', '.join(r['types'])} |"
+            )
         lines.append("")
     if "repack" in s:
-        lines += ["llama.cpp's extra buffer types (CPU repacking) on and off: what edge-af3's guard against a build "
-                  "with the AMX path costs.", "",
-                  "| shape | GGUF | load | prefill rows/s (750 rows) | decode tok/s |", "|---|---|---|---|---|"]
+        lines += [
+            "llama.cpp's extra buffer types (CPU repacking) on and off: what edge-af3's guard against a build "
+            "with the AMX path costs.",
+            "",
+            "| shape | GGUF | load | prefill rows/s (750 rows) | decode tok/s |",
+            "|---|---|---|---|---|",
+        ]
         for k, r in s["repack"].items():
             shape, q, how = k.split("/")
             lines.append(f"| {shape} | {q} | {how} | {r['rows_per_s']:.0f} | {r['decode_tok_s']:.1f} |")
         lines.append("")
     if "settings" in s:
-        lines += [f"On {s['settings']['quant']}:", "", "| setting | prefill s | rows/s | decode tok/s |", "|---|---|---|---|"]
+        lines += [
+            f"On {s['settings']['quant']}:",
+            "",
+            "| setting | prefill s | rows/s | decode tok/s |",
+            "|---|---|---|---|",
+        ]
         for k, r in s["settings"].items():
             if k != "quant":
                 d = f"{r['decode_tok_s']:.1f}" if "decode_tok_s" in r else "—"
                 lines.append(f"| {k} | {r['prefill_s']:.2f} | {r['rows_per_s']:.0f} | {d} |")
         lines.append("")
     if "encoder" in s:
-        lines += [("Each graph in its own process, its session as the runtime makes it (weights not pre-packed, no "
-                   "spinning, arena on) unless the row says otherwise; memory: RSS growth once the session is made, and "
-                   "the peak over the runs, above the process's RSS before the session."), "",
-                  "| encoder graph | ms / window | cosine vs fp32 (noise, tone) | file MB | session MB | peak MB |",
-                  "|---|---|---|---|---|---|"]  # fmt: skip
+        lines += [
+            (
+                "Each graph in its own process, its session as the runtime makes it (weights not pre-packed, no "
+                "spinning, arena on) unless the row says otherwise; memory: RSS growth once the session is made, and "
+                "the peak over the runs, above the process's RSS before the session."
+            ),
+            "",
+            "| encoder graph | ms / window | cosine vs fp32 (noise, tone) | file MB | session MB | peak MB |",
+            "|---|---|---|---|---|---|",
+        ]
         for k, r in s["encoder"].items():
             cos = ", ".join(f"{c:.6f}" for c in r["cosine_vs_fp32"])
-            lines.append(f"| {k} | {r['ms_per_window']:.0f} | {cos} | {r['mb']:.0f} | {r['session_mb']:.0f} | "
-                         f"{r['run_peak_mb']:.0f} |")  # fmt: skip
+            lines.append(
+                f"| {k} | {r['ms_per_window']:.0f} | {cos} | {r['mb']:.0f} | {r['session_mb']:.0f} | "
+                f"{r['run_peak_mb']:.0f} |"
+            )
         lines.append("")
     if "overlap" in s:
-        lines += ["| 120 s clip | TTFT ms |", "|---|---|"] + [f"| {k} | {r['ttft_ms']:.0f} |" for k, r in s["overlap"].items()]
+        lines += ["| 120 s clip | TTFT ms |", "|---|---|"] + [
+            f"| {k} | {r['ttft_ms']:.0f} |" for k, r in s["overlap"].items()
+        ]
         lines.append("")
     if "memory" in s:
         lines += ["| stage | RSS MB | peak MB |", "|---|---|---|"]
         lines += [f"| {r['stage']} | {r['rss_mb']:.0f} | {r['peak_mb']:.0f} |" for r in s["memory"]["stages"]]
-        lines += ["", "The LLM alone (n_ctx 16384, f16 KV): | after load MB | after 750 rows + 32 tokens MB | peak MB |",
-                  "|---|---|---|---|"]  # fmt: skip
-        lines += [f"| {k} | {r['loaded_mb']:.0f} | {r['rss_mb']:.0f} | {r['peak_mb']:.0f} |"
-                  for k, r in s["memory"].get("llm_alone", {}).items()]  # fmt: skip
+        lines += [
+            "",
+            "The LLM alone (n_ctx 16384, f16 KV): | after load MB | after 750 rows + 32 tokens MB | peak MB |",
+            "|---|---|---|---|",
+        ]
+        lines += [
+            f"| {k} | {r['loaded_mb']:.0f} | {r['rss_mb']:.0f} | {r['peak_mb']:.0f} |"
+            for k, r in s["memory"].get("llm_alone", {}).items()
+        ]
         lines.append("")
     return "\n".join(lines)
 
@@ -443,8 +544,13 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     ckpt, fp32 = prepare(args.shape, "auto", work, verify=False, mmproj=False, encoder_precision="fp32")
     _, bundle = prepare(args.shape, "auto", work, verify=False, mmproj=False, encoder_precision="auto")  # the defaults
-    report = {"benchmark": "cpu-levers", "shape": args.shape, "when": time.strftime("%Y-%m-%d"), "machine": machine(),
-              "sections": {}}  # fmt: skip
+    report = {
+        "benchmark": "cpu-levers",
+        "shape": args.shape,
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "sections": {},
+    }
     ctx = mp.get_context("spawn")
     for name in args.sections:
         print(f"[{name}]", flush=True)

@@ -68,8 +68,15 @@ def _reference(ckpt: Path, device: str):
     return rows_fp32, module, str(dtype).removeprefix("torch.")
 
 
-def run(shape: str, device: str, windows: list[int], repeats: int, work: Path, engines: list[str] | None,
-        verify: bool = True) -> dict:  # fmt: skip
+def run(
+    shape: str,
+    device: str,
+    windows: list[int],
+    repeats: int,
+    work: Path,
+    engines: list[str] | None,
+    verify: bool = True,
+) -> dict:
     import torch
 
     from edge_af3.bundle import open_bundle
@@ -83,12 +90,23 @@ def run(shape: str, device: str, windows: list[int], repeats: int, work: Path, e
     cuda = device == "cuda"
     sync = torch.cuda.synchronize if cuda else (lambda: None)
     rows_fp32, module, ref_dtype = _reference(ckpt, device)
-    feats45 = extract_features(((0.1 * np.random.default_rng(45).standard_normal(45 * 16000)).astype(np.float32), 16000))
+    feats45 = extract_features(
+        ((0.1 * np.random.default_rng(45).standard_normal(45 * 16000)).astype(np.float32), 16000)
+    )
     want = rows_fp32(feats45.features, feats45.mask)
     rng = np.random.default_rng(0)
-    inputs = {w: (rng.standard_normal((w, 128, 3000)).astype(np.float32), np.ones((w, 3000), np.int64)) for w in windows}
-    report: dict = {"benchmark": "encoder", "shape": shape, "device": device, "repeats": repeats, "machine": machine(),
-                    "when": time.strftime("%Y-%m-%d"), "peers": {}}  # fmt: skip
+    inputs = {
+        w: (rng.standard_normal((w, 128, 3000)).astype(np.float32), np.ones((w, 3000), np.int64)) for w in windows
+    }
+    report: dict = {
+        "benchmark": "encoder",
+        "shape": shape,
+        "device": device,
+        "repeats": repeats,
+        "machine": machine(),
+        "when": time.strftime("%Y-%m-%d"),
+        "peers": {},
+    }
     if cuda:
         report["gpu"] = torch.cuda.get_device_name()
 
@@ -136,8 +154,11 @@ def run(shape: str, device: str, windows: list[int], repeats: int, work: Path, e
         if cuda:
             entry["torch_peak_mb"] = torch.cuda.max_memory_allocated() / 2**20
         report["peers"][name] = entry
-        print(f"[{name}] cosine {entry['cosine']:.6f}; " + ", ".join(
-            f"{w} win: {entry['timing'][str(w)]['median_ms'] / w:.1f} ms/window" for w in windows), flush=True)  # fmt: skip
+        print(
+            f"[{name}] cosine {entry['cosine']:.6f}; "
+            + ", ".join(f"{w} win: {entry['timing'][str(w)]['median_ms'] / w:.1f} ms/window" for w in windows),
+            flush=True,
+        )
         close = getattr(enc, "close", None)
         if close:
             close()
@@ -147,9 +168,12 @@ def run(shape: str, device: str, windows: list[int], repeats: int, work: Path, e
 
 def markdown(report: dict, windows: list[int]) -> str:
     dev = report.get("gpu") or f"{report['machine']['cores']} CPU cores"
-    lines = [f"### encoder engines, {report['shape']} shape on {report['device']} ({dev}; {report['when']})", "",
-             "| peer | " + " | ".join(f"ms/window at {w}" for w in windows) + " | cosine vs fp32 reference | max abs |",
-             "|---|" + "---|" * (len(windows) + 2)]  # fmt: skip
+    lines = [
+        f"### encoder engines, {report['shape']} shape on {report['device']} ({dev}; {report['when']})",
+        "",
+        "| peer | " + " | ".join(f"ms/window at {w}" for w in windows) + " | cosine vs fp32 reference | max abs |",
+        "|---|" + "---|" * (len(windows) + 2),
+    ]
     for name, p in report["peers"].items():
         if "skipped" in p:
             lines.append(f"| {name} | skipped: {p['skipped'][:80]} |")
@@ -158,7 +182,9 @@ def markdown(report: dict, windows: list[int]) -> str:
         if name.startswith("transformers"):
             for kind in ("eager", "graph"):
                 if any(f"{kind}_{w}" in t for w in windows):
-                    cells = " | ".join(f"{t[f'{kind}_{w}']['median_ms'] / w:.1f}" if f"{kind}_{w}" in t else "—" for w in windows)
+                    cells = " | ".join(
+                        f"{t[f'{kind}_{w}']['median_ms'] / w:.1f}" if f"{kind}_{w}" in t else "—" for w in windows
+                    )
                     lines.append(f"| {name} {kind} | {cells} | (reference) | |")
             continue
         cells = " | ".join(f"{t[str(w)]['median_ms'] / w:.1f}" for w in windows)

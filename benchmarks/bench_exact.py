@@ -38,8 +38,9 @@ def probes(tmp: Path) -> dict:
     for s in (5, 30, 47):
         out[f"noise {s} s"] = (0.1 * rng.standard_normal(s * 16000)).astype(np.float32)
     wav = tmp / "speech.wav"
-    subprocess.run(["espeak-ng", "-w", str(wav), "The kettle whistles while somebody reads the news aloud. " * 4],
-                   check=True)  # fmt: skip
+    subprocess.run(
+        ["espeak-ng", "-w", str(wav), "The kettle whistles while somebody reads the news aloud. " * 4], check=True
+    )
     from edge_af3.audio import load_audio
 
     out["speech"] = load_audio(wav).samples
@@ -69,8 +70,13 @@ def main(argv=None) -> None:
         models = {"exact": AF3.load(bundle, exact=True, options=greedy), "defaults": AF3.load(bundle, options=greedy)}
         rows = []
         for name, x in clips.items():
-            conv = [{"role": "user", "content": ([{"type": "audio", "audio": x}] if x is not None else [])
-                     + [{"type": "text", "text": QUESTION}]}]  # fmt: skip
+            conv = [
+                {
+                    "role": "user",
+                    "content": ([{"type": "audio", "audio": x}] if x is not None else [])
+                    + [{"type": "text", "text": QUESTION}],
+                }
+            ]
             want = ref.generate(conv, max_new_tokens=N_NEW)
             batch = ref.inputs(conv)
             n_prompt = batch["input_ids"].shape[1]
@@ -89,21 +95,41 @@ def main(argv=None) -> None:
                 kl = np.sum(p * (np.log(p + 1e-30) - np.log(q + 1e-30)), -1)
                 got = list(m.ask(QUESTION, None if x is None else (x, 16000)).tokens)
                 diverge = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), None)
-                rows.append({"probe": name, "mode": mode, "top1": float(np.mean(ours.argmax(-1) == ref_logits.argmax(-1))),
-                             "kl_mean": float(kl.mean()), "kl_max": float(kl.max()),
-                             "greedy_identical": got == [t for t in want if t not in m.eos_ids][: len(got)] and diverge is None,
-                             "first_divergent_token": diverge})  # fmt: skip
-                print(f"{name:12s} {mode:8s} top1 {rows[-1]['top1']:.3f}  KL mean {rows[-1]['kl_mean']:.2e} "
-                      f"max {rows[-1]['kl_max']:.2e}  greedy {'identical' if diverge is None else f'diverges at token {diverge}'}")
+                rows.append(
+                    {
+                        "probe": name,
+                        "mode": mode,
+                        "top1": float(np.mean(ours.argmax(-1) == ref_logits.argmax(-1))),
+                        "kl_mean": float(kl.mean()),
+                        "kl_max": float(kl.max()),
+                        "greedy_identical": got == [t for t in want if t not in m.eos_ids][: len(got)]
+                        and diverge is None,
+                        "first_divergent_token": diverge,
+                    }
+                )
+                print(
+                    f"{name:12s} {mode:8s} top1 {rows[-1]['top1']:.3f}  KL mean {rows[-1]['kl_mean']:.2e} "
+                    f"max {rows[-1]['kl_max']:.2e}  "
+                    f"greedy {'identical' if diverge is None else f'diverges at token {diverge}'}"
+                )
         for m in models.values():
             m.close()
-        summary = {mode: {"top1": float(np.mean([r["top1"] for r in rows if r["mode"] == mode])),
-                          "kl_mean": float(np.mean([r["kl_mean"] for r in rows if r["mode"] == mode])),
-                          "greedy_identical": sum(r["greedy_identical"] for r in rows if r["mode"] == mode),
-                          "probes": sum(r["mode"] == mode for r in rows)} for mode in models}  # fmt: skip
+        summary = {
+            mode: {
+                "top1": float(np.mean([r["top1"] for r in rows if r["mode"] == mode])),
+                "kl_mean": float(np.mean([r["kl_mean"] for r in rows if r["mode"] == mode])),
+                "greedy_identical": sum(r["greedy_identical"] for r in rows if r["mode"] == mode),
+                "probes": sum(r["mode"] == mode for r in rows),
+            }
+            for mode in models
+        }
         print(summary)
-        print(save(f"exact-{args.shape}-{args.quant}", {"shape": args.shape, "quant": args.quant, "new_tokens": N_NEW,
-                                                        "rows": rows, "summary": summary}))  # fmt: skip
+        print(
+            save(
+                f"exact-{args.shape}-{args.quant}",
+                {"shape": args.shape, "quant": args.quant, "new_tokens": N_NEW, "rows": rows, "summary": summary},
+            )
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

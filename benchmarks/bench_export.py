@@ -89,7 +89,9 @@ def main(argv=None) -> dict:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
     name = "export" if set(args.shapes) != {"full"} else "export-full"
-    path = save(name, {"benchmark": "export", "quant": args.quant, "when": time.strftime("%Y-%m-%d"), "results": results})
+    path = save(
+        name, {"benchmark": "export", "quant": args.quant, "when": time.strftime("%Y-%m-%d"), "results": results}
+    )
     print(f"wrote {path}")
     return results
 

@@ -34,7 +34,9 @@ print(json.dumps({"load_s": t1 - t0}))
 
 
 def _load(bundle: Path, mode: str, env: dict) -> float:
-    res = subprocess.run([sys.executable, "-c", CHILD, str(bundle), mode], capture_output=True, text=True, env=env, check=True)
+    res = subprocess.run(
+        [sys.executable, "-c", CHILD, str(bundle), mode], capture_output=True, text=True, env=env, check=True
+    )
     return json.loads(res.stdout.strip().splitlines()[-1])["load_s"]
 
 
@@ -58,11 +60,17 @@ def main(argv=None) -> None:
             firsts.append(_load(bundle, "first", env))
             nexts.append(_load(bundle, "next", env))
             verifies.append(_load(bundle, "verify", env))
-        row = {"bundle_mb": round(size / 2**20, 1), "first_load_s": statistics.median(firsts),
-               "next_load_s": statistics.median(nexts), "verify_load_s": statistics.median(verifies),
-               "runs": {"first": firsts, "next": nexts, "verify": verifies}}  # fmt: skip
-        print(f"{args.shape} bundle {row['bundle_mb']} MB: first load {row['first_load_s']:.2f} s, next "
-              f"{row['next_load_s']:.2f} s, --verify {row['verify_load_s']:.2f} s (medians of {args.repeats})")
+        row = {
+            "bundle_mb": round(size / 2**20, 1),
+            "first_load_s": statistics.median(firsts),
+            "next_load_s": statistics.median(nexts),
+            "verify_load_s": statistics.median(verifies),
+            "runs": {"first": firsts, "next": nexts, "verify": verifies},
+        }
+        print(
+            f"{args.shape} bundle {row['bundle_mb']} MB: first load {row['first_load_s']:.2f} s, next "
+            f"{row['next_load_s']:.2f} s, --verify {row['verify_load_s']:.2f} s (medians of {args.repeats})"
+        )
         print(save(f"load-{args.shape}", {"shape": args.shape, **row}))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

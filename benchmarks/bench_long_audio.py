@@ -36,8 +36,25 @@ def main(argv=None) -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-long-"))
     try:
         wav = tmp / "long.wav"
-        subprocess.run(["sox", "-n", "-r", "8000", "-c", "1", "-b", "16", str(wav), "synth", str(args.hours * 3600),
-                        "pinknoise", "vol", "0.3"], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                "sox",
+                "-n",
+                "-r",
+                "8000",
+                "-c",
+                "1",
+                "-b",
+                "16",
+                str(wav),
+                "synth",
+                str(args.hours * 3600),
+                "pinknoise",
+                "vol",
+                "0.3",
+            ],
+            check=True,
+        )
         bundle = args.bundle
         if bundle is None:
             from edge_af3.export import export
@@ -57,8 +74,12 @@ def main(argv=None) -> None:
             print(f"{name:40s} peak RSS {mb:8.1f} MB  (exit {rc})")
             if rc:
                 print(tail)
-        print(save("long-audio", {"hours": args.hours, "rate": 8000, "file_mb": round(wav.stat().st_size / 2**20, 1),
-                                  "runs": rows}))  # fmt: skip
+        print(
+            save(
+                "long-audio",
+                {"hours": args.hours, "rate": 8000, "file_mb": round(wav.stat().st_size / 2**20, 1), "runs": rows},
+            )
+        )
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

@@ -42,11 +42,19 @@ def measure(bundle: Path, n_ctx: int, device: str, kv_type: str) -> dict:
     run_as = precision or ("fp16" if engine == "tensorrt" else stored)
     p = plan(bundle, n_ctx=n_ctx, kv_type=kv_type, encoder_precision=run_as, windows_per_run=windows_per_run)
     return {
-        "bundle": str(bundle), "device": device, "n_ctx": n_ctx, "kv_type": kv_type, "engine": engine,
-        "planned_bytes": p["total"], "planned_items": p["items"],
-        "measured_gpu_mb": measured, "peak_rss_mb": peak_rss_mb(), "load_s": load_s,
-        "ttft_ms": ans.timings.first_token_ms, "machine": machine(),
-    }  # fmt: skip
+        "bundle": str(bundle),
+        "device": device,
+        "n_ctx": n_ctx,
+        "kv_type": kv_type,
+        "engine": engine,
+        "planned_bytes": p["total"],
+        "planned_items": p["items"],
+        "measured_gpu_mb": measured,
+        "peak_rss_mb": peak_rss_mb(),
+        "load_s": load_s,
+        "ttft_ms": ans.timings.first_token_ms,
+        "machine": machine(),
+    }
 
 
 def main(argv=None) -> dict:
@@ -63,9 +71,11 @@ def main(argv=None) -> dict:
     path.write_text(json.dumps(res, indent=2) + "\n")
     held = res["measured_gpu_mb"] if res["measured_gpu_mb"] is not None else res["peak_rss_mb"]
     what = "GPU memory held" if res["measured_gpu_mb"] is not None else "peak RSS"
-    print(f"{args.bundle.name} at n_ctx {args.n_ctx}, KV {args.kv_type}, encoder {res['engine']}: "
-          f"planned {res['planned_bytes'] / GIB:.2f} GiB ({res['planned_bytes'] / 1e9:.2f} GB), "
-          f"{what} {held / 1024:.2f} GiB ({held * 2**20 / 1e9:.2f} GB)")  # fmt: skip
+    print(
+        f"{args.bundle.name} at n_ctx {args.n_ctx}, KV {args.kv_type}, encoder {res['engine']}: "
+        f"planned {res['planned_bytes'] / GIB:.2f} GiB ({res['planned_bytes'] / 1e9:.2f} GB), "
+        f"{what} {held / 1024:.2f} GiB ({held * 2**20 / 1e9:.2f} GB)"
+    )
     return res
 
 

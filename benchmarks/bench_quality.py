@@ -50,7 +50,9 @@ def reference_side(ckpt: Path, dtype: str) -> list[dict]:
     ref = load_reference(ckpt, dtype=dtype)
     audio = (0.1 * np.random.default_rng(10).standard_normal(10 * 16000)).astype(np.float32)
     convs = [[{"role": "user", "content": [{"type": "text", "text": p}]}] for p in PROBES]
-    convs.append([{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": PROBES[0]}]}])
+    convs.append(
+        [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": PROBES[0]}]}]
+    )
     out = []
     for conv in convs:
         batch = ref.inputs(conv)
@@ -60,7 +62,9 @@ def reference_side(ckpt: Path, dtype: str) -> list[dict]:
             with torch.inference_mode():
                 feats = batch["input_features"].to(ref.model.dtype)
                 rows = ref.model.get_audio_features(feats, batch["input_features_mask"]).pooler_output.float().numpy()
-        out.append({"ids": ids, "rows": rows, "logits": ref.logits(conv), "greedy": ref.generate(conv, max_new_tokens=GREEDY)})
+        out.append(
+            {"ids": ids, "rows": rows, "logits": ref.logits(conv), "greedy": ref.generate(conv, max_new_tokens=GREEDY)}
+        )
     del ref
     gc.collect()
     return out
@@ -83,9 +87,13 @@ def llama_side(gguf: Path, probes: list[dict], *, exact: bool = True, penalty: f
             else:
                 a = ids.index(SOUND_TOKEN_ID)
                 b = a + p["rows"].shape[0]
-                logits = np.concatenate([eng.decode_tokens(ids[:a], logits="all"),
-                                         eng.decode_embeddings(p["rows"], logits="all"),
-                                         eng.decode_tokens(ids[b:], logits="all")])  # fmt: skip
+                logits = np.concatenate(
+                    [
+                        eng.decode_tokens(ids[:a], logits="all"),
+                        eng.decode_embeddings(p["rows"], logits="all"),
+                        eng.decode_tokens(ids[b:], logits="all"),
+                    ]
+                )
             sampler = eng.make_sampler(SamplerOptions(repetition_penalty=penalty))
             eng.accept(sampler, ids)  # transformers' penalty counts every prompt id, <sound> included
             greedy = []
@@ -109,9 +117,11 @@ def encoder_side(ckpt: Path, precisions: list[str], work: Path) -> dict:
     wrapper = load_encoder(ckpt)
     t = np.arange(45 * 16000) / 16000
     rng = np.random.default_rng(7)
-    clips = {"noise 30 s": 0.1 * rng.standard_normal(30 * 16000),
-             "tone 30 s": 0.15 * np.sin(2 * np.pi * 330 * t[: 30 * 16000]) * (1 + np.sin(2 * np.pi * 3 * t[: 30 * 16000])),
-             "noise 45 s (2 windows)": 0.1 * rng.standard_normal(45 * 16000)}  # fmt: skip
+    clips = {
+        "noise 30 s": 0.1 * rng.standard_normal(30 * 16000),
+        "tone 30 s": 0.15 * np.sin(2 * np.pi * 330 * t[: 30 * 16000]) * (1 + np.sin(2 * np.pi * 3 * t[: 30 * 16000])),
+        "noise 45 s (2 windows)": 0.1 * rng.standard_normal(45 * 16000),
+    }
     feats = {k: extract_features((x.astype(np.float32), 16000)) for k, x in clips.items()}
     want = {}
     with torch.inference_mode():
@@ -149,8 +159,12 @@ def compare(ref: list[dict], got: list[dict]) -> dict:
                 break
             same += 1
         lens.append(same)
-    return {"top1_agreement": round(float(np.mean(top1)), 4), "kl_divergence": round(float(np.mean(kls)), 5),
-            "max_abs_logit_diff": round(maxdiff, 4), "greedy_prefix_match": lens}  # fmt: skip
+    return {
+        "top1_agreement": round(float(np.mean(top1)), 4),
+        "kl_divergence": round(float(np.mean(kls)), 5),
+        "max_abs_logit_diff": round(maxdiff, 4),
+        "greedy_prefix_match": lens,
+    }
 
 
 def main(argv=None) -> dict:
@@ -191,19 +205,35 @@ def main(argv=None) -> dict:
         r = compare(probes, llama_side(path, probes, penalty=penalty))
         r["bytes"] = path.stat().st_size
         rows[q] = r
-        print(f"{q:8s} {r['top1_agreement']:7.3f} {r['kl_divergence']:9.5f} {r['max_abs_logit_diff']:13.4f}  {r['greedy_prefix_match']}")
+        print(
+            f"{q:8s} {r['top1_agreement']:7.3f} {r['kl_divergence']:9.5f} {r['max_abs_logit_diff']:13.4f}  "
+            f"{r['greedy_prefix_match']}"
+        )
         if q == default_quant:  # llama.cpp's default attention settings vs exact mode, same GGUF
             exact = [{"logits": g["logits"], "greedy": g["greedy"]} for g in llama_side(path, probes, penalty=penalty)]
             runtime[q] = compare(exact, llama_side(path, probes, exact=False, penalty=penalty))
-            print(f"{q:8s} KV f16 + FA auto vs exact mode: top-1 {runtime[q]['top1_agreement']:.3f} "
-                  f"KL {runtime[q]['kl_divergence']:.6f}", flush=True)  # fmt: skip
+            print(
+                f"{q:8s} KV f16 + FA auto vs exact mode: top-1 {runtime[q]['top1_agreement']:.3f} "
+                f"KL {runtime[q]['kl_divergence']:.6f}",
+                flush=True,
+            )
         if path != base:
             path.unlink()
     base.unlink()
     encoders = encoder_side(ckpt, args.encoders, work) if args.encoders else {}
-    out = save(f"quality-{args.shape}", {"benchmark": "quality", "shape": args.shape, "reference_dtype": dtype,
-                                         "probes": len(probes), "results": rows, "default_quant": default_quant,
-                                         "runtime_defaults_vs_exact": runtime, "encoder_cosine_vs_fp32": encoders})  # fmt: skip
+    out = save(
+        f"quality-{args.shape}",
+        {
+            "benchmark": "quality",
+            "shape": args.shape,
+            "reference_dtype": dtype,
+            "probes": len(probes),
+            "results": rows,
+            "default_quant": default_quant,
+            "runtime_defaults_vs_exact": runtime,
+            "encoder_cosine_vs_fp32": encoders,
+        },
+    )
     print(f"wrote {out}")
     return rows
 

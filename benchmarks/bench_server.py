@@ -78,8 +78,15 @@ def _messages(clip: Path | None, text: str) -> list[dict]:
     if clip is None:
         return [{"role": "user", "content": text}]
     data = base64.b64encode(clip.read_bytes()).decode()
-    return [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
-                                         {"type": "text", "text": text}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": [
+                {"type": "input_audio", "input_audio": {"data": data, "format": "wav"}},
+                {"type": "text", "text": text},
+            ],
+        }
+    ]
 
 
 def _clients(base_url: str, requests: list[dict], new_tokens: int, extra: dict) -> dict:
@@ -95,9 +102,15 @@ def _clients(base_url: str, requests: list[dict], new_tokens: int, extra: dict) 
         t0 = time.perf_counter()
         first = last = None
         n = chunks = 0
-        stream = client.chat.completions.create(messages=requests[i]["messages"], model=requests[i]["model"],
-                                                max_tokens=new_tokens, temperature=0, stream=True,
-                                                stream_options={"include_usage": True}, extra_body=extra or None)  # fmt: skip
+        stream = client.chat.completions.create(
+            messages=requests[i]["messages"],
+            model=requests[i]["model"],
+            max_tokens=new_tokens,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+            extra_body=extra or None,
+        )
         for ch in stream:
             if ch.choices and ch.choices[0].delta.content:
                 last = time.perf_counter()
@@ -120,9 +133,16 @@ def _pooled(reps: list[dict]) -> dict:
     """Repeats of one run: TTFT percentiles over every request, rates as the median repeat."""
     ttft = [t for r in reps for t in r["ttft_ms"]]
     med = lambda k: float(np.median([r[k] for r in reps]))  # noqa: E731
-    return {**reps[0], "ttft_ms": ttft, "ttft_ms_p50": float(np.percentile(ttft, 50)),
-            "ttft_ms_p95": float(np.percentile(ttft, 95)), "aggregate_decode_tok_s": med("aggregate_decode_tok_s"),
-            "throughput_tok_s": med("throughput_tok_s"), "wall_s": med("wall_s"), "repeats": len(reps)}  # fmt: skip
+    return {
+        **reps[0],
+        "ttft_ms": ttft,
+        "ttft_ms_p50": float(np.percentile(ttft, 50)),
+        "ttft_ms_p95": float(np.percentile(ttft, 95)),
+        "aggregate_decode_tok_s": med("aggregate_decode_tok_s"),
+        "throughput_tok_s": med("throughput_tok_s"),
+        "wall_s": med("wall_s"),
+        "repeats": len(reps),
+    }
 
 
 def _summary(runs: list[dict], wall: float) -> dict:
@@ -134,12 +154,15 @@ def _summary(runs: list[dict], wall: float) -> dict:
         end = max(end, b)
     decode_tokens = sum(max(0, r["tokens"] - 1) for r in runs)
     return {
-        "clients": len(runs), "ttft_ms": ttft,
-        "ttft_ms_p50": float(np.percentile(ttft, 50)), "ttft_ms_p95": float(np.percentile(ttft, 95)),
+        "clients": len(runs),
+        "ttft_ms": ttft,
+        "ttft_ms_p50": float(np.percentile(ttft, 50)),
+        "ttft_ms_p95": float(np.percentile(ttft, 95)),
         "aggregate_decode_tok_s": decode_tokens / busy if busy > 0 else 0.0,
-        "throughput_tok_s": sum(r["tokens"] for r in runs) / wall, "completion_tokens": sum(r["tokens"] for r in runs),
+        "throughput_tok_s": sum(r["tokens"] for r in runs) / wall,
+        "completion_tokens": sum(r["tokens"] for r in runs),
         "wall_s": wall,
-    }  # fmt: skip
+    }
 
 
 def in_process_once(model, clip: Path, new_tokens: int) -> dict:
@@ -176,7 +199,13 @@ def main(argv=None) -> dict:
     work.mkdir(parents=True, exist_ok=True)
     _, bundle = prepare(args.shape, args.quant, work, mmproj=False, verify=False, encoder_precision="fp32")
     gguf = next(bundle.glob("llm-*.gguf"))
-    report: dict = {"shape": args.shape, "quant": args.quant, "new_tokens": args.new_tokens, "clip_seconds": args.seconds, "runs": []}
+    report: dict = {
+        "shape": args.shape,
+        "quant": args.quant,
+        "new_tokens": args.new_tokens,
+        "clip_seconds": args.seconds,
+        "runs": [],
+    }
     seed = iter(range(10_000))
     reps = lambda n: max(1, args.requests // n)  # noqa: E731 - repeats of a run: ~`requests` TTFTs per run
     from edge_af3 import AF3
@@ -186,8 +215,24 @@ def main(argv=None) -> dict:
     for parallel in args.parallel:
         port = _port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "edge_af3", "serve", "-m", str(bundle), "--port", str(port), "--parallel",
-               str(parallel), "--max-queue", "64", "--n-ctx", str(args.n_ctx), "--log-level", "warning"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "edge_af3",
+            "serve",
+            "-m",
+            str(bundle),
+            "--port",
+            str(port),
+            "--parallel",
+            str(parallel),
+            "--max-queue",
+            "64",
+            "--n-ctx",
+            str(args.n_ctx),
+            "--log-level",
+            "warning",
+        ]
         proc = _start(cmd, url + "/health", work / f"serve-p{parallel}.log")
         try:
             warm = [{"model": "edge-af3", "messages": _messages(_clip(work, next(seed), args.seconds), PROMPT)}]
@@ -200,21 +245,38 @@ def main(argv=None) -> dict:
                     theirs.append(_clients(url + "/v1", reqs, args.new_tokens, {"ignore_eos": True}))
                 report["in_process"] = _summary(ours, sum(r["last"] - r["t0"] for r in ours))
                 served = _pooled(theirs)
-                report["paired_ttft_ratio"] = float(np.median([b / a for a, b in
-                                                              zip(report["in_process"]["ttft_ms"], served["ttft_ms"])]))  # fmt: skip
+                report["paired_ttft_ratio"] = float(
+                    np.median([b / a for a, b in zip(report["in_process"]["ttft_ms"], served["ttft_ms"])])
+                )
                 report["runs"].append({"server": "edge-af3", "parallel": parallel, "audio": True, **served})
                 print("in-process", report["in_process"], "\nserver", served, flush=True)
             for n in args.clients:
                 if any((r["parallel"], r["clients"], r["audio"]) == (parallel, n, True) for r in report["runs"]):
                     continue  # the paired run above
-                res = _pooled([_clients(url + "/v1", [{"model": "edge-af3", "messages": _messages(
-                    _clip(work, next(seed), args.seconds), PROMPT)} for _ in range(n)], args.new_tokens,
-                    {"ignore_eos": True}) for _ in range(reps(n))])  # fmt: skip
+                res = _pooled(
+                    [
+                        _clients(
+                            url + "/v1",
+                            [
+                                {
+                                    "model": "edge-af3",
+                                    "messages": _messages(_clip(work, next(seed), args.seconds), PROMPT),
+                                }
+                                for _ in range(n)
+                            ],
+                            args.new_tokens,
+                            {"ignore_eos": True},
+                        )
+                        for _ in range(reps(n))
+                    ]
+                )
                 report["runs"].append({"server": "edge-af3", "parallel": parallel, "audio": True, **res})
                 print(report["runs"][-1], flush=True)
             for n in (1, 4):
                 reqs = [{"model": "edge-af3", "messages": _messages(None, f"{TEXT_PROMPT} ({i})")} for i in range(n)]
-                res = _pooled([_clients(url + "/v1", reqs, args.new_tokens, {"ignore_eos": True}) for _ in range(reps(n))])
+                res = _pooled(
+                    [_clients(url + "/v1", reqs, args.new_tokens, {"ignore_eos": True}) for _ in range(reps(n))]
+                )
                 report["runs"].append({"server": "edge-af3", "parallel": parallel, "audio": False, **res})
                 print(report["runs"][-1], flush=True)
         finally:
@@ -223,9 +285,27 @@ def main(argv=None) -> dict:
     if not args.no_llama_server:
         port = _port()
         url = f"http://127.0.0.1:{port}"
-        cmd = [sys.executable, "-m", "llama_cpp.server", "--model", str(gguf), "--port", str(port), "--n_ctx",
-               str(args.n_ctx), "--chat_format", "chatml", "--n_threads", str(os.cpu_count()), "--n_threads_batch",
-               str(os.cpu_count()), "--interrupt_requests", "false", "--verbose", "false"]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "llama_cpp.server",
+            "--model",
+            str(gguf),
+            "--port",
+            str(port),
+            "--n_ctx",
+            str(args.n_ctx),
+            "--chat_format",
+            "chatml",
+            "--n_threads",
+            str(os.cpu_count()),
+            "--n_threads_batch",
+            str(os.cpu_count()),
+            "--interrupt_requests",
+            "false",
+            "--verbose",
+            "false",
+        ]
         proc = _start(cmd, url + "/v1/models", work / "llama-server.log")
         try:
             _clients(url + "/v1", [{"model": gguf.name, "messages": _messages(None, "warm up")}], 4, {})
@@ -282,33 +362,53 @@ def goals(report: dict) -> list[dict]:
     one = _run(report, "edge-af3", 1, 1)
     if one:
         ratio = report.get("paired_ttft_ratio") or one["ttft_ms_p50"] / report["in_process"]["ttft_ms_p50"]
-        out.append({"goal": "1 client: TTFT <= 1.05x the in-process API (median of paired requests)", "value": ratio,
-                    "met": ratio <= 1.05})  # fmt: skip
+        out.append(
+            {
+                "goal": "1 client: TTFT <= 1.05x the in-process API (median of paired requests)",
+                "value": ratio,
+                "met": ratio <= 1.05,
+            }
+        )
     p1, p4 = _run(report, "edge-af3", 1, 4), _run(report, "edge-af3", 4, 4)
     if p1 and p4:
         ratio = p4["aggregate_decode_tok_s"] / p1["aggregate_decode_tok_s"]
-        out.append({"goal": "4 clients: --parallel 4 aggregate decode >= 2.5x --parallel 1", "value": ratio,
-                    "met": ratio >= 2.5})  # fmt: skip
+        out.append(
+            {
+                "goal": "4 clients: --parallel 4 aggregate decode >= 2.5x --parallel 1",
+                "value": ratio,
+                "met": ratio >= 2.5,
+            }
+        )
     return out
 
 
 def markdown(report: dict) -> str:
     ip = report["in_process"]
-    lines = [f"# Serving, {report['shape']} {report.get('quant', '')}, CPU ({report['clip_seconds']:g} s clips, {report['new_tokens']} new tokens)", "",
-             "| server | --parallel | input | clients | TTFT p50 ms | TTFT p95 ms | aggregate decode tok/s | throughput tok/s |",
-             "|---|---|---|---|---|---|---|---|",
-             f"| in-process API (one after another) | - | audio | 1 | {ip['ttft_ms_p50']:.0f} | {ip['ttft_ms_p95']:.0f} | "
-             f"{ip['aggregate_decode_tok_s']:.1f} | {ip['throughput_tok_s']:.1f} |"]  # fmt: skip
+    lines = [
+        f"# Serving, {report['shape']} {report.get('quant', '')}, CPU ({report['clip_seconds']:g} s clips, "
+        f"{report['new_tokens']} new tokens)",
+        "",
+        "| server | --parallel | input | clients | TTFT p50 ms | TTFT p95 ms | aggregate decode tok/s "
+        "| throughput tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+        f"| in-process API (one after another) | - | audio | 1 | {ip['ttft_ms_p50']:.0f} | {ip['ttft_ms_p95']:.0f} | "
+        f"{ip['aggregate_decode_tok_s']:.1f} | {ip['throughput_tok_s']:.1f} |",
+    ]
     for r in report["runs"]:
-        lines.append(f"| {r['server']} | {r['parallel']} | {'audio' if r['audio'] else 'text'} | {r['clients']} | "
-                     f"{r['ttft_ms_p50']:.0f} | {r['ttft_ms_p95']:.0f} | {r['aggregate_decode_tok_s']:.1f} | "
-                     f"{r['throughput_tok_s']:.1f} |")  # fmt: skip
+        lines.append(
+            f"| {r['server']} | {r['parallel']} | {'audio' if r['audio'] else 'text'} | {r['clients']} | "
+            f"{r['ttft_ms_p50']:.0f} | {r['ttft_ms_p95']:.0f} | {r['aggregate_decode_tok_s']:.1f} | "
+            f"{r['throughput_tok_s']:.1f} |"
+        )
     steps = report.get("decode_step_ms") or {}
     if steps:
-        lines += ["", "| batched decode step (this GGUF) | " + " | ".join(f"B={b}" for b in steps) + " |",
-                  "|---|" + "---|" * len(steps),
-                  "| ms per step | " + " | ".join(f"{v['step_ms']:.1f}" for v in steps.values()) + " |",
-                  "| tokens/s | " + " | ".join(f"{v['tok_s']:.1f}" for v in steps.values()) + " |"]  # fmt: skip
+        lines += [
+            "",
+            "| batched decode step (this GGUF) | " + " | ".join(f"B={b}" for b in steps) + " |",
+            "|---|" + "---|" * len(steps),
+            "| ms per step | " + " | ".join(f"{v['step_ms']:.1f}" for v in steps.values()) + " |",
+            "| tokens/s | " + " | ".join(f"{v['tok_s']:.1f}" for v in steps.values()) + " |",
+        ]
     lines += ["", "| goal | measured | met |", "|---|---|---|"]
     lines += [f"| {g['goal']} | {g['value']:.2f}x | {'yes' if g['met'] else 'no'} |" for g in report["goals"]]
     return "\n".join(lines) + "\n"

@@ -62,8 +62,12 @@ def timeline(seed: int = 0, noise: float = 0.003) -> tuple[np.ndarray, np.ndarra
     def quiet(sec):
         add(np.zeros(int(sec * RATE)), False, False)
 
-    sentences = ["The quick brown fox jumps over the lazy dog.", "Please transcribe the input speech.",
-                 "Seven hundred and fifty tokens per window.", "Where is the nearest train station?"]  # fmt: skip
+    sentences = [
+        "The quick brown fox jumps over the lazy dog.",
+        "Please transcribe the input speech.",
+        "Seven hundred and fifty tokens per window.",
+        "Where is the nearest train station?",
+    ]
     t = np.arange(int(1.5 * RATE)) / RATE
     sounds = {
         "knock": rng.standard_normal(int(0.4 * RATE)) * np.exp(-np.arange(int(0.4 * RATE)) / 800) * 0.6,
@@ -133,8 +137,10 @@ def main(argv=None) -> dict:
     for cond, level in (("quiet room (-50 dBFS noise)", 0.003), ("noisy room (-34 dBFS noise)", 0.02)):
         x, speech, event = timeline(noise=level)
         frames = x.reshape(-1, FRAME)
-        print(f"{cond}: {len(frames)} frames ({x.size / RATE:.1f} s), {speech.sum()} speech, "
-              f"{event.sum()} speech or sound event")  # fmt: skip
+        print(
+            f"{cond}: {len(frames)} frames ({x.size / RATE:.1f} s), {speech.sum()} speech, "
+            f"{event.sum()} speech or sound event"
+        )
         print(f"  {'vad':14s} {'speech P/R/F1':>15s} {'events P/R/F1':>15s} {'us/frame':>9s}")
         rows[cond] = {}
         for name in ("silero", "webrtc", "energy", "silero+energy"):
@@ -149,8 +155,10 @@ def main(argv=None) -> dict:
             us = (time.perf_counter() - t0) / len(frames) * 1e6
             s, e = score(pred, speech), score(pred, event)
             rows[cond][name] = {"speech": s, "speech_or_event": e, "us_per_frame": round(us, 1)}
-            print(f"  {name:14s} {s['precision']:.2f}/{s['recall']:.2f}/{s['f1']:.2f}  "
-                  f"{e['precision']:.2f}/{e['recall']:.2f}/{e['f1']:.2f} {us:9.1f}")  # fmt: skip
+            print(
+                f"  {name:14s} {s['precision']:.2f}/{s['recall']:.2f}/{s['f1']:.2f}  "
+                f"{e['precision']:.2f}/{e['recall']:.2f}/{e['f1']:.2f} {us:9.1f}"
+            )
     first = from_first_frame()
     path = save("vad", {"benchmark": "vad", "results": rows, "sound_from_frame_1": first})
     print(f"wrote {path}")

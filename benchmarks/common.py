@@ -7,9 +7,9 @@ import platform
 import resource
 import statistics
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -76,8 +76,12 @@ def gpu_process_mb(pid: int | None = None) -> float | None:
         return None
     pid = pid or os.getpid()
     try:
-        out = subprocess.run(["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
-                             capture_output=True, text=True, timeout=20).stdout  # fmt: skip
+        out = subprocess.run(
+            ["nvidia-smi", "--query-compute-apps=pid,used_memory", "--format=csv,noheader,nounits"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        ).stdout
     except (OSError, subprocess.SubprocessError):
         return None
     for line in out.splitlines():
@@ -99,8 +103,12 @@ def machine() -> dict:
         llama = llama_system_info()
     except Exception as e:  # noqa: BLE001 - a benchmark without llama-cpp-python still reports its machine
         llama = f"unavailable: {e}"
-    return {"cpu": f"{cpu.name} ({' '.join(cpu.options) or cpu.machine})", "cores": os.cpu_count(),
-            "python": platform.python_version(), "llama_cpp": llama}  # fmt: skip
+    return {
+        "cpu": f"{cpu.name} ({' '.join(cpu.options) or cpu.machine})",
+        "cores": os.cpu_count(),
+        "python": platform.python_version(),
+        "llama_cpp": llama,
+    }
 
 
 def save(name: str, payload: dict) -> Path:

@@ -100,23 +100,43 @@ def peer_edge(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
             t = model.ask(PROMPT, path, max_new_tokens=1).timings
             # a second question about the same clip: the KV cache holds the system prompt and its rows
             f = model.ask("And what else?", path, max_new_tokens=1).timings
-            return {"features_ms": t.features_ms, "encoder_ms": t.encoder_ms, "prefill_ms": t.prefill_ms,
-                    "ttft_ms": t.first_token_ms, "audio_tokens": t.audio_tokens,
-                    "followup_ttft_ms": f.first_token_ms}  # fmt: skip
+            return {
+                "features_ms": t.features_ms,
+                "encoder_ms": t.encoder_ms,
+                "prefill_ms": t.prefill_ms,
+                "ttft_ms": t.first_token_ms,
+                "audio_tokens": t.audio_tokens,
+                "followup_ttft_ms": f.first_token_ms,
+            }
 
         res[sec] = _collect(_repeat(once, repeats, sec)) | {"peak_rss_mb": _peak_so_far(res)}
     decode = []
     for _ in range(repeats):
         model.forget()
-        decode.append(model.ask(PROMPT, clips[_decode_key(clips)], max_new_tokens=new_tokens,
-                                ignore_eos=True).timings.decode_tokens_per_s)  # fmt: skip
-    engine = f"{model.encoder.name} + llama.cpp ({model.llm.n_gpu_layers} layers on GPU)" if device == "cuda" else model.encoder.name
+        decode.append(
+            model.ask(
+                PROMPT, clips[_decode_key(clips)], max_new_tokens=new_tokens, ignore_eos=True
+            ).timings.decode_tokens_per_s
+        )
+    engine = (
+        f"{model.encoder.name} + llama.cpp ({model.llm.n_gpu_layers} layers on GPU)"
+        if device == "cuda"
+        else model.encoder.name
+    )
     gpu = gpu_process_mb() if device == "cuda" else None
     model.close()
-    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": _peak_so_far(res), "gpu_mb": gpu, "engine": engine}
+    return {
+        "clips": res,
+        "decode_tok_s": _stats(decode),
+        "peak_rss_mb": _peak_so_far(res),
+        "gpu_mb": gpu,
+        "engine": engine,
+    }
 
 
-def peer_reference(ckpt: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict | None = None) -> dict:
+def peer_reference(
+    ckpt: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict | None = None
+) -> dict:
     import torch
 
     from edge_af3.reference.loader import load_reference
@@ -162,8 +182,13 @@ def peer_reference(ckpt: str, clips: dict, repeats: int, new_tokens: int, device
                 ref.model.generate(**ref.inputs(conv(x)).to(dev), max_new_tokens=1, do_sample=False)
             sync()
             t5 = time.perf_counter()
-            return {"features_ms": (t1 - t0) * 1000, "encoder_ms": (t2 - t1) * 1000, "prefill_ms": (t3 - t2) * 1000,
-                    "ttft_ms": (t5 - t4) * 1000, "audio_tokens": n_audio}  # fmt: skip
+            return {
+                "features_ms": (t1 - t0) * 1000,
+                "encoder_ms": (t2 - t1) * 1000,
+                "prefill_ms": (t3 - t2) * 1000,
+                "ttft_ms": (t5 - t4) * 1000,
+                "audio_tokens": n_audio,
+            }
 
         res[sec] = _collect(_repeat(once, repeats, sec)) | {"peak_rss_mb": _peak_so_far(res)}
     x = _load(clips[_decode_key(clips)])
@@ -189,14 +214,20 @@ def peer_reference(ckpt: str, clips: dict, repeats: int, new_tokens: int, device
     for _ in range(repeats):
         stamps = Stamps()
         with torch.inference_mode():
-            ref.model.generate(**batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                               streamer=stamps)  # fmt: skip
+            ref.model.generate(
+                **batch, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False, streamer=stamps
+            )
         # first to last token of one call: the prefill is outside it, and it cannot go negative
         decode.append((len(stamps.times) - 1) / (stamps.times[-1] - stamps.times[0]))
     gpu = gpu_process_mb() if cuda else None  # the process's device memory (torch's allocator peak is lower)
-    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": _peak_so_far(res), "gpu_mb": gpu,
-            "torch_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
-            "engine": f"transformers {'bf16 cuda' if cuda else 'fp32 cpu'}"}  # fmt: skip
+    return {
+        "clips": res,
+        "decode_tok_s": _stats(decode),
+        "peak_rss_mb": _peak_so_far(res),
+        "gpu_mb": gpu,
+        "torch_peak_mb": torch.cuda.max_memory_allocated() / 2**20 if cuda else None,
+        "engine": f"transformers {'bf16 cuda' if cuda else 'fp32 cpu'}",
+    }
 
 
 def _greedy_decode(eng, n: int) -> float:
@@ -239,9 +270,14 @@ def peer_mtmd(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
             eng.sample(sampler)
             t1 = time.perf_counter()
             eng.free_sampler(sampler)
-            return {"features_ms": info["features_ms"], "encoder_ms": info["encoder_ms"],
-                    "prefill_ms": info["prefill_ms"], "ttft_ms": (t1 - t0) * 1000,
-                    "audio_tokens": info["audio_tokens"], "windows": info["audio_tokens"] // 750}  # fmt: skip
+            return {
+                "features_ms": info["features_ms"],
+                "encoder_ms": info["encoder_ms"],
+                "prefill_ms": info["prefill_ms"],
+                "ttft_ms": (t1 - t0) * 1000,
+                "audio_tokens": info["audio_tokens"],
+                "windows": info["audio_tokens"] // 750,
+            }
 
         res[sec] = _collect(_repeat(once, repeats, sec)) | {"peak_rss_mb": _peak_so_far(res)}
     x = _load(clips[_decode_key(clips)])
@@ -253,7 +289,13 @@ def peer_mtmd(bundle: str, clips: dict, repeats: int, new_tokens: int, device: s
     gpu = gpu_process_mb() if device == "cuda" else None
     mt.close()
     eng.close()
-    return {"clips": res, "decode_tok_s": _stats(decode), "peak_rss_mb": _peak_so_far(res), "gpu_mb": gpu, "engine": "libmtmd"}
+    return {
+        "clips": res,
+        "decode_tok_s": _stats(decode),
+        "peak_rss_mb": _peak_so_far(res),
+        "gpu_mb": gpu,
+        "engine": "libmtmd",
+    }
 
 
 def peer_raw(bundle: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict | None = None) -> dict:
@@ -279,7 +321,13 @@ def peer_raw(bundle: str, clips: dict, repeats: int, new_tokens: int, device: st
             decode.append(rate)
     gpu = gpu_process_mb() if device == "cuda" else None
     eng.close()
-    return {"clips": {}, "decode_tok_s": _stats(decode), "peak_rss_mb": peak_rss_mb(), "gpu_mb": gpu, "engine": "llama.cpp"}
+    return {
+        "clips": {},
+        "decode_tok_s": _stats(decode),
+        "peak_rss_mb": peak_rss_mb(),
+        "gpu_mb": gpu,
+        "engine": "llama.cpp",
+    }
 
 
 def _decode_key(clips: dict) -> str:
@@ -298,8 +346,9 @@ def _child(name: str, source: str, clips: dict, repeats: int, new_tokens: int, d
         q.put(("error", f"{type(e).__name__}: {e}\n{traceback.format_exc()[-2000:]}"))
 
 
-def run_peer(name: str, source: str, clips: dict, repeats: int, new_tokens: int, device: str,
-             opts: dict | None = None) -> dict:  # fmt: skip
+def run_peer(
+    name: str, source: str, clips: dict, repeats: int, new_tokens: int, device: str, opts: dict | None = None
+) -> dict:
     ctx = mp.get_context("spawn")
     q = ctx.Queue()
     p = ctx.Process(target=_child, args=(name, source, clips, repeats, new_tokens, device, opts or {}, q))
@@ -312,8 +361,16 @@ def run_peer(name: str, source: str, clips: dict, repeats: int, new_tokens: int,
 
 
 # -- setup --------------------------------------------------------------------------------------
-def prepare(shape: str, quant: str, work: Path, say=print, *, verify: bool = True, mmproj: bool = True,
-            encoder_precision: str = "auto") -> tuple[Path, Path]:  # fmt: skip
+def prepare(
+    shape: str,
+    quant: str,
+    work: Path,
+    say=print,
+    *,
+    verify: bool = True,
+    mmproj: bool = True,
+    encoder_precision: str = "auto",
+) -> tuple[Path, Path]:
     """The checkpoint (made once, seed 0) and its bundle (exported once; with an mmproj for the
     mtmd peer). verify=False skips the export's parity checks (on a GPU box the 7B reference
     on the CPU would take most of the time; bench_encoder and the gpu tests check parity there)."""
@@ -339,8 +396,16 @@ def prepare(shape: str, quant: str, work: Path, say=print, *, verify: bool = Tru
     manifest = bundle / "manifest.json"
     if not manifest.is_file() or (mmproj and not json.loads(manifest.read_text()).get("mmproj")):
         say(f"exporting {bundle} ({quant}{', with mmproj' if mmproj else ''})")
-        export(ckpt, bundle, quant=quant, mmproj=mmproj, force=True, verify=verify, encoder_precision=encoder_precision,
-               progress=lambda m: say("  " + m))  # fmt: skip
+        export(
+            ckpt,
+            bundle,
+            quant=quant,
+            mmproj=mmproj,
+            force=True,
+            verify=verify,
+            encoder_precision=encoder_precision,
+            progress=lambda m: say("  " + m),
+        )
     return ckpt, bundle
 
 
@@ -404,12 +469,24 @@ def ratios(res: dict) -> list[dict]:
             rows.append({"goal": desc, "ratio": r, "want": want, "met": r >= want})
     d_ours, d_raw = metric(res, "edge-af3", "decode_tok_s", None), metric(res, "raw", "decode_tok_s", None)
     if d_ours and d_raw:
-        rows.append({"goal": "decode vs raw llama.cpp (>= 0.95x)", "ratio": d_ours / d_raw, "want": 0.95,
-                     "met": d_ours / d_raw >= 0.95})  # fmt: skip
+        rows.append(
+            {
+                "goal": "decode vs raw llama.cpp (>= 0.95x)",
+                "ratio": d_ours / d_raw,
+                "want": 0.95,
+                "met": d_ours / d_raw >= 0.95,
+            }
+        )
     m_ours, m_mtmd = metric(res, "edge-af3", "peak_rss_mb", None), metric(res, "mtmd", "peak_rss_mb", None)
     if m_ours and m_mtmd:
-        rows.append({"goal": "peak RSS over the whole run vs mtmd's (<= 1x)", "ratio": m_mtmd / m_ours, "want": 1.0,
-                     "met": m_ours <= m_mtmd})  # fmt: skip
+        rows.append(
+            {
+                "goal": "peak RSS over the whole run vs mtmd's (<= 1x)",
+                "ratio": m_mtmd / m_ours,
+                "want": 1.0,
+                "met": m_ours <= m_mtmd,
+            }
+        )
     return rows
 
 
@@ -423,7 +500,8 @@ def markdown(report: dict) -> str:
         f"(clips >= {LONG_S} s: one run, no warm-up of their own). TTFT: from the call to the first token, "
         "including feature extraction, encoder and prefill.",
         "",
-        "| clip | peer | audio tokens | features ms | encoder ms/window | prefill ms | TTFT ms | TTFT ratio peer/edge-af3 | follow-up TTFT ms | peak RSS MB so far |",
+        "| clip | peer | audio tokens | features ms | encoder ms/window | prefill ms | TTFT ms "
+        "| TTFT ratio peer/edge-af3 | follow-up TTFT ms | peak RSS MB so far |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for sec in clips:
@@ -439,15 +517,19 @@ def markdown(report: dict) -> str:
             ttft = c["ttft_ms"]["median"]
             pw = _per_window(res[peer], sec)
             ratio = "1.00" if peer == "edge-af3" else (f"{ttft / ours:.2f}x" if ours else "—")
-            lines.append(f"| {sec} s | {peer} | {int(c['audio_tokens']['median'])} | {f('features_ms')} | "
-                         f"{pw:.0f} | {f('prefill_ms')} | {ttft:.0f} | {ratio} | {f('followup_ttft_ms')} | "
-                         f"{c.get('peak_rss_mb', 0):.0f} |")  # fmt: skip
+            lines.append(
+                f"| {sec} s | {peer} | {int(c['audio_tokens']['median'])} | {f('features_ms')} | "
+                f"{pw:.0f} | {f('prefill_ms')} | {ttft:.0f} | {ratio} | {f('followup_ttft_ms')} | "
+                f"{c.get('peak_rss_mb', 0):.0f} |"
+            )
     lines += ["", "| peer | decode tok/s | peak RSS MB | engine |", "|---|---|---|---|"]
     for peer in PEERS:
         if peer in res:
             p = res[peer]
             gpu = f" (GPU {p['gpu_mb']:.0f} MB)" if p.get("gpu_mb") else ""
-            lines.append(f"| {peer} | {p['decode_tok_s']['median']:.1f} | {p['peak_rss_mb']:.0f}{gpu} | {p['engine']} |")
+            lines.append(
+                f"| {peer} | {p['decode_tok_s']['median']:.1f} | {p['peak_rss_mb']:.0f}{gpu} | {p['engine']} |"
+            )
     lines += ["", "| goal | ratio | met |", "|---|---|---|"]
     for r in report["goals"]:
         value = f"{r['value']:.6f}" if "value" in r else f"{r['ratio']:.2f}x"
@@ -474,7 +556,9 @@ def plot(report: dict, path: Path) -> None:
             c = res[peer]["clips"].get(sec)
             if not c:
                 continue
-            parts = {k: c[f"{k}_ms"]["median"] / 1000 if f"{k}_ms" in c else 0.0 for k in ("features", "encoder", "prefill")}
+            parts = {
+                k: c[f"{k}_ms"]["median"] / 1000 if f"{k}_ms" in c else 0.0 for k in ("features", "encoder", "prefill")
+            }
             parts["other"] = max(0.0, c["ttft_ms"]["median"] / 1000 - sum(parts.values()))
             bottom = 0.0
             for k, v in parts.items():
@@ -502,8 +586,12 @@ def main(argv=None) -> dict:
     ap.add_argument("--encoder-engine", default=None, help="force edge-af3's encoder engine (default: the best one)")
     ap.add_argument("--work", type=Path, default=None, help="where checkpoints, bundles and clips live")
     ap.add_argument("--no-verify", action="store_true", help="export the bundle without its parity checks")
-    ap.add_argument("--encoder-precision", default="auto", choices=["auto", "fp32", "fp16", "int8", "mixed"],
-                    help="the bundle's encoder.onnx (edge-af3 only; the other peers do not use it; auto: export's pick)")
+    ap.add_argument(
+        "--encoder-precision",
+        default="auto",
+        choices=["auto", "fp32", "fp16", "int8", "mixed"],
+        help="the bundle's encoder.onnx (edge-af3 only; the other peers do not use it; auto: export's pick)",
+    )
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
 
@@ -511,31 +599,54 @@ def main(argv=None) -> dict:
 
     work = args.work or cache_dir() / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    ckpt, bundle = prepare(args.shape, args.quant, work, verify=not args.no_verify, mmproj="mtmd" in args.peers,
-                           encoder_precision=args.encoder_precision)  # fmt: skip
+    ckpt, bundle = prepare(
+        args.shape,
+        args.quant,
+        work,
+        verify=not args.no_verify,
+        mmproj="mtmd" in args.peers,
+        encoder_precision=args.encoder_precision,
+    )
     clips = write_clips(work, sorted(set(args.clips)))
     peers = {}
     for peer in args.peers:
         print(f"[{peer}] running on {len(clips)} clip(s) x {args.repeats} ...", flush=True)
         t0 = time.perf_counter()
         source = str(ckpt) if peer == "reference" else str(bundle)
-        peers[peer] = run_peer(peer, source, clips, args.repeats, args.new_tokens, args.device,
-                               {"encoder_engine": args.encoder_engine})  # fmt: skip
+        peers[peer] = run_peer(
+            peer, source, clips, args.repeats, args.new_tokens, args.device, {"encoder_engine": args.encoder_engine}
+        )
         print(f"[{peer}] done in {time.perf_counter() - t0:.0f} s", flush=True)
     manifest = json.loads((bundle / "manifest.json").read_text())
     report = {
-        "benchmark": "suite", "shape": args.shape, "device": args.device, "quant": manifest["llm"]["quant"],
-        "encoder": manifest["encoder"]["precision"], "repeats": args.repeats, "new_tokens": args.new_tokens,
-        "when": time.strftime("%Y-%m-%d"), "machine": machine(), "clips": list(clips), "peers": peers,
-    }  # fmt: skip
+        "benchmark": "suite",
+        "shape": args.shape,
+        "device": args.device,
+        "quant": manifest["llm"]["quant"],
+        "encoder": manifest["encoder"]["precision"],
+        "repeats": args.repeats,
+        "new_tokens": args.new_tokens,
+        "when": time.strftime("%Y-%m-%d"),
+        "machine": machine(),
+        "clips": list(clips),
+        "peers": peers,
+    }
     report["goals"] = ratios(peers)
     enc_check = manifest.get("verification", {}).get("encoder")
     if enc_check:  # the export's check of this bundle's encoder.onnx against PyTorch fp32 (45 s probe)
-        report["goals"].insert(1, {"goal": "encoder rows cosine vs fp32 PyTorch (>= 0.9999)", "value": enc_check["cosine"],
-                                   "want": 0.9999, "met": enc_check["cosine"] >= 0.9999})  # fmt: skip
+        report["goals"].insert(
+            1,
+            {
+                "goal": "encoder rows cosine vs fp32 PyTorch (>= 0.9999)",
+                "value": enc_check["cosine"],
+                "want": 0.9999,
+                "met": enc_check["cosine"] >= 0.9999,
+            },
+        )
     args.out.mkdir(parents=True, exist_ok=True)
     variant = ("" if args.quant == "auto" else f"-{args.quant}") + (
-        "" if args.encoder_precision == "auto" else f"-enc-{args.encoder_precision}")
+        "" if args.encoder_precision == "auto" else f"-enc-{args.encoder_precision}"
+    )
     stem = args.out / f"suite-{args.shape}-{args.device}{variant}"
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(report)

@@ -6,8 +6,15 @@ The inference path (audio -> features -> encoder engine -> llama.cpp) needs no t
 
 from .audio import Audio, load_audio
 from .bundle import Bundle, open_bundle
-from .errors import (AudioError, BundleError, CheckpointError, ContextOverflowError, EdgeAF3Error,
-                     ModelNotFoundError, OptionsError)  # fmt: skip
+from .errors import (
+    AudioError,
+    BundleError,
+    CheckpointError,
+    ContextOverflowError,
+    EdgeAF3Error,
+    ModelNotFoundError,
+    OptionsError,
+)
 from .features import AudioFeatures, AudioTooLongWarning, extract_features, token_count
 from .runtime import AF3, Answer, ChatSession, GenerationOptions, Stream, Timings
 

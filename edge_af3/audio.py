@@ -11,9 +11,10 @@ import io
 import math
 import os
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Union
 
 import numpy as np
 
@@ -67,8 +68,10 @@ def samples_first(x: np.ndarray, name: str = "<array>") -> np.ndarray:
         return x
     if a <= MAX_CHANNELS and b > a:
         return x.T
-    raise AudioError(f"{name}: cannot tell samples from channels in an array of shape {tuple(x.shape)}; "
-                     f"pass [samples] or [samples, channels] with at most {MAX_CHANNELS} channels")  # fmt: skip
+    raise AudioError(
+        f"{name}: cannot tell samples from channels in an array of shape {tuple(x.shape)}; "
+        f"pass [samples] or [samples, channels] with at most {MAX_CHANNELS} channels"
+    )
 
 
 def to_mono(x: np.ndarray) -> np.ndarray:
@@ -139,8 +142,10 @@ def _decode(data, name: str) -> tuple[np.ndarray, int, int, float | None]:
             data.seek(0)
         decoded = _decode_av(data, name, e)  # m4a / mp4 / webm / opus ... through FFmpeg (extra `av`)
         if decoded is None:
-            raise AudioError(f"{name}: not a readable audio file ({e}); for m4a, mp4, webm or opus install the av "
-                             "extra: pip install 'edge-af3[av]'") from e  # fmt: skip
+            raise AudioError(
+                f"{name}: not a readable audio file ({e}); for m4a, mp4, webm or opus install the av "
+                "extra: pip install 'edge-af3[av]'"
+            ) from e
         return decoded
     seconds = total / rate if rate > 0 and total > 0 else None
     return x, rate, int(x.shape[1]), seconds
@@ -226,8 +231,12 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
     if rate < 1000:
         raise AudioError(f"{label}: sample rate {rate} Hz is not a real audio rate")
     if seconds is not None and seconds * SAMPLE_RATE > MAX_SAMPLES:
-        warnings.warn(f"{label}: {seconds:.1f} s is longer than AF3's {MAX_SAMPLES // SAMPLE_RATE} s; only the "
-                      f"first {MAX_SAMPLES // SAMPLE_RATE} s are used", AudioTooLongWarning, stacklevel=2)  # fmt: skip
+        warnings.warn(
+            f"{label}: {seconds:.1f} s is longer than AF3's {MAX_SAMPLES // SAMPLE_RATE} s; only the "
+            f"first {MAX_SAMPLES // SAMPLE_RATE} s are used",
+            AudioTooLongWarning,
+            stacklevel=2,
+        )
         mono = mono[: math.ceil(MAX_SAMPLES / SAMPLE_RATE * rate)]
     out = resample(mono, rate)
     del mono
@@ -253,7 +262,11 @@ def stream_file(path: str | os.PathLike, block: int = 16000) -> Iterator[np.ndar
         rate = int(f.samplerate)
         if rate < 1000:
             raise AudioError(f"{label}: sample rate {rate} Hz is not a real audio rate")
-        rs = soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float64", quality="soxr_hq") if rate != SAMPLE_RATE else None
+        rs = (
+            soxr.ResampleStream(rate, SAMPLE_RATE, 1, dtype="float64", quality="soxr_hq")
+            if rate != SAMPLE_RATE
+            else None
+        )
         n_in = max(1, math.ceil(block * rate / SAMPLE_RATE))
         while True:
             x = f.read(frames=n_in, dtype="float64", always_2d=True)

@@ -17,8 +17,17 @@ from .errors import CheckpointError
 CHECKPOINT_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "merges.txt", "vocab.json", "think/*"]
 
 # the generation settings AF3's checkpoints carry in generation_config.json (and their meaning here)
-GENERATION_KEYS = ("do_sample", "temperature", "top_k", "top_p", "repetition_penalty", "eos_token_id",
-                   "bos_token_id", "pad_token_id", "max_new_tokens")  # fmt: skip
+GENERATION_KEYS = (
+    "do_sample",
+    "temperature",
+    "top_k",
+    "top_p",
+    "repetition_penalty",
+    "eos_token_id",
+    "bos_token_id",
+    "pad_token_id",
+    "max_new_tokens",
+)
 
 
 def resolve_checkpoint(src: str | os.PathLike, *, revision: str | None = None) -> Path:

@@ -24,7 +24,14 @@ from .errors import AudioError, EdgeAF3Error, MissingDependencyError, SessionBus
 from .runtime.types import Answer, GenerationOptions, Timings
 
 FINISH = {"stop": "stop", "length": "length", "content_filter": "stop", None: "stop"}
-_MAGIC = ((b"RIFF", "wav"), (b"fLaC", "flac"), (b"OggS", "ogg"), (b"ID3", "mp3"), (b"\xff\xfb", "mp3"), (b"\xff\xf3", "mp3"))
+_MAGIC = (
+    (b"RIFF", "wav"),
+    (b"fLaC", "flac"),
+    (b"OggS", "ogg"),
+    (b"ID3", "mp3"),
+    (b"\xff\xfb", "mp3"),
+    (b"\xff\xf3", "mp3"),
+)
 
 
 def audio_part(audio) -> dict:
@@ -58,7 +65,7 @@ class RemoteStream:
     """A streamed answer from the server: iterate for text; `.answer` when it ends; `cancel()`
     closes the connection (the server frees its slot within a token)."""
 
-    def __init__(self, owner: "RemoteAF3", response, t0: float, on_end=None):
+    def __init__(self, owner: RemoteAF3, response, t0: float, on_end=None):
         self._owner, self._response, self._on_end = owner, response, on_end
         self._t0, self._t_first = t0, None
         self._pieces: list[str] = []
@@ -133,7 +140,7 @@ class RemoteChat:
     """A conversation kept on the client: every turn re-sends the history and its audio (the
     server reuses its KV prefix and cached rows, so only the new turn costs)."""
 
-    def __init__(self, owner: "RemoteAF3", system: str | None = None):
+    def __init__(self, owner: RemoteAF3, system: str | None = None):
         self.owner, self.system = owner, system
         self._open: RemoteStream | None = None
         self.reset()
@@ -144,8 +151,16 @@ class RemoteChat:
         self.messages: list[dict] = [{"role": "system", "content": self.system}] if self.system is not None else []
         self.last_answer: Answer | None = None
 
-    def stream(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
-               options: GenerationOptions | None = None, **overrides) -> RemoteStream:  # fmt: skip
+    def stream(
+        self,
+        prompt: str,
+        audio=None,
+        *,
+        think: bool = False,
+        adapter: str | None = None,
+        options: GenerationOptions | None = None,
+        **overrides,
+    ) -> RemoteStream:
         if self._open is not None and self._open.answer is None:
             raise SessionBusyError("this session's previous answer is still streaming; finish or cancel() it first")
         text = prompt + (THINK_SUFFIX if think else "")
@@ -160,13 +175,23 @@ class RemoteChat:
         self._open = self.owner._request(self.messages + [user], think, opts, ended, adapter=adapter)
         return self._open
 
-    def ask(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
-            options: GenerationOptions | None = None, **overrides) -> Answer:  # fmt: skip
+    def ask(
+        self,
+        prompt: str,
+        audio=None,
+        *,
+        think: bool = False,
+        adapter: str | None = None,
+        options: GenerationOptions | None = None,
+        **overrides,
+    ) -> Answer:
         return self.stream(prompt, audio, think=think, adapter=adapter, options=options, **overrides).result()
 
     send = ask
 
-    def append(self, prompt: str, audio=None, answer: str = "", *, think: bool = False, adapter: str | None = None) -> None:  # noqa: ARG002
+    def append(
+        self, prompt: str, audio=None, answer: str = "", *, think: bool = False, adapter: str | None = None
+    ) -> None:  # noqa: ARG002
         """Add a finished turn to the history without asking (a restored conversation)."""
         text = prompt + (THINK_SUFFIX if think else "")
         user = {"role": "user", "content": [audio_part(a) for a in _as_list(audio)] + [{"type": "text", "text": text}]}
@@ -180,7 +205,9 @@ class RemoteAF3:
         try:
             import openai
         except ImportError:
-            raise MissingDependencyError("connecting to a server needs the openai package: pip install 'edge-af3[client]'") from None
+            raise MissingDependencyError(
+                "connecting to a server needs the openai package: pip install 'edge-af3[client]'"
+            ) from None
         self._openai = openai
         url = base_url.rstrip("/")
         self.base_url = url if url.endswith("/v1") else url + "/v1"
@@ -203,8 +230,9 @@ class RemoteAF3:
             raise EdgeAF3Error(f"{self.base_url} serves no model")
         return models[0].id
 
-    def _request(self, messages: list[dict], think: bool, opts: GenerationOptions, on_end=None,
-                 adapter: str | None = None) -> RemoteStream:  # fmt: skip
+    def _request(
+        self, messages: list[dict], think: bool, opts: GenerationOptions, on_end=None, adapter: str | None = None
+    ) -> RemoteStream:
         kw: dict = {"max_tokens": opts.max_new_tokens}
         for name in ("temperature", "top_p"):
             if getattr(opts, name) is not None:
@@ -220,20 +248,41 @@ class RemoteAF3:
         t0 = time.perf_counter()
         try:
             response = self.client.chat.completions.create(
-                model=self.model, messages=messages, stream=True, stream_options={"include_usage": True},
-                extra_body=extra or None, **kw)  # fmt: skip
+                model=self.model,
+                messages=messages,
+                stream=True,
+                stream_options={"include_usage": True},
+                extra_body=extra or None,
+                **kw,
+            )
         except self._openai.APIStatusError as e:
             raise EdgeAF3Error(f"{self.base_url}: {e.status_code} {_message(e)}") from None
         except self._openai.OpenAIError as e:
             raise EdgeAF3Error(f"{self.base_url}: {e}") from None
         return RemoteStream(self, response, t0, on_end)
 
-    def stream(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
-               options: GenerationOptions | None = None, **overrides) -> RemoteStream:  # fmt: skip
+    def stream(
+        self,
+        prompt: str,
+        audio=None,
+        *,
+        think: bool = False,
+        adapter: str | None = None,
+        options: GenerationOptions | None = None,
+        **overrides,
+    ) -> RemoteStream:
         return self.chat().stream(prompt, audio, think=think, adapter=adapter, options=options, **overrides)
 
-    def ask(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
-            options: GenerationOptions | None = None, **overrides) -> Answer:  # fmt: skip
+    def ask(
+        self,
+        prompt: str,
+        audio=None,
+        *,
+        think: bool = False,
+        adapter: str | None = None,
+        options: GenerationOptions | None = None,
+        **overrides,
+    ) -> Answer:
         return self.chat().ask(prompt, audio, think=think, adapter=adapter, options=options, **overrides)
 
     def chat(self, system: str | None = None) -> RemoteChat:
@@ -242,8 +291,9 @@ class RemoteAF3:
     def transcribe(self, audio, prompt: str | None = None) -> str:
         part = audio_part(audio)["input_audio"]
         data = base64.b64decode(part["data"])
-        r = self.client.audio.transcriptions.create(model=self.model, file=(f"audio.{part['format']}", data),
-                                                    **({"prompt": prompt} if prompt else {}))  # fmt: skip
+        r = self.client.audio.transcriptions.create(
+            model=self.model, file=(f"audio.{part['format']}", data), **({"prompt": prompt} if prompt else {})
+        )
         return r.text
 
     def close(self) -> None:

@@ -16,7 +16,6 @@ from functools import lru_cache
 import numpy as np
 
 from .audio import Audio, AudioSource, AudioTooLongWarning, load_audio  # noqa: F401 (re-exported)
-from .errors import AudioError
 from .constants import (
     DYNAMIC_RANGE,
     HOP_LENGTH,
@@ -30,6 +29,7 @@ from .constants import (
     SAMPLE_RATE,
     rows_for_frames,
 )
+from .errors import AudioError
 
 
 @dataclass(frozen=True)
@@ -114,7 +114,9 @@ def _mel_power(padded: np.ndarray, out: np.ndarray, start: int, stop: int) -> No
     Computed in float64: the reference (torch, float32) is itself off by up to ~1e-4 in deep
     spectral dips, so the exact value is the surest way to stay within that of it.
     """
-    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[start * HOP_LENGTH : stop * HOP_LENGTH : HOP_LENGTH]
+    frames = np.lib.stride_tricks.sliding_window_view(padded, N_FFT)[
+        start * HOP_LENGTH : stop * HOP_LENGTH : HOP_LENGTH
+    ]
     spec = np.fft.rfft(frames * _hann(), axis=-1)  # [frames, 201]
     power = spec.real * spec.real
     power += spec.imag * spec.imag

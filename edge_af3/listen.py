@@ -14,8 +14,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -43,17 +43,22 @@ def list_input_devices() -> list[dict]:
 class MicSource:
     """Blocks from a PortAudio input; the callback only copies into a bounded queue."""
 
-    def __init__(self, device: str | int | None = None, *, block: int = FRAME, stall_s: float = 3.0,
-                 startup_s: float = 10.0):  # fmt: skip
+    def __init__(
+        self, device: str | int | None = None, *, block: int = FRAME, stall_s: float = 3.0, startup_s: float = 10.0
+    ):
         try:
             import sounddevice as sd
         except (ImportError, OSError) as e:  # OSError: the PortAudio library itself is missing
-            raise InputDeviceError(f"microphone input needs sounddevice and PortAudio: pip install 'edge-af3[mic]' "
-                                   f"and apt-get install libportaudio2 ({e})") from e  # fmt: skip
+            raise InputDeviceError(
+                f"microphone input needs sounddevice and PortAudio: pip install 'edge-af3[mic]' "
+                f"and apt-get install libportaudio2 ({e})"
+            ) from e
         self._sd = sd
         if not list_input_devices():
-            raise InputDeviceError("no audio input device found; plug a microphone in or check PulseAudio/ALSA "
-                                   "(`edge-af3 listen --list-devices`, `pactl list sources short`)")  # fmt: skip
+            raise InputDeviceError(
+                "no audio input device found; plug a microphone in or check PulseAudio/ALSA "
+                "(`edge-af3 listen --list-devices`, `pactl list sources short`)"
+            )
         if isinstance(device, str) and device.isdigit():
             device = int(device)
         self.device = device
@@ -75,12 +80,20 @@ class MicSource:
     def __iter__(self) -> Iterator[np.ndarray]:
         sd = self._sd
         try:
-            self.stream = sd.InputStream(samplerate=RATE, channels=1, dtype="float32", blocksize=self.block,
-                                         device=self.device, callback=self._callback)  # fmt: skip
+            self.stream = sd.InputStream(
+                samplerate=RATE,
+                channels=1,
+                dtype="float32",
+                blocksize=self.block,
+                device=self.device,
+                callback=self._callback,
+            )
             self.stream.start()
         except (sd.PortAudioError, ValueError) as e:
-            raise InputDeviceError(f"cannot open input device {self.device if self.device is not None else '(default)'}: "
-                                   f"{e}; see `edge-af3 listen --list-devices`") from e  # fmt: skip
+            raise InputDeviceError(
+                f"cannot open input device {self.device if self.device is not None else '(default)'}: "
+                f"{e}; see `edge-af3 listen --list-devices`"
+            ) from e
         try:
             wait = self.startup_s
             while True:
@@ -110,8 +123,11 @@ def file_blocks(source, *, realtime: bool, block: int = FRAME) -> Iterator[np.nd
     time (a 3-hour file is never held whole); `realtime` paces them like a microphone would."""
     from .audio import stream_file
 
-    blocks = stream_file(source, block) if not isinstance(source, np.ndarray) else (
-        source[i : i + block] for i in range(0, len(source), block))  # fmt: skip
+    blocks = (
+        stream_file(source, block)
+        if not isinstance(source, np.ndarray)
+        else (source[i : i + block] for i in range(0, len(source), block))
+    )
     t0 = time.perf_counter()
     done = 0
     for b in blocks:
@@ -164,12 +180,23 @@ class Event:
 class Listener:
     """Cut a block stream into segments and ask `prompt` about each, on a worker thread."""
 
-    def __init__(self, model, prompt: str, *, detector=None, every_s: float | None = None, wait: bool = False,
-                 on_event: Callable[[Event], None] = lambda e: None, **options):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        prompt: str,
+        *,
+        detector=None,
+        every_s: float | None = None,
+        wait: bool = False,
+        on_event: Callable[[Event], None] = lambda e: None,
+        **options,
+    ):
         self.model, self.prompt, self.options = model, prompt, options
         self.segmenter = Segmenter(detector, max_s=MAX_SEGMENT_S) if every_s is None else None
         if every_s is not None and not 0.5 <= every_s <= MAX_SEGMENT_S:
-            raise OptionsError(f"--every must be between 0.5 and {MAX_SEGMENT_S:g} seconds (one AF3 window at most), got {every_s:g}")
+            raise OptionsError(
+                f"--every must be between 0.5 and {MAX_SEGMENT_S:g} seconds (one AF3 window at most), got {every_s:g}"
+            )
         self.every = every_s
         self.wait = wait  # True: never drop (a file processed as fast as possible)
         self.on_event = on_event

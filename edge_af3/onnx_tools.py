@@ -19,8 +19,14 @@ def write(model, dst: Path, external: bool) -> None:
     import onnx
 
     if external:
-        onnx.save_model(model, str(dst), save_as_external_data=True, all_tensors_to_one_file=True,
-                        location=dst.name + ".data", size_threshold=1024)  # fmt: skip
+        onnx.save_model(
+            model,
+            str(dst),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=dst.name + ".data",
+            size_threshold=1024,
+        )
     else:
         onnx.save_model(model, str(dst))
 

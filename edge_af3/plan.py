@@ -83,8 +83,12 @@ def machine_budget(settings) -> tuple[int, str]:
         import subprocess
 
         try:
-            res = subprocess.run(["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
-                                 capture_output=True, text=True, timeout=10)  # fmt: skip
+            res = subprocess.run(
+                ["nvidia-smi", "--query-gpu=memory.total", "--format=csv,noheader,nounits"],
+                capture_output=True,
+                text=True,
+                timeout=10,
+            )
             return int(res.stdout.split()[0]) << 20, f"this machine's GPU ({settings.gpu})"
         except (OSError, ValueError, IndexError, subprocess.SubprocessError):
             pass  # Jetson (no nvidia-smi): its memory is the shared RAM below
@@ -93,8 +97,17 @@ def machine_budget(settings) -> tuple[int, str]:
     return info.get("MemAvailable", info.get("MemTotal", 0)), "this machine's available RAM"
 
 
-def plan(bundle, *, n_ctx: int = DEFAULT_N_CTX, kv_type: str = "f16", encoder_precision: str | None = None,
-         windows_per_run: int = 4, n_ubatch: int = 512, target: str | None = None, machine=None) -> dict:  # fmt: skip
+def plan(
+    bundle,
+    *,
+    n_ctx: int = DEFAULT_N_CTX,
+    kv_type: str = "f16",
+    encoder_precision: str | None = None,
+    windows_per_run: int = 4,
+    n_ubatch: int = 512,
+    target: str | None = None,
+    machine=None,
+) -> dict:
     """Bytes per item for running `bundle` (a Bundle or a folder) at n_ctx; fits/headroom on `target`,
     or on this machine when `machine` (the resolved `Settings`) is given."""
     from .bundle import Bundle, open_bundle
@@ -124,8 +137,13 @@ def plan(bundle, *, n_ctx: int = DEFAULT_N_CTX, kv_type: str = "f16", encoder_pr
         "LLM compute buffer (est.)": int(n_ubatch * (shape.n_vocab + 4 * shape.n_embd + 2 * shape.n_ff) * 4),
         # encoder: one layer's attention scores (the CPU graphs, int8 and mixed, hold one head's at a
         # time: measured ~80 MB a window on bench-small) + hidden states for the windows of one run
-        "encoder activations (est.)": int(windows_per_run * ((3 * 1500 * 1500 * 4 if run_as in CPU_ENCODER_GRAPHS else
-                                                              20 * 1500 * 1500 * act / 2) + 8 * 1500 * enc_hidden * act)),
+        "encoder activations (est.)": int(
+            windows_per_run
+            * (
+                (3 * 1500 * 1500 * 4 if run_as in CPU_ENCODER_GRAPHS else 20 * 1500 * 1500 * act / 2)
+                + 8 * 1500 * enc_hidden * act
+            )
+        ),
         # the projected rows of the longest clip the context holds (10 min = 15000 rows), float32 on the host
         "audio rows": int(min(15000, n_ctx) * shape.n_embd * 4),
     }
@@ -144,12 +162,22 @@ def plan(bundle, *, n_ctx: int = DEFAULT_N_CTX, kv_type: str = "f16", encoder_pr
         budget, note = machine_budget(machine)
         out["settings"] = {k: v for k, v in machine.__dict__.items() if k != "why"}
         out["engine"] = machine.why
-        out["target"] = {"name": "this machine", "note": note, "budget": budget, "fits": total <= budget,
-                         "headroom": budget - total}  # fmt: skip
+        out["target"] = {
+            "name": "this machine",
+            "note": note,
+            "budget": budget,
+            "fits": total <= budget,
+            "headroom": budget - total,
+        }
     if target:
         budget, note = TARGETS[target]
-        out["target"] = {"name": target, "note": note, "budget": budget, "fits": total <= budget,
-                         "headroom": budget - total}  # fmt: skip
+        out["target"] = {
+            "name": target,
+            "note": note,
+            "budget": budget,
+            "fits": total <= budget,
+            "headroom": budget - total,
+        }
     return out
 
 
@@ -157,12 +185,17 @@ def render(p: dict, out) -> None:
     def gb(n: int) -> str:
         return f"{n / GIB:6.2f} GiB"
 
-    out.print(f"{p['bundle']}: {p['llm']['file']} ({p['llm']['n_layer']} layers, {p['llm']['n_head_kv']} KV heads), "
-              f"n_ctx {p['n_ctx']}, KV {p['kv_type']}, encoder {p['encoder_precision']} x{p['windows_per_run']} windows")  # fmt: skip
+    out.print(
+        f"{p['bundle']}: {p['llm']['file']} ({p['llm']['n_layer']} layers, {p['llm']['n_head_kv']} KV heads), "
+        f"n_ctx {p['n_ctx']}, KV {p['kv_type']}, encoder {p['encoder_precision']} x{p['windows_per_run']} windows"
+    )
     for name, n in p["items"].items():
         out.print(f"  {name:28s} {gb(n)}")
     out.print(f"  {'total':28s} {gb(p['total'])}")
     t = p.get("target")
     if t:
         verdict = "[green]fits[/]" if t["fits"] else "[red]does not fit[/]"
-        out.print(f"{t['name']} ({t['note']}): budget {gb(t['budget']).strip()}, {verdict}, headroom {gb(t['headroom']).strip()}")
+        out.print(
+            f"{t['name']} ({t['note']}): budget {gb(t['budget']).strip()}, {verdict}, "
+            f"headroom {gb(t['headroom']).strip()}"
+        )

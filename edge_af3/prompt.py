@@ -8,9 +8,9 @@ audio in later turns work the same way.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Sequence
 
 from .constants import SOUND_TOKEN
 

@@ -35,8 +35,10 @@ K_BLOCK = 256  # the K-quants' super-block width
 
 def widths(text_config: dict) -> dict[str, int]:
     """The input width of each kind of LLM matrix (what a quantization block runs along)."""
-    return {"hidden (q/k/v/o, gate/up, output)": int(text_config["hidden_size"]),
-            "intermediate (down)": int(text_config["intermediate_size"])}  # fmt: skip
+    return {
+        "hidden (q/k/v/o, gate/up, output)": int(text_config["hidden_size"]),
+        "intermediate (down)": int(text_config["intermediate_size"]),
+    }
 
 
 def auto_quant(text_config: dict) -> tuple[str, str]:
@@ -45,8 +47,10 @@ def auto_quant(text_config: dict) -> tuple[str, str]:
     if not bad:
         return "q4_k_m", f"every matrix width is a multiple of {K_BLOCK}: Q4_K_M keeps its K-quants"
     what = ", ".join(f"{k} {v}" for k, v in bad.items())
-    return "iq4_nl", (f"{what} not a multiple of {K_BLOCK}: Q4_K_M would fall back to unrepacked Q5_0/Q8_0 "
-                      "tensors (half the CPU prefill speed); IQ4_NL instead")  # fmt: skip
+    return "iq4_nl", (
+        f"{what} not a multiple of {K_BLOCK}: Q4_K_M would fall back to unrepacked Q5_0/Q8_0 "
+        "tensors (half the CPU prefill speed); IQ4_NL instead"
+    )
 
 
 def resolve_quant(quant: str, text_config: dict | None) -> str:
@@ -65,7 +69,9 @@ def resolve_encoder_precision(precision: str = "auto", *, exact: bool = False) -
     (AVX2 only), fp32: there mixed was 5 % faster at cosine 0.99988 (docs/cpu.md). Exact mode
     refuses anything but fp32."""
     if precision not in ("auto",) + ENCODER_PRECISIONS:
-        raise ValueError(f"unknown encoder precision {precision!r}; choose auto or one of {', '.join(ENCODER_PRECISIONS)}")
+        raise ValueError(
+            f"unknown encoder precision {precision!r}; choose auto or one of {', '.join(ENCODER_PRECISIONS)}"
+        )
     if exact and precision not in ("auto", "fp32"):
         raise ValueError(f"exact mode computes the encoder in fp32; --encoder-precision {precision} cannot be exact")
     if precision != "auto":

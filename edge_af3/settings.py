@@ -48,10 +48,21 @@ def check_n_ctx(n_ctx: int) -> int:
     return n_ctx
 
 
-def resolve(stored_precision: str = "fp32", *, device: str = "auto", encoder_engine: str | None = None,
-            kv_type: str | None = None, flash_attn: bool | None = None, n_ctx: int | None = None,
-            windows_per_run: int | None = None, overlap: bool | None = None, n_gpu_layers: int | None = None,
-            exact: bool = False, choice=None, llm_gpu: bool | None = None) -> Settings:  # fmt: skip
+def resolve(
+    stored_precision: str = "fp32",
+    *,
+    device: str = "auto",
+    encoder_engine: str | None = None,
+    kv_type: str | None = None,
+    flash_attn: bool | None = None,
+    n_ctx: int | None = None,
+    windows_per_run: int | None = None,
+    overlap: bool | None = None,
+    n_gpu_layers: int | None = None,
+    exact: bool = False,
+    choice=None,
+    llm_gpu: bool | None = None,
+) -> Settings:
     """Decide every setting. `choice` (an `EncoderChoice`) and `llm_gpu` may be passed in (tests,
     or after an engine failed to start and another took over); otherwise they are probed here."""
     from .engines.select import FP16_ONLY, choose_encoder, forced_encoder
@@ -62,18 +73,24 @@ def resolve(stored_precision: str = "fp32", *, device: str = "auto", encoder_eng
         raise OptionsError(f"unknown KV cache type {kv_type!r}; choose one of {', '.join(KV_TYPES)}")
     if exact:
         if kv_type not in (None, "f32") or flash_attn:
-            raise OptionsError("exact mode runs an f32 KV cache with flash attention off; drop --kv / flash_attn or exact")
+            raise OptionsError(
+                "exact mode runs an f32 KV cache with flash attention off; drop --kv / flash_attn or exact"
+            )
         kv_type, flash_attn = "f32", False
         if stored_precision != "fp32":
-            raise OptionsError(f"exact mode needs the encoder in fp32; this bundle's is {stored_precision} "
-                               "(re-export with --encoder-precision fp32)")  # fmt: skip
+            raise OptionsError(
+                f"exact mode needs the encoder in fp32; this bundle's is {stored_precision} "
+                "(re-export with --encoder-precision fp32)"
+            )
         if encoder_engine in FP16_ONLY:
             raise OptionsError(f"exact mode cannot run the {encoder_engine} engine: {FP16_ONLY[encoder_engine]}")
     if windows_per_run is not None and windows_per_run < 1:
         raise OptionsError(f"windows_per_run must be >= 1, got {windows_per_run}")
     n_ctx = check_n_ctx(DEFAULT_N_CTX if n_ctx is None else n_ctx)
     if choice is None:
-        choice = choose_encoder(device, fp32=exact) if encoder_engine is None else forced_encoder(encoder_engine, device)
+        choice = (
+            choose_encoder(device, fp32=exact) if encoder_engine is None else forced_encoder(encoder_engine, device)
+        )
     if llm_gpu is None:
         llm_gpu = choice.gpu is not None and _llama_gpu()
     on_gpu_encoder = choice.engine not in CPU_ENGINES

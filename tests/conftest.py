@@ -31,7 +31,9 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
     """The tiny checkpoint exported with an F32 LLM (no verification: test_export checks exports)."""
     from edge_af3.export import export
 
-    return export(tiny_ckpt, tmp_path_factory.mktemp("bundle") / "f32", quant="f32", encoder_precision="fp32", verify=False)
+    return export(
+        tiny_ckpt, tmp_path_factory.mktemp("bundle") / "f32", quant="f32", encoder_precision="fp32", verify=False
+    )
 
 
 @pytest.fixture(scope="session")
@@ -91,8 +93,19 @@ def start_pulse(runtime: Path, sink: str) -> dict:
     runtime.mkdir(parents=True, exist_ok=True)
     runtime.chmod(0o700)
     env = dict(os.environ, XDG_RUNTIME_DIR=str(runtime))
-    subprocess.run([exe, "--daemonize=yes", "--exit-idle-time=-1", "-n", f"--load=module-null-sink sink_name={sink}",
-                    "--load=module-native-protocol-unix"], env=env, check=True, capture_output=True)  # fmt: skip
+    subprocess.run(
+        [
+            exe,
+            "--daemonize=yes",
+            "--exit-idle-time=-1",
+            "-n",
+            f"--load=module-null-sink sink_name={sink}",
+            "--load=module-native-protocol-unix",
+        ],
+        env=env,
+        check=True,
+        capture_output=True,
+    )
     subprocess.run(["pactl", "set-default-source", f"{sink}.monitor"], env=env, check=True)
     return env
 
@@ -124,5 +137,11 @@ def think_ckpt(tiny_ckpt, tmp_path_factory) -> Path:
 def think_bundle(think_ckpt, tmp_path_factory) -> Path:
     from edge_af3.export import export
 
-    return export(think_ckpt, tmp_path_factory.mktemp("think-bundle") / "f32", quant="f32", encoder_precision="fp32", verify=False,
-                  adapter_type="f32")  # f32 LoRA tensors: the exact parity tests compare with PEFT's float32
+    return export(
+        think_ckpt,
+        tmp_path_factory.mktemp("think-bundle") / "f32",
+        quant="f32",
+        encoder_precision="fp32",
+        verify=False,
+        adapter_type="f32",
+    )  # f32 LoRA tensors: the exact parity tests compare with PEFT's float32

@@ -21,8 +21,12 @@ Q = "What do you hear?"
 
 
 def conv(x, text):
-    return [{"role": "user", "content": ([{"type": "audio", "audio": x}] if x is not None else []) + [
-        {"type": "text", "text": text}]}]  # fmt: skip
+    return [
+        {
+            "role": "user",
+            "content": ([{"type": "audio", "audio": x}] if x is not None else []) + [{"type": "text", "text": text}],
+        }
+    ]
 
 
 def strip_eos(ids):
@@ -86,7 +90,9 @@ def test_bundle_carries_the_adapter_with_hashes(think_bundle):
     assert bytes(fields["general.type"].parts[-1]).decode() == "adapter"
     assert bytes(fields["adapter.type"].parts[-1]).decode() == "lora"
     assert float(fields["adapter.lora.alpha"].parts[-1][0]) == 16.0
-    assert (think_bundle / "encoder.onnx").stat().st_size > 10 * (think_bundle / "adapter-think-encoder.npz").stat().st_size
+    assert (think_bundle / "encoder.onnx").stat().st_size > 10 * (
+        think_bundle / "adapter-think-encoder.npz"
+    ).stat().st_size
 
 
 @pytest.mark.slow
@@ -159,7 +165,9 @@ def test_bad_adapters_are_refused_naming_the_tensor(think_ckpt, tmp_path):
 
     folder = _copy_adapter(think_ckpt, tmp_path)
     state = torch.load(folder / "non_lora_trainables.bin", weights_only=True)
-    torch.save(state | {"model.multi_modal_projector.linear_9.weight": torch.zeros(2)}, folder / "non_lora_trainables.bin")
+    torch.save(
+        state | {"model.multi_modal_projector.linear_9.weight": torch.zeros(2)}, folder / "non_lora_trainables.bin"
+    )
     with pytest.raises(CheckpointError, match="linear_9.weight matches nothing"):
         _export(think_ckpt, tmp_path, folder)
     torch.save(state | {"model.language_model.norm.weight": torch.ones(128)}, folder / "non_lora_trainables.bin")
@@ -176,7 +184,9 @@ def test_bad_adapters_are_refused_naming_the_tensor(think_ckpt, tmp_path):
     save_file(lora | {key: torch.zeros(8, 77)}, str(folder / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match=r"q_proj.lora_A.weight has shape \(8, 77\)"):
         _export(think_ckpt, tmp_path, folder)
-    bad = {k: v for k, v in lora.items()} | {"base_model.model.model.audio_tower.layers.0.fc1.lora_A.weight": torch.zeros(8, 4)}
+    bad = {k: v for k, v in lora.items()} | {
+        "base_model.model.model.audio_tower.layers.0.fc1.lora_A.weight": torch.zeros(8, 4)
+    }
     save_file(bad, str(folder / "adapter_model.safetensors"))
     with pytest.raises(CheckpointError, match="audio_tower.layers.0.fc1.lora_A.weight does not target"):
         _export(think_ckpt, tmp_path, folder)
@@ -187,7 +197,9 @@ def test_bad_adapters_are_refused_naming_the_tensor(think_ckpt, tmp_path):
 
 
 def test_cli_make_tiny_think_export_adapter_and_ask(think_bundle, think_ckpt, tmp_path, speech_wav):
-    res = run_cli("ask", str(speech_wav), Q, "-m", str(think_bundle), "--think", "--exact", "-t", "0", "-n", "6", "--json")
+    res = run_cli(
+        "ask", str(speech_wav), Q, "-m", str(think_bundle), "--think", "--exact", "-t", "0", "-n", "6", "--json"
+    )
     assert res.returncode == 0, res.stderr
     out = json.loads(res.stdout)
     assert out["adapter"] == "think" and out["think"] is True
@@ -198,8 +210,9 @@ def test_cli_make_tiny_think_export_adapter_and_ask(think_bundle, think_ckpt, tm
     res = run_cli("ask", str(speech_wav), Q, "-m", str(think_bundle), "--adapter", "nope", "-n", "2")
     assert res.returncode == 1 and "no adapter 'nope'" in res.stderr and "Traceback" not in res.stderr
     folder = _copy_adapter(think_ckpt, tmp_path)
-    res = run_cli("export", str(think_ckpt), str(tmp_path / "b2"), "--quant", "f32", "--adapter", f"mine={folder}",
-                  "--json")  # verified: each adapter against transformers + PEFT (f16 LoRA tensors, the default)
+    res = run_cli(
+        "export", str(think_ckpt), str(tmp_path / "b2"), "--quant", "f32", "--adapter", f"mine={folder}", "--json"
+    )  # verified: each adapter against transformers + PEFT (f16 LoRA tensors, the default)
     assert res.returncode == 0, res.stderr
     manifest = json.loads((tmp_path / "b2" / "manifest.json").read_text())
     assert set(manifest["adapters"]) == {"think", "mine"} and manifest["adapters"]["mine"]["prompt_suffix"] == ""
@@ -226,13 +239,16 @@ def test_server_think_per_request_on_shared_slots(think_bundle, model, tmp_path)
         out = {}
 
         def run(name, **extra):
-            r = client.chat.completions.create(model="edge-af3", messages=[user(Q, clip)], max_tokens=16, temperature=0,
-                                               extra_body=extra or None)  # fmt: skip
+            r = client.chat.completions.create(
+                model="edge-af3", messages=[user(Q, clip)], max_tokens=16, temperature=0, extra_body=extra or None
+            )
             out[name] = r.choices[0].message.content
 
-        threads = [threading.Thread(target=run, args=("think",), kwargs={"think": True}),
-                   threading.Thread(target=run, args=("base",)),
-                   threading.Thread(target=run, args=("named",), kwargs={"adapter": "think"})]  # fmt: skip
+        threads = [
+            threading.Thread(target=run, args=("think",), kwargs={"think": True}),
+            threading.Thread(target=run, args=("base",)),
+            threading.Thread(target=run, args=("named",), kwargs={"adapter": "think"}),
+        ]
         for t in threads:
             t.start()
         for t in threads:

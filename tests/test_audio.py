@@ -168,8 +168,11 @@ def test_without_pyav_the_error_names_the_extra(tmp_path):
 
     path = tmp_path / "tone.m4a"
     _encode_with_pyav(path, "aac", "mp4")
-    code = ("import sys\nclass B:\n    def find_spec(self, n, p=None, t=None):\n        if n.split('.')[0] == 'av': raise ImportError('no av')\n"
-            "sys.meta_path.insert(0, B())\nfrom edge_af3.audio import load_audio\ntry:\n    load_audio(sys.argv[1])\n"
-            "except Exception as e:\n    print(type(e).__name__, e)\n")  # fmt: skip
+    code = (
+        "import sys\nclass B:\n    def find_spec(self, n, p=None, t=None):\n"
+        "        if n.split('.')[0] == 'av': raise ImportError('no av')\n"
+        "sys.meta_path.insert(0, B())\nfrom edge_af3.audio import load_audio\ntry:\n    load_audio(sys.argv[1])\n"
+        "except Exception as e:\n    print(type(e).__name__, e)\n"
+    )
     out = subprocess.run([sys.executable, "-c", code, str(path)], capture_output=True, text=True).stdout
     assert out.startswith("AudioError") and "pip install 'edge-af3[av]'" in out

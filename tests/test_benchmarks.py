@@ -16,19 +16,40 @@ def test_suite_smoke_on_tiny(tiny_ckpt, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     shutil.copytree(tiny_ckpt, work / "tiny-seed0")  # the suite reuses a checkpoint it finds
-    report = main(["--shape", "tiny", "--clips", "5", "30", "--repeats", "1", "--new-tokens", "4",
-                   "--work", str(work), "--out", str(tmp_path / "out")])  # fmt: skip
+    report = main(
+        [
+            "--shape",
+            "tiny",
+            "--clips",
+            "5",
+            "30",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "4",
+            "--work",
+            str(work),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     peers = report["peers"]
     assert set(peers) == {"edge-af3", "reference", "mtmd", "raw"}
-    tokens = {p: {s: c["audio_tokens"]["median"] for s, c in peers[p]["clips"].items()} for p in ("edge-af3", "reference", "mtmd")}
+    tokens = {
+        p: {s: c["audio_tokens"]["median"] for s, c in peers[p]["clips"].items()}
+        for p in ("edge-af3", "reference", "mtmd")
+    }
     assert tokens["edge-af3"] == tokens["reference"] == {"5": 125, "30": 750}
     assert tokens["mtmd"] == {"5": 750, "30": 1500}  # llama.cpp's own AF3 path: no padding mask, extra window
     for p in peers.values():  # measured (no sign or size of a timing is asserted)
         assert p["decode_tok_s"]["n"] >= 1 and p["peak_rss_mb"] is not None
     stem = tmp_path / "out" / "suite-tiny-cpu"
     saved = json.loads(stem.with_suffix(".json").read_text())
-    assert {g["goal"] for g in saved["goals"]} >= {"TTFT 30 s vs reference (>= 2x)", "peak RSS through 30 s vs mtmd's (<= 1x)",
-                                                    "decode vs raw llama.cpp (>= 0.95x)"}  # fmt: skip
+    assert {g["goal"] for g in saved["goals"]} >= {
+        "TTFT 30 s vs reference (>= 2x)",
+        "peak RSS through 30 s vs mtmd's (<= 1x)",
+        "decode vs raw llama.cpp (>= 0.95x)",
+    }
     assert saved["quant"] == "iq4_nl" and saved["encoder"] == resolve_encoder_precision("auto")  # this machine's auto
     for p in ("edge-af3", "reference", "mtmd"):  # a peak was read after each clip
         assert all(peers[p]["clips"][c]["peak_rss_mb"] > 50 for c in ("5", "30"))
@@ -40,8 +61,21 @@ def test_suite_smoke_on_tiny(tiny_ckpt, tmp_path):
 
     from benchmarks.bench_encoder import main as encoder_main
 
-    enc = encoder_main(["--shape", "tiny", "--windows", "1", "3", "--repeats", "1", "--work", str(work),
-                        "--out", str(tmp_path / "out")])  # fmt: skip
+    enc = encoder_main(
+        [
+            "--shape",
+            "tiny",
+            "--windows",
+            "1",
+            "3",
+            "--repeats",
+            "1",
+            "--work",
+            str(work),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     assert set(enc["peers"]) == {"transformers float32", "onnxruntime-cpu", "torch-cpu"}
     for name in ("onnxruntime-cpu", "torch-cpu"):
         assert enc["peers"][name]["cosine"] >= 0.9999 and enc["peers"][name]["max_abs"] <= 1e-4
@@ -55,8 +89,22 @@ def test_cpu_levers_benchmark_smoke_on_tiny(tiny_ckpt, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     shutil.copytree(tiny_ckpt, work / "tiny-seed0")
-    report = main(["--shape", "tiny", "--sections", "encoder", "overlap", "memory", "--repeats", "1", "--work", str(work),
-                   "--out", str(tmp_path / "out")])  # fmt: skip
+    report = main(
+        [
+            "--shape",
+            "tiny",
+            "--sections",
+            "encoder",
+            "overlap",
+            "memory",
+            "--repeats",
+            "1",
+            "--work",
+            str(work),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     enc = report["sections"]["encoder"]
     mixed = enc["mixed precision (int8 fc1 only, one head at a time)"]
     assert enc["fp32"]["cosine_vs_fp32"] == [1.0, 1.0] or min(enc["fp32"]["cosine_vs_fp32"]) > 0.999999
@@ -64,8 +112,14 @@ def test_cpu_levers_benchmark_smoke_on_tiny(tiny_ckpt, tmp_path):
     assert set(report["sections"]["overlap"]) == {"overlap off", "overlap on"}
     stages = [r["stage"] for r in report["sections"]["memory"]["stages"]]
     assert stages[0] == "python + numpy" and stages[-1] == "closed"
-    assert set(report["sections"]["memory"]["llm_alone"]) == {"pages released (edge-af3)", "mapping kept (llama.cpp's tools)"}
-    assert "| mixed precision (int8 fc1 only, one head at a time) |" in (tmp_path / "out" / "cpu-levers-tiny.md").read_text()
+    assert set(report["sections"]["memory"]["llm_alone"]) == {
+        "pages released (edge-af3)",
+        "mapping kept (llama.cpp's tools)",
+    }
+    assert (
+        "| mixed precision (int8 fc1 only, one head at a time) |"
+        in (tmp_path / "out" / "cpu-levers-tiny.md").read_text()
+    )
 
 
 def test_server_benchmark_smoke_on_tiny(tiny_ckpt, tmp_path):
@@ -75,11 +129,28 @@ def test_server_benchmark_smoke_on_tiny(tiny_ckpt, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     shutil.copytree(tiny_ckpt, work / "tiny-seed0")
-    report = main(["--shape", "tiny", "--clients", "1", "4", "--new-tokens", "4", "--requests", "2",
-                   "--work", str(work), "--out", str(tmp_path / "out")])  # fmt: skip
+    report = main(
+        [
+            "--shape",
+            "tiny",
+            "--clients",
+            "1",
+            "4",
+            "--new-tokens",
+            "4",
+            "--requests",
+            "2",
+            "--work",
+            str(work),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     runs = {(r["server"], r["parallel"], r["audio"], r["clients"]): r for r in report["runs"]}
     assert set(runs) == {("edge-af3", p, a, n) for p in (1, 4) for a in (True, False) for n in (1, 4)} | {
-        ("llama-cpp-python", 1, False, 1), ("llama-cpp-python", 1, False, 4)}  # fmt: skip
+        ("llama-cpp-python", 1, False, 1),
+        ("llama-cpp-python", 1, False, 4),
+    }
     for (server, _, _, n), r in runs.items():
         assert len(r["ttft_ms"]) >= n and r["ttft_ms_p95"] >= r["ttft_ms_p50"]
         if server == "edge-af3":  # ignore_eos: every request gave exactly the tokens asked for
@@ -94,8 +165,22 @@ def test_adapters_benchmark_smoke_on_tiny(tmp_path):
     """bench_adapters on tiny: the think bundle, the LoRA types, the trainer; no timing asserted."""
     from benchmarks.bench_adapters import main
 
-    report = main(["--shape", "tiny", "--repeats", "1", "--new-tokens", "4", "--train-steps", "2",
-                   "--work", str(tmp_path / "work"), "--out", str(tmp_path / "out")])  # fmt: skip
+    report = main(
+        [
+            "--shape",
+            "tiny",
+            "--repeats",
+            "1",
+            "--new-tokens",
+            "4",
+            "--train-steps",
+            "2",
+            "--work",
+            str(tmp_path / "work"),
+            "--out",
+            str(tmp_path / "out"),
+        ]
+    )
     rt = report["runtime"]
     assert set(rt) >= {"base", "think", "think-f32", "think-q8_0", "switch_decode_ms", "think_encoder_extra_rss_mb"}
     assert report["lora"]["r"] == 64 and report["lora"]["type"] == "f16"

@@ -70,8 +70,16 @@ def test_ask_streams_the_api_answer(tiny_bundle, speech_wav):
 def test_ask_json_two_clips_and_env_model(tiny_bundle, speech_wav, tmp_path):
     other = tmp_path / "n.wav"
     sf.write(other, noise(3.0), 16000)
-    res = run_cli("ask", str(speech_wav), str(other), "Compare them.", "--json", "-n", "6",
-                  env={"EDGE_AF3_MODEL": str(tiny_bundle)})  # fmt: skip
+    res = run_cli(
+        "ask",
+        str(speech_wav),
+        str(other),
+        "Compare them.",
+        "--json",
+        "-n",
+        "6",
+        env={"EDGE_AF3_MODEL": str(tiny_bundle)},
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     info = json.loads(res.stdout)
     n_tokens = extract_features(speech_wav).n_tokens + extract_features(other).n_tokens
@@ -102,9 +110,25 @@ def test_ctrl_c_exits_130_without_traceback(tiny_bundle, tmp_path):
 
     clip = tmp_path / "long.wav"
     sf.write(clip, noise(120.0), 16000)
-    proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "ask", str(clip), "Describe.", "-m", str(tiny_bundle),
-                             "-n", "100000", "--n-ctx", "100000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_af3",
+            "ask",
+            str(clip),
+            "Describe.",
+            "-m",
+            str(tiny_bundle),
+            "-n",
+            "100000",
+            "--n-ctx",
+            "100000",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 120
     while time.time() < deadline:  # wait until the answer starts streaming
         ready, _, _ = select.select([proc.stdout], [], [], 0.1)
@@ -139,14 +163,32 @@ class Terminal:
         self.tmux = shutil.which("tmux")
         assert self.tmux, "tmux is required (scripts/setup.sh installs it)"
         self.sock = str(tmp_path / "tmux.sock")
-        subprocess.run([self.tmux, "-S", self.sock, "new-session", "-d", "-x", str(width), "-y", "50", "-s", "t",
-                        "env " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + cmd], check=True)  # fmt: skip
+        subprocess.run(
+            [
+                self.tmux,
+                "-S",
+                self.sock,
+                "new-session",
+                "-d",
+                "-x",
+                str(width),
+                "-y",
+                "50",
+                "-s",
+                "t",
+                "env " + " ".join(f"{k}={v}" for k, v in env.items()) + " " + cmd,
+            ],
+            check=True,
+        )
 
     def screen(self) -> str:
         import subprocess
 
-        return subprocess.run([self.tmux, "-S", self.sock, "capture-pane", "-p", "-J", "-t", "t", "-S", "-2000"],
-                              capture_output=True, text=True).stdout  # fmt: skip
+        return subprocess.run(
+            [self.tmux, "-S", self.sock, "capture-pane", "-p", "-J", "-t", "t", "-S", "-2000"],
+            capture_output=True,
+            text=True,
+        ).stdout
 
     def wait_for(self, text: str, count: int = 1, timeout: float = 180) -> str:
         import time
@@ -175,8 +217,11 @@ def test_chat_in_a_terminal(tiny_bundle, speech_wav, tmp_path):
     import sys
 
     saved = tmp_path / "conv.json"
-    term = Terminal(tmp_path, f"{sys.executable} -m edge_af3 chat -m {tiny_bundle} -n 12; echo EXIT=$?; sleep 30",
-                    {"EDGE_AF3_CACHE": str(tmp_path / "cache"), "TERM": "xterm"})  # fmt: skip
+    term = Terminal(
+        tmp_path,
+        f"{sys.executable} -m edge_af3 chat -m {tiny_bundle} -n 12; echo EXIT=$?; sleep 30",
+        {"EDGE_AF3_CACHE": str(tmp_path / "cache"), "TERM": "xterm"},
+    )
     try:
         term.wait_for("you>")
         term.send(f"/audio {speech_wav}", "Enter")
@@ -226,9 +271,17 @@ def test_listen_file_cuts_segments_and_answers(tiny_bundle, speech_wav, tmp_path
 
     with AF3.load(tiny_bundle) as m:
         segs = []
-        Listener(m, "x", detector=make_detector(), wait=True, on_event=lambda e: segs.append(e.segment) if e.kind == "segment" else None,
-                 max_new_tokens=1).run(file_blocks(load_audio(path).samples, realtime=False))  # fmt: skip
-        want = m.ask("Describe what you hear. If there is speech, transcribe it.", (segs[0].samples, 16000), max_new_tokens=6).text
+        Listener(
+            m,
+            "x",
+            detector=make_detector(),
+            wait=True,
+            on_event=lambda e: segs.append(e.segment) if e.kind == "segment" else None,
+            max_new_tokens=1,
+        ).run(file_blocks(load_audio(path).samples, realtime=False))
+        want = m.ask(
+            "Describe what you hear. If there is speech, transcribe it.", (segs[0].samples, 16000), max_new_tokens=6
+        ).text
     assert answers[0]["text"] == want
 
 
@@ -241,9 +294,26 @@ def test_listen_mic_reads_a_real_portaudio_input(tiny_bundle, speech_wav, tmp_pa
     import time
 
     path, _ = _two_utterances(tmp_path, speech_wav)
-    proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "listen", "--mic", "--input", "pulse", "--json",
-                             "-m", str(tiny_bundle), "-n", "4"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=pulse)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_af3",
+            "listen",
+            "--mic",
+            "--input",
+            "pulse",
+            "--json",
+            "-m",
+            str(tiny_bundle),
+            "-n",
+            "4",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=pulse,
+    )
     try:
         end = time.time() + 60
         err = b""
@@ -273,7 +343,9 @@ def test_listen_device_faults(tiny_bundle, tmp_path, pulse):
     import time
 
     # no input device at all (no PulseAudio reachable, no ALSA capture card)
-    res = run_cli("listen", "--mic", "-m", str(tiny_bundle), env={"XDG_RUNTIME_DIR": str(tmp_path), "PULSE_SERVER": "unix:/nope"})
+    res = run_cli(
+        "listen", "--mic", "-m", str(tiny_bundle), env={"XDG_RUNTIME_DIR": str(tmp_path), "PULSE_SERVER": "unix:/nope"}
+    )
     assert res.returncode == 1 and "no audio input device" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("listen", "--mic", "--input", "99", "-m", str(tiny_bundle), env=pulse)
     assert res.returncode == 1 and "--list-devices" in res.stderr and "Traceback" not in res.stderr
@@ -286,9 +358,13 @@ def test_listen_device_faults(tiny_bundle, tmp_path, pulse):
     try:
         mod = subprocess.run(["pactl", "list", "modules", "short"], env=lone, capture_output=True, text=True).stdout
         sink_module = next(line.split()[0] for line in mod.splitlines() if "sink_name=lone" in line)
-        proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "listen", "--mic", "--input", "pulse",
-                                 "-m", str(tiny_bundle)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True, env=lone)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "edge_af3", "listen", "--mic", "--input", "pulse", "-m", str(tiny_bundle)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=lone,
+        )
         _wait_for(proc.stderr, "listening to", 120)  # loaded and capturing
         time.sleep(1.0)
         subprocess.run(["pactl", "unload-module", sink_module], env=lone, check=True)
@@ -326,8 +402,12 @@ def test_chat_ctrl_c_stops_the_answer_and_keeps_the_session(tiny_bundle, speech_
     saved, home = tmp_path / "conv.json", tmp_path / "home"
     (home / "clips").mkdir(parents=True)
     shutil.copyfile(speech_wav, home / "clips" / "speech.wav")
-    term = Terminal(tmp_path, f"{sys.executable} -m edge_af3 chat -m {tiny_bundle} -n 1500 --ignore-eos; echo EXIT=$?; sleep 30",
-                    {"EDGE_AF3_CACHE": str(tmp_path / "cache"), "TERM": "xterm", "HOME": str(home)}, width=200)  # fmt: skip
+    term = Terminal(
+        tmp_path,
+        f"{sys.executable} -m edge_af3 chat -m {tiny_bundle} -n 1500 --ignore-eos; echo EXIT=$?; sleep 30",
+        {"EDGE_AF3_CACHE": str(tmp_path / "cache"), "TERM": "xterm", "HOME": str(home)},
+        width=200,
+    )
     try:
         term.wait_for("you>")
         term.send("C-c")  # at the prompt
@@ -391,24 +471,38 @@ def test_user_mistakes_are_one_line_before_anything_loads(tiny_bundle, tmp_path)
     cases = [
         (["export", str(tmp_path / "nope"), "/proc/x"], "no "),  # a missing checkpoint is named first
         (["make-tiny", "/proc/t"], "cannot write /proc/t"),
-        (["listen", "--file", str(tmp_path / "x.wav"), "-m", str(tiny_bundle), "--every", "0"], "--every must be between"),
-        (["listen", "--file", str(tmp_path / "x.wav"), "-m", str(tiny_bundle), "--every", "100"], "--every must be between"),
+        (
+            ["listen", "--file", str(tmp_path / "x.wav"), "-m", str(tiny_bundle), "--every", "0"],
+            "--every must be between",
+        ),
+        (
+            ["listen", "--file", str(tmp_path / "x.wav"), "-m", str(tiny_bundle), "--every", "100"],
+            "--every must be between",
+        ),
         (["demo", "--audio", str(tmp_path / "missing.wav")], "no such file"),
         (["plan", str(tiny_bundle), "--encoder-precision", "int4"], "unknown encoder precision"),
         (["ask", str(tmp_path / "x.wav"), "q", "-m", str(tiny_bundle), "--threads", "0"], "--threads must be >= 1"),
         (["listen", "--mic", "--device", "2", "-m", str(tiny_bundle)], "the microphone is --input"),
-        (["listen", "--file", str(tmp_path / "x.wav"), "-m", str(tiny_bundle), "--adapter", "nope"], "no adapter 'nope'"),
+        (
+            ["listen", "--file", str(tmp_path / "x.wav"), "-m", str(tiny_bundle), "--adapter", "nope"],
+            "no adapter 'nope'",
+        ),
     ]
     sf.write(tmp_path / "x.wav", np.zeros(16000, np.float32), 16000)
     for args, message in cases:
         res = run_cli(*args)
-        assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr, (args, res.stderr[-500:])
+        assert res.returncode == 1 and message in res.stderr and "Traceback" not in res.stderr, (
+            args,
+            res.stderr[-500:],
+        )
 
 
 def test_listen_every_answers_the_tail_too(tiny_bundle, tmp_path):
     t = np.arange(int(19.8 * 16000)) / 16000
     sf.write(tmp_path / "t.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
-    res = run_cli("listen", "--file", str(tmp_path / "t.wav"), "-m", str(tiny_bundle), "--every", "5", "-n", "1", "--json")
+    res = run_cli(
+        "listen", "--file", str(tmp_path / "t.wav"), "-m", str(tiny_bundle), "--every", "5", "-n", "1", "--json"
+    )
     assert res.returncode == 0, res.stderr[-2000:]
     lines = [json.loads(line) for line in res.stdout.splitlines() if line.strip()]
     spans = [(round(x["start"]), round(x["end"], 1)) for x in lines[:-1]]
@@ -442,11 +536,40 @@ def test_ask_text_only_stdin_audio_and_system(tiny_bundle, speech_wav):
         sys_text = m.chat("You are terse.").ask("What is it?", str(speech_wav), max_new_tokens=6, temperature=0).text
     res = run_cli("ask", "What can you do?", "-m", str(tiny_bundle), "-t", "0", "-n", "6", "--json")
     assert res.returncode == 0 and json.loads(res.stdout)["text"] == text_only, res.stderr
-    res = subprocess.run([sys.executable, "-m", "edge_af3", "ask", "-", "What is it?", "-m", str(tiny_bundle), "-t", "0",
-                          "-n", "6", "--json"], input=speech_wav.read_bytes(), capture_output=True)  # fmt: skip
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_af3",
+            "ask",
+            "-",
+            "What is it?",
+            "-m",
+            str(tiny_bundle),
+            "-t",
+            "0",
+            "-n",
+            "6",
+            "--json",
+        ],
+        input=speech_wav.read_bytes(),
+        capture_output=True,
+    )
     assert res.returncode == 0 and json.loads(res.stdout)["text"] == clip, res.stderr[-1000:]
-    res = run_cli("ask", str(speech_wav), "What is it?", "--system", "You are terse.", "-m", str(tiny_bundle), "-t", "0",
-                  "-n", "6", "--json")  # fmt: skip
+    res = run_cli(
+        "ask",
+        str(speech_wav),
+        "What is it?",
+        "--system",
+        "You are terse.",
+        "-m",
+        str(tiny_bundle),
+        "-t",
+        "0",
+        "-n",
+        "6",
+        "--json",
+    )
     assert res.returncode == 0 and json.loads(res.stdout)["text"] == sys_text
     res = run_cli("ask", str(speech_wav), "-m", str(tiny_bundle))
     assert res.returncode == 1 and "give the question after the audio" in res.stderr
@@ -461,7 +584,12 @@ def test_models_pull_list_verify_rm(tiny_ckpt, speech_wav, tmp_path):
     assert "of weights to export" in res.stderr and "RAM" in res.stderr  # what it takes, said first
     res = run_cli("models", "list", "--json", env=env)
     (entry,) = [json.loads(line) for line in res.stdout.splitlines()]
-    assert entry["quant"] == "f32" and entry["source"] == str(tiny_ckpt) and entry["bytes"] > 0 and entry["last_used"] is None
+    assert (
+        entry["quant"] == "f32"
+        and entry["source"] == str(tiny_ckpt)
+        and entry["bytes"] > 0
+        and entry["last_used"] is None
+    )
     res = run_cli("ask", str(speech_wav), "q", "-m", entry["path"], "-n", "2", env=env)
     assert res.returncode == 0, res.stderr[-1000:]
     (entry,) = [json.loads(line) for line in run_cli("models", "list", "--json", env=env).stdout.splitlines()]
@@ -474,7 +602,9 @@ def test_models_pull_list_verify_rm(tiny_ckpt, speech_wav, tmp_path):
         f.seek(100)
         f.write(bytes([b[0] ^ 1]))
     res = run_cli("models", "verify", entry["name"], env=env)
-    assert res.returncode == 1 and "encoder.onnx does not match its sha256" in res.stderr and "Traceback" not in res.stderr
+    assert (
+        res.returncode == 1 and "encoder.onnx does not match its sha256" in res.stderr and "Traceback" not in res.stderr
+    )
     res = run_cli("models", "rm", str(tiny_ckpt.parent), "--yes", env=env)
     assert res.returncode == 1
     res = run_cli("models", "rm", entry["name"], "--yes", env=env)
@@ -489,9 +619,25 @@ def test_listen_ctrl_c_answers_the_segment_in_progress_then_stops(tiny_bundle, t
 
     t = np.arange(20 * 16000) / 16000
     sf.write(tmp_path / "tone.wav", (0.3 * np.sin(2 * np.pi * 300 * t)).astype(np.float32), 16000)
-    proc = subprocess.Popen([sys.executable, "-m", "edge_af3", "listen", "--file", str(tmp_path / "tone.wav"), "--realtime",
-                             "-m", str(tiny_bundle), "-n", "3", "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "edge_af3",
+            "listen",
+            "--file",
+            str(tmp_path / "tone.wav"),
+            "--realtime",
+            "-m",
+            str(tiny_bundle),
+            "-n",
+            "3",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         head = ""
         while "Ctrl-C to stop" not in head:  # the model is loaded and the file is being fed at real speed
@@ -528,8 +674,9 @@ def test_ask_exact_from_a_checkpoint_folder(tiny_ckpt, reference, tmp_path):
     clip = tmp_path / "noise.wav"
     sf.write(clip, x, 16000, subtype="FLOAT")
     env = {"EDGE_AF3_CACHE": str(tmp_path / "cache")}
-    res = run_cli("ask", str(clip), "What do you hear?", "-m", str(tiny_ckpt), "--exact", "-t", "0", "-n", "24",
-                  "--json", env=env)  # fmt: skip
+    res = run_cli(
+        "ask", str(clip), "What do you hear?", "-m", str(tiny_ckpt), "--exact", "-t", "0", "-n", "24", "--json", env=env
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     got = json.loads(res.stdout)
     assert got["tokens"] == strip_eos(reference.generate(conversation(x), max_new_tokens=24))
@@ -537,8 +684,9 @@ def test_ask_exact_from_a_checkpoint_folder(tiny_ckpt, reference, tmp_path):
     manifest = json.loads((bundle / "manifest.json").read_text())
     assert manifest["encoder"]["precision"] == "fp32" and "-fp32-" in bundle.name
     # the fast path keeps its own bundle (another encoder precision: another cache entry)
-    res = run_cli("ask", str(clip), "What do you hear?", "-m", str(tiny_ckpt), "-n", "2", "--encoder-precision",
-                  "int8", env=env)  # fmt: skip
+    res = run_cli(
+        "ask", str(clip), "What do you hear?", "-m", str(tiny_ckpt), "-n", "2", "--encoder-precision", "int8", env=env
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     names = sorted(p.name for p in (tmp_path / "cache" / "bundles").iterdir())
     assert len(names) == 2 and any("-int8-" in n for n in names)
@@ -551,8 +699,23 @@ def test_listen_file_greedy_exact_equals_transformers(tiny_bundle, reference, tm
     clip = tmp_path / "two-seconds.wav"
     sf.write(clip, x, 16000, subtype="FLOAT")
     prompt = "Describe the sound."
-    res = run_cli("listen", "--file", str(clip), "--every", "2", "-p", prompt, "-m", str(tiny_bundle), "--exact",
-                  "-t", "0", "-n", "16", "--json")  # fmt: skip
+    res = run_cli(
+        "listen",
+        "--file",
+        str(clip),
+        "--every",
+        "2",
+        "-p",
+        prompt,
+        "-m",
+        str(tiny_bundle),
+        "--exact",
+        "-t",
+        "0",
+        "-n",
+        "16",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     lines = [json.loads(chunk) for chunk in res.stdout.replace("}\n{", "}\x00{").split("\x00")]
     (answer,) = lines[:-1]

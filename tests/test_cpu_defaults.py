@@ -18,7 +18,9 @@ BENCH_SMALL = {"hidden_size": 896, "intermediate_size": 4864}  # Qwen2.5-0.5B's 
 def test_auto_quant_follows_the_k_quant_block_width():
     assert auto_quant(QWEN25_7B)[0] == "q4_k_m"
     quant, why = auto_quant(BENCH_SMALL)
-    assert quant == "iq4_nl" and "hidden (q/k/v/o, gate/up, output) 896" in why and "intermediate" not in why  # 4864 = 19 x 256
+    assert (
+        quant == "iq4_nl" and "hidden (q/k/v/o, gate/up, output) 896" in why and "intermediate" not in why
+    )  # 4864 = 19 x 256
     assert auto_quant({"hidden_size": 1024, "intermediate_size": 4000})[0] == "iq4_nl"  # one width is enough
     assert auto_quant({"hidden_size": 1024, "intermediate_size": 4864})[0] == "q4_k_m"
     assert resolve_quant("q8_0", BENCH_SMALL) == "q8_0" and resolve_quant("auto", None) == "q4_k_m"
@@ -37,8 +39,11 @@ def test_auto_quant_keeps_k_quants_where_the_widths_allow(tiny_ckpt, tmp_path):
     types = {}
     for quant in ("q4_k_m", "iq4_nl"):
         path = quantize(base, tmp_path / f"{quant}.gguf", quant)
-        types[quant] = {t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors
-                        if t.name.startswith("blk.") and t.name.endswith("ffn_up.weight")}  # fmt: skip
+        types[quant] = {
+            t.tensor_type.name
+            for t in gguf.GGUFReader(str(path)).tensors
+            if t.name.startswith("blk.") and t.name.endswith("ffn_up.weight")
+        }
     assert types["iq4_nl"] == {"IQ4_NL"} and not types["q4_k_m"] & {"Q4_K", "Q5_K", "Q6_K"}, types
 
 
@@ -58,7 +63,9 @@ def test_a_checkpoint_loads_through_the_auto_bundle(tiny_ckpt, tmp_path, monkeyp
     monkeypatch.setenv("EDGE_AF3_CACHE", str(tmp_path / "cache"))
     path = cached_bundle_path(tiny_ckpt, "auto")
     auto_enc = resolve_encoder_precision("auto")
-    assert path.name.startswith(f"af3-tiny-iq4_nl-{auto_enc}-") and path == cached_bundle_path(tiny_ckpt, "iq4_nl", auto_enc)
+    assert path.name.startswith(f"af3-tiny-iq4_nl-{auto_enc}-") and path == cached_bundle_path(
+        tiny_ckpt, "iq4_nl", auto_enc
+    )
     with AF3.load(tiny_ckpt, n_ctx=2048) as model:
         answer = model.ask("What is this?", speech_wav, max_new_tokens=4)
         assert answer.timings.audio_tokens > 0
@@ -104,5 +111,7 @@ def test_released_pages_change_no_number(tiny_ckpt, tmp_path):
             assert (eng.released_mb > 0) == release  # Linux: the whole read-only mapping
             ids = eng.tokenize("<|im_start|>user\nWhat is this?<|im_end|>\n<|im_start|>assistant\n")
             rows = np.random.default_rng(0).standard_normal((40, eng.n_embd)).astype(np.float32)
-            logits[release] = np.concatenate([eng.decode_tokens(ids, logits="all"), eng.decode_embeddings(rows, logits="all")])
+            logits[release] = np.concatenate(
+                [eng.decode_tokens(ids, logits="all"), eng.decode_embeddings(rows, logits="all")]
+            )
     assert np.array_equal(logits[True], logits[False])

@@ -122,7 +122,9 @@ def test_the_native_library_holds_no_instruction_this_cpu_lacks_and_no_amx():
     objdump = shutil.which("objdump")
     assert objdump, "objdump (binutils) is required"
     lib = Path(llama_cpp.__file__).parent / "lib" / "libggml-cpu.so"
-    asm = subprocess.run([objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True, check=True).stdout
+    asm = subprocess.run(
+        [objdump, "-d", "--no-show-raw-insn", str(lib)], capture_output=True, text=True, check=True
+    ).stdout
     assert asm.count("\n") > 10_000  # the disassembly is really there
     amx = [m for m in ("ldtilecfg", "tileloadd", "tdpbssd", "tdpbf16ps") if m in asm]
     assert not amx, f"AMX instructions in {lib.name}: {amx}"

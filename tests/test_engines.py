@@ -73,9 +73,12 @@ def test_torch_encoder_refuses_foreign_onnx(tmp_path):
     import onnx
     from onnx import TensorProto, helper
 
-    g = helper.make_graph([helper.make_node("Relu", ["x"], ["y"])], "g",
-                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
-                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])])  # fmt: skip
+    g = helper.make_graph(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1])],
+    )
     onnx.save(helper.make_model(g), str(tmp_path / "relu.onnx"))
     with pytest.raises(EncoderWeightsError, match="lacks weights"):
         TorchEncoder(tmp_path / "relu.onnx", device="cpu")
@@ -115,7 +118,9 @@ def test_bucketed_paths_give_the_plain_rows(tiny_bundle, windows, frames):
         assert np.abs(got[-1, :keep] - want[-1, :keep]).max() <= 1e-4
     assert graphs.captures == len({r.shape for r in plan(windows, frames, graphs.window_buckets)})
     graphs.encode(f, m)
-    assert graphs.captures == len({r.shape for r in plan(windows, frames, graphs.window_buckets)})  # replayed, not re-captured
+    assert graphs.captures == len(
+        {r.shape for r in plan(windows, frames, graphs.window_buckets)}
+    )  # replayed, not re-captured
     assert set(FRAME_BUCKETS) >= {s[1] for s in graphs._static if s[0] == 1 and s[1] != 3000}
 
 
@@ -130,7 +135,9 @@ def test_torch_engine_answers_like_onnxruntime(tiny_bundle):
 
 def test_gpu_engine_that_cannot_start_falls_back_with_the_reason(tiny_bundle):
     bundle = open_bundle(tiny_bundle)
-    choice = EncoderChoice("torch-cuda", "cuda (Test GPU)", (("tensorrt", "tensorrt is not installed"),), gpu="Test GPU")
+    choice = EncoderChoice(
+        "torch-cuda", "cuda (Test GPU)", (("tensorrt", "tensorrt is not installed"),), gpu="Test GPU"
+    )
     enc, got = make_encoder(bundle, choice)
     assert enc.name == "onnxruntime-cpu" and got.engine == "onnxruntime-cpu" and got.gpu == "Test GPU"
     reasons = dict(got.skipped)
@@ -158,10 +165,18 @@ def test_failed_gpu_engines_hand_over_in_order(tiny_bundle):
     bundle = open_bundle(tiny_bundle)
     usable = {name: (lambda: None) for name in ("tensorrt", "onnxruntime-cuda", "torch-cuda")}
     enc, got = make_encoder(bundle, EncoderChoice("tensorrt", "cuda (Test GPU)", gpu="Test GPU"), probes=usable)
-    assert enc.name == "onnxruntime-cpu" and [s[0] for s in got.skipped] == ["tensorrt", "onnxruntime-cuda", "torch-cuda"]
-    assert "CUDA provider" in dict(got.skipped)["onnxruntime-cuda"] and "no CUDA device" in dict(got.skipped)["torch-cuda"]
+    assert enc.name == "onnxruntime-cpu" and [s[0] for s in got.skipped] == [
+        "tensorrt",
+        "onnxruntime-cuda",
+        "torch-cuda",
+    ]
+    assert (
+        "CUDA provider" in dict(got.skipped)["onnxruntime-cuda"] and "no CUDA device" in dict(got.skipped)["torch-cuda"]
+    )
     # a forced engine does not hand over to the other GPU engines
-    enc, got = make_encoder(bundle, EncoderChoice("tensorrt", "cuda (Test GPU)", gpu="Test GPU"), probes=usable, fallback=False)
+    enc, got = make_encoder(
+        bundle, EncoderChoice("tensorrt", "cuda (Test GPU)", gpu="Test GPU"), probes=usable, fallback=False
+    )
     assert [s[0] for s in got.skipped] == ["tensorrt"]
 
 
@@ -170,8 +185,10 @@ def test_bucketed_results_do_not_alias_the_engine_buffers(tiny_bundle):
     (the runtime keeps earlier chunks of a clip while later ones are encoded)."""
     rng = np.random.default_rng(9)
     inputs = [(rng.standard_normal((1, 128, 3000)).astype(np.float32), np.ones((1, 3000), np.int64)) for _ in range(2)]
-    for enc in (OnnxEncoder(tiny_bundle / "encoder.onnx", io_binding=True),
-                TorchEncoder(tiny_bundle / "encoder.onnx", device="cpu", graphs="eager")):  # fmt: skip
+    for enc in (
+        OnnxEncoder(tiny_bundle / "encoder.onnx", io_binding=True),
+        TorchEncoder(tiny_bundle / "encoder.onnx", device="cpu", graphs="eager"),
+    ):
         first = enc.encode(*inputs[0])
         kept = first.copy()
         second = enc.encode(*inputs[1])

@@ -9,13 +9,12 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from edge_af3.export.gate import encoder_floor
-from edge_af3.quants import resolve_encoder_precision
-
 from edge_af3.bundle import BundleError, open_bundle
 from edge_af3.engines.llamacpp import LlamaEngine
 from edge_af3.export import export
+from edge_af3.export.gate import encoder_floor
 from edge_af3.features import extract_features
+from edge_af3.quants import resolve_encoder_precision
 from edge_af3.reference.loader import CheckpointError
 
 from .conftest import noise, run_cli
@@ -80,11 +79,17 @@ def test_gguf_f32_logits_match_reference(bundle_f32, reference):
 
 
 CORPUS = [
-    "Hello world", " leading space", "ASCII: the quick brown fox jumps over 13 lazy dogs!",
-    "Accents: déjà vu, naïve café, Ångström, Ünïcödé", "CJK: 你好，世界。日本語のテキスト。한국어 문장",
-    "Emoji: 🦙🎵🔊 👩‍👩‍👧", "Code:\n```python\ndef f(x):\n\treturn {'a': x**2}  # comment\n```",
-    "Numbers 1234567890 and 3.14159e-10", "Mixed\r\nline\n\n\nbreaks   and\ttabs", "",
-]  # fmt: skip
+    "Hello world",
+    " leading space",
+    "ASCII: the quick brown fox jumps over 13 lazy dogs!",
+    "Accents: déjà vu, naïve café, Ångström, Ünïcödé",
+    "CJK: 你好，世界。日本語のテキスト。한국어 문장",
+    "Emoji: 🦙🎵🔊 👩‍👩‍👧",
+    "Code:\n```python\ndef f(x):\n\treturn {'a': x**2}  # comment\n```",
+    "Numbers 1234567890 and 3.14159e-10",
+    "Mixed\r\nline\n\n\nbreaks   and\ttabs",
+    "",
+]
 
 
 def test_gguf_tokenization_identical(bundle_f32, reference):
@@ -177,7 +182,9 @@ def test_failed_export_leaves_nothing(tiny_ckpt, tmp_path, monkeypatch):
 
 
 def test_cli_export_subprocess(tiny_ckpt, tmp_path):
-    res = run_cli("export", str(tiny_ckpt), str(tmp_path / "b"), "--quant", "q8_0", "--encoder-precision", "fp32", "--json")
+    res = run_cli(
+        "export", str(tiny_ckpt), str(tmp_path / "b"), "--quant", "q8_0", "--encoder-precision", "fp32", "--json"
+    )
     assert res.returncode == 0, res.stderr[-3000:]
     info = json.loads(res.stdout)
     assert info["verification"]["encoder"]["max_abs_diff"] <= 1e-4
@@ -229,7 +236,12 @@ def test_large_encoder_goes_to_one_data_file(tiny_ckpt, tmp_path, reference, mon
     feats = extract_features((noise(12.0, seed=5), 16000))
     for precision in ("fp32", "mixed"):
         b = export(tiny_ckpt, tmp_path / precision, quant="q8_0", encoder_precision=precision, verify=False)
-        assert sorted(p.name for p in b.iterdir()) == ["encoder.onnx", "encoder.onnx.data", "llm-q8_0.gguf", "manifest.json"]
+        assert sorted(p.name for p in b.iterdir()) == [
+            "encoder.onnx",
+            "encoder.onnx.data",
+            "llm-q8_0.gguf",
+            "manifest.json",
+        ]
         assert (b / "encoder.onnx").stat().st_size < 200_000 < (b / "encoder.onnx.data").stat().st_size
         assert "encoder.onnx.data" in open_bundle(b).manifest["files"]
         sess = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])

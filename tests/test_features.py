@@ -31,8 +31,17 @@ def compare(reference, samples: np.ndarray):
 # Token counts are the AF3 spec's table (0.5 s -> 12, 45 s -> 1125, >= 600 s -> 15000 ...).
 @pytest.mark.parametrize(
     "seconds, windows, tokens",
-    [(0.3, 1, 7), (0.5, 1, 12), (1, 1, 25), (10, 1, 250), (29.99, 1, 750), (30, 1, 750),
-     (30.01, 2, 750), (45, 2, 1125), (650, 20, 15000)],  # fmt: skip
+    [
+        (0.3, 1, 7),
+        (0.5, 1, 12),
+        (1, 1, 25),
+        (10, 1, 250),
+        (29.99, 1, 750),
+        (30, 1, 750),
+        (30.01, 2, 750),
+        (45, 2, 1125),
+        (650, 20, 15000),
+    ],
 )
 def test_noise_matches_reference(reference, seconds, windows, tokens):
     ours = compare(reference, noise(seconds, seed=int(seconds * 100)))
@@ -82,7 +91,12 @@ def test_mel_filters_match_transformers():
     from transformers.audio_utils import mel_filter_bank
 
     ref = mel_filter_bank(
-        num_frequency_bins=201, num_mel_filters=128, min_frequency=0.0, max_frequency=8000.0,
-        sampling_rate=16000, norm="slaney", mel_scale="slaney",
-    )  # fmt: skip
+        num_frequency_bins=201,
+        num_mel_filters=128,
+        min_frequency=0.0,
+        max_frequency=8000.0,
+        sampling_rate=16000,
+        norm="slaney",
+        mel_scale="slaney",
+    )
     np.testing.assert_allclose(mel_filters(), ref.astype(np.float32), rtol=1e-5, atol=1e-8)

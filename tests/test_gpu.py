@@ -14,7 +14,9 @@ pytestmark = pytest.mark.gpu
 def f16_bundle(tiny_ckpt, tmp_path_factory):
     from edge_af3.export import export
 
-    return export(tiny_ckpt, tmp_path_factory.mktemp("gpu") / "f16", quant="f16", encoder_precision="fp32", verify=False)
+    return export(
+        tiny_ckpt, tmp_path_factory.mktemp("gpu") / "f16", quant="f16", encoder_precision="fp32", verify=False
+    )
 
 
 def test_gpu_greedy_tokens_match_cpu(f16_bundle):

@@ -16,7 +16,10 @@ from .conftest import run_cli
 
 
 def probes(**reasons):
-    return {name: (lambda r=reasons.get(name.replace("-", "_")): r) for name in ("tensorrt", "onnxruntime-cuda", "torch-cuda")}
+    return {
+        name: (lambda r=reasons.get(name.replace("-", "_")): r)
+        for name in ("tensorrt", "onnxruntime-cuda", "torch-cuda")
+    }
 
 
 def test_engine_selection_order_and_reasons():
@@ -27,17 +30,29 @@ def test_engine_selection_order_and_reasons():
     every = {"onnxruntime-cpu", "tensorrt", "onnxruntime-cuda", "torch-cuda"}
     best = choose_encoder("cuda", gpu=lambda: "NVIDIA H100", probes=probes(), implemented=every)
     assert best.engine == "tensorrt" and best.device == "cuda (NVIDIA H100)" and best.skipped == ()
-    c = choose_encoder("auto", gpu=lambda: "Orin", probes=probes(tensorrt="tensorrt is not installed"), implemented=every)
+    c = choose_encoder(
+        "auto", gpu=lambda: "Orin", probes=probes(tensorrt="tensorrt is not installed"), implemented=every
+    )
     assert c.engine == "onnxruntime-cuda" and c.skipped == (("tensorrt", "tensorrt is not installed"),)
-    c = choose_encoder("auto", gpu=lambda: "Orin", probes=probes(tensorrt="no trt", onnxruntime_cuda="no ep"), implemented=every)
+    c = choose_encoder(
+        "auto", gpu=lambda: "Orin", probes=probes(tensorrt="no trt", onnxruntime_cuda="no ep"), implemented=every
+    )
     assert c.engine == "torch-cuda" and [s[0] for s in c.skipped] == ["tensorrt", "onnxruntime-cuda"]
     # a usable engine this version cannot run yet is skipped with that reason, never picked
-    c = choose_encoder("auto", gpu=lambda: "Orin", probes=probes(onnxruntime_cuda="no ep", torch_cuda="no cuda"),
-                       implemented={"onnxruntime-cpu", "onnxruntime-cuda"})  # fmt: skip
+    c = choose_encoder(
+        "auto",
+        gpu=lambda: "Orin",
+        probes=probes(onnxruntime_cuda="no ep", torch_cuda="no cuda"),
+        implemented={"onnxruntime-cpu", "onnxruntime-cuda"},
+    )
     assert c.engine == "onnxruntime-cpu" and "no engine for it yet" in dict(c.skipped)["tensorrt"]
     assert c.gpu == "Orin"  # the LLM still offloads when the encoder stays on the CPU
     c = choose_encoder("cuda", gpu=lambda: "Orin", probes=probes(tensorrt="a", onnxruntime_cuda="b", torch_cuda="c"))
-    assert c.engine == "onnxruntime-cpu" and dict(c.skipped) == {"tensorrt": "a", "onnxruntime-cuda": "b", "torch-cuda": "c"}
+    assert c.engine == "onnxruntime-cpu" and dict(c.skipped) == {
+        "tensorrt": "a",
+        "onnxruntime-cuda": "b",
+        "torch-cuda": "c",
+    }
     assert choose_encoder("cpu").engine == "onnxruntime-cpu"
     with pytest.raises(ValueError, match="unknown device"):
         choose_encoder("tpu")
@@ -49,9 +64,13 @@ def test_trt_engine_cache_keying_and_staleness(tmp_path):
     plan_path = store(tmp_path, key, b"engine-bytes")
     assert lookup(tmp_path, key) == (plan_path, [])
     assert EngineKey("ab" * 32, "10.7.0", "Orin", "8.7", "fp16", (1, 2, 4, 8, 20)).digest() == key.digest()
-    for changed, field in [(dict(tensorrt="10.8.0"), "tensorrt"), (dict(gpu="RTX 4090", compute_capability="8.9"), "gpu"),
-                           (dict(precision="int8"), "precision"), (dict(onnx_sha256="cd" * 32), "onnx_sha256"),
-                           (dict(buckets=(1, 4, 20)), "buckets")]:  # fmt: skip
+    for changed, field in [
+        (dict(tensorrt="10.8.0"), "tensorrt"),
+        (dict(gpu="RTX 4090", compute_capability="8.9"), "gpu"),
+        (dict(precision="int8"), "precision"),
+        (dict(onnx_sha256="cd" * 32), "onnx_sha256"),
+        (dict(buckets=(1, 4, 20)), "buckets"),
+    ]:
         other = EngineKey(**{**key.__dict__, **changed})
         assert other.digest() != key.digest()
         found, reasons = lookup(tmp_path, other)
@@ -64,7 +83,8 @@ def test_trt_engine_cache_keying_and_staleness(tmp_path):
     newer = EngineKey(**{**key.__dict__, "tensorrt": "10.8.0"})
     store(tmp_path, newer, b"new")
     assert sorted(p.name for p in (tmp_path / ".engines").iterdir()) == sorted(
-        [f"encoder-{newer.digest()}.plan", f"encoder-{newer.digest()}.json"])
+        [f"encoder-{newer.digest()}.plan", f"encoder-{newer.digest()}.json"]
+    )
 
 
 def _llama_reported_mib(gguf, n_ctx: int, kv_type: str) -> dict:
@@ -73,13 +93,19 @@ def _llama_reported_mib(gguf, n_ctx: int, kv_type: str) -> dict:
     import subprocess
     import sys
 
-    code = ("import sys; from edge_af3.engines.llamacpp import LlamaEngine; "
-            "LlamaEngine(sys.argv[1], n_ctx=int(sys.argv[2]), kv_type=sys.argv[3], verbose=True).close()")  # fmt: skip
-    err = subprocess.run([sys.executable, "-c", code, str(gguf), str(n_ctx), kv_type], capture_output=True, text=True,
-                         check=True).stderr  # fmt: skip
+    code = (
+        "import sys; from edge_af3.engines.llamacpp import LlamaEngine; "
+        "LlamaEngine(sys.argv[1], n_ctx=int(sys.argv[2]), kv_type=sys.argv[3], verbose=True).close()"
+    )
+    err = subprocess.run(
+        [sys.executable, "-c", code, str(gguf), str(n_ctx), kv_type], capture_output=True, text=True, check=True
+    ).stderr
     got = {}
-    for key, pattern in (("kv", r"KV buffer size =\s+([\d.]+) MiB"), ("compute", r"compute buffer size =\s+([\d.]+) MiB"),
-                         ("weights", r"model buffer size =\s+([\d.]+) MiB")):  # fmt: skip
+    for key, pattern in (
+        ("kv", r"KV buffer size =\s+([\d.]+) MiB"),
+        ("compute", r"compute buffer size =\s+([\d.]+) MiB"),
+        ("weights", r"model buffer size =\s+([\d.]+) MiB"),
+    ):
         m = re.search(pattern, err)
         assert m, f"llama.cpp did not report its {key} buffer: {err[-1500:]}"
         got[key] = float(m.group(1)) * 2**20

@@ -27,7 +27,9 @@ class _Blocked:
 sys.meta_path.insert(0, _Blocked())
 '''
 
-SCRIPT = BLOCKER + '''
+SCRIPT = (
+    BLOCKER
+    + """
 import importlib, json, pkgutil, sys, tempfile
 from pathlib import Path
 import numpy as np
@@ -49,17 +51,23 @@ with tempfile.TemporaryDirectory() as tmp:
     converted = half.stat().st_size
 print(json.dumps({"tokens": len(ans.tokens), "audio_tokens": ans.timings.audio_tokens, "fp16_bytes": converted,
                   "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}))
-'''
+"""
+)
 
-CLI = BLOCKER + '''
+CLI = (
+    BLOCKER
+    + """
 from edge_af3.cli import main
 sys.argv = ["edge-af3"] + sys.argv[1:]
 main()
-'''
+"""
+)
 
 
 def _run(code: str, *args: str, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT)
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=timeout, cwd=ROOT
+    )
 
 
 def test_blocker_really_blocks():
@@ -89,8 +97,23 @@ def test_cli_without_torch(tiny_bundle, speech_wav, tmp_path):
     assert lines[-1]["summary"]["answered"] >= 1 and all("text" in a for a in lines[:-1])
 
 
-LAYERS = ("runtime", "engines", "server", "listen.py", "vad.py", "plan.py", "settings.py", "audio.py", "features.py",
-          "bundle.py", "prompt.py", "paths.py", "checkpoint.py", "onnx_tools.py", "client.py")  # fmt: skip
+LAYERS = (
+    "runtime",
+    "engines",
+    "server",
+    "listen.py",
+    "vad.py",
+    "plan.py",
+    "settings.py",
+    "audio.py",
+    "features.py",
+    "bundle.py",
+    "prompt.py",
+    "paths.py",
+    "checkpoint.py",
+    "onnx_tools.py",
+    "client.py",
+)
 
 
 def _imports(path: Path):
@@ -123,7 +146,8 @@ def test_cli_modules_have_no_import_cycle():
     graph = {}
     for f in cli.glob("*.py"):
         graph[f.stem] = {m.split(".")[0] for level, m, names in _imports(f) if level == 1 and m} | {
-            n for level, m, names in _imports(f) if level == 1 and not m for n in names}  # fmt: skip
+            n for level, m, names in _imports(f) if level == 1 and not m for n in names
+        }
 
     def reach(start, node, seen):
         for nxt in graph.get(node, ()):
@@ -137,6 +161,9 @@ def test_cli_modules_have_no_import_cycle():
 
 
 def test_no_module_is_longer_than_one_sitting():
-    long = {str(f.relative_to(ROOT)): n for f in (ROOT / "edge_af3").rglob("*.py")
-            if (n := len(f.read_text().splitlines())) > 420}  # fmt: skip
+    long = {
+        str(f.relative_to(ROOT)): n
+        for f in (ROOT / "edge_af3").rglob("*.py")
+        if (n := len(f.read_text().splitlines())) > 420
+    }
     assert not long, long

@@ -25,9 +25,17 @@ def digest(folder: Path) -> dict[str, str]:
 
 def test_layout_and_loading(reference, tiny_ckpt):
     names = {p.name for p in tiny_ckpt.iterdir()}
-    for required in ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json",
-                     "tokenizer_config.json", "vocab.json", "merges.txt", "chat_template.jinja",
-                     "processor_config.json"]:  # fmt: skip
+    for required in [
+        "config.json",
+        "generation_config.json",
+        "model.safetensors",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "vocab.json",
+        "merges.txt",
+        "chat_template.jinja",
+        "processor_config.json",
+    ]:
         assert required in names, required
     model = reference.model
     assert type(model).__name__ == "AudioFlamingo3ForConditionalGeneration"
@@ -73,8 +81,15 @@ def test_tokenizer_matches_llama_cpp_test_vectors(reference):
 
 
 def test_chat_template_expands_sound(reference):
-    conv = [{"role": "user", "content": [{"type": "audio", "audio": np.zeros(16000, np.float32)},
-                                         {"type": "text", "text": "What do you hear?"}]}]  # fmt: skip
+    conv = [
+        {
+            "role": "user",
+            "content": [
+                {"type": "audio", "audio": np.zeros(16000, np.float32)},
+                {"type": "text", "text": "What do you hear?"},
+            ],
+        }
+    ]
     batch = reference.inputs(conv)
     ids = batch["input_ids"][0].tolist()
     assert ids.count(SOUND_TOKEN_ID) == 25
@@ -143,8 +158,10 @@ def test_missing_shard_is_refused(tmp_path, tiny_ckpt):
     (broken / "model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="no model.safetensors"):
         load_reference(broken)
-    index = {"metadata": {}, "weight_map": {"a": "model-00001-of-00002.safetensors",
-                                           "b": "model-00002-of-00002.safetensors"}}  # fmt: skip
+    index = {
+        "metadata": {},
+        "weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"},
+    }
     (broken / "model.safetensors.index.json").write_text(json.dumps(index))
     with pytest.raises(CheckpointError, match="missing weight shard"):
         load_reference(broken)

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 
 from edge_af3 import AF3, AudioError, ContextOverflowError, GenerationOptions, OptionsError
-from edge_af3.errors import SessionBusyError
 from edge_af3.constants import EOS_TOKEN_ID
+from edge_af3.errors import SessionBusyError
 from edge_af3.prompt import Message, render
 
 from .conftest import noise
@@ -330,7 +330,6 @@ def test_close_closes_encoder_and_llm(bundle):
         enc.encode(np.zeros((1, 128, 100), np.float32), np.ones((1, 100), np.int64))
 
 
-
 def processed_logits(llm, sampler, logits: np.ndarray) -> np.ndarray:
     """What llama.cpp's non-final sampler chain makes of `logits` [vocab]: processed values for the
     candidates it keeps, -inf for the rest (the distribution a draw samples from, before softmax)."""
@@ -348,6 +347,7 @@ def processed_logits(llm, sampler, logits: np.ndarray) -> np.ndarray:
         out[arr.data[i].id] = arr.data[i].logit
     return out
 
+
 def test_sampling_distribution_equals_transformers(model, reference):
     """The processed next-token distribution (penalty 1.05, temperature 0.7, top-k 20, top-p 0.8:
     the checkpoint's) of llama.cpp's chain equals transformers' at several steps of a sampled
@@ -358,8 +358,14 @@ def test_sampling_distribution_equals_transformers(model, reference):
     batch = reference.inputs(conversation(x))
     torch.manual_seed(0)
     with torch.inference_mode():
-        out = reference.model.generate(**batch, max_new_tokens=6, do_sample=True, output_scores=True,
-                                       output_logits=True, return_dict_in_generate=True)  # fmt: skip
+        out = reference.model.generate(
+            **batch,
+            max_new_tokens=6,
+            do_sample=True,
+            output_scores=True,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     prompt = batch["input_ids"][0].tolist()
     new = out.sequences[0, len(prompt) :].tolist()
     opts = GenerationOptions().resolved(model.generation)

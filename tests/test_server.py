@@ -25,15 +25,18 @@ from edge_af3 import AF3
 from edge_af3.constants import ASR_PROMPT
 
 from .conftest import ROOT, noise, run_cli, sweep
-from .test_runtime import conversation, strip_eos
 from .test_layers import BLOCKER
+from .test_runtime import conversation, strip_eos
 
 KEY = "test-key"
-SERVE = BLOCKER + '''
+SERVE = (
+    BLOCKER
+    + """
 from edge_af3.cli import main
 sys.argv = ["edge-af3", "serve"] + sys.argv[1:]
 main()
-'''
+"""
+)
 
 
 class Server:
@@ -49,8 +52,13 @@ class Server:
         out = open(self.log, "wb") if self.log else subprocess.DEVNULL
         extra = ["--api-key", key] if key else []
         env = dict(os.environ, EDGE_AF3_API_KEY="")
-        self.proc = subprocess.Popen([sys.executable, "-c", SERVE, "-m", str(bundle), "--port", str(self.port), *extra,
-                                      *args], stdout=out, stderr=subprocess.STDOUT, cwd=ROOT, env=env)  # fmt: skip
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVE, "-m", str(bundle), "--port", str(self.port), *extra, *args],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            cwd=ROOT,
+            env=env,
+        )
         deadline = time.monotonic() + 180
         while True:  # a deadline guard on start-up, not a timing assertion
             assert self.proc.poll() is None, f"the server exited ({self.proc.returncode}): {self.tail()}"
@@ -108,8 +116,18 @@ GREEDY = dict(temperature=0)
 
 @pytest.fixture(scope="module")
 def server(tiny_bundle, tmp_path_factory):
-    s = Server(tiny_bundle, "--parallel", "4", "--max-queue", "32", "--max-body-mb", "16", "--decode-batching",
-               "always", tmp_path=tmp_path_factory.mktemp("server"))  # fmt: skip
+    s = Server(
+        tiny_bundle,
+        "--parallel",
+        "4",
+        "--max-queue",
+        "32",
+        "--max-body-mb",
+        "16",
+        "--decode-batching",
+        "always",
+        tmp_path=tmp_path_factory.mktemp("server"),
+    )
     yield s
     s.stop()
 
@@ -191,8 +209,16 @@ def test_openai_sdk_plain_and_stream_equal_ask_json(server, tiny_bundle, speech_
     assert r.usage.prompt_tokens == want["timings"]["prompt_tokens"]
     assert r.usage.completion_tokens == len(want["tokens"])
     assert r.usage.prompt_tokens_details.audio_tokens == want["timings"]["audio_tokens"]
-    chunks = list(client.chat.completions.create(model="edge-af3", messages=msgs, max_tokens=24, stream=True,
-                                                 stream_options={"include_usage": True}, **GREEDY))  # fmt: skip
+    chunks = list(
+        client.chat.completions.create(
+            model="edge-af3",
+            messages=msgs,
+            max_tokens=24,
+            stream=True,
+            stream_options={"include_usage": True},
+            **GREEDY,
+        )
+    )
     assert all(c.object == "chat.completion.chunk" for c in chunks)
     assert chunks[0].choices[0].delta.role == "assistant"
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want["text"]
@@ -201,14 +227,28 @@ def test_openai_sdk_plain_and_stream_equal_ask_json(server, tiny_bundle, speech_
     assert chunks[-1].usage.prompt_tokens_details.cached_tokens > 0  # the same prompt: the slot's KV prefix
     # vLLM's other documented shape: audio_url with a data: URL
     data_url = "data:audio/wav;base64," + base64.b64encode(speech_wav.read_bytes()).decode()
-    r2 = client.chat.completions.create(model="edge-af3", max_tokens=24, **GREEDY, messages=[{"role": "user", "content": [
-        {"type": "audio_url", "audio_url": {"url": data_url}}, {"type": "text", "text": "What do you hear?"}]}])
+    r2 = client.chat.completions.create(
+        model="edge-af3",
+        max_tokens=24,
+        **GREEDY,
+        messages=[
+            {
+                "role": "user",
+                "content": [
+                    {"type": "audio_url", "audio_url": {"url": data_url}},
+                    {"type": "text", "text": "What do you hear?"},
+                ],
+            }
+        ],
+    )
     assert r2.choices[0].message.content == want["text"]
 
 
 def test_two_turns_two_clips_reuse_the_prefix_and_the_rows(server, model, clips):
     session = model.chat()
-    a1 = session.ask("What is in the first clip?", (sf.read(io.BytesIO(clips[2]))[0], 16000), max_new_tokens=12, **GREEDY)
+    a1 = session.ask(
+        "What is in the first clip?", (sf.read(io.BytesIO(clips[2]))[0], 16000), max_new_tokens=12, **GREEDY
+    )
     a2 = session.ask("And in this one?", (sf.read(io.BytesIO(clips[3]))[0], 16000), max_new_tokens=12, **GREEDY)
     client = server.client()
     before = server.metrics()
@@ -250,13 +290,19 @@ def test_connect_ask_stream_chat(server, model, speech_wav, real_clip):
     want = model.ask("Describe the audio.", str(speech_wav), max_new_tokens=16, **GREEDY)
     got = remote.ask("Describe the audio.", str(speech_wav), max_new_tokens=16, **GREEDY)
     assert got.text == want.text and got.finish_reason == want.finish_reason
-    assert got.timings.audio_tokens == want.timings.audio_tokens and got.timings.prompt_tokens == want.timings.prompt_tokens
+    assert (
+        got.timings.audio_tokens == want.timings.audio_tokens
+        and got.timings.prompt_tokens == want.timings.prompt_tokens
+    )
     with remote.stream("Describe the audio.", str(speech_wav), max_new_tokens=16, **GREEDY) as s:
         pieces = list(s)
     assert "".join(pieces) == want.text and s.answer.finish_reason == want.finish_reason
     local, chat = model.chat(), remote.chat()
     for prompt, clip in (("What is this?", speech_wav), ("And this?", real_clip)):
-        a, b = local.ask(prompt, str(clip), max_new_tokens=10, **GREEDY), chat.ask(prompt, str(clip), max_new_tokens=10, **GREEDY)
+        a, b = (
+            local.ask(prompt, str(clip), max_new_tokens=10, **GREEDY),
+            chat.ask(prompt, str(clip), max_new_tokens=10, **GREEDY),
+        )
         assert a.text == b.text
     # the sampling defaults on both sides are the checkpoint's: the same seed gives the same text
     assert remote.ask("Hi", max_new_tokens=12, seed=7).text == model.ask("Hi", max_new_tokens=12, seed=7).text
@@ -269,16 +315,32 @@ def test_connect_ask_stream_chat(server, model, speech_wav, real_clip):
 
 
 def test_cli_ask_base_url(server, model, speech_wav):
-    res = run_cli("ask", str(speech_wav), "What do you hear?", "--base-url", server.url, "--api-key", KEY, "-t", "0",
-                  "-n", "12", "--json")  # fmt: skip
+    res = run_cli(
+        "ask",
+        str(speech_wav),
+        "What do you hear?",
+        "--base-url",
+        server.url,
+        "--api-key",
+        KEY,
+        "-t",
+        "0",
+        "-n",
+        "12",
+        "--json",
+    )
     assert res.returncode == 0, res.stderr
-    assert json.loads(res.stdout)["text"] == model.ask("What do you hear?", str(speech_wav), max_new_tokens=12, **GREEDY).text
+    assert (
+        json.loads(res.stdout)["text"]
+        == model.ask("What do you hear?", str(speech_wav), max_new_tokens=12, **GREEDY).text
+    )
 
 
 def _stream(client, msgs, **kw):
     text, finish, usage = "", None, None
-    for c in client.chat.completions.create(model="edge-af3", messages=msgs, stream=True,
-                                            stream_options={"include_usage": True}, **kw):  # fmt: skip
+    for c in client.chat.completions.create(
+        model="edge-af3", messages=msgs, stream=True, stream_options={"include_usage": True}, **kw
+    ):
         for ch in c.choices:
             text += ch.delta.content or ""
             finish = ch.finish_reason or finish
@@ -306,10 +368,14 @@ def test_sixteen_concurrent_clients_on_four_slots(server, clips):
     after = server.metrics()
     assert all(r is not None and r[1] in ("stop", "length") for r in results)
     steps = after["edge_af3_decode_batch_size_count"] - before.get("edge_af3_decode_batch_size_count", 0)
-    single = after['edge_af3_decode_batch_size_bucket{le="1.0"}'] - before.get('edge_af3_decode_batch_size_bucket{le="1.0"}', 0)
+    single = after['edge_af3_decode_batch_size_bucket{le="1.0"}'] - before.get(
+        'edge_af3_decode_batch_size_bucket{le="1.0"}', 0
+    )
     rows = after["edge_af3_decode_batch_size_sum"] - before.get("edge_af3_decode_batch_size_sum", 0)
     assert single < steps and rows / steps > 1.5  # batched: most steps advanced several slots at once
-    assert after['edge_af3_decode_batch_size_bucket{le="4.0"}'] == after["edge_af3_decode_batch_size_count"]  # <= 4 slots
+    assert (
+        after['edge_af3_decode_batch_size_bucket{le="4.0"}'] == after["edge_af3_decode_batch_size_count"]
+    )  # <= 4 slots
     for i, msgs in enumerate(requests):  # the same request, alone
         assert _stream(client, msgs, max_tokens=20, **GREEDY)[:2] == results[i][:2], f"request {i} differs alone"
 
@@ -322,16 +388,25 @@ def test_auto_decode_batching_is_measured_and_keeps_every_text(tiny_bundle, mode
         assert "decode step of 1..3 slots" in srv.tail()
         client = srv.client(timeout=300)
         out: dict = {}
-        threads = [threading.Thread(target=lambda i=i: out.update({i: _stream(client, [user("What is it?", clips[i])],
-                                                                            max_tokens=12, **GREEDY)}))
-                   for i in range(3)]  # fmt: skip
+        threads = [
+            threading.Thread(
+                target=lambda i=i: out.update(
+                    {i: _stream(client, [user("What is it?", clips[i])], max_tokens=12, **GREEDY)}
+                )
+            )
+            for i in range(3)
+        ]
         for t in threads:
             t.start()
         for t in threads:
             t.join(timeout=300)
         for i in range(3):
-            want = model.ask("What is it?", (sf.read(io.BytesIO(clips[i]))[0], sf.info(io.BytesIO(clips[i])).samplerate),
-                             max_new_tokens=12, **GREEDY)  # fmt: skip
+            want = model.ask(
+                "What is it?",
+                (sf.read(io.BytesIO(clips[i]))[0], sf.info(io.BytesIO(clips[i])).samplerate),
+                max_new_tokens=12,
+                **GREEDY,
+            )
             assert out[i][0] == want.text
     finally:
         srv.stop()
@@ -351,7 +426,9 @@ def test_queue_full_429_dropped_client_frees_its_slot_sigterm_drains(tiny_bundle
         while srv.metrics()["edge_af3_queue_depth"] < 1:  # b waits for the slot
             assert time.monotonic() < deadline
             time.sleep(0.05)
-        r = httpx.post(srv.url + "/v1/chat/completions", json={"messages": [user("Third.")], "max_tokens": 4}, timeout=30)
+        r = httpx.post(
+            srv.url + "/v1/chat/completions", json={"messages": [user("Third.")], "max_tokens": 4}, timeout=30
+        )
         assert r.status_code == 429 and int(r.headers["Retry-After"]) >= 1
         assert r.json()["error"]["type"] == "rate_limit_error" and r.json()["error"]["code"] == "queue_full"
         a.close()  # the client goes away mid-stream: its generation is cancelled and b gets the slot
@@ -362,9 +439,15 @@ def test_queue_full_429_dropped_client_frees_its_slot_sigterm_drains(tiny_bundle
         assert m["edge_af3_completion_tokens_total"] - 8 < 6000  # a stopped long before its 6000 tokens
         assert m["edge_af3_in_flight"] == 0 and m["edge_af3_queue_depth"] == 0
         # SIGTERM: the stream in flight finishes, new connections are refused, the process exits
-        d = client.chat.completions.create(model="edge-af3", messages=[user("Drain.")], stream=True,
-                                           stream_options={"include_usage": True}, max_tokens=300,
-                                           extra_body={"ignore_eos": True}, **GREEDY)  # fmt: skip
+        d = client.chat.completions.create(
+            model="edge-af3",
+            messages=[user("Drain.")],
+            stream=True,
+            stream_options={"include_usage": True},
+            max_tokens=300,
+            extra_body={"ignore_eos": True},
+            **GREEDY,
+        )
         it = iter(d)
         next(it)
         srv.proc.send_signal(signal.SIGTERM)
@@ -393,23 +476,41 @@ BAD = {
     "malformed JSON": (b'{"messages": [', 400, None),
     "not an object": ([1, 2], 400, None),
     "no messages": ({"model": "edge-af3"}, 400, "messages"),
-    "bad base64": (_chat({"type": "input_audio", "input_audio": {"data": "%%%not base64%%%", "format": "wav"}}, TEXT),
-                   400, "messages[0].content[0].input_audio.data"),
+    "bad base64": (
+        _chat({"type": "input_audio", "input_audio": {"data": "%%%not base64%%%", "format": "wav"}}, TEXT),
+        400,
+        "messages[0].content[0].input_audio.data",
+    ),
     "not audio": (_chat(audio_part(os.urandom(4000)), TEXT), 400, None),
     "NaN audio": (_chat(audio_part(_nan_wav()), TEXT), 400, None),
     "too short": (_chat(audio_part(wav_bytes(np.zeros(100, np.float32))), TEXT), 400, None),
-    "bad format": (_chat({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aiff"}}, TEXT), 400,
-                   "messages[0].content[0].input_audio.format"),
-    "more <sound> than clips": (_chat({"type": "text", "text": "<sound><sound> compare"}, audio_part(wav_bytes(noise(1.0)))),
-                                400, "messages[0].content"),
-    "http url refused": (_chat({"type": "audio_url", "audio_url": {"url": "http://example.com/a.wav"}}, TEXT), 400,
-                         "messages[0].content[0].audio_url.url"),
+    "bad format": (
+        _chat({"type": "input_audio", "input_audio": {"data": "AAAA", "format": "aiff"}}, TEXT),
+        400,
+        "messages[0].content[0].input_audio.format",
+    ),
+    "more <sound> than clips": (
+        _chat({"type": "text", "text": "<sound><sound> compare"}, audio_part(wav_bytes(noise(1.0)))),
+        400,
+        "messages[0].content",
+    ),
+    "http url refused": (
+        _chat({"type": "audio_url", "audio_url": {"url": "http://example.com/a.wav"}}, TEXT),
+        400,
+        "messages[0].content[0].audio_url.url",
+    ),
     "file url refused": (_chat({"type": "audio_url", "audio_url": {"url": "file:///etc/passwd"}}, TEXT), 400, None),
     "unknown part": (_chat({"type": "image_url", "image_url": {"url": "data:,"}}), 400, "messages[0].content[0].type"),
-    "audio from the assistant": ({"messages": [{"role": "assistant", "content": [audio_part(b"RIFF")]},
-                                               {"role": "user", "content": "hi"}]}, 400, None),
-    "last turn not the user's": ({"messages": [{"role": "user", "content": "hi"},
-                                               {"role": "assistant", "content": "yo"}]}, 400, None),
+    "audio from the assistant": (
+        {"messages": [{"role": "assistant", "content": [audio_part(b"RIFF")]}, {"role": "user", "content": "hi"}]},
+        400,
+        None,
+    ),
+    "last turn not the user's": (
+        {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]},
+        400,
+        None,
+    ),
     "bad role": ({"messages": [{"role": "wizard", "content": "hi"}]}, 400, "messages[0].role"),
     "n=2": (_chat(TEXT, n=2), 400, "n"),
     "temperature out of range": (_chat(TEXT, temperature=5), 400, "temperature"),
@@ -454,17 +555,22 @@ def test_auth_body_limit_long_audio_and_other_routes(server, clips):
 
     r = server.post("/v1/chat/completions", content=chunked())
     assert r.status_code == 413
+
     def multipart():  # a file part that never ends within the limit
         yield b'--x\r\nContent-Disposition: form-data; name="file"; filename="a.wav"\r\nContent-Type: audio/wav\r\n\r\n'
         yield from chunked()
 
-    r = server.post("/v1/audio/transcriptions", content=multipart(), headers={"Content-Type": "multipart/form-data; boundary=x"})
+    r = server.post(
+        "/v1/audio/transcriptions", content=multipart(), headers={"Content-Type": "multipart/form-data; boundary=x"}
+    )
     assert r.status_code == 413
     long = wav_bytes((0.1 * np.sin(np.arange(601 * 8000) * 0.05)).astype(np.float32), 8000, "PCM_16")
     r = server.post("/v1/chat/completions", json=_chat(audio_part(long), TEXT, temperature=0))
     assert r.status_code == 200, r.text
     body = r.json()
-    assert any("600 s" in w for w in body["warnings"]) and body["usage"]["prompt_tokens_details"]["audio_tokens"] == 15000
+    assert (
+        any("600 s" in w for w in body["warnings"]) and body["usage"]["prompt_tokens_details"]["audio_tokens"] == 15000
+    )
     assert "600 s" in r.headers["X-Edge-AF3-Warning"]
     r = server.post("/v1/audio/transcriptions", data={"model": "edge-af3"})
     assert r.status_code == 400 and r.json()["error"]["param"] == "file"
@@ -473,9 +579,14 @@ def test_auth_body_limit_long_audio_and_other_routes(server, clips):
     r = server.post("/v1/nothing-here", json={})
     assert r.status_code == 404 and "error" in r.json()
     m = httpx.get(server.url + "/metrics", timeout=10).text
-    for name in ("edge_af3_requests_total", "edge_af3_queue_depth", "edge_af3_in_flight",
-                 "edge_af3_time_to_first_token_seconds_bucket", "edge_af3_decode_tokens_per_second_bucket",
-                 "edge_af3_audio_seconds_total"):  # fmt: skip
+    for name in (
+        "edge_af3_requests_total",
+        "edge_af3_queue_depth",
+        "edge_af3_in_flight",
+        "edge_af3_time_to_first_token_seconds_bucket",
+        "edge_af3_decode_tokens_per_second_bucket",
+        "edge_af3_audio_seconds_total",
+    ):
         assert name in m
     assert 'edge_af3_requests_total{path="/v1/chat/completions",status="401"}' in m
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
@@ -527,15 +638,30 @@ def test_a_slow_audio_url_never_stalls_another_clients_stream(tiny_bundle, tmp_p
     try:
         url = f"http://127.0.0.1:{web.server_address[1]}/clip.wav"
         b_result = {}
-        msg_b = {"role": "user", "content": [{"type": "audio_url", "audio_url": {"url": url}},
-                                             {"type": "text", "text": "What do you hear?"}]}  # fmt: skip
-        b = threading.Thread(target=lambda: b_result.update(
-            r=srv.client(timeout=180).chat.completions.create(model="edge-af3", messages=[msg_b], max_tokens=8, **GREEDY)))  # fmt: skip
+        msg_b = {
+            "role": "user",
+            "content": [
+                {"type": "audio_url", "audio_url": {"url": url}},
+                {"type": "text", "text": "What do you hear?"},
+            ],
+        }
+        b = threading.Thread(
+            target=lambda: b_result.update(
+                r=srv.client(timeout=180).chat.completions.create(
+                    model="edge-af3", messages=[msg_b], max_tokens=8, **GREEDY
+                )
+            )
+        )
         b.start()
         assert asked.wait(60), "the server never fetched the audio_url"
-        a = srv.client(timeout=30).chat.completions.create(model="edge-af3", messages=[user("Count to ten.")],
-                                                           max_tokens=16, stream=True, extra_body={"ignore_eos": True},
-                                                           **GREEDY)  # fmt: skip
+        a = srv.client(timeout=30).chat.completions.create(
+            model="edge-af3",
+            messages=[user("Count to ten.")],
+            max_tokens=16,
+            stream=True,
+            extra_body={"ignore_eos": True},
+            **GREEDY,
+        )
         text = "".join(c.choices[0].delta.content or "" for c in a if c.choices)
         assert text and not release.is_set()  # A finished while B's audio was still being fetched
         release.set()

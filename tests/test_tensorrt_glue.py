@@ -99,10 +99,16 @@ def fake_tensorrt(cudart, onnx_path):
         def _run(self):
             w, mels, f = self.shapes["input_features"]
             assert self.profile == (0 if f == 3000 else 1) and self.memory is not None
-            feats = np.ctypeslib.as_array(ctypes.cast(self.addr["input_features"], ctypes.POINTER(ctypes.c_float)), (w, mels, f))
-            mask = np.ctypeslib.as_array(ctypes.cast(self.addr["input_features_mask"], ctypes.POINTER(ctypes.c_int64)), (w, f))
+            feats = np.ctypeslib.as_array(
+                ctypes.cast(self.addr["input_features"], ctypes.POINTER(ctypes.c_float)), (w, mels, f)
+            )
+            mask = np.ctypeslib.as_array(
+                ctypes.cast(self.addr["input_features_mask"], ctypes.POINTER(ctypes.c_int64)), (w, f)
+            )
             rows = ort_encoder.encode(feats.copy(), mask.copy())
-            out = np.ctypeslib.as_array(ctypes.cast(self.addr["audio_rows"], ctypes.POINTER(ctypes.c_float)), rows.shape)
+            out = np.ctypeslib.as_array(
+                ctypes.cast(self.addr["audio_rows"], ctypes.POINTER(ctypes.c_float)), rows.shape
+            )
             out[...] = rows
 
         def execute_async_v3(self, stream):
@@ -163,7 +169,10 @@ def test_tensorrt_runner_buffers_graphs_and_copies(tiny_bundle, fakes):
         want, got = plain.encode(f, m), enc.encode(f, m)
         keep = min(want.shape[1], (int(m[-1].sum()) + 1) // 4)
         assert got.shape == want.shape
-        assert np.abs(got[:-1] - want[:-1]).max(initial=0) <= 1e-4 and np.abs(got[-1, :keep] - want[-1, :keep]).max() <= 1e-4
+        assert (
+            np.abs(got[:-1] - want[:-1]).max(initial=0) <= 1e-4
+            and np.abs(got[-1, :keep] - want[-1, :keep]).max() <= 1e-4
+        )
     assert set(enc._graphs) == {(1, 3000), (1, 500), (4, 3000), (20, 3000), (1, 1000)}
     launches = cudart.launches
     enc.encode(f, m)
@@ -195,7 +204,9 @@ def test_tensorrt_for_bundle_builds_checks_caches(tiny_bundle, tmp_path, fakes, 
     assert len(builds) == 1 and again.rebuilt == []  # from the cache
     again.close()
     # an engine that disagrees with ONNX Runtime is refused and not cached
-    monkeypatch.setattr(module.TensorRTEncoder, "encode", lambda self, f, m: np.zeros((f.shape[0], f.shape[2] // 4, 64), np.float32) + 1)
+    monkeypatch.setattr(
+        module.TensorRTEncoder, "encode", lambda self, f, m: np.zeros((f.shape[0], f.shape[2] // 4, 64), np.float32) + 1
+    )
     monkeypatch.setattr(module, "current_device", lambda: module.Device("Other GPU", "9.0"))
     with pytest.raises(RuntimeError, match="disagrees with ONNX Runtime"):
         module.TensorRTEncoder.for_bundle(b)

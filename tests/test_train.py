@@ -5,7 +5,6 @@ model's; resumable and deterministic; bad data refused naming the line before tr
 from __future__ import annotations
 
 import json
-import shutil
 import subprocess
 
 import numpy as np
@@ -61,7 +60,9 @@ def test_loss_falls_and_the_adapter_is_a_peft_folder(trained):
     out = trained["out"]
     conf = json.loads(open(f"{out}/adapter_config.json").read())
     assert conf["r"] == 8 and conf["lora_alpha"] == 16 and conf["peft_type"] == "LORA"
-    assert {"checkpoint-60", "checkpoint-120"} <= {p.split("/")[-1] for p in map(str, __import__("pathlib").Path(out).iterdir())}
+    assert {"checkpoint-60", "checkpoint-120"} <= {
+        p.split("/")[-1] for p in map(str, __import__("pathlib").Path(out).iterdir())
+    }
 
 
 def test_exported_adapter_answers_like_the_peft_model_and_knows_the_labels(trained, tiny_ckpt, dataset, tmp_path):
@@ -72,11 +73,19 @@ def test_exported_adapter_answers_like_the_peft_model_and_knows_the_labels(train
     from edge_af3.reference.loader import Reference, load_reference
 
     d, held = dataset
-    bundle = export(tiny_ckpt, tmp_path / "bundle", quant="f32", encoder_precision="fp32", verify=False, adapters={"taught": trained["out"]},
-                    adapter_type="f32")  # fmt: skip
+    bundle = export(
+        tiny_ckpt,
+        tmp_path / "bundle",
+        quant="f32",
+        encoder_precision="fp32",
+        verify=False,
+        adapters={"taught": trained["out"]},
+        adapter_type="f32",
+    )
     ref = load_reference(tiny_ckpt)
-    peft_ref = Reference(model=PeftModel.from_pretrained(ref.model, trained["out"]).eval(), processor=ref.processor,
-                         path=ref.path)  # fmt: skip
+    peft_ref = Reference(
+        model=PeftModel.from_pretrained(ref.model, trained["out"]).eval(), processor=ref.processor, path=ref.path
+    )
     with AF3.load(bundle, exact=True) as model:
         right = {"tone": 0, "say": 0}
         for ex in held:
@@ -107,21 +116,30 @@ def test_resumed_run_equals_an_uninterrupted_one(tiny_ckpt, dataset, tmp_path):
     assert resumed["losses"] == whole["losses"]
     from safetensors.numpy import load_file
 
-    a, b = load_file(str(tmp_path / "a" / "adapter_model.safetensors")), load_file(str(tmp_path / "b" / "adapter_model.safetensors"))
+    a, b = (
+        load_file(str(tmp_path / "a" / "adapter_model.safetensors")),
+        load_file(str(tmp_path / "b" / "adapter_model.safetensors")),
+    )
     assert a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(Exception, match="not empty"):
         train(tiny_ckpt, d / "train.jsonl", tmp_path / "a", TrainConfig(max_steps=6, **cfg))
 
 
-@pytest.mark.parametrize("line, message", [
-    ("not json", "train.jsonl:2: not JSON"),
-    ('{"audio": "missing.wav", "prompt": "q", "answer": "a"}', "train.jsonl:2: audio file missing.wav not found"),
-    ('{"audio": "ok.wav", "prompt": "q", "answer": "  "}', "train.jsonl:2: every assistant answer must be non-empty"),
-    ('{"audio": "ok.wav", "answer": "a"}', "train.jsonl:2: needs 'prompt'"),
-    ('{"audio": "text.wav", "prompt": "q", "answer": "a"}', "train.jsonl:2: .*text.wav: not a readable audio file"),
-    ('{"messages": [{"role": "assistant", "content": "hi", "audio": "ok.wav"}]}', "only user messages carry audio"),
-    ('{"messages": [{"role": "user", "content": "hi"}]}', "the last message must be the assistant's answer"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "line, message",
+    [
+        ("not json", "train.jsonl:2: not JSON"),
+        ('{"audio": "missing.wav", "prompt": "q", "answer": "a"}', "train.jsonl:2: audio file missing.wav not found"),
+        (
+            '{"audio": "ok.wav", "prompt": "q", "answer": "  "}',
+            "train.jsonl:2: every assistant answer must be non-empty",
+        ),
+        ('{"audio": "ok.wav", "answer": "a"}', "train.jsonl:2: needs 'prompt'"),
+        ('{"audio": "text.wav", "prompt": "q", "answer": "a"}', "train.jsonl:2: .*text.wav: not a readable audio file"),
+        ('{"messages": [{"role": "assistant", "content": "hi", "audio": "ok.wav"}]}', "only user messages carry audio"),
+        ('{"messages": [{"role": "user", "content": "hi"}]}', "the last message must be the assistant's answer"),
+    ],
+)
 def test_bad_data_is_refused_naming_the_line(tmp_path, line, message):
     _tone(tmp_path / "ok.wav", 440, 1.0, 0.3, 0.0)
     (tmp_path / "text.wav").write_text("not audio")

@@ -13,6 +13,7 @@ from ..errors import EdgeAF3Error
 from . import ask, listen_cmd, models, serve, system, tools, train_cmd
 from .common import console
 
+
 def _version(value: bool) -> None:
     if value:
         import llama_cpp
@@ -31,9 +32,14 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode=None,  # plain help: no "<bool>" type column, no boxes breaking sentences
 )
+
+
 @app.callback()
-def _root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:  # noqa: ARG001
+def _root(
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version and exit."
+    ),
+) -> None:  # noqa: ARG001
     """Run NVIDIA Audio Flamingo 3 on the edge: export, ask, chat, listen, serve, train."""
 
 
@@ -49,8 +55,11 @@ app.command("train")(train_cmd.train_cmd)
 app.add_typer(models.app, name="models")
 app.command("plan")(system.plan_cmd)
 app.command("doctor")(system.doctor_cmd)
-app.command("bench", add_help_option=False,  # --help reaches the suite: it lists the suite's own options
-            context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(system.bench_cmd)
+app.command(
+    "bench",
+    add_help_option=False,  # --help reaches the suite: it lists the suite's own options
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+)(system.bench_cmd)
 
 
 def _warning_line(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ARG001
@@ -74,8 +83,9 @@ def main() -> None:
         console.print("interrupted")
         sys.exit(130)
     except Exception as e:  # click's own usage errors (typer vendors click) keep their message and code
-        if type(e).__name__.endswith(("UsageError", "BadParameter", "NoSuchOption", "MissingParameter",
-                                       "ClickException", "FileError")) and hasattr(e, "show"):  # fmt: skip
+        if type(e).__name__.endswith(
+            ("UsageError", "BadParameter", "NoSuchOption", "MissingParameter", "ClickException", "FileError")
+        ) and hasattr(e, "show"):
             e.show()
             sys.exit(getattr(e, "exit_code", 2))
         raise

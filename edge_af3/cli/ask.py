@@ -4,27 +4,57 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 from ..errors import OptionsError
-from .common import (EncPrecOpt, DeviceOpt, DryRunOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, VerifyOpt,
-                     console, emit, emit_json, generation_overrides, load_model, out, show_plan, timings_line)  # fmt: skip
+from .common import (
+    DeviceOpt,
+    DryRunOpt,
+    EncPrecOpt,
+    EngineOpt,
+    ExactOpt,
+    KvOpt,
+    ModelOpt,
+    NCtxOpt,
+    ThreadsOpt,
+    VerifyOpt,
+    console,
+    emit,
+    emit_json,
+    generation_overrides,
+    load_model,
+    out,
+    show_plan,
+    timings_line,
+)
 
 TEMP_HELP = "0 = greedy. Default: the checkpoint's generation_config.json (AF3: 0.7, top-k 20, top-p 0.8)."
 PENALTY_HELP = "transformers' repetition penalty (1 = off). Default: the checkpoint's (AF3: 1.05)."
 MaxNewOpt = Annotated[int, typer.Option("--max-new-tokens", "-n", min=1, help="Most tokens to generate.")]
-TempOpt = Annotated[Optional[float], typer.Option("--temperature", "-t", help=TEMP_HELP)]
-TopPOpt = Annotated[Optional[float], typer.Option("--top-p", help="Nucleus mass (1 = off). Default: the checkpoint's.")]
-TopKOpt = Annotated[Optional[int], typer.Option("--top-k", help="Keep the k likeliest (0 = off). Default: the checkpoint's.")]
-PenaltyOpt = Annotated[Optional[float], typer.Option("--repetition-penalty", help=PENALTY_HELP)]
+TempOpt = Annotated[float | None, typer.Option("--temperature", "-t", help=TEMP_HELP)]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus mass (1 = off). Default: the checkpoint's.")]
+TopKOpt = Annotated[
+    int | None, typer.Option("--top-k", help="Keep the k likeliest (0 = off). Default: the checkpoint's.")
+]
+PenaltyOpt = Annotated[float | None, typer.Option("--repetition-penalty", help=PENALTY_HELP)]
 SeedOpt = Annotated[int, typer.Option("--seed", help="The sampler's seed.")]
-IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", help="Generate exactly --max-new-tokens (benchmarks, tests).")]
-BaseUrlOpt = Annotated[Optional[str], typer.Option("--base-url", envvar="EDGE_AF3_BASE_URL",
-                       help="Ask an OpenAI-compatible server (edge-af3 serve, vLLM) instead of loading a model.")]
-AdapterOpt = Annotated[Optional[str], typer.Option("--adapter", help="Run with an exported adapter by name (see the bundle's manifest).")]
-ApiKeyOpt = Annotated[Optional[str], typer.Option("--api-key", envvar="EDGE_AF3_API_KEY", help="The server's API key.")]
+IgnoreEosOpt = Annotated[
+    bool, typer.Option("--ignore-eos", help="Generate exactly --max-new-tokens (benchmarks, tests).")
+]
+BaseUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--base-url",
+        envvar="EDGE_AF3_BASE_URL",
+        help="Ask an OpenAI-compatible server (edge-af3 serve, vLLM) instead of loading a model.",
+    ),
+]
+AdapterOpt = Annotated[
+    str | None, typer.Option("--adapter", help="Run with an exported adapter by name (see the bundle's manifest).")
+]
+ApiKeyOpt = Annotated[str | None, typer.Option("--api-key", envvar="EDGE_AF3_API_KEY", help="The server's API key.")]
 
 
 def connect_or_load(base_url, model, **load):
@@ -38,11 +68,15 @@ def connect_or_load(base_url, model, **load):
 
 
 def ask_cmd(
-    args: Optional[list[str]] = typer.Argument(None, metavar="AUDIO... PROMPT", help="One or more clips, then the question."),
+    args: list[str] | None = typer.Argument(
+        None, metavar="AUDIO... PROMPT", help="One or more clips, then the question."
+    ),
     model: ModelOpt = None,
-    think: bool = typer.Option(False, "--think", help="Reason step by step before answering (AF3 think mode: the think adapter + prompt)."),
+    think: bool = typer.Option(
+        False, "--think", help="Reason step by step before answering (AF3 think mode: the think adapter + prompt)."
+    ),
     adapter: AdapterOpt = None,
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt (default: the checkpoint's template's)."),
+    system: str | None = typer.Option(None, "--system", help="System prompt (default: the checkpoint's template's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer, tokens, finish reason and timings as JSON."),
     max_new_tokens: MaxNewOpt = 500,
     temperature: TempOpt = None,
@@ -76,8 +110,9 @@ def ask_cmd(
     from ..audio import load_audio
 
     if dry:
-        return show_plan(model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact,
-                         as_json=as_json)  # fmt: skip
+        return show_plan(
+            model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact, as_json=as_json
+        )
     args = args or []
     if not args:
         raise OptionsError('give audio file(s) and then the question, e.g. edge-af3 ask clip.wav "What is it?"')
@@ -88,12 +123,28 @@ def ask_cmd(
         raise OptionsError("standard input (-) can hold one clip")
     # bad audio fails before the model loads; "-" reads a clip from standard input
     clips = [load_audio(sys.stdin.buffer.read(), name="<stdin>") if p == "-" else load_audio(p) for p in paths]
-    opts = generation_overrides(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty, seed=seed,
-                                ignore_eos=ignore_eos or None)  # fmt: skip
-    af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
-                          encoder_engine=engine, exact=exact, encoder_precision=encoder_precision, verify=verify,
-                          api_key=api_key)  # fmt: skip
+    opts = generation_overrides(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        ignore_eos=ignore_eos or None,
+    )
+    af3 = connect_or_load(
+        base_url,
+        model,
+        n_ctx=n_ctx,
+        threads=threads,
+        device=device,
+        kv_type=kv_type,
+        encoder_engine=engine,
+        exact=exact,
+        encoder_precision=encoder_precision,
+        verify=verify,
+        api_key=api_key,
+    )
     with af3:
         stream = af3.chat(system).stream(prompt, clips, think=think, adapter=adapter, **opts)  # context checked first
         with stream:
@@ -102,23 +153,35 @@ def ask_cmd(
                     emit(piece)
         answer = stream.answer
     if as_json:
-        emit_json({"model": af3.label, "audio": paths, "prompt": prompt, "think": think, "adapter": answer.adapter,
-                   "text": answer.text, "tokens": list(answer.tokens), "finish_reason": answer.finish_reason,
-                   "settings": af3.settings.__dict__ if hasattr(af3, "settings") else None,
-                   "options": answer.options.__dict__ if answer.options else None,
-                   "timings": answer.timings.__dict__})  # fmt: skip
+        emit_json(
+            {
+                "model": af3.label,
+                "audio": paths,
+                "prompt": prompt,
+                "think": think,
+                "adapter": answer.adapter,
+                "text": answer.text,
+                "tokens": list(answer.tokens),
+                "finish_reason": answer.finish_reason,
+                "settings": af3.settings.__dict__ if hasattr(af3, "settings") else None,
+                "options": answer.options.__dict__ if answer.options else None,
+                "timings": answer.timings.__dict__,
+            }
+        )
         return
     out.print()
     if answer.finish_reason == "context":
-        console.print(f"[yellow]the context ({af3.llm.n_ctx} positions) filled up; the answer was cut there "
-                      "(--n-ctx raises it)[/]")  # fmt: skip
+        console.print(
+            f"[yellow]the context ({af3.llm.n_ctx} positions) filled up; the answer was cut there "
+            "(--n-ctx raises it)[/]"
+        )
     console.print(f"[dim]{timings_line(answer.timings, answer.finish_reason)}[/]")
 
 
 def chat_cmd(
     model: ModelOpt = None,
     audio: list[Path] = typer.Option([], "--audio", "-a", help="Clip(s) attached to the first message."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt."),
+    system: str | None = typer.Option(None, "--system", help="System prompt."),
     think: bool = typer.Option(False, "--think", help="Start with think mode on (/think off to stop)."),
     adapter: AdapterOpt = None,
     max_new_tokens: MaxNewOpt = 500,
@@ -154,11 +217,27 @@ def chat_cmd(
 
     if dry:
         return show_plan(model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact)
-    opts = generation_overrides(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
-                                repetition_penalty=repetition_penalty, seed=seed,
-                                ignore_eos=ignore_eos or None)  # fmt: skip
-    af3 = connect_or_load(base_url, model, n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type,
-                          encoder_engine=engine, exact=exact, encoder_precision=encoder_precision, verify=verify,
-                          api_key=api_key)  # fmt: skip
+    opts = generation_overrides(
+        max_new_tokens=max_new_tokens,
+        temperature=temperature,
+        top_p=top_p,
+        top_k=top_k,
+        repetition_penalty=repetition_penalty,
+        seed=seed,
+        ignore_eos=ignore_eos or None,
+    )
+    af3 = connect_or_load(
+        base_url,
+        model,
+        n_ctx=n_ctx,
+        threads=threads,
+        device=device,
+        kv_type=kv_type,
+        encoder_engine=engine,
+        exact=exact,
+        encoder_precision=encoder_precision,
+        verify=verify,
+        api_key=api_key,
+    )
     with af3:
         run_chat(af3, audio=list(audio), system=system, think=think, options=opts, adapter=adapter)

@@ -69,20 +69,31 @@ def load(path: Path, session):
     from ..errors import EdgeAF3Error
     from .common import console
 
-    fresh = session.model.chat(system=session.system) if hasattr(session, "model") else session.owner.chat(session.system)
+    fresh = (
+        session.model.chat(system=session.system) if hasattr(session, "model") else session.owner.chat(session.system)
+    )
     try:
         turns = json.loads(path.read_text("utf-8"))["turns"]
         for t in turns:
-            fresh.append(t["user"], list(t.get("audio") or []), t["assistant"], think=bool(t.get("think")),
-                         adapter=t.get("adapter"))  # fmt: skip
+            fresh.append(
+                t["user"],
+                list(t.get("audio") or []),
+                t["assistant"],
+                think=bool(t.get("think")),
+                adapter=t.get("adapter"),
+            )
     except (OSError, ValueError, KeyError, TypeError, AttributeError, EdgeAF3Error) as e:
-        console.print(f"[red]cannot load {path}: {getattr(e, 'strerror', None) or e}[/] (the conversation is unchanged)")
+        console.print(
+            f"[red]cannot load {path}: {getattr(e, 'strerror', None) or e}[/] (the conversation is unchanged)"
+        )
         return None
     console.print(f"[dim]loaded {len(turns)} turn(s) from {path}[/]")
     return fresh, turns
 
 
-def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options: dict, adapter: str | None = None) -> None:
+def run_chat(
+    af3, *, audio: list[Path], system: str | None, think: bool, options: dict, adapter: str | None = None
+) -> None:
     from ..audio import load_audio
     from ..errors import AudioError, EdgeAF3Error
     from ..paths import cache_dir
@@ -146,7 +157,9 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
                         adapter = arg
                         console.print(f"[dim]adapter {arg}[/]")
                     else:
-                        console.print(f"[red]usage: /adapter NAME|off[/] (this model has: {', '.join(known) or 'none'})")
+                        console.print(
+                            f"[red]usage: /adapter NAME|off[/] (this model has: {', '.join(known) or 'none'})"
+                        )
                 elif cmd == "/reset":
                     session.reset()
                     pending.clear()
@@ -187,8 +200,16 @@ def run_chat(af3, *, audio: list[Path], system: str | None, think: bool, options
                 console.print("[dim](stopped; this turn is not part of the conversation)[/]")
                 continue
             console.print(f"[dim]{timings_line(answer.timings, answer.finish_reason)}[/]")
-            transcript.append({"time": t0, "user": text, "audio": list(names), "think": think,
-                               "adapter": answer.adapter, "assistant": answer.text})  # fmt: skip
+            transcript.append(
+                {
+                    "time": t0,
+                    "user": text,
+                    "audio": list(names),
+                    "think": think,
+                    "adapter": answer.adapter,
+                    "assistant": answer.text,
+                }
+            )
             pending.clear()
             names.clear()
     finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from importlib import resources
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 from rich.console import Console
@@ -24,17 +24,27 @@ KV_HELP = "KV cache type: f16 (default) | bf16 | q8_0 | f32"
 N_CTX_HELP = "Context length (default 16384: a 10 min clip's 15000 audio tokens + text + answer)."
 EXACT_HELP = "The configuration whose greedy tokens equal transformers' (f32 KV, flash attention off)."
 
-ModelOpt = Annotated[Optional[str], typer.Option("--model", "-m", envvar="EDGE_AF3_MODEL", help=MODEL_HELP)]
+ModelOpt = Annotated[str | None, typer.Option("--model", "-m", envvar="EDGE_AF3_MODEL", help=MODEL_HELP)]
 DeviceOpt = Annotated[str, typer.Option("--device", help=DEVICE_HELP)]
-KvOpt = Annotated[Optional[str], typer.Option("--kv", help=KV_HELP)]
-EngineOpt = Annotated[Optional[str], typer.Option("--engine", help=ENGINE_HELP)]
-NCtxOpt = Annotated[Optional[int], typer.Option("--n-ctx", help=N_CTX_HELP)]
+KvOpt = Annotated[str | None, typer.Option("--kv", help=KV_HELP)]
+EngineOpt = Annotated[str | None, typer.Option("--engine", help=ENGINE_HELP)]
+NCtxOpt = Annotated[int | None, typer.Option("--n-ctx", help=N_CTX_HELP)]
 ExactOpt = Annotated[bool, typer.Option("--exact", help=EXACT_HELP)]
-ENC_PREC_HELP = ("How a checkpoint (-m folder or Hub id) is exported: auto | fp32 | fp16 | int8 | mixed (auto: fp32 "
-                 "with --exact, a CUDA GPU or a CPU without VNNI, else mixed); each is its own cached bundle. A bundle "
-                 "keeps its own.")
+ENC_PREC_HELP = (
+    "How a checkpoint (-m folder or Hub id) is exported: auto | fp32 | fp16 | int8 | mixed (auto: fp32 "
+    "with --exact, a CUDA GPU or a CPU without VNNI, else mixed); each is its own cached bundle. A bundle "
+    "keeps its own."
+)
+QUANT_HELP = (
+    "LLM weights: auto | q4_k_m | iq4_nl | q4_0 | q8_0 | f16 | f32 (auto: q4_k_m when every matrix width is a "
+    "multiple of 256, as in the real AF3; else iq4_nl)"
+)
+ENC_PREC_EXPORT_HELP = (
+    "auto | fp32 | fp16 | int8 | mixed (auto: fp32 where this machine has a CUDA GPU, whose engines build fp16 "
+    "from it, or a CPU without VNNI, where int8 loses accuracy; else mixed: int8 on each layer's fc1 only)"
+)
 EncPrecOpt = Annotated[str, typer.Option("--encoder-precision", help=ENC_PREC_HELP)]
-ThreadsOpt = Annotated[Optional[int], typer.Option("--threads", help="CPU threads (default: all cores).")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", help="CPU threads (default: all cores).")]
 DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the memory plan for these settings; load nothing.")]
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Re-hash every bundle file (normally once per file).")]
 
@@ -53,8 +63,16 @@ class ExportProgress:
     def __init__(self, total: int):
         from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-                                 TimeElapsedColumn(), TextColumn("left"), TimeRemainingColumn(), console=console, transient=True)  # fmt: skip
+        self.progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.completed}/{task.total} steps"),
+            TimeElapsedColumn(),
+            TextColumn("left"),
+            TimeRemainingColumn(),
+            console=console,
+            transient=True,
+        )
         self.task = None
         self.total = total
 
@@ -100,23 +118,32 @@ def emit_json(obj) -> None:
     emit(json.dumps(obj, ensure_ascii=False) + "\n")
 
 
-def check_threads(threads: Optional[int]) -> None:
+def check_threads(threads: int | None) -> None:
     if threads is not None and threads < 1:
         raise OptionsError(f"--threads must be >= 1, got {threads}")
 
 
-def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[int], device: str = "auto",
-               kv_type: Optional[str] = None, encoder_engine: Optional[str] = None, exact: bool = False,
-               verify: bool = False, quant: str = "auto", encoder_precision: str = "auto"):  # fmt: skip
+def load_model(
+    spec: str | None,
+    *,
+    n_ctx: int | None,
+    threads: int | None,
+    device: str = "auto",
+    kv_type: str | None = None,
+    encoder_engine: str | None = None,
+    exact: bool = False,
+    verify: bool = False,
+    quant: str = "auto",
+    encoder_precision: str = "auto",
+):
     """AF3.load with progress on stderr; says which encoder engine runs, and why faster ones were skipped.
     User errors propagate as EdgeAF3Error (main prints them as one line)."""
     from ..runtime import AF3
 
     check_threads(threads)
     spec = spec or DEFAULT_MODEL
-    from ..runtime.locate import first_use, first_use_line
-
     from ..quants import resolve_encoder_precision
+    from ..runtime.locate import first_use, first_use_line
 
     try:
         precision = resolve_encoder_precision(encoder_precision, exact=exact)
@@ -124,11 +151,23 @@ def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[i
         raise OptionsError(str(e)) from None
     need = first_use(spec, quant, precision)  # a big download / export ahead is said before it starts
     if need:
-        console.print(f"[yellow]{first_use_line(spec, need)}[/]; `edge-af3 models pull {spec}` does it ahead", highlight=False)
+        console.print(
+            f"[yellow]{first_use_line(spec, need)}[/]; `edge-af3 models pull {spec}` does it ahead", highlight=False
+        )
     with ExportProgress(export_steps(quant)) as steps:  # shown only if it exports
-        model = AF3.load(spec, n_ctx=n_ctx, threads=threads, quant=quant, encoder_precision=precision, device=device, kv_type=kv_type,
-                         encoder_engine=encoder_engine, exact=exact, check_hashes=True if verify else None,
-                         progress=steps)  # fmt: skip
+        model = AF3.load(
+            spec,
+            n_ctx=n_ctx,
+            threads=threads,
+            quant=quant,
+            encoder_precision=precision,
+            device=device,
+            kv_type=kv_type,
+            encoder_engine=encoder_engine,
+            exact=exact,
+            check_hashes=True if verify else None,
+            progress=steps,
+        )
     from ..paths import mark_used
 
     mark_used(model.bundle.path)
@@ -137,16 +176,25 @@ def load_model(spec: Optional[str], *, n_ctx: Optional[int], threads: Optional[i
     return model
 
 
-def bundle_for(spec: Optional[str]) -> Path:
+def bundle_for(spec: str | None) -> Path:
     """The bundle folder a model spec names (a checkpoint is exported once first: plans read bundles)."""
     from ..runtime import locate
 
     return locate(spec or DEFAULT_MODEL)
 
 
-def show_plan(spec: Optional[str], *, n_ctx: Optional[int], kv_type: Optional[str], device: str = "auto",
-              encoder_engine: Optional[str] = None, exact: bool = False, target: Optional[str] = None,
-              encoder_precision: Optional[str] = None, as_json: bool = False) -> None:  # fmt: skip
+def show_plan(
+    spec: str | None,
+    *,
+    n_ctx: int | None,
+    kv_type: str | None,
+    device: str = "auto",
+    encoder_engine: str | None = None,
+    exact: bool = False,
+    target: str | None = None,
+    encoder_precision: str | None = None,
+    as_json: bool = False,
+) -> None:
     """`--dry-run` and `plan`: the settings AF3.load would resolve here (or on `target`) and their memory."""
     from ..bundle import read_manifest
     from ..plan import plan, render
@@ -156,12 +204,24 @@ def show_plan(spec: Optional[str], *, n_ctx: Optional[int], kv_type: Optional[st
     stored = read_manifest(path)["encoder"]["precision"]
     if target is None:
         s = resolve(stored, device=device, encoder_engine=encoder_engine, kv_type=kv_type, n_ctx=n_ctx, exact=exact)
-        p = plan(path, n_ctx=s.n_ctx, kv_type=s.kv_type, encoder_precision=encoder_precision or s.encoder_precision,
-                 windows_per_run=s.windows_per_run, machine=s)  # fmt: skip
+        p = plan(
+            path,
+            n_ctx=s.n_ctx,
+            kv_type=s.kv_type,
+            encoder_precision=encoder_precision or s.encoder_precision,
+            windows_per_run=s.windows_per_run,
+            machine=s,
+        )
     else:  # a GPU target: its engines build fp16 from an fp32 bundle and run 4 windows at a time
         s = resolve(stored, kv_type=kv_type, n_ctx=n_ctx, exact=exact, choice=_gpu_choice(target), llm_gpu=True)
-        p = plan(path, n_ctx=s.n_ctx, kv_type=s.kv_type, encoder_precision=encoder_precision or s.encoder_precision,
-                 windows_per_run=s.windows_per_run, target=target)  # fmt: skip
+        p = plan(
+            path,
+            n_ctx=s.n_ctx,
+            kv_type=s.kv_type,
+            encoder_precision=encoder_precision or s.encoder_precision,
+            windows_per_run=s.windows_per_run,
+            target=target,
+        )
     if as_json:
         emit_json(p)
     else:

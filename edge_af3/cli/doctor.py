@@ -54,8 +54,12 @@ def _ort_providers():
 def _cuda():
     if not shutil.which("nvidia-smi"):
         return None
-    res = subprocess.run(["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader"],
-                         capture_output=True, text=True, timeout=10)  # fmt: skip
+    res = subprocess.run(
+        ["nvidia-smi", "--query-gpu=name,memory.total,compute_cap", "--format=csv,noheader"],
+        capture_output=True,
+        text=True,
+        timeout=10,
+    )
     return [line.strip() for line in res.stdout.splitlines() if line.strip()] or None
 
 
@@ -122,12 +126,24 @@ def bundle_report(path) -> dict:
     from ..bundle import read_manifest
 
     m = read_manifest(path)
-    adapters = {name: {"rank": a["lora"]["r"], "alpha": a["lora"]["alpha"], "type": a["lora"].get("type", "f32"),
-                       "encoder_weights": bool(a.get("encoder")), "prompt_suffix": bool(a.get("prompt_suffix"))}
-                for name, a in (m.get("adapters") or {}).items()}  # fmt: skip
-    return {"bundle": str(path), "source": (m.get("source") or {}).get("id"), "llm": m["llm"]["quant"],
-            "encoder": m["encoder"]["precision"], "adapters": adapters,
-            "think": "think adapter + suffix" if "think" in adapters else "suffix only (no think/ in the checkpoint)"}  # fmt: skip
+    adapters = {
+        name: {
+            "rank": a["lora"]["r"],
+            "alpha": a["lora"]["alpha"],
+            "type": a["lora"].get("type", "f32"),
+            "encoder_weights": bool(a.get("encoder")),
+            "prompt_suffix": bool(a.get("prompt_suffix")),
+        }
+        for name, a in (m.get("adapters") or {}).items()
+    }
+    return {
+        "bundle": str(path),
+        "source": (m.get("source") or {}).get("id"),
+        "llm": m["llm"]["quant"],
+        "encoder": m["encoder"]["precision"],
+        "adapters": adapters,
+        "think": "think adapter + suffix" if "think" in adapters else "suffix only (no think/ in the checkpoint)",
+    }
 
 
 def checks() -> dict:
@@ -140,7 +156,11 @@ def checks() -> dict:
         pkgs.append({"package": dist, "version": v, "for": purpose, "install": None if v else cmd})
     have = {p["package"] for p in pkgs if p["version"]}
     report = {
-        "python": {"version": platform.python_version(), "ok": sys.version_info >= (3, 10), "executable": sys.executable},
+        "python": {
+            "version": platform.python_version(),
+            "ok": sys.version_info >= (3, 10),
+            "executable": sys.executable,
+        },
         "platform": f"{platform.system()} {platform.machine()}",
         "packages": pkgs,
         "onnxruntime_providers": _probe(_ort_providers) if "onnxruntime" in have else None,
@@ -157,7 +177,9 @@ def checks() -> dict:
     missing = [p for p in pkgs if not p["version"] and p["for"].startswith(("runtime", "export", "listen"))]
     hints = sorted({p["install"] for p in missing})
     if report["cuda_gpus"] and report["llama_cpp_gpu_offload"] is False:
-        hints.append('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python')
+        hints.append(
+            'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python'
+        )
     hints += _cpu_hints(report["cpu"])
     if isinstance(report["audio_inputs"], list) and not report["audio_inputs"]:
         hints.append("no audio input device: plug a microphone in, or check PulseAudio/ALSA (pactl list sources short)")
@@ -204,8 +226,13 @@ def render(report: dict, out) -> None:
     out.print(f"cache:                  {report['cache']}")
     if report.get("model"):
         m = report["model"]
-        names = ", ".join(f"{n} (r {a['rank']}, {a['type']}{', encoder weights' if a['encoder_weights'] else ''})"
-                          for n, a in m["adapters"].items()) or "none"  # fmt: skip
+        names = (
+            ", ".join(
+                f"{n} (r {a['rank']}, {a['type']}{', encoder weights' if a['encoder_weights'] else ''})"
+                for n, a in m["adapters"].items()
+            )
+            or "none"
+        )
         out.print(f"model:                  {m['bundle']} ({m['llm']}, encoder {m['encoder']})", markup=False)
         out.print(f"adapters:               {names}; think mode: {m['think']}", markup=False)
     for h in report["hints"]:

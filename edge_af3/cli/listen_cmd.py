@@ -3,25 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..errors import EdgeAF3Error, OptionsError
-from .common import (EncPrecOpt, DeviceOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, console, emit, emit_json,
-                     load_model, out)  # fmt: skip
+from .common import (
+    DeviceOpt,
+    EncPrecOpt,
+    EngineOpt,
+    ExactOpt,
+    KvOpt,
+    ModelOpt,
+    NCtxOpt,
+    ThreadsOpt,
+    console,
+    emit,
+    emit_json,
+    load_model,
+    out,
+)
 
 LISTEN_PROMPT = "Describe what you hear. If there is speech, transcribe it."
 
 
 def listen_cmd(
     mic: bool = typer.Option(False, "--mic", help="Listen to a microphone (PortAudio)."),
-    file: Optional[Path] = typer.Option(None, "--file", help="Run the same loop on an audio file (read as a stream)."),
+    file: Path | None = typer.Option(None, "--file", help="Run the same loop on an audio file (read as a stream)."),
     realtime: bool = typer.Option(False, "--realtime", help="With --file: feed it at real speed (drops as live)."),
     prompt: str = typer.Option(LISTEN_PROMPT, "--prompt", "-p", help="The standing question asked of each segment."),
-    every: Optional[float] = typer.Option(None, "--every", help="Ask about the last S seconds every S seconds (no VAD)."),
+    every: float | None = typer.Option(None, "--every", help="Ask about the last S seconds every S seconds (no VAD)."),
     vad: str = typer.Option("silero+energy", "--vad", help="silero+energy | silero | energy | webrtc"),
-    input_device: Optional[str] = typer.Option(None, "--input", "-i", help="Microphone: input device index or name (see --list-devices)."),
+    input_device: str | None = typer.Option(
+        None, "--input", "-i", help="Microphone: input device index or name (see --list-devices)."
+    ),
     list_devices: bool = typer.Option(False, "--list-devices", help="List input devices and exit."),
     model: ModelOpt = None,
     max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", min=1),
@@ -33,10 +47,12 @@ def listen_cmd(
     device: DeviceOpt = "auto",
     kv_type: KvOpt = None,
     engine: EngineOpt = None,
-    temperature: Optional[float] = typer.Option(None, "--temperature", "-t", help="0 = greedy. Default: the checkpoint's."),
+    temperature: float | None = typer.Option(
+        None, "--temperature", "-t", help="0 = greedy. Default: the checkpoint's."
+    ),
     think: bool = typer.Option(False, "--think", help="AF3 think mode for every segment."),
-    adapter: Optional[str] = typer.Option(None, "--adapter", help="Answer with an exported adapter by name."),
-    system: Optional[str] = typer.Option(None, "--system", help="System prompt for every segment's question."),
+    adapter: str | None = typer.Option(None, "--adapter", help="Answer with an exported adapter by name."),
+    system: str | None = typer.Option(None, "--system", help="System prompt for every segment's question."),
 ) -> None:
     """Listen continuously: a VAD cuts speech and sound events, each is asked the standing prompt.
 
@@ -69,7 +85,9 @@ def listen_cmd(
             out.print(f"[{d['index']}] {d['name']} ({d['channels']} ch, {d['default_rate']:.0f} Hz)", markup=False)
         return
     if device not in ("auto", "cpu", "cuda"):
-        raise OptionsError(f"--device is the compute device (auto, cpu or cuda), got {device!r}; the microphone is --input")
+        raise OptionsError(
+            f"--device is the compute device (auto, cpu or cuda), got {device!r}; the microphone is --input"
+        )
     if mic == (file is not None):
         raise OptionsError("choose one input: --mic or --file PATH")
     if every is not None and not 0.5 <= every <= 30:  # checked before the model loads
@@ -79,8 +97,16 @@ def listen_cmd(
         source = MicSource(input_device)
     else:
         next(iter(stream_file(file, 16)), None)  # a missing or unreadable file fails before the model loads
-    af3 = load_model(model, n_ctx=n_ctx, threads=threads, exact=exact, encoder_precision=encoder_precision, device=device, kv_type=kv_type,
-                     encoder_engine=engine)  # fmt: skip
+    af3 = load_model(
+        model,
+        n_ctx=n_ctx,
+        threads=threads,
+        exact=exact,
+        encoder_precision=encoder_precision,
+        device=device,
+        kv_type=kv_type,
+        encoder_engine=engine,
+    )
     if adapter is not None:
         af3.resolve_adapter(False, adapter)  # an unknown name fails now, not at the first segment
 
@@ -101,11 +127,21 @@ def listen_cmd(
         elif ev.kind == "done":
             out.print()
 
-    listener = Listener(af3, prompt, detector=detector, every_s=every, wait=file is not None and not realtime,
-                        on_event=on_event, max_new_tokens=max_new_tokens, think=think, adapter=adapter, system=system,
-                        **({"temperature": temperature} if temperature is not None else {}))  # fmt: skip
+    listener = Listener(
+        af3,
+        prompt,
+        detector=detector,
+        every_s=every,
+        wait=file is not None and not realtime,
+        on_event=on_event,
+        max_new_tokens=max_new_tokens,
+        think=think,
+        adapter=adapter,
+        system=system,
+        **({"temperature": temperature} if temperature is not None else {}),
+    )
     what = f"microphone {input_device if input_device is not None else '(default)'}" if mic else str(file)
-    console.print(f"[dim]listening to {what} ({'every %.1f s' % every if every else 'VAD ' + vad}); Ctrl-C to stop[/]")
+    console.print(f"[dim]listening to {what} ({f'every {every:.1f} s' if every else 'VAD ' + vad}); Ctrl-C to stop[/]")
     blocks = source if mic else file_blocks(file, realtime=realtime)
     code = 0
     try:

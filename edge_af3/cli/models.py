@@ -6,15 +6,17 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..errors import OptionsError
-from .common import ExportProgress, console, emit_json, export_steps, out
+from .common import QUANT_HELP, ExportProgress, console, emit_json, export_steps, out
 
-app = typer.Typer(help="List, verify, remove or pull the bundles edge-af3 keeps in its cache.", no_args_is_help=True,
-                  rich_markup_mode=None)
+app = typer.Typer(
+    help="List, verify, remove or pull the bundles edge-af3 keeps in its cache.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
 
 
 def _root() -> Path:
@@ -35,10 +37,17 @@ def _last_used() -> dict:
 
 def describe(path: Path, used: dict) -> dict:
     m = json.loads((path / "manifest.json").read_text())
-    return {"name": path.name, "path": str(path), "bytes": _size(path), "source": (m.get("source") or {}).get("id"),
-            "quant": m["llm"]["quant"], "encoder": m["encoder"]["precision"],
-            "adapters": sorted(m.get("adapters") or {}), "created": m.get("created_unix"),
-            "last_used": used.get(str(path.resolve()))}  # fmt: skip
+    return {
+        "name": path.name,
+        "path": str(path),
+        "bytes": _size(path),
+        "source": (m.get("source") or {}).get("id"),
+        "quant": m["llm"]["quant"],
+        "encoder": m["encoder"]["precision"],
+        "adapters": sorted(m.get("adapters") or {}),
+        "created": m.get("created_unix"),
+        "last_used": used.get(str(path.resolve())),
+    }
 
 
 def _find(name: str) -> Path:
@@ -47,7 +56,9 @@ def _find(name: str) -> Path:
     path = path if path.is_dir() else root / name
     if not (path / "manifest.json").is_file():
         known = ", ".join(sorted(p.name for p in root.glob("*/manifest.json"))) if root.is_dir() else ""
-        raise OptionsError(f"no bundle {name!r} in {root}; `edge-af3 models list` shows them" + (f" ({known})" if known else ""))
+        raise OptionsError(
+            f"no bundle {name!r} in {root}; `edge-af3 models list` shows them" + (f" ({known})" if known else "")
+        )
     return path
 
 
@@ -73,8 +84,16 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="One JSON object
     for col in ("name", "size", "source", "quant", "encoder", "adapters", "created", "last used"):
         t.add_column(col)
     for r in rows:
-        t.add_row(r["name"], f"{r['bytes'] / 1e6:.0f} MB", r["source"] or "?", r["quant"], r["encoder"],
-                  ", ".join(r["adapters"]) or "-", _when(r["created"]), _when(r["last_used"]))  # fmt: skip
+        t.add_row(
+            r["name"],
+            f"{r['bytes'] / 1e6:.0f} MB",
+            r["source"] or "?",
+            r["quant"],
+            r["encoder"],
+            ", ".join(r["adapters"]) or "-",
+            _when(r["created"]),
+            _when(r["last_used"]),
+        )
     out.print(t)
     out.print(f"{len(rows)} bundle(s), {sum(r['bytes'] for r in rows) / 1e9:.2f} GB in {root}", highlight=False)
 
@@ -90,8 +109,10 @@ def verify_cmd(name: str = typer.Argument(..., help="A bundle in the cache (its 
 
 
 @app.command("rm")
-def rm_cmd(name: str = typer.Argument(..., help="A bundle in the cache (see `models list`)."),
-           yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask.")) -> None:  # fmt: skip
+def rm_cmd(
+    name: str = typer.Argument(..., help="A bundle in the cache (see `models list`)."),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask."),
+) -> None:
     """Remove a bundle from the cache (only what edge-af3 made there; other folders are refused)."""
     path = _find(name).resolve()
     if _root().resolve() not in path.parents:
@@ -104,9 +125,15 @@ def rm_cmd(name: str = typer.Argument(..., help="A bundle in the cache (see `mod
 
 
 @app.command("pull")
-def pull_cmd(source: str = typer.Argument(..., help="Hub id (nvidia/audio-flamingo-3-hf) or checkpoint folder."),
-             quant: str = typer.Option("auto", "--quant", help="LLM weights: auto | q4_k_m | iq4_nl | q4_0 | q8_0 | f16 | f32 (auto: q4_k_m when every matrix width is a multiple of 256, as in the real AF3; else iq4_nl)"),
-             yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before a big download / export.")) -> None:  # fmt: skip
+def pull_cmd(
+    source: str = typer.Argument(..., help="Hub id (nvidia/audio-flamingo-3-hf) or checkpoint folder."),
+    quant: str = typer.Option(
+        "auto",
+        "--quant",
+        help=QUANT_HELP,
+    ),
+    yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before a big download / export."),
+) -> None:
     """Download (a Hub id) and export into the cache, as `-m SOURCE` would on first use, saying
     first what it takes: download size, disk and RAM."""
     from ..runtime.locate import exported, first_use, first_use_line

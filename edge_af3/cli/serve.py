@@ -2,30 +2,55 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import typer
 
 from ..errors import OptionsError
-from .common import DEFAULT_MODEL, DeviceOpt, EncPrecOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, ThreadsOpt, VerifyOpt, check_threads
+from .common import (
+    DEFAULT_MODEL,
+    DeviceOpt,
+    EncPrecOpt,
+    EngineOpt,
+    ExactOpt,
+    KvOpt,
+    ModelOpt,
+    NCtxOpt,
+    ThreadsOpt,
+    VerifyOpt,
+    check_threads,
+)
 
 
 def serve_cmd(
     model: ModelOpt = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 to serve the network)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
-    api_key: Optional[str] = typer.Option(None, "--api-key", envvar="EDGE_AF3_API_KEY",
-                                          help="Require 'Authorization: Bearer KEY' on /v1/*. Env: EDGE_AF3_API_KEY."),
-    parallel: int = typer.Option(1, "--parallel", "-np", min=1, max=64,
-                                 help="Slots decoded together (each its own KV cache of --n-ctx positions)."),
+    api_key: str | None = typer.Option(
+        None,
+        "--api-key",
+        envvar="EDGE_AF3_API_KEY",
+        help="Require 'Authorization: Bearer KEY' on /v1/*. Env: EDGE_AF3_API_KEY.",
+    ),
+    parallel: int = typer.Option(
+        1,
+        "--parallel",
+        "-np",
+        min=1,
+        max=64,
+        help="Slots decoded together (each its own KV cache of --n-ctx positions).",
+    ),
     max_queue: int = typer.Option(16, "--max-queue", min=0, help="Requests that may wait for a slot; more get 429."),
     max_body_mb: int = typer.Option(64, "--max-body-mb", min=1, help="Largest request body (413 above it)."),
     timeout: float = typer.Option(30.0, "--timeout", min=0, help="Seconds SIGTERM waits for requests in flight."),
-    allow_urls: bool = typer.Option(False, "--allow-urls", help="Fetch http(s) audio_url parts (data: URLs always work)."),
-    decode_batching: str = typer.Option("auto", "--decode-batching",
-                                        help="auto: batch the slots' decode steps where measured cheaper at start-up "
-                                             "than one slot at a time (K-quants on some CPUs are not) | always."),
-    name: Optional[str] = typer.Option(None, "--name", help="Model id to serve under (default: the checkpoint's Hub id)."),
+    allow_urls: bool = typer.Option(
+        False, "--allow-urls", help="Fetch http(s) audio_url parts (data: URLs always work)."
+    ),
+    decode_batching: str = typer.Option(
+        "auto",
+        "--decode-batching",
+        help="auto: batch the slots' decode steps where measured cheaper at start-up "
+        "than one slot at a time (K-quants on some CPUs are not) | always.",
+    ),
+    name: str | None = typer.Option(None, "--name", help="Model id to serve under (default: the checkpoint's Hub id)."),
     n_ctx: NCtxOpt = None,
     threads: ThreadsOpt = None,
     device: DeviceOpt = "auto",
@@ -53,10 +78,26 @@ def serve_cmd(
         raise OptionsError(f"--decode-batching must be auto or always, got {decode_batching!r}")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise OptionsError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
-    load = dict(n_ctx=n_ctx, threads=threads, device=device, kv_type=kv_type, encoder_engine=engine, exact=exact,
-                encoder_precision=encoder_precision,
-                check_hashes=True if verify else None)  # fmt: skip
-    config = ServerConfig(model=model or DEFAULT_MODEL, name=name, api_key=api_key or None, parallel=parallel,
-                          max_queue=max_queue, max_body_mb=max_body_mb, timeout=timeout, allow_urls=allow_urls,
-                          decode_batching=decode_batching, load=load)  # fmt: skip
+    load = dict(
+        n_ctx=n_ctx,
+        threads=threads,
+        device=device,
+        kv_type=kv_type,
+        encoder_engine=engine,
+        exact=exact,
+        encoder_precision=encoder_precision,
+        check_hashes=True if verify else None,
+    )
+    config = ServerConfig(
+        model=model or DEFAULT_MODEL,
+        name=name,
+        api_key=api_key or None,
+        parallel=parallel,
+        max_queue=max_queue,
+        max_body_mb=max_body_mb,
+        timeout=timeout,
+        allow_urls=allow_urls,
+        decode_batching=decode_batching,
+        load=load,
+    )
     serve(config, host, port, log_level=log_level)

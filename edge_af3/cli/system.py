@@ -4,25 +4,30 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from .common import DeviceOpt, EngineOpt, ExactOpt, KvOpt, ModelOpt, NCtxOpt, emit_json, out, show_plan
 
-TARGETS_HELP = "orin-nano-8gb | orin-nx-16gb | agx-orin-64gb | rtx-4060-laptop | rtx-4090 | h100 (default: this machine)"
+TARGETS_HELP = (
+    "orin-nano-8gb | orin-nx-16gb | agx-orin-64gb | rtx-4060-laptop | rtx-4090 | h100 (default: this machine)"
+)
 
 
 def plan_cmd(
-    bundle: Optional[str] = typer.Argument(None, metavar="BUNDLE", help="Bundle, checkpoint folder or Hub id (default: --model / EDGE_AF3_MODEL)."),
+    bundle: str | None = typer.Argument(
+        None, metavar="BUNDLE", help="Bundle, checkpoint folder or Hub id (default: --model / EDGE_AF3_MODEL)."
+    ),
     model: ModelOpt = None,
-    target: Optional[str] = typer.Option(None, "--target", help=TARGETS_HELP),
+    target: str | None = typer.Option(None, "--target", help=TARGETS_HELP),
     n_ctx: NCtxOpt = None,
     kv_type: KvOpt = None,
     device: DeviceOpt = "auto",
     engine: EngineOpt = None,
     exact: ExactOpt = False,
-    encoder_precision: Optional[str] = typer.Option(None, "--encoder-precision", help="fp16 | int8 | mixed | fp32 (default: what the engine runs)"),
+    encoder_precision: str | None = typer.Option(
+        None, "--encoder-precision", help="fp16 | int8 | mixed | fp32 (default: what the engine runs)"
+    ),
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Dry run: the memory a model needs (weights, encoder, KV cache at n_ctx, buffers) with the
@@ -32,12 +37,25 @@ def plan_cmd(
     \b
     Example: edge-af3 plan ./af3 --target orin-nano-8gb --n-ctx 8192 --kv q8_0
     """
-    show_plan(bundle or model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact,
-              target=target, encoder_precision=encoder_precision, as_json=as_json)  # fmt: skip
+    show_plan(
+        bundle or model,
+        n_ctx=n_ctx,
+        kv_type=kv_type,
+        device=device,
+        encoder_engine=engine,
+        exact=exact,
+        target=target,
+        encoder_precision=encoder_precision,
+        as_json=as_json,
+    )
 
 
-def doctor_cmd(as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
-               model: Optional[Path] = typer.Option(None, "--model", "-m", help="Also describe this bundle: its adapters and think mode.")) -> None:  # fmt: skip
+def doctor_cmd(
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+    model: Path | None = typer.Option(
+        None, "--model", "-m", help="Also describe this bundle: its adapters and think mode."
+    ),
+) -> None:
     """Check this machine: Python, packages, ONNX Runtime providers, CUDA/TensorRT, llama.cpp GPU
     offload, audio devices; prints the install command for whatever is missing. With -m BUNDLE:
     the bundle's LLM, encoder and adapters (which adapter think mode runs).
@@ -66,8 +84,9 @@ def bench_cmd(ctx: typer.Context) -> None:
 
     root = Path(__file__).resolve().parents[2]
     if not (root / "benchmarks" / "suite.py").is_file():
-        raise MissingDependencyError("the benchmarks ship with the source checkout: git clone the project and run "
-                                     "`edge-af3 bench` there")  # fmt: skip
+        raise MissingDependencyError(
+            "the benchmarks ship with the source checkout: git clone the project and run `edge-af3 bench` there"
+        )
     sys.path.insert(0, str(root))
     from benchmarks.suite import main as suite_main
 

@@ -6,13 +6,24 @@ import json
 import time
 import warnings
 from pathlib import Path
-from typing import Optional
 
 import typer
 
 from ..errors import OptionsError
-from .common import (ExportProgress, ModelOpt, bundled_clip, console, emit, emit_json, export_steps, load_model, out,
-                     timings_line)  # fmt: skip
+from .common import (
+    ENC_PREC_EXPORT_HELP,
+    QUANT_HELP,
+    ExportProgress,
+    ModelOpt,
+    bundled_clip,
+    console,
+    emit,
+    emit_json,
+    export_steps,
+    load_model,
+    out,
+    timings_line,
+)
 
 
 def make_tiny(
@@ -20,7 +31,9 @@ def make_tiny(
     shape: str = typer.Option("tiny", "--shape", help="tiny | bench-small | full"),
     seed: int = typer.Option(0, "--seed", help="Same seed, same bytes."),
     force: bool = typer.Option(False, "--force", help="Replace an existing folder."),
-    think: bool = typer.Option(False, "--think", help="Add a think/ adapter as AF3 ships it (LoRA + non-LoRA weights; needs peft)."),
+    think: bool = typer.Option(
+        False, "--think", help="Add a think/ adapter as AF3 ships it (LoRA + non-LoRA weights; needs peft)."
+    ),
 ) -> None:
     """Write a randomly initialised AF3 checkpoint in the real HF layout (real Qwen2 vocabulary).
 
@@ -37,27 +50,46 @@ def make_tiny(
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"writing {shape} checkpoint", total=n)
-            path = make_checkpoint(out_dir, shape=shape, seed=seed, force=force, think=think,
-                                   progress=lambda _: bar.advance(task))  # fmt: skip
+            path = make_checkpoint(
+                out_dir, shape=shape, seed=seed, force=force, think=think, progress=lambda _: bar.advance(task)
+            )
     except FileExistsError as e:
         raise OptionsError(str(e)) from e
     console.print(f"[green]wrote[/] {path} ({shape}, seed {seed}, {n} tensors{', think/ adapter' if think else ''})")
 
 
 def export_cmd(
-    src: str = typer.Argument(..., metavar="SRC", help="AF3 checkpoint: a local HF folder or a Hub id (nvidia/audio-flamingo-3-hf)."),
+    src: str = typer.Argument(
+        ..., metavar="SRC", help="AF3 checkpoint: a local HF folder or a Hub id (nvidia/audio-flamingo-3-hf)."
+    ),
     out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Bundle folder to create."),
-    quant: str = typer.Option("auto", "--quant", help="LLM weights: auto | q4_k_m | iq4_nl | q4_0 | q8_0 | f16 | f32 (auto: q4_k_m when every matrix width is a multiple of 256, as in the real AF3; else iq4_nl)"),
-    encoder_precision: str = typer.Option("auto", "--encoder-precision", help="auto | fp32 | fp16 | int8 | mixed (auto: fp32 where this machine has a CUDA GPU, whose engines build fp16 from it, or a CPU without VNNI, where int8 loses accuracy; else mixed: int8 on each layer's fc1 only)"),
+    quant: str = typer.Option(
+        "auto",
+        "--quant",
+        help=QUANT_HELP,
+    ),
+    encoder_precision: str = typer.Option(
+        "auto",
+        "--encoder-precision",
+        help=ENC_PREC_EXPORT_HELP,
+    ),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity checks against PyTorch."),
-    accept: bool = typer.Option(False, "--accept", help="Write the bundle even when a parity check is below its type's floor (recorded in the manifest)."),
-    revision: Optional[str] = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
+    accept: bool = typer.Option(
+        False,
+        "--accept",
+        help="Write the bundle even when a parity check is below its type's floor (recorded in the manifest).",
+    ),
+    revision: str | None = typer.Option(None, "--revision", help="Hub revision (branch, tag or commit)."),
     mmproj: bool = typer.Option(False, "--mmproj", help="Also write llama.cpp's mmproj GGUF (musicflamingo)."),
     mmproj_type: str = typer.Option("f16", "--mmproj-type", help="mmproj weights: f16 | f32"),
     as_json: bool = typer.Option(False, "--json", help="Print the manifest's verification as JSON."),
-    adapter: list[str] = typer.Option([], "--adapter", help="NAME=DIR: add a PEFT LoRA folder (e.g. one `train` wrote); repeatable."),
-    adapter_type: str = typer.Option("f16", "--adapter-type", help="LoRA tensors in the GGUF adapters: f16 | f32 | q8_0"),
+    adapter: list[str] = typer.Option(
+        [], "--adapter", help="NAME=DIR: add a PEFT LoRA folder (e.g. one `train` wrote); repeatable."
+    ),
+    adapter_type: str = typer.Option(
+        "f16", "--adapter-type", help="LoRA tensors in the GGUF adapters: f16 | f32 | q8_0"
+    ),
 ) -> None:
     """Export an AF3 checkpoint into a verified bundle (ONNX encoder + GGUF LLM + manifest).
     The checkpoint's think/ adapter comes along as `think`.
@@ -78,32 +110,59 @@ def export_cmd(
             raise OptionsError(f"--adapter {name}: {folder} is not a folder")
         adapters[name] = Path(folder).expanduser()
     try:
-        with ExportProgress(export_steps(quant, encoder_precision=encoder_precision, verify=not no_verify,
-                                         mmproj=mmproj)) as steps:
-            path = export(src, out_dir, quant=quant, encoder_precision=encoder_precision, force=force,
-                          verify=not no_verify, revision=revision, mmproj=mmproj, mmproj_type=mmproj_type, adapters=adapters,
-                          adapter_type=adapter_type, accept=accept, progress=steps)  # fmt: skip
+        with ExportProgress(
+            export_steps(quant, encoder_precision=encoder_precision, verify=not no_verify, mmproj=mmproj)
+        ) as steps:
+            path = export(
+                src,
+                out_dir,
+                quant=quant,
+                encoder_precision=encoder_precision,
+                force=force,
+                verify=not no_verify,
+                revision=revision,
+                mmproj=mmproj,
+                mmproj_type=mmproj_type,
+                adapters=adapters,
+                adapter_type=adapter_type,
+                accept=accept,
+                progress=steps,
+            )
     except FileExistsError as e:
         raise OptionsError(str(e)) from e
     manifest = json.loads((path / "manifest.json").read_text())
     if as_json:
-        emit_json({"bundle": str(path), "verification": manifest["verification"], "parity_gate": manifest["parity_gate"],
-                   "files": manifest["files"]})  # fmt: skip
+        emit_json(
+            {
+                "bundle": str(path),
+                "verification": manifest["verification"],
+                "parity_gate": manifest["parity_gate"],
+                "files": manifest["files"],
+            }
+        )
         return
     for stage, result in manifest["verification"].items():
-        out.print(f"{stage:8s} " + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items()))
+        out.print(
+            f"{stage:8s} "
+            + ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in result.items())
+        )
     g = manifest["parity_gate"]
     if not g["verified"]:
         out.print("[yellow]parity: not verified (--no-verify)[/]")
     elif g["failures"]:
-        out.print("[yellow]parity: below the floor, written because of --accept:[/] " + "; ".join(g["failures"]), highlight=False)
+        out.print(
+            "[yellow]parity: below the floor, written because of --accept:[/] " + "; ".join(g["failures"]),
+            highlight=False,
+        )
     else:
         out.print("parity: every figure above its type's floor")
     out.print(f"[green]bundle[/] {path} ({manifest['export_seconds']} s)")
 
 
 def features_cmd(
-    audio: Path = typer.Argument(..., metavar="AUDIO", help="Audio file (wav, flac, ogg, mp3; m4a, mp4, webm, opus with the av extra)."),
+    audio: Path = typer.Argument(
+        ..., metavar="AUDIO", help="Audio file (wav, flac, ogg, mp3; m4a, mp4, webm, opus with the av extra)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print machine-readable JSON."),
 ) -> None:
     """Show what AF3 sees of a clip: windows, mask, audio token count, log-mel range.
@@ -152,7 +211,7 @@ def features_cmd(
 
 def demo(
     model: ModelOpt = None,
-    audio: Optional[Path] = typer.Option(None, "--audio", help="Clip to use (default: the bundled one)."),
+    audio: Path | None = typer.Option(None, "--audio", help="Clip to use (default: the bundled one)."),
     prompt: str = typer.Option("What do you hear? Transcribe any speech.", "--prompt"),
     max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n", min=1),
 ) -> None:
@@ -182,8 +241,10 @@ def demo(
         session = af3.chat()
         out.print(f"bundle      {af3.bundle.path}")
         windows = max(1, -(-clip.samples.shape[0] // N_SAMPLES))
-        out.print(f"clip        {clip.name}  {clip.seconds:.2f} s -> {windows} window(s), "
-                  f"{token_count(clip.samples.shape[0])} <sound> tokens")  # fmt: skip
+        out.print(
+            f"clip        {clip.name}  {clip.seconds:.2f} s -> {windows} window(s), "
+            f"{token_count(clip.samples.shape[0])} <sound> tokens"
+        )
         out.print(f"question    {prompt}")
         out.print("answer      ", end="")
         with session.stream(prompt, clip, max_new_tokens=max_new_tokens) as stream:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 
@@ -14,13 +13,17 @@ from .common import console, emit_json, out
 def train_cmd(
     ckpt: str = typer.Argument(..., metavar="CKPT", help="AF3 checkpoint folder (HF layout)."),
     data: Path = typer.Argument(..., metavar="DATA", help="JSONL: {audio, prompt, answer} or {messages} per line."),
-    out_dir: Path = typer.Argument(..., metavar="OUT_DIR", help="Folder for the adapter (PEFT layout) and its checkpoints."),
-    base_adapter: Optional[str] = typer.Option(None, "--base-adapter", help="Start from the checkpoint's adapter folder (e.g. think)."),
+    out_dir: Path = typer.Argument(
+        ..., metavar="OUT_DIR", help="Folder for the adapter (PEFT layout) and its checkpoints."
+    ),
+    base_adapter: str | None = typer.Option(
+        None, "--base-adapter", help="Start from the checkpoint's adapter folder (e.g. think)."
+    ),
     r: int = typer.Option(16, "--r", help="LoRA rank."),
     alpha: int = typer.Option(32, "--alpha", help="LoRA alpha (scale = alpha / r)."),
     targets: str = typer.Option("q,k,v,o,gate,up,down", "--targets", help="LLM linear layers to adapt."),
     epochs: int = typer.Option(1, "--epochs", help="Passes over the data."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
+    max_steps: int | None = typer.Option(None, "--max-steps", help="Stop after this many optimizer steps."),
     lr: float = typer.Option(2e-4, "--lr", help="Learning rate (AdamW)."),
     batch: int = typer.Option(1, "--batch", help="Examples per step."),
     grad_accum: int = typer.Option(1, "--grad-accum", help="Steps' worth of examples per optimizer update."),
@@ -45,11 +48,29 @@ def train_cmd(
 
     from ..train import TrainConfig, train
 
-    config = TrainConfig(r=r, alpha=alpha, targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
-                         epochs=epochs, max_steps=max_steps, lr=lr, batch=batch, grad_accum=grad_accum, seed=seed,
-                         warmup_steps=warmup, save_every=save_every, base_adapter=base_adapter)  # fmt: skip
-    columns = (TextColumn("training"), BarColumn(), TextColumn("{task.completed}/{task.total} steps"),
-               TextColumn("loss {task.fields[loss]:.4f}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn())
+    config = TrainConfig(
+        r=r,
+        alpha=alpha,
+        targets=tuple(t.strip() for t in targets.split(",") if t.strip()),
+        epochs=epochs,
+        max_steps=max_steps,
+        lr=lr,
+        batch=batch,
+        grad_accum=grad_accum,
+        seed=seed,
+        warmup_steps=warmup,
+        save_every=save_every,
+        base_adapter=base_adapter,
+    )
+    columns = (
+        TextColumn("training"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total} steps"),
+        TextColumn("loss {task.fields[loss]:.4f}"),
+        TimeElapsedColumn(),
+        TextColumn("ETA"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, console=console, transient=as_json) as bar:
         task = bar.add_task("train", total=None, loss=float("nan"))
 
@@ -63,5 +84,7 @@ def train_cmd(
         emit_json({k: v for k, v in result.items() if k != "losses"} | {"final_loss": result["losses"][-1]})
         return
     first, last = result["losses"][0], result["losses"][-1]
-    out.print(f"[green]adapter[/] {result['out']}: {result['steps']} steps, loss {first:.4f} -> {last:.4f}, "
-              f"{result['steps_per_s']:.2f} steps/s")  # fmt: skip
+    out.print(
+        f"[green]adapter[/] {result['out']}: {result['steps']} steps, loss {first:.4f} -> {last:.4f}, "
+        f"{result['steps_per_s']:.2f} steps/s"
+    )

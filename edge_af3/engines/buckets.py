@@ -12,8 +12,8 @@ frames, which end at least 4 frames before the cut).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import numpy as np
 
@@ -67,8 +67,12 @@ def padded(features: np.ndarray, mask: np.ndarray, run: Run) -> tuple[np.ndarray
     return feats, m
 
 
-def run_bucketed(features: np.ndarray, mask: np.ndarray, buckets: tuple[int, ...],
-                 run_one: Callable[[Run, np.ndarray, np.ndarray], np.ndarray]) -> np.ndarray:  # fmt: skip
+def run_bucketed(
+    features: np.ndarray,
+    mask: np.ndarray,
+    buckets: tuple[int, ...],
+    run_one: Callable[[Run, np.ndarray, np.ndarray], np.ndarray],
+) -> np.ndarray:
     """Every bucketed run of an input: its padded inputs through `run_one` (-> [Wb, rows, H], which
     may be the engine's reused output buffer), the valid windows and rows copied out, concatenated."""
     out = []

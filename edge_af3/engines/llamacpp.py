@@ -11,8 +11,8 @@ import ctypes
 import os
 import threading
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -102,9 +102,21 @@ class LlamaEngine(SamplingMixin, NativeResource):
     """One llama.cpp model + context with `n_seq` sequences (seq 0 unless told otherwise), each
     with its own KV cache of `n_ctx` positions (llama.cpp's non-unified multi-sequence KV)."""
 
-    def __init__(self, gguf: str | os.PathLike, *, n_ctx: int = 4096, n_batch: int = 512, threads: int | None = None,
-                 n_gpu_layers: int = 0, flash_attn: bool | None = None, kv_type: str = "f16", n_seq: int = 1,
-                 verbose: bool = False, release_pages: bool = True, repack: bool = True):  # fmt: skip
+    def __init__(
+        self,
+        gguf: str | os.PathLike,
+        *,
+        n_ctx: int = 4096,
+        n_batch: int = 512,
+        threads: int | None = None,
+        n_gpu_layers: int = 0,
+        flash_attn: bool | None = None,
+        kv_type: str = "f16",
+        n_seq: int = 1,
+        verbose: bool = False,
+        release_pages: bool = True,
+        repack: bool = True,
+    ):
         import llama_cpp
 
         self._ll = llama_cpp
@@ -243,8 +255,9 @@ class LlamaEngine(SamplingMixin, NativeResource):
             return self.last_logits((len(ids) - 1) % self.n_batch)
         return None
 
-    def decode_embeddings(self, rows: np.ndarray, *, logits: str = "none", ids: Sequence | None = None,
-                          seq: int = 0) -> np.ndarray | None:  # fmt: skip
+    def decode_embeddings(
+        self, rows: np.ndarray, *, logits: str = "none", ids: Sequence | None = None, seq: int = 0
+    ) -> np.ndarray | None:
         """Feed float rows [n, n_embd] (audio) at the next positions, n_batch rows per decode.
         `ids`: a hashable identity per row, for prefix reuse (default: never equal to anything)."""
         rows = np.ascontiguousarray(rows, dtype=np.float32)

@@ -32,8 +32,9 @@ def _quiet_mtmd_logs() -> None:
 class MtmdAudio(NativeResource):
     """An mmproj loaded by libmtmd next to a `LlamaEngine`'s model; prompts carry `MARKER` per clip."""
 
-    def __init__(self, mmproj: str | os.PathLike, engine: LlamaEngine, *, threads: int | None = None,
-                 use_gpu: bool = False):  # fmt: skip
+    def __init__(
+        self, mmproj: str | os.PathLike, engine: LlamaEngine, *, threads: int | None = None, use_gpu: bool = False
+    ):
         from llama_cpp import mtmd_cpp
 
         self._m = mtmd_cpp
@@ -134,8 +135,12 @@ class MtmdAudio(NativeResource):
         finally:
             m.mtmd_input_chunks_free(chunks)
         t2 = time.perf_counter()
-        return {**counts, "features_ms": (t1 - t0) * 1000, "encoder_ms": encode_s * 1000,
-                "prefill_ms": (t2 - t1 - encode_s) * 1000}  # fmt: skip
+        return {
+            **counts,
+            "features_ms": (t1 - t0) * 1000,
+            "encoder_ms": encode_s * 1000,
+            "prefill_ms": (t2 - t1 - encode_s) * 1000,
+        }
 
     def close(self) -> None:
         if getattr(self, "ctx", None):

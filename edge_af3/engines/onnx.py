@@ -39,9 +39,17 @@ class OnnxEncoder:
 
     name = "onnxruntime-cpu"
 
-    def __init__(self, path: str | os.PathLike, *, threads: int | None = None, providers: list[str] | None = None,
-                 io_binding: bool = False, cuda_graphs: bool | None = None, max_windows: int = 20,
-                 overrides: dict[str, np.ndarray] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        *,
+        threads: int | None = None,
+        providers: list[str] | None = None,
+        io_binding: bool = False,
+        cuda_graphs: bool | None = None,
+        max_windows: int = 20,
+        overrides: dict[str, np.ndarray] | None = None,
+    ):
         import onnxruntime as ort
 
         self._ort = ort
@@ -55,8 +63,9 @@ class OnnxEncoder:
         # `windows_per_run` windows per run (default 1).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         # an adapter's encoder weights: these initializers replace the graph's (the file is shared)
-        self._overrides = {name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a))
-                           for name, a in (overrides or {}).items()}  # fmt: skip
+        self._overrides = {
+            name: ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(a)) for name, a in (overrides or {}).items()
+        }
         for name, value in self._overrides.items():
             opts.add_initializer(name, value)
         available = ort.get_available_providers()
@@ -74,7 +83,10 @@ class OnnxEncoder:
         self.note = ""  # why CUDA graphs are off although asked for
         session = None
         if self.cuda_graphs:
-            graphed = [("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p for p in use]
+            graphed = [
+                ("CUDAExecutionProvider", {"enable_cuda_graph": "1"}) if p == "CUDAExecutionProvider" else p
+                for p in use
+            ]
             try:  # CUDA graphs need every node on the GPU; ORT refuses the session otherwise
                 session = ort.InferenceSession(str(Path(path)), sess_options=opts, providers=graphed)
             except Exception as e:  # noqa: BLE001 - run without graphs, and say why
@@ -99,8 +111,10 @@ class OnnxEncoder:
             raise RuntimeError(f"{self.name}: encode() after close()")
         self.calls += 1
         if not self.io_binding:
-            feed = {"input_features": np.ascontiguousarray(features, np.float32),
-                    "input_features_mask": np.ascontiguousarray(mask, np.int64)}  # fmt: skip
+            feed = {
+                "input_features": np.ascontiguousarray(features, np.float32),
+                "input_features_mask": np.ascontiguousarray(mask, np.int64),
+            }
             return self.session.run(None, feed)[0]
         return run_bucketed(features, mask, self.window_buckets, self._run_bound)
 

@@ -26,8 +26,9 @@ class SamplingMixin:
         ll = self._ll
         chain = ll.llama_sampler_chain_init(ll.llama_sampler_chain_default_params())
         if opts.repetition_penalty != 1.0:
-            ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_penalties(
-                self.n_vocab, self.n_ctx, opts.repetition_penalty, 0.0, 0.0))  # fmt: skip
+            ll.llama_sampler_chain_add(
+                chain, ll.llama_sampler_init_penalties(self.n_vocab, self.n_ctx, opts.repetition_penalty, 0.0, 0.0)
+            )
         if opts.temperature <= 0:
             if final:
                 ll.llama_sampler_chain_add(chain, ll.llama_sampler_init_greedy())

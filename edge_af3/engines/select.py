@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 from ..errors import OptionsError
 
@@ -45,8 +45,9 @@ def gpu_name() -> str | None:
     """The first CUDA GPU's name, or None (nvidia-smi; Jetson has no nvidia-smi: /proc/device-tree)."""
     if shutil.which("nvidia-smi"):
         try:
-            res = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
-                                 text=True, timeout=10)  # fmt: skip
+            res = subprocess.run(
+                ["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True, text=True, timeout=10
+            )
             names = [n.strip() for n in res.stdout.splitlines() if n.strip()]
             if res.returncode == 0 and names:
                 return names[0]
@@ -108,9 +109,14 @@ PROBES: dict[str, Callable[[], str | None]] = {
 }
 
 
-def choose_encoder(device: str = "auto", *, probes: dict[str, Callable[[], str | None]] | None = None,
-                   gpu: Callable[[], str | None] = gpu_name, implemented: set[str] = IMPLEMENTED,
-                   fp32: bool = False) -> EncoderChoice:  # fmt: skip
+def choose_encoder(
+    device: str = "auto",
+    *,
+    probes: dict[str, Callable[[], str | None]] | None = None,
+    gpu: Callable[[], str | None] = gpu_name,
+    implemented: set[str] = IMPLEMENTED,
+    fp32: bool = False,
+) -> EncoderChoice:
     """The engine for `device`; raises ValueError when device='cuda' and no CUDA GPU is visible.
     fp32: only engines that compute in fp32 (exact mode): ONNX Runtime on CUDA runs the fp32 graph
     as it is; TensorRT and torch-cuda build fp16 from it."""
@@ -193,8 +199,9 @@ assert set(BUILDERS) == set(ENGINES)
 def onnx_encoder(engine: str, bundle, threads: int | None, overrides: dict | None = None):
     """The ONNX Runtime engine (`engine` "onnxruntime-cuda" or anything else: the CPU one), with
     initializer overrides."""
-    return _onnxruntime("onnxruntime-cuda" if engine == "onnxruntime-cuda" else "onnxruntime-cpu", bundle, threads,
-                        overrides)  # fmt: skip
+    return _onnxruntime(
+        "onnxruntime-cuda" if engine == "onnxruntime-cuda" else "onnxruntime-cpu", bundle, threads, overrides
+    )
 
 
 def _build(engine: str, bundle, threads: int | None):
@@ -203,8 +210,14 @@ def _build(engine: str, bundle, threads: int | None):
     return BUILDERS[engine](engine, bundle, threads)
 
 
-def make_encoder(bundle, choice: EncoderChoice, *, threads: int | None = None, fallback: bool = True,
-                 probes: dict[str, Callable[[], str | None]] | None = None):  # fmt: skip
+def make_encoder(
+    bundle,
+    choice: EncoderChoice,
+    *,
+    threads: int | None = None,
+    fallback: bool = True,
+    probes: dict[str, Callable[[], str | None]] | None = None,
+):
     """(encoder, choice) for `choice`. A GPU engine that fails to start (e.g. TensorRT with an
     int8 bundle) hands over to the next usable GPU engine when `fallback`, and finally to ONNX
     Runtime on the CPU; the returned choice says what was skipped and why."""
@@ -225,4 +238,6 @@ def make_encoder(bundle, choice: EncoderChoice, *, threads: int | None = None, f
         if engine == choice.engine:
             return enc, choice
         return enc, EncoderChoice(engine, choice.device, tuple(skipped), gpu=choice.gpu)
-    return _build("onnxruntime-cpu", bundle, threads), EncoderChoice("onnxruntime-cpu", "cpu", tuple(skipped), gpu=choice.gpu)
+    return _build("onnxruntime-cpu", bundle, threads), EncoderChoice(
+        "onnxruntime-cpu", "cpu", tuple(skipped), gpu=choice.gpu
+    )

@@ -22,9 +22,9 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -75,8 +75,9 @@ def cache_root(bundle) -> Path:
     return cache_dir() / "engines" / bundle.manifest["files"][bundle.encoder.name]["sha256"][:16]
 
 
-def cached_plan(root: Path, key: EngineKey, build: Callable[[], bytes],
-                check: Callable[[bytes], None] | None = None) -> tuple[bytes, list[str]]:  # fmt: skip
+def cached_plan(
+    root: Path, key: EngineKey, build: Callable[[], bytes], check: Callable[[bytes], None] | None = None
+) -> tuple[bytes, list[str]]:
     """The serialized engine for `key`: from the cache, or built, checked and stored when missing,
     stale or corrupt. Returns (plan, why it was built; [] when it came from the cache). A build
     whose check raises is not stored."""
@@ -93,7 +94,9 @@ def cached_plan(root: Path, key: EngineKey, build: Callable[[], bytes],
 def engine_key(bundle, trt_version: str, device: Device, max_windows: int = 20) -> EngineKey:
     onnx_sha = bundle.manifest["files"][bundle.encoder.name]["sha256"]
     # the shapes the engine's profiles and graphs serve: window counts, then partial-window frames
-    buckets = tuple(f"w{w}" for w in window_buckets(max_windows)) + tuple(f"f{f}" for f in (MIN_FRAMES,) + FRAME_BUCKETS)
+    buckets = tuple(f"w{w}" for w in window_buckets(max_windows)) + tuple(
+        f"f{f}" for f in (MIN_FRAMES,) + FRAME_BUCKETS
+    )
     return EngineKey(onnx_sha, trt_version, device.name, device.compute_capability, "fp16", buckets)
 
 
@@ -149,7 +152,11 @@ class _Graph:
         wb, fb = shape
         self.rows = rows_for_frames(fb)
         self.out_host = np.empty((wb, self.rows, hidden), np.float32)
-        sizes = {"input_features": wb * N_MELS * fb * 4, "input_features_mask": wb * fb * 8, "out": self.out_host.nbytes}
+        sizes = {
+            "input_features": wb * N_MELS * fb * 4,
+            "input_features_mask": wb * fb * 8,
+            "out": self.out_host.nbytes,
+        }
         self.ptr = {k: _check(cudart.cudaMalloc(v)) for k, v in sizes.items()}
         strategy = getattr(trt, "ExecutionContextAllocationStrategy", None)
         if scratch is not None and strategy is not None:
@@ -163,7 +170,9 @@ class _Graph:
         ctx.set_input_shape("input_features_mask", (wb, fb))
         for i in range(engine.num_io_tensors):
             name = engine.get_tensor_name(i)
-            ctx.set_tensor_address(name, int(self.ptr["out" if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT else name]))
+            ctx.set_tensor_address(
+                name, int(self.ptr["out" if engine.get_tensor_mode(name) == trt.TensorIOMode.OUTPUT else name])
+            )
         # one plain run first (it flushes deferred shape work), then capture it on the stream
         if not ctx.execute_async_v3(int(stream)):
             raise RuntimeError(f"TensorRT could not run the encoder at shape {shape}")
@@ -215,13 +224,17 @@ class TensorRTEncoder:
         self.rebuilt: list[str] = []  # why the engine was built at load ([] when it came from the cache)
 
     @classmethod
-    def for_bundle(cls, bundle, *, max_windows: int = 20, progress: Callable[[str], None] | None = None) -> "TensorRTEncoder":
+    def for_bundle(
+        cls, bundle, *, max_windows: int = 20, progress: Callable[[str], None] | None = None
+    ) -> TensorRTEncoder:
         import tensorrt as trt
 
         precision = bundle.manifest["encoder"].get("precision")
         if precision in CPU_ENCODER_GRAPHS:
-            raise RuntimeError(f"TensorRT takes fp32/fp16 encoders; this bundle's is {precision} (ONNX Runtime dynamic "
-                               "quantization: MatMulInteger), which ONNX Runtime runs")  # fmt: skip
+            raise RuntimeError(
+                f"TensorRT takes fp32/fp16 encoders; this bundle's is {precision} (ONNX Runtime dynamic "
+                "quantization: MatMulInteger), which ONNX Runtime runs"
+            )
         key = engine_key(bundle, trt.__version__, current_device(), max_windows)
         root = cache_root(bundle)
 
@@ -245,7 +258,9 @@ class TensorRTEncoder:
             cos = float(got @ want / (np.linalg.norm(got) * np.linalg.norm(want)))
             if not cos >= 0.999:
                 trt_enc.close()
-                raise RuntimeError(f"the new TensorRT engine disagrees with ONNX Runtime (cosine {cos:.5f}); not cached")
+                raise RuntimeError(
+                    f"the new TensorRT engine disagrees with ONNX Runtime (cosine {cos:.5f}); not cached"
+                )
             checked.append(trt_enc)  # the engine just built and checked is the one returned
 
         checked: list[TensorRTEncoder] = []
@@ -271,8 +286,9 @@ class TensorRTEncoder:
 
     def encode(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
         self.calls += 1
-        return run_bucketed(features, mask, self.window_buckets,
-                            lambda run, feats, m: self._graph(run.shape).run(self.stream, feats, m))  # fmt: skip
+        return run_bucketed(
+            features, mask, self.window_buckets, lambda run, feats, m: self._graph(run.shape).run(self.stream, feats, m)
+        )
 
     def close(self) -> None:
         cudart = _cudart()
@@ -282,5 +298,3 @@ class TensorRTEncoder:
         if self._scratch:
             cudart.cudaFree(self._scratch[0])
             self._scratch = None
-
-

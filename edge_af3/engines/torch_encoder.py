@@ -19,8 +19,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
@@ -89,8 +89,9 @@ def onnx_weights(path: str | os.PathLike) -> dict[str, np.ndarray | Int8Weight]:
             q = numpy_helper.to_array(inits[node.input[1]])
             if q.dtype != np.int8 or numpy_helper.to_array(scale).size != 1:
                 raise EncoderWeightsError(f"{path}: {node.name}: only per-tensor int8 weights are supported")
-            out[_module(m) + ".weight"] = Int8Weight(np.ascontiguousarray(q.T), float(numpy_helper.to_array(scale)),
-                                                     int(numpy_helper.to_array(zero)))  # fmt: skip
+            out[_module(m) + ".weight"] = Int8Weight(
+                np.ascontiguousarray(q.T), float(numpy_helper.to_array(scale)), int(numpy_helper.to_array(zero))
+            )
     for name in inits:  # the int8 export also quantizes the two convolutions (ConvInteger): small, made float here
         base = name.removesuffix("_quantized")
         if name.endswith("_quantized") and base.startswith(("tower.", "projector.")) and base not in out:
@@ -125,17 +126,32 @@ class EncoderShape:
     heads: int
 
     @classmethod
-    def of(cls, weights: dict[str, np.ndarray], heads: int | None = None) -> "EncoderShape":
-        need = ["tower.conv1.weight", "tower.conv2.weight", "tower.embed_positions.weight", "tower.layer_norm.weight",
-                "projector.linear_1.weight", "projector.linear_2.weight"]  # fmt: skip
+    def of(cls, weights: dict[str, np.ndarray], heads: int | None = None) -> EncoderShape:
+        need = [
+            "tower.conv1.weight",
+            "tower.conv2.weight",
+            "tower.embed_positions.weight",
+            "tower.layer_norm.weight",
+            "projector.linear_1.weight",
+            "projector.linear_2.weight",
+        ]
         missing = [n for n in need if n not in weights]
         layers = sum(1 for n in weights if re.fullmatch(r"tower\.layers\.\d+\.fc1\.weight", n))
         for i in range(layers):
-            for part in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"):
+            for part in (
+                "self_attn.q_proj",
+                "self_attn.k_proj",
+                "self_attn.v_proj",
+                "self_attn.out_proj",
+                "fc1",
+                "fc2",
+            ):
                 if f"tower.layers.{i}.{part}.weight" not in weights:
                     missing.append(f"tower.layers.{i}.{part}.weight")
         if missing or layers == 0:
-            raise EncoderWeightsError(f"the ONNX encoder lacks weights the torch engine needs: {(missing or ['layers'])[:5]}")
+            raise EncoderWeightsError(
+                f"the ONNX encoder lacks weights the torch engine needs: {(missing or ['layers'])[:5]}"
+            )
         hidden = weights["tower.conv1.weight"].shape[0]
         if weights["tower.conv1.weight"].shape[1] != N_MELS:
             raise EncoderWeightsError(f"conv1 takes {weights['tower.conv1.weight'].shape[1]} mel bins, not {N_MELS}")
@@ -246,8 +262,16 @@ class TorchEncoder:
 
     dynamic_frames = True
 
-    def __init__(self, onnx_path: str | os.PathLike, *, device: str = "cuda", precision: str | None = None,
-                 graphs: bool | str = True, heads: int | None = None, max_windows: int = 20):  # fmt: skip
+    def __init__(
+        self,
+        onnx_path: str | os.PathLike,
+        *,
+        device: str = "cuda",
+        precision: str | None = None,
+        graphs: bool | str = True,
+        heads: int | None = None,
+        max_windows: int = 20,
+    ):
         import torch
 
         if device.startswith("cuda") and not torch.cuda.is_available():
@@ -280,7 +304,9 @@ class TorchEncoder:
     def _entry(self, windows: int, frames: int) -> _Static:
         key = (windows, frames)
         if key not in self._static:
-            self._static[key] = _Static(self.net, windows, frames, "cuda" if self.mode == "cuda" else "eager", self._pool)
+            self._static[key] = _Static(
+                self.net, windows, frames, "cuda" if self.mode == "cuda" else "eager", self._pool
+            )
             self.captures += 1
         return self._static[key]
 
@@ -290,8 +316,10 @@ class TorchEncoder:
         self.calls += 1
         if self.mode == "eager":
             with torch.inference_mode():
-                out = self.net(torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.net.device),
-                               torch.from_numpy(np.ascontiguousarray(mask, np.int64)).to(self.net.device))  # fmt: skip
+                out = self.net(
+                    torch.from_numpy(np.ascontiguousarray(features, np.float32)).to(self.net.device),
+                    torch.from_numpy(np.ascontiguousarray(mask, np.int64)).to(self.net.device),
+                )
             return out.float().cpu().numpy()
         return run_bucketed(features, mask, self.window_buckets, self._replay)
 
@@ -310,4 +338,3 @@ class TorchEncoder:
             st.mask.copy_(torch.from_numpy(mask))
             st.replay()
             return st.out[: run.windows, : run.rows].float().cpu().numpy()
-

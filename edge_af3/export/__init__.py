@@ -17,9 +17,9 @@ import json
 import os
 import platform
 import time
+from collections.abc import Callable
 from importlib import metadata
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -38,9 +38,9 @@ from ..constants import (
     SAMPLE_RATE,
     SOUND_TOKEN_ID,
 )
-from .adapters import export_adapters
 from ..quants import CHOICES as QUANT_CHOICES
 from ..quants import auto_quant, resolve_encoder_precision
+from .adapters import export_adapters
 from .gate import ParityError, gate  # noqa: F401 - ParityError: what export() raises
 from .gguf_llm import quantize, write_gguf
 from .gguf_mmproj import MMPROJ_TYPES, write_mmproj
@@ -87,7 +87,10 @@ def verify_encoder(encoder_path: Path, wrapper) -> dict:
     got = sess.run(None, {"input_features": feats.features, "input_features_mask": feats.mask})[0]
     with torch.inference_mode():
         want = wrapper(torch.from_numpy(feats.features), torch.from_numpy(feats.mask)).numpy()
-    valid = [got[w, :n] for w, n in enumerate(feats.rows_per_window)], [want[w, :n] for w, n in enumerate(feats.rows_per_window)]
+    valid = (
+        [got[w, :n] for w, n in enumerate(feats.rows_per_window)],
+        [want[w, :n] for w, n in enumerate(feats.rows_per_window)],
+    )
     g, r = np.concatenate(valid[0]), np.concatenate(valid[1])
     return {"probe": "45 s noise, 2 windows", "max_abs_diff": float(np.abs(g - r).max()), "cosine": _cosine(g, r)}
 
@@ -129,7 +132,9 @@ def _probe(ckpt: Path, gguf_path: Path, dtype: str, adapter: tuple[str, Path, Pa
     if adapter:
         from ..reference.adapters import apply_adapter
 
-        ref = Reference(model=apply_adapter(ref.model, ckpt, adapter[0], adapter[1]), processor=ref.processor, path=ref.path)
+        ref = Reference(
+            model=apply_adapter(ref.model, ckpt, adapter[0], adapter[1]), processor=ref.processor, path=ref.path
+        )
     conv = [{"role": "user", "content": [{"type": "text", "text": PROBE_TEXT}]}]
     ids = ref.inputs(conv)["input_ids"][0].tolist()
     want = ref.logits(conv)
@@ -143,9 +148,17 @@ def _probe(ckpt: Path, gguf_path: Path, dtype: str, adapter: tuple[str, Path, Pa
         same_tokens = eng.tokenize(_decode_ids(ckpt, ids)) == ids
     p = _softmax(want)
     kl = float(np.mean(np.sum(p * (np.log(p + 1e-30) - np.log(_softmax(got) + 1e-30)), axis=-1)))
-    return {"probe_tokens": len(ids), "tokenization_identical": bool(same_tokens),
-            "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))), "kl_divergence": kl,
-            "reference_dtype": dtype}, got, want  # fmt: skip
+    return (
+        {
+            "probe_tokens": len(ids),
+            "tokenization_identical": bool(same_tokens),
+            "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
+            "kl_divergence": kl,
+            "reference_dtype": dtype,
+        },
+        got,
+        want,
+    )
 
 
 def verify_llm(gguf_path: Path, ckpt: Path, quant: str, *, dtype: str = "float32") -> dict:
@@ -160,8 +173,9 @@ def verify_llm(gguf_path: Path, ckpt: Path, quant: str, *, dtype: str = "float32
     return out
 
 
-def verify_adapter(gguf_path: Path, ckpt: Path, name: str, folder: Path, adapter_gguf: Path, *,
-                   dtype: str = "float32") -> dict:  # fmt: skip
+def verify_adapter(
+    gguf_path: Path, ckpt: Path, name: str, folder: Path, adapter_gguf: Path, *, dtype: str = "float32"
+) -> dict:
     """The LLM with its GGUF adapter vs transformers + PEFT on the probe."""
     out, _, _ = _probe(ckpt, gguf_path, dtype, (name, folder, adapter_gguf))
     return out | {"reference": "transformers + PEFT"}
@@ -184,10 +198,22 @@ def auto_encoder_precision() -> str:
     return resolve_encoder_precision("auto")
 
 
-def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "auto", encoder_precision: str = "auto",
-           force: bool = False, verify: bool = True, revision: str | None = None, mmproj: bool = False,
-           mmproj_type: str = "f16", progress: Progress | None = None, adapters: dict | None = None,
-           adapter_type: str = "f16", accept: bool = False) -> Path:  # fmt: skip
+def export(
+    src: str | os.PathLike,
+    out: str | os.PathLike,
+    *,
+    quant: str = "auto",
+    encoder_precision: str = "auto",
+    force: bool = False,
+    verify: bool = True,
+    revision: str | None = None,
+    mmproj: bool = False,
+    mmproj_type: str = "f16",
+    progress: Progress | None = None,
+    adapters: dict | None = None,
+    adapter_type: str = "f16",
+    accept: bool = False,
+) -> Path:
     """Export checkpoint `src` (folder or Hub id) into the bundle folder `out`; returns its path.
     A checkpoint's `think/` adapter is exported with it; `adapters` adds {name: PEFT folder}.
     quant="auto": the type `quants.auto_quant` picks for this checkpoint's widths;
@@ -199,7 +225,9 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "auto
     if quant not in QUANT_CHOICES:
         raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
     if encoder_precision not in ("auto",) + PRECISIONS:
-        raise ValueError(f"unknown encoder precision {encoder_precision!r}; choose auto or one of {', '.join(PRECISIONS)}")
+        raise ValueError(
+            f"unknown encoder precision {encoder_precision!r}; choose auto or one of {', '.join(PRECISIONS)}"
+        )
     if mmproj_type not in MMPROJ_TYPES:
         raise ValueError(f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
     out = Path(out).expanduser().resolve()
@@ -216,7 +244,7 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "auto
     cfg = read_config(ckpt)
     weight_files(ckpt)
     asked = quant
-    quant, quant_why = (auto_quant(cfg["text_config"]) if quant == "auto" else (quant, "asked for"))
+    quant, quant_why = auto_quant(cfg["text_config"]) if quant == "auto" else (quant, "asked for")
     if asked == "auto":
         say(f"--quant auto: {quant} ({quant_why})")
     enc_asked = encoder_precision
@@ -261,14 +289,16 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "auto
             say("verifying GGUF logits against transformers")
             checks["llm"] = verify_llm(llm_path, ckpt, quant, dtype="bfloat16" if big else "float32")
 
-        adapter_entries = export_adapters(ckpt, {k: Path(v) for k, v in (adapters or {}).items()}, cfg, tmp, say,
-                                          adapter_type)  # fmt: skip
+        adapter_entries = export_adapters(
+            ckpt, {k: Path(v) for k, v in (adapters or {}).items()}, cfg, tmp, say, adapter_type
+        )
         if verify:
             for name in adapter_entries:
                 folder = Path((adapters or {}).get(name) or ckpt / name).expanduser()
                 say(f"verifying adapter {name} against transformers + PEFT")
-                checks[f"adapter:{name}"] = verify_adapter(llm_path, ckpt, name, folder, tmp / f"adapter-{name}.gguf",
-                                                           dtype="bfloat16" if big else "float32")  # fmt: skip
+                checks[f"adapter:{name}"] = verify_adapter(
+                    llm_path, ckpt, name, folder, tmp / f"adapter-{name}.gguf", dtype="bfloat16" if big else "float32"
+                )
         parity = gate(checks, quant, encoder_precision, verified=verify, accept=accept)
         files = {p.name: describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         audio = cfg["audio_config"]
@@ -286,14 +316,36 @@ def export(src: str | os.PathLike, out: str | os.PathLike, *, quant: str = "auto
                 "llm_hidden": text["hidden_size"],
                 "vocab_size": text["vocab_size"],
             },
-            "special_ids": {"sound": cfg.get("audio_token_id", SOUND_TOKEN_ID), "eos": EOS_TOKEN_ID,
-                            "bos": BOS_TOKEN_ID, "pad": PAD_TOKEN_ID},  # fmt: skip
-            "features": {"sample_rate": SAMPLE_RATE, "n_fft": N_FFT, "hop_length": HOP_LENGTH, "n_mels": N_MELS,
-                         "frames_per_window": N_FRAMES, "rows_per_window": ROWS_PER_WINDOW,
-                         "max_windows": MAX_WINDOWS},  # fmt: skip
-            "encoder": {"file": "encoder.onnx", "precision": encoder_precision, "precision_asked": enc_asked, "opset": 17,
-                        "inputs": ["input_features", "input_features_mask"], "output": "audio_rows"},  # fmt: skip
-            "llm": {"file": llm_path.name, "quant": quant, "arch": "qwen2", "quant_asked": asked, "quant_why": quant_why},
+            "special_ids": {
+                "sound": cfg.get("audio_token_id", SOUND_TOKEN_ID),
+                "eos": EOS_TOKEN_ID,
+                "bos": BOS_TOKEN_ID,
+                "pad": PAD_TOKEN_ID,
+            },
+            "features": {
+                "sample_rate": SAMPLE_RATE,
+                "n_fft": N_FFT,
+                "hop_length": HOP_LENGTH,
+                "n_mels": N_MELS,
+                "frames_per_window": N_FRAMES,
+                "rows_per_window": ROWS_PER_WINDOW,
+                "max_windows": MAX_WINDOWS,
+            },
+            "encoder": {
+                "file": "encoder.onnx",
+                "precision": encoder_precision,
+                "precision_asked": enc_asked,
+                "opset": 17,
+                "inputs": ["input_features", "input_features_mask"],
+                "output": "audio_rows",
+            },
+            "llm": {
+                "file": llm_path.name,
+                "quant": quant,
+                "arch": "qwen2",
+                "quant_asked": asked,
+                "quant_why": quant_why,
+            },
             "adapters": adapter_entries,
             "mmproj": {"file": mm_path.name, "type": mmproj_type, "projector": "musicflamingo"} if mm_path else None,
             "chat_template": (ckpt / "chat_template.jinja").read_text("utf-8")

@@ -18,10 +18,18 @@ import numpy as np
 from ..constants import THINK_SUFFIX
 from ..errors import CheckpointError
 
-GGUF_NAMES = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-              "mlp.down_proj": "ffn_down"}  # fmt: skip
-_KEY = re.compile(r"^base_model\.model\.(?:model\.)?language_model\.(?:model\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight$")
+GGUF_NAMES = {
+    "self_attn.q_proj": "attn_q",
+    "self_attn.k_proj": "attn_k",
+    "self_attn.v_proj": "attn_v",
+    "self_attn.o_proj": "attn_output",
+    "mlp.gate_proj": "ffn_gate",
+    "mlp.up_proj": "ffn_up",
+    "mlp.down_proj": "ffn_down",
+}
+_KEY = re.compile(
+    r"^base_model\.model\.(?:model\.)?language_model\.(?:model\.)?layers\.(\d+)\.(\w+\.\w+)\.lora_([AB])\.weight$"
+)
 NON_LORA_FILE = "non_lora_trainables.bin"
 
 
@@ -32,9 +40,15 @@ def _shapes(cfg: dict) -> dict[str, tuple[int, int]]:
     head_dim = t.get("head_dim") or h // heads
     kv = t.get("num_key_value_heads", heads) * head_dim
     i = t["intermediate_size"]
-    return {"self_attn.q_proj": (heads * head_dim, h), "self_attn.k_proj": (kv, h), "self_attn.v_proj": (kv, h),
-            "self_attn.o_proj": (h, heads * head_dim), "mlp.gate_proj": (i, h), "mlp.up_proj": (i, h),
-            "mlp.down_proj": (h, i)}  # fmt: skip
+    return {
+        "self_attn.q_proj": (heads * head_dim, h),
+        "self_attn.k_proj": (kv, h),
+        "self_attn.v_proj": (kv, h),
+        "self_attn.o_proj": (h, heads * head_dim),
+        "mlp.gate_proj": (i, h),
+        "mlp.up_proj": (i, h),
+        "mlp.down_proj": (h, i),
+    }
 
 
 def _lora_tensors(folder: Path) -> dict:
@@ -102,14 +116,18 @@ def write_lora_gguf(folder: Path, cfg: dict, out: Path, dtype: str = "f16") -> d
     for key, value in tensors.items():
         m = _KEY.match(key)
         if not m or m.group(2) not in GGUF_NAMES or int(m.group(1)) >= n_layers:
-            raise CheckpointError(f"{folder}: tensor {key} does not target one of the LLM's linear layers "
-                                  f"({', '.join(GGUF_NAMES)}; layers 0..{n_layers - 1})")  # fmt: skip
+            raise CheckpointError(
+                f"{folder}: tensor {key} does not target one of the LLM's linear layers "
+                f"({', '.join(GGUF_NAMES)}; layers 0..{n_layers - 1})"
+            )
         layer, module, ab = int(m.group(1)), m.group(2), m.group(3)
         out_dim, in_dim = shapes[module]
         want = (r, in_dim) if ab == "A" else (out_dim, r)
         if tuple(value.shape) != want:
-            raise CheckpointError(f"{folder}: tensor {key} has shape {tuple(value.shape)}, the base model needs {want} "
-                                  "(an adapter for another model?)")  # fmt: skip
+            raise CheckpointError(
+                f"{folder}: tensor {key} has shape {tuple(value.shape)}, the base model needs {want} "
+                "(an adapter for another model?)"
+            )
         pairs.setdefault((layer, module), {})[ab] = value
     incomplete = [f"layer {li} {m}" for (li, m), ab in pairs.items() if set(ab) != {"A", "B"}]
     if incomplete or not pairs:
@@ -140,18 +158,25 @@ def encoder_overrides(non_lora: Path, ckpt_state_shapes: dict[str, tuple], onnx_
     found, arrays = [], {}
     for key, value in state.items():
         if key.startswith("model.language_model.") or key.startswith("lm_head."):
-            raise CheckpointError(f"{non_lora}: {key} is an LLM weight: a llama.cpp adapter holds LoRA pairs only, "
-                                  "so it cannot be applied; export the merged model instead")  # fmt: skip
+            raise CheckpointError(
+                f"{non_lora}: {key} is an LLM weight: a llama.cpp adapter holds LoRA pairs only, "
+                "so it cannot be applied; export the merged model instead"
+            )
         if key not in ckpt_state_shapes:
-            raise CheckpointError(f"{non_lora}: key {key} matches nothing in the model (strict=False would skip it "
-                                  "silently; refusing instead)")  # fmt: skip
+            raise CheckpointError(
+                f"{non_lora}: key {key} matches nothing in the model (strict=False would skip it "
+                "silently; refusing instead)"
+            )
         if tuple(value.shape) != tuple(ckpt_state_shapes[key]):
-            raise CheckpointError(f"{non_lora}: {key} has shape {tuple(value.shape)}, the model's is "
-                                  f"{tuple(ckpt_state_shapes[key])}")  # fmt: skip
+            raise CheckpointError(
+                f"{non_lora}: {key} has shape {tuple(value.shape)}, the model's is {tuple(ckpt_state_shapes[key])}"
+            )
         enc = key.replace("model.multi_modal_projector.", "projector.").replace("model.audio_tower.", "tower.")
         if enc not in names:
-            raise CheckpointError(f"{non_lora}: {key}: the bundle's encoder.onnx has no float initializer for it "
-                                  "(an int8-quantized weight cannot take it: export with --encoder-precision fp32 or fp16)")  # fmt: skip
+            raise CheckpointError(
+                f"{non_lora}: {key}: the bundle's encoder.onnx has no float initializer for it "
+                "(an int8-quantized weight cannot take it: export with --encoder-precision fp32 or fp16)"
+            )
         init, transposed, dtype = names[enc]
         arr = value.float().numpy()
         arrays[init] = np.ascontiguousarray(arr.T if transposed else arr).astype(dtype)
@@ -175,12 +200,18 @@ def export_adapters(ckpt: Path, extra: dict[str, Path], cfg: dict, tmp: Path, sa
             raise CheckpointError(f"adapter name {name!r}: use letters, digits, - and _")
         folder = Path(folder).expanduser()
         say(f"exporting adapter {name} from {folder}")
-        entry = {"lora": write_lora_gguf(folder, cfg, tmp / f"adapter-{name}.gguf", dtype) | {"file": f"adapter-{name}.gguf"}}
+        entry = {
+            "lora": write_lora_gguf(folder, cfg, tmp / f"adapter-{name}.gguf", dtype) | {"file": f"adapter-{name}.gguf"}
+        }
         if (folder / NON_LORA_FILE).is_file():
             if state_shapes is None:
                 state_shapes = _checkpoint_shapes(ckpt)
-            entry["encoder"] = encoder_overrides(folder / NON_LORA_FILE, state_shapes, tmp / "encoder.onnx",
-                                                 tmp / f"adapter-{name}-encoder.npz") or None  # fmt: skip
+            entry["encoder"] = (
+                encoder_overrides(
+                    folder / NON_LORA_FILE, state_shapes, tmp / "encoder.onnx", tmp / f"adapter-{name}-encoder.npz"
+                )
+                or None
+            )
         entry["prompt_suffix"] = THINK_SUFFIX if name == "think" else ""
         out[name] = entry
     return out

@@ -34,6 +34,8 @@ def encoder_floor(precision: str) -> float:
     from ..cpu_features import read_cpu
 
     return (ENCODER_FLOORS if read_cpu().has_int8_dot else ENCODER_FLOORS_NO_INT8_DOT)[precision]
+
+
 MMPROJ_FLOOR = 0.999  # llama.cpp's mtmd on our mmproj against PyTorch (f16 projector weights)
 
 
@@ -46,7 +48,9 @@ def failures(checks: dict, quant: str, encoder_precision: str) -> list[str]:
     out = []
     enc = checks.get("encoder")
     if enc and enc["cosine"] < encoder_floor(encoder_precision):
-        out.append(f"encoder ({encoder_precision}): rows cosine {enc['cosine']:.6f} < {encoder_floor(encoder_precision)}")
+        out.append(
+            f"encoder ({encoder_precision}): rows cosine {enc['cosine']:.6f} < {encoder_floor(encoder_precision)}"
+        )
     mm = checks.get("mmproj")
     if mm and mm["cosine"] < MMPROJ_FLOOR:
         out.append(f"mmproj: rows cosine {mm['cosine']:.6f} < {MMPROJ_FLOOR}")

@@ -7,8 +7,8 @@ tensor infos first, then the data), so the 7B model is never held in RAM as a wh
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -147,9 +147,14 @@ def list_tensors(ckpt: Path, mapper: Callable[[str], str | None]) -> list[tuple[
     return entries
 
 
-def stream_tensors(w, entries, out_dtype: Callable[[str, tuple], type], *,
-                   reshape: Callable[[str, tuple], tuple] | None = None,
-                   progress: Callable[[str], None] | None = None) -> None:  # fmt: skip
+def stream_tensors(
+    w,
+    entries,
+    out_dtype: Callable[[str, tuple], type],
+    *,
+    reshape: Callable[[str, tuple], tuple] | None = None,
+    progress: Callable[[str], None] | None = None,
+) -> None:
     """Write the header, then each tensor read from its shard one at a time, then close `w`."""
     import torch
     from safetensors import safe_open

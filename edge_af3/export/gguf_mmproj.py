@@ -13,8 +13,8 @@ biases as [C, 1]).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 

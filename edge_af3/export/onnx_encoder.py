@@ -51,7 +51,9 @@ def load_encoder(ckpt: Path):
                     state["projector." + key[len("multi_modal_projector.") :]] = sf.get_tensor(name).to(torch.float32)
     missing, unexpected = wrapper.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{ckpt}: encoder weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ValueError(
+            f"{ckpt}: encoder weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+        )
     return wrapper.float().eval()
 
 
@@ -149,8 +151,11 @@ def export_encoder(wrapper, out: Path, *, precision: str = "fp32", per_head: boo
                 str(raw),
                 input_names=list(INPUTS),
                 output_names=[OUTPUT],
-                dynamic_axes={INPUTS[0]: {0: "windows", 2: "frames"}, INPUTS[1]: {0: "windows", 1: "frames"},
-                              OUTPUT: {0: "windows", 1: "rows"}},
+                dynamic_axes={
+                    INPUTS[0]: {0: "windows", 2: "frames"},
+                    INPUTS[1]: {0: "windows", 1: "frames"},
+                    OUTPUT: {0: "windows", 1: "rows"},
+                },
                 opset_version=OPSET,
                 dynamo=False,
                 external_data=large,
@@ -184,8 +189,14 @@ def quantize_mixed(src: Path, dst: Path, *, n_layers: int, large: bool = False) 
     if len(nodes) != n_layers:
         raise ValueError(f"{src}: found {len(nodes)} fc1 matmuls for {n_layers} encoder layers (graph names changed?)")
     with _quiet_quantizer():
-        quantize_dynamic(str(src), str(dst), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=nodes,
-                         use_external_data_format=large)  # fmt: skip
+        quantize_dynamic(
+            str(src),
+            str(dst),
+            weight_type=QuantType.QInt8,
+            per_channel=True,
+            nodes_to_quantize=nodes,
+            use_external_data_format=large,
+        )
     return dst
 
 

@@ -16,8 +16,15 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-LLM_TARGETS = {"q": "self_attn.q_proj", "k": "self_attn.k_proj", "v": "self_attn.v_proj", "o": "self_attn.o_proj",
-               "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj"}  # fmt: skip
+LLM_TARGETS = {
+    "q": "self_attn.q_proj",
+    "k": "self_attn.k_proj",
+    "v": "self_attn.v_proj",
+    "o": "self_attn.o_proj",
+    "gate": "mlp.gate_proj",
+    "up": "mlp.up_proj",
+    "down": "mlp.down_proj",
+}
 NON_LORA_FILE = "non_lora_trainables.bin"
 
 
@@ -27,8 +34,9 @@ def target_regex(targets=tuple(LLM_TARGETS)) -> str:
     return rf"model\.language_model\.layers\.\d+\.({mods})"
 
 
-def write_think(ckpt: str | Path, *, seed: int = 0, r: int = 8, alpha: int = 16, out: str | Path | None = None,
-                name: str = "think") -> Path:  # fmt: skip
+def write_think(
+    ckpt: str | Path, *, seed: int = 0, r: int = 8, alpha: int = 16, out: str | Path | None = None, name: str = "think"
+) -> Path:
     """A `think/` folder for a test checkpoint: a LoRA on every LLM linear layer with non-zero B
     (so it changes the outputs) and a non-LoRA file with a perturbed projector."""
     import torch
@@ -92,8 +100,10 @@ def apply_adapter(model, ckpt: str | Path, name: str = "think", folder: str | Pa
         state = read_non_lora(non_lora)
         result = model.load_state_dict(state, strict=False)
         if result.unexpected_keys:
-            raise CheckpointError(f"{non_lora}: {len(result.unexpected_keys)} key(s) match nothing in the model "
-                                  f"(strict=False would skip them), e.g. {result.unexpected_keys[0]}")  # fmt: skip
+            raise CheckpointError(
+                f"{non_lora}: {len(result.unexpected_keys)} key(s) match nothing in the model "
+                f"(strict=False would skip them), e.g. {result.unexpected_keys[0]}"
+            )
     peft_model = PeftModel.from_pretrained(model, str(folder))
     peft_model.eval()
     return peft_model

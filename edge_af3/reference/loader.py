@@ -7,15 +7,17 @@ benchmarks; the runtime never imports it (torch and transformers live in the `ex
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
 from ..checkpoint import CHECKPOINT_PATTERNS, read_config, resolve_checkpoint, weight_files  # noqa: F401 (re-exported)
 from ..constants import SAMPLE_RATE
 from ..errors import CheckpointError  # noqa: F401 (re-exported)
+
 
 @dataclass
 class Reference:

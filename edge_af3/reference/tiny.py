@@ -15,9 +15,9 @@ import json
 import os
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
 
 from ..bundle import staged_folder
 from ..constants import ENDOFTEXT_ID, EOS_TOKEN_ID, SOUND_TOKEN_ID, VOCAB_SIZE
@@ -255,8 +255,16 @@ def _write_processor(out: Path) -> None:
             shutil.copyfile(Path(tmp) / name, out / name)
 
 
-def make_checkpoint(out: str | os.PathLike, *, shape: str = "tiny", seed: int = 0, force: bool = False,
-                    progress: Callable[[str], None] | None = None, device: str = "cpu", think: bool = False) -> Path:  # fmt: skip
+def make_checkpoint(
+    out: str | os.PathLike,
+    *,
+    shape: str = "tiny",
+    seed: int = 0,
+    force: bool = False,
+    progress: Callable[[str], None] | None = None,
+    device: str = "cpu",
+    think: bool = False,
+) -> Path:
     """Write a random AF3 checkpoint of `shape` to `out` (atomically: temp folder, then rename).
     device="cuda" draws the numbers on a GPU (the 7B shape in seconds instead of minutes); they are
     then other numbers than the CPU's for the same seed, equally deterministic."""

@@ -103,8 +103,19 @@ def qwen2_vocab_path() -> Path:
         _extract(Path(local), dest)
         return dest
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:", "-q",
-               SDIST_REQUIREMENT, "-d", tmp]  # fmt: skip
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--no-binary",
+            ":all:",
+            "-q",
+            SDIST_REQUIREMENT,
+            "-d",
+            tmp,
+        ]
         try:
             subprocess.run(cmd, check=True, capture_output=True, text=True)
         except subprocess.CalledProcessError as e:
@@ -137,8 +148,15 @@ def tokenizer_json(tokens: list[str], merges: list[str]) -> dict:
     """A `tokenizers` JSON document for Qwen2's byte-level BPE plus the special tokens."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     added = [
-        {"id": N_BPE_TOKENS + i, "content": content, "single_word": False, "lstrip": False, "rstrip": False,
-         "normalized": False, "special": special}  # fmt: skip
+        {
+            "id": N_BPE_TOKENS + i,
+            "content": content,
+            "single_word": False,
+            "lstrip": False,
+            "rstrip": False,
+            "normalized": False,
+            "special": special,
+        }
         for i, (content, special) in enumerate(SPECIAL_TOKENS)
     ]
     return {
@@ -179,8 +197,14 @@ def write_tokenizer(out: Path, chat_template: str, model_max_length: int = 32768
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), "utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
     decoder = {
-        str(N_BPE_TOKENS + i): {"content": c, "lstrip": False, "normalized": False, "rstrip": False,
-                                "single_word": False, "special": s}  # fmt: skip
+        str(N_BPE_TOKENS + i): {
+            "content": c,
+            "lstrip": False,
+            "normalized": False,
+            "rstrip": False,
+            "single_word": False,
+            "special": s,
+        }
         for i, (c, s) in enumerate(SPECIAL_TOKENS)
     }
     config = {

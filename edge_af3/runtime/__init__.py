@@ -20,5 +20,18 @@ from .session import ChatSession
 from .stream import Stream
 from .types import FINISH_REASONS, Answer, GenerationOptions, Timings
 
-__all__ = ["AF3", "Answer", "ChatSession", "Clip", "ContextOverflowError", "FINISH_REASONS", "GenerationOptions",
-           "ModelNotFoundError", "Stream", "Timings", "cut_frames", "iter_windows", "locate"]  # fmt: skip
+__all__ = [
+    "AF3",
+    "Answer",
+    "ChatSession",
+    "Clip",
+    "ContextOverflowError",
+    "FINISH_REASONS",
+    "GenerationOptions",
+    "ModelNotFoundError",
+    "Stream",
+    "Timings",
+    "cut_frames",
+    "iter_windows",
+    "locate",
+]

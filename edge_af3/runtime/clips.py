@@ -13,7 +13,7 @@ import queue
 import threading
 import time
 from collections import OrderedDict
-from typing import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -76,8 +76,9 @@ class Clip:
     sample count before encoding) and its rows: ready (cached), encoded when first asked for
     (`encode`), or being encoded on a thread (`start`), the prefill taking each chunk as it comes."""
 
-    def __init__(self, audio: Audio, rows: np.ndarray | None = None, *, key: str | None = None,
-                 variant: str | None = None):  # fmt: skip
+    def __init__(
+        self, audio: Audio, rows: np.ndarray | None = None, *, key: str | None = None, variant: str | None = None
+    ):
         self.audio = audio
         self.variant = variant  # the adapter whose encoder weights make its rows (None: the base encoder)
         self.key = key or hashlib.sha256(audio.samples.tobytes()).hexdigest() + (f"/{variant}" if variant else "")
@@ -90,8 +91,9 @@ class Clip:
     def __len__(self) -> int:
         return self.count
 
-    def encode(self, encoder, windows_per_run: int, lock, cache: RowsCache,
-               emit: Callable[[np.ndarray], None] | None = None) -> "Clip":  # fmt: skip
+    def encode(
+        self, encoder, windows_per_run: int, lock, cache: RowsCache, emit: Callable[[np.ndarray], None] | None = None
+    ) -> Clip:
         """Features, then the encoder one run at a time (each chunk to `emit` as it is made); the
         rows are kept here (a history re-decoded later uses them) and in the cache."""
         t0 = time.perf_counter()
@@ -108,7 +110,7 @@ class Clip:
         cache.put(self.key, self.rows)  # (the samples stay: another adapter's encoder may need them)
         return self
 
-    def start(self, *args) -> "Clip":
+    def start(self, *args) -> Clip:
         """`encode(*args)` on a thread; `chunks()` hands over each chunk as it comes."""
         self._queue = queue.Queue()
         threading.Thread(target=self._encode_queued, args=args, name="edge-af3-encoder", daemon=True).start()

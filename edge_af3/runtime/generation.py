@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
 from .types import FinishReason, GenerationOptions, StopScanner
 

@@ -23,7 +23,9 @@ def locate(source: str | os.PathLike, *, quant: str = "auto", encoder_precision:
             return path
         tried.append(f"bundle: {path} has no manifest.json")
         if (path / "config.json").is_file():
-            return exported(path, quant, progress, encoder_precision)  # a non-AF3 config is refused there, with the reason
+            return exported(
+                path, quant, progress, encoder_precision
+            )  # a non-AF3 config is refused there, with the reason
         tried.append(f"checkpoint folder: {path} has no config.json")
     elif path.exists():
         tried.append(f"bundle or checkpoint folder: {path} is a file")
@@ -81,7 +83,9 @@ def first_use(source: str | os.PathLike, quant: str = "auto", encoder_precision:
     if (path / "manifest.json").is_file():
         return None
     if path.is_dir():
-        if (path / "config.json").is_file() and (cached_bundle_path(path.resolve(), quant, encoder_precision) / "manifest.json").is_file():
+        if (path / "config.json").is_file() and (
+            cached_bundle_path(path.resolve(), quant, encoder_precision) / "manifest.json"
+        ).is_file():
             return None
         size, remote = sum(f.stat().st_size for f in path.glob("*.safetensors")), False
     else:
@@ -105,11 +109,19 @@ def first_use(source: str | os.PathLike, quant: str = "auto", encoder_precision:
         avail = 0
     root = cache_dir()
     free = shutil.disk_usage(root if root.exists() else Path.home()).free
-    return {"download_gb": size / 1e9, "remote": remote, "disk_gb": size * (2 if remote else 1) / 1e9,
-            "ram_gb": 2.7 * size / 1e9, "free_disk_gb": free / 1e9, "ram_avail_gb": avail / 1e9}  # fmt: skip
+    return {
+        "download_gb": size / 1e9,
+        "remote": remote,
+        "disk_gb": size * (2 if remote else 1) / 1e9,
+        "ram_gb": 2.7 * size / 1e9,
+        "free_disk_gb": free / 1e9,
+        "ram_avail_gb": avail / 1e9,
+    }
 
 
 def first_use_line(source, need: dict) -> str:
-    return (f"{source}: first use: {need['download_gb']:.1f} GB of weights to {'download and ' if need['remote'] else ''}"
-            f"export into the cache; about {need['disk_gb']:.1f} GB of disk and {need['ram_gb']:.1f} GB of RAM "
-            f"(this machine: {need['free_disk_gb']:.1f} GB free disk, {need['ram_avail_gb']:.1f} GB RAM available)")
+    return (
+        f"{source}: first use: {need['download_gb']:.1f} GB of weights to {'download and ' if need['remote'] else ''}"
+        f"export into the cache; about {need['disk_gb']:.1f} GB of disk and {need['ram_gb']:.1f} GB of RAM "
+        f"(this machine: {need['free_disk_gb']:.1f} GB free disk, {need['ram_avail_gb']:.1f} GB RAM available)"
+    )

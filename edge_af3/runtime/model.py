@@ -33,11 +33,25 @@ class AF3:
     and its KV prefix is reused across questions, sessions and streams.
     """
 
-    def __init__(self, bundle: Bundle, *, device: str = "auto", n_ctx: int | None = None, threads: int | None = None,
-                 kv_type: str | None = None, flash_attn: bool | None = None, exact: bool = False,
-                 encoder_engine: str | None = None, windows_per_run: int | None = None, overlap: bool | None = None,
-                 n_gpu_layers: int | None = None, n_batch: int = 512, cache_size: int = 16,
-                 options: GenerationOptions | None = None, n_seq: int = 1):  # fmt: skip
+    def __init__(
+        self,
+        bundle: Bundle,
+        *,
+        device: str = "auto",
+        n_ctx: int | None = None,
+        threads: int | None = None,
+        kv_type: str | None = None,
+        flash_attn: bool | None = None,
+        exact: bool = False,
+        encoder_engine: str | None = None,
+        windows_per_run: int | None = None,
+        overlap: bool | None = None,
+        n_gpu_layers: int | None = None,
+        n_batch: int = 512,
+        cache_size: int = 16,
+        options: GenerationOptions | None = None,
+        n_seq: int = 1,
+    ):
         self.bundle = bundle
         self.template = bundle.manifest.get("chat_template")
         if not self.template:
@@ -46,21 +60,41 @@ class AF3:
         self.eos_ids = eos_ids(self.generation)
         self.options = options or GenerationOptions()  # this model's defaults; a call's own options win
         stored = bundle.manifest["encoder"]["precision"]
-        ask = dict(device=device, encoder_engine=encoder_engine, kv_type=kv_type, flash_attn=flash_attn, n_ctx=n_ctx,
-                   windows_per_run=windows_per_run, overlap=overlap, n_gpu_layers=n_gpu_layers, exact=exact)  # fmt: skip
+        ask = dict(
+            device=device,
+            encoder_engine=encoder_engine,
+            kv_type=kv_type,
+            flash_attn=flash_attn,
+            n_ctx=n_ctx,
+            windows_per_run=windows_per_run,
+            overlap=overlap,
+            n_gpu_layers=n_gpu_layers,
+            exact=exact,
+        )
         settings = resolve(stored, **ask)  # probes the GPU and engines once; its choice is reused below
         self._stack = contextlib.ExitStack()
         try:
-            choice = EncoderChoice(settings.encoder_engine, settings.device_used, gpu=settings.gpu, skipped=settings.skipped)
-            self.encoder, self.engine_choice = make_encoder(bundle, choice, threads=threads,
-                                                            fallback=encoder_engine is None)  # fmt: skip
+            choice = EncoderChoice(
+                settings.encoder_engine, settings.device_used, gpu=settings.gpu, skipped=settings.skipped
+            )
+            self.encoder, self.engine_choice = make_encoder(
+                bundle, choice, threads=threads, fallback=encoder_engine is None
+            )
             self._stack.callback(self.encoder.close)
             if self.engine_choice.engine != settings.encoder_engine:  # a GPU engine failed to start
                 settings = resolve(stored, **ask, choice=self.engine_choice)
             self.settings: Settings = settings
             self.llm = self._stack.enter_context(
-                LlamaEngine(bundle.llm, n_ctx=settings.n_ctx, n_batch=n_batch, threads=threads, kv_type=settings.kv_type,
-                            flash_attn=settings.flash_attn, n_gpu_layers=settings.n_gpu_layers, n_seq=n_seq)  # fmt: skip
+                LlamaEngine(
+                    bundle.llm,
+                    n_ctx=settings.n_ctx,
+                    n_batch=n_batch,
+                    threads=threads,
+                    kv_type=settings.kv_type,
+                    flash_attn=settings.flash_attn,
+                    n_gpu_layers=settings.n_gpu_layers,
+                    n_seq=n_seq,
+                )
             )
             if self.llm.n_embd != bundle.hidden_size:
                 raise BundleError(f"{bundle.path}: LLM width {self.llm.n_embd} != encoder rows {bundle.hidden_size}")
@@ -86,8 +120,16 @@ class AF3:
         return self.settings.overlap
 
     @classmethod
-    def load(cls, source: str | os.PathLike, *, check_hashes: bool | None = None, quant: str = "auto",
-             encoder_precision: str = "auto", progress=None, **settings) -> "AF3":  # fmt: skip
+    def load(
+        cls,
+        source: str | os.PathLike,
+        *,
+        check_hashes: bool | None = None,
+        quant: str = "auto",
+        encoder_precision: str = "auto",
+        progress=None,
+        **settings,
+    ) -> AF3:
         """Load a bundle; a checkpoint folder or Hub id is exported once into the cache, then reused.
 
         settings: device ("auto" | "cpu" | "cuda"), n_ctx (default 16384: AF3's longest prompt),
@@ -162,8 +204,10 @@ class AF3:
             clip = a if isinstance(a, Audio) else load_audio(a)
             n = clip.samples.shape[0]
             if n < MIN_TOKEN_SAMPLES:
-                raise AudioError(f"{clip.name}: clip too short: {n} samples at {SAMPLE_RATE} Hz; AF3 needs at least "
-                                 f"{MIN_TOKEN_SAMPLES} ({MIN_TOKEN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms) for one audio token")  # fmt: skip
+                raise AudioError(
+                    f"{clip.name}: clip too short: {n} samples at {SAMPLE_RATE} Hz; AF3 needs at least "
+                    f"{MIN_TOKEN_SAMPLES} ({MIN_TOKEN_SAMPLES / SAMPLE_RATE * 1000:.0f} ms) for one audio token"
+                )
             c = Clip(clip, variant=variant)
             c.rows = self.rows_cache.get(c.key)
             out.append(c)
@@ -189,14 +233,30 @@ class AF3:
             self.llm.reset()
 
     # -- questions --------------------------------------------------------------------------
-    def stream(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
-               options: GenerationOptions | None = None, **overrides) -> Stream:  # fmt: skip
+    def stream(
+        self,
+        prompt: str,
+        audio=None,
+        *,
+        think: bool = False,
+        adapter: str | None = None,
+        options: GenerationOptions | None = None,
+        **overrides,
+    ) -> Stream:
         """A `Stream` of the answer to one question: iterate it for text; `.answer` when done;
         `.cancel()`. Arguments as `ChatSession.stream`."""
         return self.chat().stream(prompt, audio, think=think, adapter=adapter, options=options, **overrides)
 
-    def ask(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
-            options: GenerationOptions | None = None, **overrides) -> Answer:  # fmt: skip
+    def ask(
+        self,
+        prompt: str,
+        audio=None,
+        *,
+        think: bool = False,
+        adapter: str | None = None,
+        options: GenerationOptions | None = None,
+        **overrides,
+    ) -> Answer:
         """The whole `Answer` (text, tokens, timings, finish_reason) to one question about `audio`."""
         return self.chat().ask(prompt, audio, think=think, adapter=adapter, options=options, **overrides)
 
@@ -211,7 +271,7 @@ class AF3:
                 self._stack.close()
                 self.closed = True
 
-    def __enter__(self) -> "AF3":
+    def __enter__(self) -> AF3:
         return self
 
     def __exit__(self, *exc) -> None:

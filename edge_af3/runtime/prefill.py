@@ -5,7 +5,7 @@ once for the in-process streams (which run it to the end in one step) and the se
 
 from __future__ import annotations
 
-from typing import Iterator
+from collections.abc import Iterator
 
 from ..errors import ContextOverflowError
 from .clips import Clip, items
@@ -26,7 +26,7 @@ class Prefill:
         self.decoded = 0
         self._steps: Iterator[bool] | None = None
 
-    def __iter__(self) -> "Prefill":
+    def __iter__(self) -> Prefill:
         return self
 
     def __next__(self) -> bool:

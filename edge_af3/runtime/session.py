@@ -65,7 +65,7 @@ def check_fits(target: list, clips: list[Clip], n_ctx: int, max_new_tokens: int)
 class ChatSession:
     """A conversation: `ask`/`stream` a turn at a time; the answer joins the history."""
 
-    def __init__(self, model: "AF3", system: str | None = None):
+    def __init__(self, model: AF3, system: str | None = None):
         self.model = model
         self.system = system
         self._open: Stream | None = None
@@ -92,12 +92,21 @@ class ChatSession:
         return sum(len(seg) for seg in self.segments)
 
     # -- asking -----------------------------------------------------------------------------
-    def stream(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
-               options: GenerationOptions | None = None, **overrides) -> Stream:  # fmt: skip
+    def stream(
+        self,
+        prompt: str,
+        audio=None,
+        *,
+        think: bool = False,
+        adapter: str | None = None,
+        options: GenerationOptions | None = None,
+        **overrides,
+    ) -> Stream:
         """A `Stream` of the answer to `prompt` about `audio` (None, one clip or a list; each a path,
         file bytes, `(array, sample_rate)` or an `Audio`). think: AF3's think mode (its prompt
         suffix, and the bundle's `think` adapter when it has one). adapter: an exported adapter by
-        name (the whole conversation is then computed with it). options / overrides: `GenerationOptions` whole and/or as keywords
+        name (the whole conversation is then computed with it). options / overrides:
+        `GenerationOptions` whole and/or as keywords
         (max_new_tokens, temperature, top_k, top_p, repetition_penalty, seed, ignore_eos); what is
         not given is the checkpoint's generation_config.json. Audio, prompt and context are checked
         here; encoding and decoding happen as the stream is iterated."""
@@ -108,8 +117,16 @@ class ChatSession:
         self._open = Stream(self, turn, opts, self.model.eos_ids)
         return self._open
 
-    def ask(self, prompt: str, audio=None, *, think: bool = False, adapter: str | None = None,
-            options: GenerationOptions | None = None, **overrides) -> Answer:  # fmt: skip
+    def ask(
+        self,
+        prompt: str,
+        audio=None,
+        *,
+        think: bool = False,
+        adapter: str | None = None,
+        options: GenerationOptions | None = None,
+        **overrides,
+    ) -> Answer:
         """The whole `Answer` to `prompt` (the arguments of `stream`)."""
         return self.stream(prompt, audio, think=think, adapter=adapter, options=options, **overrides).result()
 
@@ -133,8 +150,9 @@ class ChatSession:
         variant = model.encoder_variant(name)
         if any(isinstance(seg, Clip) and seg.variant != variant for seg in self.segments):
             # earlier turns' clips get this turn's encoder rows: the whole conversation runs with it
-            self.segments = [model.clips(seg.audio, variant)[0] if isinstance(seg, Clip) else seg
-                             for seg in self.segments]  # fmt: skip
+            self.segments = [
+                model.clips(seg.audio, variant)[0] if isinstance(seg, Clip) else seg for seg in self.segments
+            ]
         clips = model.clips(audio, variant)
         user = Message("user", prompt + suffix, n_audio=len(clips))
         full = render(model.template, self.messages + [user], add_generation_prompt=True)
@@ -171,7 +189,9 @@ class ChatSession:
         self.rendered = rendered
         self.segments = turn.target + [self.model.llm.tokenize(rendered[len(turn.full) :])]
 
-    def append(self, prompt: str, audio=None, answer: str = "", *, think: bool = False, adapter: str | None = None) -> None:
+    def append(
+        self, prompt: str, audio=None, answer: str = "", *, think: bool = False, adapter: str | None = None
+    ) -> None:
         """Add a finished turn to the history without generating (restoring a saved conversation);
         the KV cache is filled when the next question is asked."""
         if self._open is not None and self._open.answer is None:

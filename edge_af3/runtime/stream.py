@@ -25,7 +25,7 @@ if TYPE_CHECKING:
 class Stream:
     """Text pieces of one answer, produced as the caller iterates."""
 
-    def __init__(self, session: "ChatSession", turn: "Turn", options: GenerationOptions, eos: frozenset[int]):
+    def __init__(self, session: ChatSession, turn: Turn, options: GenerationOptions, eos: frozenset[int]):
         self.session, self.model = session, session.model
         self.turn, self.options, self._eos = turn, options, eos
         self.answer: Answer | None = None  # set when the stream ends
@@ -38,7 +38,7 @@ class Stream:
         self._prefill_ms, self._reused, self._resyncs = 0.0, 0, 0
 
     # -- the caller's side ------------------------------------------------------------------
-    def __iter__(self) -> "Stream":
+    def __iter__(self) -> Stream:
         return self
 
     def __next__(self) -> str:
@@ -75,7 +75,7 @@ class Stream:
 
     close = cancel
 
-    def __enter__(self) -> "Stream":
+    def __enter__(self) -> Stream:
         return self
 
     def __exit__(self, *exc) -> None:

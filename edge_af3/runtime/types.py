@@ -59,7 +59,7 @@ class GenerationOptions:
             raise OptionsError(f"repetition_penalty must be > 0 (1 = off), got {self.repetition_penalty!r}")
 
     @classmethod
-    def of(cls, options: "GenerationOptions | None" = None, **overrides) -> "GenerationOptions":
+    def of(cls, options: GenerationOptions | None = None, **overrides) -> GenerationOptions:
         """`options` (whole) with `overrides` (keywords) on top; unknown names are refused."""
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(overrides) - names)
@@ -68,19 +68,21 @@ class GenerationOptions:
         base = options or cls()
         return dataclasses.replace(base, **overrides) if overrides else base
 
-    def resolved(self, defaults: dict) -> "GenerationOptions":
+    def resolved(self, defaults: dict) -> GenerationOptions:
         """Every None filled from the checkpoint's generation config (`defaults`, the manifest's
         `generation` entry). A checkpoint that does not sample (`do_sample` false) defaults to greedy."""
         sample = bool(defaults.get("do_sample", False))
         return dataclasses.replace(
             self,
-            temperature=self.temperature if self.temperature is not None
+            temperature=self.temperature
+            if self.temperature is not None
             else (float(defaults.get("temperature", 1.0)) if sample else 0.0),
             top_k=self.top_k if self.top_k is not None else (int(defaults.get("top_k", 0)) if sample else 0),
             top_p=self.top_p if self.top_p is not None else (float(defaults.get("top_p", 1.0)) if sample else 1.0),
-            repetition_penalty=self.repetition_penalty if self.repetition_penalty is not None
+            repetition_penalty=self.repetition_penalty
+            if self.repetition_penalty is not None
             else float(defaults.get("repetition_penalty", 1.0)),
-        )  # fmt: skip
+        )
 
 
 class StopScanner:
@@ -101,8 +103,9 @@ class StopScanner:
         if found:
             out, self._held, self.hit = buf[: min(found)], "", True
         else:
-            keep = max((k for s in self.stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])),
-                       default=0)  # fmt: skip
+            keep = max(
+                (k for s in self.stops for k in range(1, min(len(s), len(buf) + 1)) if buf.endswith(s[:k])), default=0
+            )
             out, self._held = buf[: len(buf) - keep], buf[len(buf) - keep :]
         self.text += out
         return out

@@ -34,8 +34,17 @@ def serve(config, host: str = "127.0.0.1", port: int = 8000, *, log_level: str =
     logger.setLevel(log_level.upper())
     logger.propagate = False
     app = create_app(config)
-    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, log_level="warning", access_log=False,
-                                           timeout_graceful_shutdown=config.timeout, lifespan="on"))  # fmt: skip
+    server = uvicorn.Server(
+        uvicorn.Config(
+            app,
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            timeout_graceful_shutdown=config.timeout,
+            lifespan="on",
+        )
+    )
     state = app.state.af3
     state.on_failed = lambda: setattr(server, "should_exit", True)
     logger.info("listening on http://%s:%d (model loading: GET /health says 503 until ready)", host, port)

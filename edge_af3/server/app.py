@@ -68,19 +68,32 @@ class State:
             folder = Path(model.bundle.path).name
             self.name = self.config.name or (source if source.count("/") == 1 and not Path(source).exists() else folder)
             self.names = {self.name, folder, source, "edge-af3"} - {""}
-            self.scheduler = Scheduler(model, self.config.parallel, self.config.max_queue,
-                                       on_done=self.metrics.job_done, on_step=self.metrics.step)  # fmt: skip
+            self.scheduler = Scheduler(
+                model,
+                self.config.parallel,
+                self.config.max_queue,
+                on_done=self.metrics.job_done,
+                on_step=self.metrics.step,
+            )
             if self.config.parallel > 1 and self.config.decode_batching == "auto":
                 with model.lock:
                     costs = self.scheduler.calibrate()
-                log.info("decode step of 1..%d slots: %s ms -> batched for %s", self.config.parallel,
-                         " / ".join(f"{c:.1f}" for c in costs),
-                         [n for n in range(1, len(costs) + 1) if self.scheduler.batch_cheaper(n)])  # fmt: skip
+                log.info(
+                    "decode step of 1..%d slots: %s ms -> batched for %s",
+                    self.config.parallel,
+                    " / ".join(f"{c:.1f}" for c in costs),
+                    [n for n in range(1, len(costs) + 1) if self.scheduler.batch_cheaper(n)],
+                )
             self.scheduler.start()
             self.model = model  # ready: /health says 200 from here on
             self.ready.set()
-            log.info("ready: %s (%s), %d slot(s) of %d positions", self.name, model.bundle.path,
-                     self.config.parallel, model.llm.n_ctx)  # fmt: skip
+            log.info(
+                "ready: %s (%s), %d slot(s) of %d positions",
+                self.name,
+                model.bundle.path,
+                self.config.parallel,
+                model.llm.n_ctx,
+            )
         except BaseException as e:  # noqa: BLE001 - reported by /health and by serve() (exit 1)
             self.error = e
             self.ready.set()
@@ -97,8 +110,12 @@ class State:
 
     def check_model(self, name: str | None) -> None:
         if name and name not in self.names:
-            raise APIError(404, f"the model '{name}' does not exist; this server serves '{self.name}'",
-                           param="model", code="model_not_found")  # fmt: skip
+            raise APIError(
+                404,
+                f"the model '{name}' does not exist; this server serves '{self.name}'",
+                param="model",
+                code="model_not_found",
+            )
 
 
 def _error(e: APIError) -> JSONResponse:
@@ -107,7 +124,9 @@ def _error(e: APIError) -> JSONResponse:
 
 def user_error(e: EdgeAF3Error) -> APIError:
     if isinstance(e, QueueFullError):
-        return APIError(429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(e.retry_after)})
+        return APIError(
+            429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(e.retry_after)}
+        )
     code = "context_length_exceeded" if isinstance(e, ContextOverflowError) else type(e).__name__
     return bad(str(e), code=code)
 
@@ -148,8 +167,13 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
     @app.get("/health")
     async def health():
         if state.model is not None:
-            return {"status": "ok", "model": state.name, "slots": config.parallel, "n_ctx": state.model.llm.n_ctx,
-                    "decode_step_ms": [round(c, 2) for c in state.scheduler.step_ms]}  # fmt: skip
+            return {
+                "status": "ok",
+                "model": state.name,
+                "slots": config.parallel,
+                "n_ctx": state.model.llm.n_ctx,
+                "decode_step_ms": [round(c, 2) for c in state.scheduler.step_ms],
+            }
         body = {"status": "error" if state.error else "loading"}
         return JSONResponse(body, status_code=503)
 
@@ -211,13 +235,18 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
                 payload = json.loads(body)
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise bad(f"the body is not valid JSON ({e})") from None
-            return parse_chat(payload, default_max=model.options.max_new_tokens, allow_urls=config.allow_urls,
-                              max_bytes=config.max_body_mb << 20)
+            return parse_chat(
+                payload,
+                default_max=model.options.max_new_tokens,
+                allow_urls=config.allow_urls,
+                max_bytes=config.max_body_mb << 20,
+            )
 
         req = await run_in_threadpool(parse)
         state.check_model(req.model)
-        job, events, warns = await submit(request, req.messages, req.audios, req.options, think=req.think,
-                                          adapter=req.adapter)  # fmt: skip
+        job, events, warns = await submit(
+            request, req.messages, req.audios, req.options, think=req.think, adapter=req.adapter
+        )
         headers = {"X-Request-Id": job.id} | ({"X-Edge-AF3-Warning": "; ".join(warns)[:1000]} if warns else {})
         created = now()
         if not req.stream:
@@ -240,11 +269,23 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
                     elif kind == "done":
                         yield sse(chunk(job.id, state.name, created, {}, FINISH[value.finish_reason]))
                         if req.include_usage:
-                            yield sse({"id": job.id, "object": "chat.completion.chunk", "created": created,
-                                       "model": state.name, "choices": [], "usage": usage(value)})  # fmt: skip
+                            yield sse(
+                                {
+                                    "id": job.id,
+                                    "object": "chat.completion.chunk",
+                                    "created": created,
+                                    "model": state.name,
+                                    "choices": [],
+                                    "usage": usage(value),
+                                }
+                            )
                         break
                     else:
-                        err = value if isinstance(value, APIError) else APIError(500, f"generation failed: {value}", type="server_error")
+                        err = (
+                            value
+                            if isinstance(value, APIError)
+                            else APIError(500, f"generation failed: {value}", type="server_error")
+                        )
                         yield sse(err.body())
                         break
                 yield "data: [DONE]\n\n"
@@ -279,10 +320,18 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
             return PlainTextResponse(job.text)
         out = {"text": job.text}
         if fmt == "verbose_json":
-            out |= {"task": "transcribe", "language": form.get("language") or "unknown", "duration": job.audio_seconds,
-                    "segments": [{"id": 0, "start": 0.0, "end": job.audio_seconds, "text": job.text}]}  # fmt: skip
-        out["usage"] = {"type": "tokens", "input_tokens": job.prompt_len, "output_tokens": len(job.tokens),
-                        "total_tokens": job.prompt_len + len(job.tokens)}  # fmt: skip
+            out |= {
+                "task": "transcribe",
+                "language": form.get("language") or "unknown",
+                "duration": job.audio_seconds,
+                "segments": [{"id": 0, "start": 0.0, "end": job.audio_seconds, "text": job.text}],
+            }
+        out["usage"] = {
+            "type": "tokens",
+            "input_tokens": job.prompt_len,
+            "output_tokens": len(job.tokens),
+            "total_tokens": job.prompt_len + len(job.tokens),
+        }
         if warns:
             out["warnings"] = warns
         return out

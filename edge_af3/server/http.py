@@ -15,8 +15,9 @@ log = logging.getLogger("edge_af3.server")
 
 class BodyTooLarge(APIError):
     def __init__(self, limit: int):
-        super().__init__(413, f"the request body is over the server's {limit >> 20} MB limit (--max-body-mb)",
-                         code="body_too_large")  # fmt: skip
+        super().__init__(
+            413, f"the request body is over the server's {limit >> 20} MB limit (--max-body-mb)", code="body_too_large"
+        )
 
 
 def auth_check(request, key: str | None) -> None:
@@ -25,8 +26,13 @@ def auth_check(request, key: str | None) -> None:
     got = request.headers.get("authorization", "")
     scheme, _, token = got.partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), key.encode()):
-        raise APIError(401, "missing or wrong API key: send 'Authorization: Bearer <key>'" if got else
-                       "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key")  # fmt: skip
+        raise APIError(
+            401,
+            "missing or wrong API key: send 'Authorization: Bearer <key>'"
+            if got
+            else "missing API key: send 'Authorization: Bearer <key>'",
+            code="invalid_api_key",
+        )
 
 
 class BodyLimit:
@@ -50,8 +56,13 @@ class BodyLimit:
         if declared is not None and declared.isdigit() and int(declared) > self.max_bytes:
             err = BodyTooLarge(self.max_bytes)
             body = json.dumps(err.body()).encode()
-            await send({"type": "http.response.start", "status": 413,
-                        "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 413,
+                    "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
             return self._done(scope, 413, t0, rid)
 
@@ -89,7 +100,19 @@ class BodyLimit:
             log.info("%s %s %s %d %.0fms", rid, scope["method"], path, status, ms)
             return
         ttft = f"{job.ttft_s * 1000:.0f}ms" if job.ttft_s is not None else "-"
-        log.info("%s %s %s %d audio=%.1fs prompt=%d cached=%d tokens=%d prepare=%.0fms ttft=%s finish=%s slot=%d %.0fms",
-                 rid, scope["method"], path, status, job.audio_seconds, job.prompt_len, job.reused, len(job.tokens),
-                 job.prepare_s * 1000, ttft,
-                 job.finish_reason or ("cancelled" if status == 499 else "-"), job.slot, ms)  # fmt: skip
+        log.info(
+            "%s %s %s %d audio=%.1fs prompt=%d cached=%d tokens=%d prepare=%.0fms ttft=%s finish=%s slot=%d %.0fms",
+            rid,
+            scope["method"],
+            path,
+            status,
+            job.audio_seconds,
+            job.prompt_len,
+            job.reused,
+            len(job.tokens),
+            job.prepare_s * 1000,
+            ttft,
+            job.finish_reason or ("cancelled" if status == 499 else "-"),
+            job.slot,
+            ms,
+        )

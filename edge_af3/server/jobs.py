@@ -12,8 +12,15 @@ from ..runtime.types import GenerationOptions
 from .scheduler import Job
 
 
-def prepare(model, messages: list[Message], audios: list[tuple[str, bytes]], options: GenerationOptions, *,
-            think: bool = False, adapter: str | None = None) -> tuple[Job, list[str]]:  # fmt: skip
+def prepare(
+    model,
+    messages: list[Message],
+    audios: list[tuple[str, bytes]],
+    options: GenerationOptions,
+    *,
+    think: bool = False,
+    adapter: str | None = None,
+) -> tuple[Job, list[str]]:
     """Blocking (run it off the event loop): returns the job (no sink yet) and warnings to pass on
     (audio over 600 s is cut). think / adapter as in `AF3.ask` (the whole conversation runs with
     the adapter; its suffix goes on the last user message). Raises the runtime's user errors
@@ -33,9 +40,18 @@ def prepare(model, messages: list[Message], audios: list[tuple[str, bytes]], opt
     encoded = sum(1 for c in clips if c.pending)
     for clip in clips:  # a clip seen before (same samples) has its rows from the cache already
         model.encode(clip)
-    job = Job(target=target, prompt_len=prompt_len, options=opts, eos=model.eos_ids, sink=_unset,
-              audio_tokens=sum(len(c) for c in clips), audio_seconds=seconds,
-              clips_encoded=encoded, clips_cached=len(clips) - encoded, adapter=name)  # fmt: skip
+    job = Job(
+        target=target,
+        prompt_len=prompt_len,
+        options=opts,
+        eos=model.eos_ids,
+        sink=_unset,
+        audio_tokens=sum(len(c) for c in clips),
+        audio_seconds=seconds,
+        clips_encoded=encoded,
+        clips_cached=len(clips) - encoded,
+        adapter=name,
+    )
     return job, [str(w.message) for w in caught]
 
 

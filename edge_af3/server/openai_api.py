@@ -27,14 +27,31 @@ from ..runtime.types import GenerationOptions
 
 AUDIO_FORMATS = ("wav", "mp3", "flac", "ogg")
 ROLES = {"system": "system", "developer": "system", "user": "user", "assistant": "assistant"}
-UNSUPPORTED = ("tools", "tool_choice", "functions", "logprobs", "top_logprobs", "audio", "modalities", "response_format")
+UNSUPPORTED = (
+    "tools",
+    "tool_choice",
+    "functions",
+    "logprobs",
+    "top_logprobs",
+    "audio",
+    "modalities",
+    "response_format",
+)
 
 
 class APIError(Exception):
     """An answer that is an OpenAI-shaped error."""
 
-    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None, headers: dict | None = None):  # fmt: skip
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict | None = None,
+    ):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
         self.headers = headers or {}
@@ -63,7 +80,11 @@ def _number(body: dict, name: str, kind=float, lo=None, hi=None):
     value = body.get(name)
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not float(value).is_integer()):
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, (int, float))
+        or (kind is int and not float(value).is_integer())
+    ):
         raise bad(f"'{name}' must be a {'whole ' if kind is int else ''}number, got {value!r}", name)
     if (lo is not None and value < lo) or (hi is not None and value > hi):
         raise bad(f"'{name}' must be in [{lo}, {hi}], got {value!r}", name)
@@ -77,7 +98,9 @@ def options_from(body: dict, default_max: int) -> GenerationOptions:
         raise bad("only n=1 is supported", "n")
     max_new = _number(body, "max_completion_tokens", int, 1, 1 << 30) or _number(body, "max_tokens", int, 1, 1 << 30)
     stop = body.get("stop")
-    if stop is not None and not (isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))):
+    if stop is not None and not (
+        isinstance(stop, str) or (isinstance(stop, list) and all(isinstance(s, str) for s in stop))
+    ):
         raise bad("'stop' must be a string or a list of strings", "stop")
     stop = [stop] if isinstance(stop, str) else [s for s in (stop or []) if s]
     if len(stop) > 16:
@@ -88,11 +111,15 @@ def options_from(body: dict, default_max: int) -> GenerationOptions:
     if not isinstance(ignore_eos, bool):
         raise bad("'ignore_eos' must be true or false", "ignore_eos")
     return GenerationOptions(
-        max_new_tokens=max_new or default_max, temperature=_number(body, "temperature", float, 0, 2),
-        top_p=_number(body, "top_p", float, 1e-9, 1), top_k=None if top_k is None else max(0, top_k),
-        repetition_penalty=_number(body, "repetition_penalty", float, 1e-3, 100), seed=(seed or 0) & 0xFFFFFFFF,  # noqa
-        ignore_eos=ignore_eos, stop=tuple(stop),
-    )  # fmt: skip
+        max_new_tokens=max_new or default_max,
+        temperature=_number(body, "temperature", float, 0, 2),
+        top_p=_number(body, "top_p", float, 1e-9, 1),
+        top_k=None if top_k is None else max(0, top_k),
+        repetition_penalty=_number(body, "repetition_penalty", float, 1e-3, 100),
+        seed=(seed or 0) & 0xFFFFFFFF,  # noqa
+        ignore_eos=ignore_eos,
+        stop=tuple(stop),
+    )
 
 
 def _b64(data, param: str) -> bytes:
@@ -114,8 +141,12 @@ def _audio_url(url, param: str, allow_urls: bool, max_bytes: int) -> bytes:
         return _b64(payload, param)
     scheme = urllib.parse.urlsplit(url).scheme
     if scheme not in ("http", "https") or not allow_urls:
-        raise bad(f"audio_url scheme {scheme or '(none)'!r} is not allowed: send a data: URL or input_audio "
-                  "(the server takes http(s) URLs only when started with --allow-urls)", param, "url_not_allowed")  # fmt: skip
+        raise bad(
+            f"audio_url scheme {scheme or '(none)'!r} is not allowed: send a data: URL or input_audio "
+            "(the server takes http(s) URLs only when started with --allow-urls)",
+            param,
+            "url_not_allowed",
+        )
     try:
         with urllib.request.urlopen(url, timeout=30) as r:  # noqa: S310 - http(s) only, opted in
             data = r.read(max_bytes + 1)
@@ -155,7 +186,10 @@ def parse_chat(body, *, default_max: int, allow_urls: bool = False, max_bytes: i
                     spec = part.get("input_audio") or {}
                     fmt = spec.get("format", "wav") if isinstance(spec, dict) else None
                     if fmt not in AUDIO_FORMATS:
-                        raise bad(f"{p}.input_audio.format must be one of {', '.join(AUDIO_FORMATS)}", f"{p}.input_audio.format")
+                        raise bad(
+                            f"{p}.input_audio.format must be one of {', '.join(AUDIO_FORMATS)}",
+                            f"{p}.input_audio.format",
+                        )
                     data = _b64(spec.get("data"), f"{p}.input_audio.data")
                 else:
                     spec = part.get("audio_url")
@@ -170,8 +204,11 @@ def parse_chat(body, *, default_max: int, allow_urls: bool = False, max_bytes: i
         text = "".join(texts)
         in_text = text.count("<sound>")
         if in_text > n_audio:
-            raise bad(f"{where} has {in_text} <sound> placeholder(s) for {n_audio} audio clip(s)", f"{where}.content",
-                      "sound_placeholder_mismatch")  # fmt: skip
+            raise bad(
+                f"{where} has {in_text} <sound> placeholder(s) for {n_audio} audio clip(s)",
+                f"{where}.content",
+                "sound_placeholder_mismatch",
+            )
         messages.append(Message(role, text, n_audio=n_audio - in_text))
     if messages[-1].role != "user":
         raise bad("the last message must be the user's", f"messages[{len(raw) - 1}].role")
@@ -195,8 +232,16 @@ def parse_chat(body, *, default_max: int, allow_urls: bool = False, max_bytes: i
         options = options_from(body, default_max)
     except ValueError as e:  # OptionsError
         raise bad(str(e)) from None
-    return ChatRequest(model=model, messages=messages, audios=audios, options=options, stream=stream,
-                       include_usage=bool(so.get("include_usage")), think=think, adapter=adapter)  # fmt: skip
+    return ChatRequest(
+        model=model,
+        messages=messages,
+        audios=audios,
+        options=options,
+        stream=stream,
+        include_usage=bool(so.get("include_usage")),
+        think=think,
+        adapter=adapter,
+    )
 
 
 # -- responses -------------------------------------------------------------------------------
@@ -214,19 +259,33 @@ def usage(job) -> dict:
 
 def completion(job, model: str, created: int, warnings: list[str]) -> dict:
     out = {
-        "id": job.id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": job.text}, "logprobs": None,
-                     "finish_reason": FINISH[job.finish_reason]}],
+        "id": job.id,
+        "object": "chat.completion",
+        "created": created,
+        "model": model,
+        "choices": [
+            {
+                "index": 0,
+                "message": {"role": "assistant", "content": job.text},
+                "logprobs": None,
+                "finish_reason": FINISH[job.finish_reason],
+            }
+        ],
         "usage": usage(job),
-    }  # fmt: skip
+    }
     if warnings:
         out["warnings"] = warnings
     return out
 
 
 def chunk(job_id: str, model: str, created: int, delta: dict, finish: str | None = None) -> dict:
-    return {"id": job_id, "object": "chat.completion.chunk", "created": created, "model": model,
-            "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}]}  # fmt: skip
+    return {
+        "id": job_id,
+        "object": "chat.completion.chunk",
+        "created": created,
+        "model": model,
+        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}],
+    }
 
 
 def now() -> int:

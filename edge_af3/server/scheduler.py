@@ -16,8 +16,8 @@ import itertools
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 from ..errors import EdgeAF3Error
 from ..runtime.clips import items, penalty_ids
@@ -97,8 +97,14 @@ class Slot:
 class Scheduler:
     """Runs jobs on `parallel` slots of `model.llm` (loaded with n_seq >= parallel) on one thread."""
 
-    def __init__(self, model, parallel: int = 1, max_queue: int = 16, on_done: Callable[[Job], None] | None = None,
-                 on_step: Callable[[int], None] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        model,
+        parallel: int = 1,
+        max_queue: int = 16,
+        on_done: Callable[[Job], None] | None = None,
+        on_step: Callable[[int], None] | None = None,
+    ):
         if model.llm.n_seq < parallel:
             raise ValueError(f"the LLM context has {model.llm.n_seq} sequences for {parallel} slots")
         self.model, self.llm = model, model.llm
@@ -120,8 +126,10 @@ class Scheduler:
             if not self._running:
                 raise QueueFullError("the server is shutting down", retry_after=5)
             if self._reserved >= self.capacity:
-                raise QueueFullError(f"all {len(self.slots)} slots are busy and {self.capacity - len(self.slots)} "
-                                     "requests are waiting; retry later")  # fmt: skip
+                raise QueueFullError(
+                    f"all {len(self.slots)} slots are busy and {self.capacity - len(self.slots)} "
+                    "requests are waiting; retry later"
+                )
             self._reserved += 1
 
     def release(self) -> None:
@@ -151,7 +159,7 @@ class Scheduler:
         return sum(1 for s in self.slots if s.job is not None)
 
     # -- lifetime ---------------------------------------------------------------------------
-    def start(self) -> "Scheduler":
+    def start(self) -> Scheduler:
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="edge-af3-scheduler", daemon=True)
         self._thread.start()
@@ -197,8 +205,13 @@ class Scheduler:
                 continue
             want = list(items(job.target))
             seqs = self.llm.seqs  # a cache computed under another adapter is no prefix of this job's
-            best = max(free, key=lambda s: (self.llm.common_prefix(want, s.seq) if seqs[s.seq].adapter == job.adapter
-                                            else 0, -s.used))  # fmt: skip
+            best = max(
+                free,
+                key=lambda s: (
+                    self.llm.common_prefix(want, s.seq) if seqs[s.seq].adapter == job.adapter else 0,
+                    -s.used,
+                ),
+            )
             free.remove(best)
             self._begin(best, job)
 

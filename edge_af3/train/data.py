@@ -90,8 +90,10 @@ def read_examples(path: str | Path) -> list[Example]:
             for field in ("prompt", "answer"):
                 if not isinstance(obj.get(field), str):
                     raise DataError(f"{where}: needs '{field}' (a string), or 'messages'")
-            turns = [Turn("user", obj["prompt"], _audio_list(obj.get("audio"), base, where)),
-                     Turn("assistant", obj["answer"], [])]  # fmt: skip
+            turns = [
+                Turn("user", obj["prompt"], _audio_list(obj.get("audio"), base, where)),
+                Turn("assistant", obj["answer"], []),
+            ]
         if turns[-1].role != "assistant":
             raise DataError(f"{where}: the last message must be the assistant's answer")
         if any(not t.text.strip() for t in turns if t.role == "assistant"):
@@ -124,13 +126,13 @@ def encode_example(ex: Example, template: str, tokenizer, sound_id: int) -> dict
     done, k = "", 0
     for i, m in enumerate(msgs):
         text = render(template, msgs[: i + 1], add_generation_prompt=False)
-        piece = text[len(done):]
+        piece = text[len(done) :]
         if not text.startswith(done):
             raise DataError(f"line {ex.line}: the chat template does not render conversations incrementally")
         if m.role == "assistant":  # the header is context, the answer and its <|im_end|> are the target
-            head = render(template, msgs[:i], add_generation_prompt=True)[len(done):]
+            head = render(template, msgs[:i], add_generation_prompt=True)[len(done) :]
             h = tokenizer(head, add_special_tokens=False)["input_ids"]
-            body = tokenizer(piece[len(head):], add_special_tokens=False)["input_ids"]
+            body = tokenizer(piece[len(head) :], add_special_tokens=False)["input_ids"]
             ids += h + body
             trailing = 1 if body and tokenizer.decode(body[-1:]) == "\n" else 0  # the newline after <|im_end|>
             labels += [-100] * len(h) + body[: len(body) - trailing] + [-100] * trailing

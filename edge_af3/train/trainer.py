@@ -14,9 +14,9 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -58,12 +58,21 @@ def _order(n: int, seed: int, epoch: int) -> list[int]:
 
 
 def latest_checkpoint(out: Path) -> Path | None:
-    ckpts = sorted(out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1)
+    ckpts = sorted(
+        out.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]) if p.name.split("-")[1].isdigit() else -1
+    )
     return ckpts[-1] if ckpts else None
 
 
-def train(ckpt: str | Path, data: str | Path, out: str | Path, config: TrainConfig, *, resume: bool = False,
-          progress: Callable[[dict], None] | None = None) -> dict:  # fmt: skip
+def train(
+    ckpt: str | Path,
+    data: str | Path,
+    out: str | Path,
+    config: TrainConfig,
+    *,
+    resume: bool = False,
+    progress: Callable[[dict], None] | None = None,
+) -> dict:
     """Fine-tune; returns {steps, losses, seconds, steps_per_s, out}. `progress(state)` after each step."""
     import torch
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -85,8 +94,11 @@ def train(ckpt: str | Path, data: str | Path, out: str | Path, config: TrainConf
     start = latest_checkpoint(out) if resume else None
     if start is not None:
         if config.base_adapter:  # the base adapter's non-LoRA weights first, as at the start of the run
-            state = torch.load(ckpt / config.base_adapter / NON_LORA_FILE, weights_only=True) \
-                if (ckpt / config.base_adapter / NON_LORA_FILE).is_file() else {}
+            state = (
+                torch.load(ckpt / config.base_adapter / NON_LORA_FILE, weights_only=True)
+                if (ckpt / config.base_adapter / NON_LORA_FILE).is_file()
+                else {}
+            )
             model.load_state_dict(state, strict=False)
         model = PeftModel.from_pretrained(model, str(start), is_trainable=True)
     elif config.base_adapter:
@@ -96,8 +108,16 @@ def train(ckpt: str | Path, data: str | Path, out: str | Path, config: TrainConf
         for n, p in model.named_parameters():
             p.requires_grad_("lora_" in n)
     else:
-        model = get_peft_model(model, LoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=0.0, bias="none",
-                                                 target_modules=target_regex(config.targets)))  # fmt: skip
+        model = get_peft_model(
+            model,
+            LoraConfig(
+                r=config.r,
+                lora_alpha=config.alpha,
+                lora_dropout=0.0,
+                bias="none",
+                target_modules=target_regex(config.targets),
+            ),
+        )
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -110,6 +130,7 @@ def train(ckpt: str | Path, data: str | Path, out: str | Path, config: TrainConf
         opt.load_state_dict(state["optimizer"])
         step, losses = state["step"], state["losses"]
         torch.set_rng_state(state["torch_rng"])
+
     def lr_at(s: int) -> float:  # linear warm-up, then constant (a function of the step: resumes exactly)
         return config.lr * (min(1.0, (s + 1) / config.warmup_steps) if config.warmup_steps else 1.0)
 
@@ -125,7 +146,9 @@ def train(ckpt: str | Path, data: str | Path, out: str | Path, config: TrainConf
         step_loss = 0.0
         for i in idx:
             if i not in cache:
-                cache[i] = {k: torch.from_numpy(v) for k, v in encode_example(examples[i], template, tok, sound_id).items()}
+                cache[i] = {
+                    k: torch.from_numpy(v) for k, v in encode_example(examples[i], template, tok, sound_id).items()
+                }
             batch = cache[i]
             loss = model(**batch).loss / per_step
             loss.backward()
@@ -146,9 +169,17 @@ def train(ckpt: str | Path, data: str | Path, out: str | Path, config: TrainConf
     meta["base_model_name_or_path"] = str(ckpt)
     (out / "adapter_config.json").write_text(json.dumps(meta, indent=2) + "\n")
     if config.base_adapter and (ckpt / config.base_adapter / NON_LORA_FILE).is_file():
-        shutil.copyfile(ckpt / config.base_adapter / NON_LORA_FILE, out / NON_LORA_FILE)  # the encoder side it trained with
-    result = {"steps": step, "losses": losses, "seconds": seconds, "out": str(out),
-              "steps_per_s": (step - first) / seconds if seconds > 0 else 0.0, "config": asdict(config)}  # fmt: skip
+        shutil.copyfile(
+            ckpt / config.base_adapter / NON_LORA_FILE, out / NON_LORA_FILE
+        )  # the encoder side it trained with
+    result = {
+        "steps": step,
+        "losses": losses,
+        "seconds": seconds,
+        "out": str(out),
+        "steps_per_s": (step - first) / seconds if seconds > 0 else 0.0,
+        "config": asdict(config),
+    }
     (out / "training_log.json").write_text(json.dumps(result, indent=2) + "\n")
     return result
 
@@ -157,7 +188,15 @@ def _save(model, opt, step: int, losses: list[float], config: TrainConfig, dst: 
     tmp = dst.with_name(f".{dst.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(str(tmp))
-    torch.save({"optimizer": opt.state_dict(), "step": step, "losses": losses, "torch_rng": torch.get_rng_state(),
-                "config": asdict(config)}, tmp / "trainer_state.pt")  # fmt: skip
+    torch.save(
+        {
+            "optimizer": opt.state_dict(),
+            "step": step,
+            "losses": losses,
+            "torch_rng": torch.get_rng_state(),
+            "config": asdict(config),
+        },
+        tmp / "trainer_state.pt",
+    )
     shutil.rmtree(dst, ignore_errors=True)
     tmp.rename(dst)
