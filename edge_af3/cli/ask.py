@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from ..constants import DEFAULT_MAX_NEW_TOKENS
 from ..errors import OptionsError
 from .common import (
     DeviceOpt,
@@ -78,7 +79,7 @@ def ask_cmd(
     adapter: AdapterOpt = None,
     system: str | None = typer.Option(None, "--system", help="System prompt (default: the checkpoint's template's)."),
     as_json: bool = typer.Option(False, "--json", help="Print the answer, tokens, finish reason and timings as JSON."),
-    max_new_tokens: MaxNewOpt = 500,
+    max_new_tokens: MaxNewOpt = DEFAULT_MAX_NEW_TOKENS,
     temperature: TempOpt = None,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
@@ -184,7 +185,7 @@ def chat_cmd(
     system: str | None = typer.Option(None, "--system", help="System prompt."),
     think: bool = typer.Option(False, "--think", help="Start with think mode on (/think off to stop)."),
     adapter: AdapterOpt = None,
-    max_new_tokens: MaxNewOpt = 500,
+    max_new_tokens: MaxNewOpt = DEFAULT_MAX_NEW_TOKENS,
     temperature: TempOpt = None,
     top_p: TopPOpt = None,
     top_k: TopKOpt = None,
