@@ -75,9 +75,10 @@ class CpuInfo:
 
     @property
     def has_int8_dot(self) -> bool:
-        """An int8 dot product that accumulates in int32 (x86 VNNI, ARM dotprod). Without it, ONNX
-        Runtime's u8s8 kernels sum pairs in saturating int16 (AVX2's vpmaddubsw) and the int8
-        encoder graphs lose accuracy (docs/cpu.md: mixed rows cosine 0.99988 on AVX2 vs 0.99993)."""
+        """An int8 dot product that accumulates in int32 (x86 VNNI, ARM dotprod). Without it the
+        int8 encoder graphs are measurably less exact on ONNX Runtime (bench-small mixed rows cosine
+        0.99988 on an AVX2 Zen 3 vs 0.99993 on an AVX-512 VNNI Zen 4; docs/cpu.md): AVX2's int8
+        multiply-add (vpmaddubsw) sums pairs of products in saturating int16."""
         if self.is_x86:
             return self.supports("AVX512_VNNI") or self.supports("AVX_VNNI")
         return "asimddp" in self.flags

@@ -214,7 +214,7 @@ class Listener:
             if self._error is not None:
                 raise self._error
             if not self.worker.is_alive():
-                raise RuntimeError("the listen worker stopped unexpectedly")
+                raise self._error or RuntimeError("the listen worker stopped unexpectedly")
             try:
                 self.pending.put(item, timeout=0.1)
                 return
@@ -315,7 +315,8 @@ class Listener:
         finally:
             self.stats.overflows = getattr(blocks, "overflows", 0)
             if self.worker.is_alive():  # a second Ctrl-C or a device error: stop without waiting for answers
-                self._stop.set()
+                self._stop.set()  # the worker ends its answer at the next piece (it never outlives the model)
+                self.worker.join(timeout=30)
         if self._error is not None:
             raise self._error
         if interrupted:

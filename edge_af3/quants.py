@@ -66,7 +66,8 @@ def resolve_encoder_precision(precision: str = "auto", *, exact: bool = False) -
     """`precision` itself, or what `auto` picks: fp32 for exact mode or on a machine with a CUDA
     GPU (its engines build fp16 from fp32 and take no int8 graph); on a CPU with an int8 dot
     product (VNNI), mixed (the fastest CPU graph whose rows keep cosine >= 0.9999); on one without
-    (AVX2 only), fp32: there mixed was 5 % faster at cosine 0.99988 (docs/cpu.md). Exact mode
+    (AVX2 only), fp32: there mixed was 5 % faster at rows cosine 0.99988 (bench-small, AMD EPYC
+    Zen 3; docs/cpu.md). Exact mode
     refuses anything but fp32."""
     if precision not in ("auto",) + ENCODER_PRECISIONS:
         raise ValueError(

@@ -82,8 +82,6 @@ def resolve(
                 f"exact mode needs the encoder in fp32; this bundle's is {stored_precision} "
                 "(re-export with --encoder-precision fp32)"
             )
-        if encoder_engine in FP16_ONLY:
-            raise OptionsError(f"exact mode cannot run the {encoder_engine} engine: {FP16_ONLY[encoder_engine]}")
     if windows_per_run is not None and windows_per_run < 1:
         raise OptionsError(f"windows_per_run must be >= 1, got {windows_per_run}")
     n_ctx = check_n_ctx(DEFAULT_N_CTX if n_ctx is None else n_ctx)
@@ -91,6 +89,8 @@ def resolve(
         choice = (
             choose_encoder(device, fp32=exact) if encoder_engine is None else forced_encoder(encoder_engine, device)
         )
+    if exact and choice.engine in FP16_ONLY:  # a forced engine or target, or a fallback
+        raise OptionsError(f"exact mode cannot run the {choice.engine} engine: {FP16_ONLY[choice.engine]}")
     if llm_gpu is None:
         llm_gpu = choice.gpu is not None and _llama_gpu()
     on_gpu_encoder = choice.engine not in CPU_ENGINES

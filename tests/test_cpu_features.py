@@ -69,8 +69,8 @@ def test_the_installed_llama_cpp_is_the_build_setup_made_for_this_cpu():
     missing, unused, amx = cf.build_mismatch(cpu, info)
     assert (missing, unused, amx) == ([], [], False), f"build vs {cpu.name}: lacks {missing}, leaves {unused} unused"
     # scripts/setup.sh records which build it installed in the venv it made
-    marker = Path(sys.prefix) / "llama-cpp-build.txt"
-    assert marker.read_text().strip() == cf.build_tag(cpu)
+    marker = Path(sys.prefix) / "llama-cpp-build.txt"  # (+ a hash when the user added CMAKE_ARGS: CUDA)
+    assert marker.read_text().strip().startswith(cf.build_tag(cpu))
 
 
 def test_an_amx_build_loads_without_extra_buffer_types(monkeypatch, tiny_bundle):
@@ -106,9 +106,15 @@ def test_doctor_reports_the_cpu_and_the_build():
 def test_doctor_hints_for_a_foreign_build():
     from edge_af3.cli.doctor import _cpu_hints
 
-    hints = _cpu_hints({"build_uses_missing": ["AVX512"], "build_leaves_unused": ["AVX_VNNI"], "amx_path": True})
+    report = {"build_uses_missing": ["AVX512"], "build_leaves_unused": ["AVX_VNNI"], "amx_path": True}
+    hints = _cpu_hints(report | {"llama_cpp_system_info": "CPU : AVX2 = 1 | AVX512 = 1 |"})
     assert len(hints) == 3
     assert "Illegal instruction" in hints[0] and "#20824" in hints[1] and "AVX_VNNI" in hints[2]
+    crashed = _cpu_hints(
+        {"build_uses_missing": [], "build_leaves_unused": [], "amx_path": False}
+        | {"llama_cpp_system_info": "error: RuntimeError: loading llama-cpp-python: killed by SIGILL"}
+    )
+    assert len(crashed) == 1 and "SIGILL" in crashed[0] and "scripts/setup.sh" in crashed[0]
 
 
 def test_the_native_library_holds_no_instruction_this_cpu_lacks_and_no_amx():
@@ -130,3 +136,21 @@ def test_the_native_library_holds_no_instruction_this_cpu_lacks_and_no_amx():
     assert not amx, f"AMX instructions in {lib.name}: {amx}"
     if not cf.read_cpu().supports("AVX512"):
         assert "%zmm" not in asm, "AVX-512 code in a build for a CPU without AVX-512"
+
+
+def test_auto_encoder_precision_follows_the_gpu_and_the_cpus_int8_dot_product(monkeypatch):
+    """`auto`: fp32 with a CUDA GPU, mixed on a CPU with VNNI, fp32 on AVX2 alone; exact: fp32 only."""
+    from edge_af3.engines import select
+    from edge_af3.quants import resolve_encoder_precision
+
+    real = cf.read_cpu
+    monkeypatch.setattr(select, "gpu_name", lambda: None)
+    for cpuinfo, want in ((ZEN4, "mixed"), (SAPPHIRE_RAPIDS, "mixed"), (ZEN3, "fp32")):
+        monkeypatch.setattr(cf, "read_cpu", lambda text=cpuinfo: real(text, "x86_64"))
+        assert resolve_encoder_precision("auto") == want
+    monkeypatch.setattr(select, "gpu_name", lambda: "NVIDIA H100")
+    assert resolve_encoder_precision("auto") == "fp32"
+    assert resolve_encoder_precision("auto", exact=True) == resolve_encoder_precision("fp32", exact=True) == "fp32"
+    assert resolve_encoder_precision("int8") == "int8"
+    with pytest.raises(ValueError, match="exact mode computes the encoder in fp32"):
+        resolve_encoder_precision("mixed", exact=True)

@@ -112,7 +112,14 @@ def ask_cmd(
 
     if dry:
         return show_plan(
-            model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact, as_json=as_json
+            model,
+            n_ctx=n_ctx,
+            kv_type=kv_type,
+            device=device,
+            encoder_engine=engine,
+            exact=exact,
+            as_json=as_json,
+            export_precision=encoder_precision,
         )
     args = args or []
     if not args:
@@ -217,7 +224,15 @@ def chat_cmd(
     from .chat import run_chat
 
     if dry:
-        return show_plan(model, n_ctx=n_ctx, kv_type=kv_type, device=device, encoder_engine=engine, exact=exact)
+        return show_plan(
+            model,
+            n_ctx=n_ctx,
+            kv_type=kv_type,
+            device=device,
+            encoder_engine=engine,
+            exact=exact,
+            export_precision=encoder_precision,
+        )
     opts = generation_overrides(
         max_new_tokens=max_new_tokens,
         temperature=temperature,

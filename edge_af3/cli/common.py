@@ -151,9 +151,11 @@ def load_model(
         raise OptionsError(str(e)) from None
     need = first_use(spec, quant, precision)  # a big download / export ahead is said before it starts
     if need:
-        console.print(
-            f"[yellow]{first_use_line(spec, need)}[/]; `edge-af3 models pull {spec}` does it ahead", highlight=False
+        pull = f"edge-af3 models pull {spec}" + (
+            "" if encoder_precision == "auto" else f" --encoder-precision {precision}"
         )
+        pull += " --exact" if exact else ""
+        console.print(f"[yellow]{first_use_line(spec, need)}[/]; `{pull}` does it ahead", highlight=False)
     with ExportProgress(export_steps(quant)) as steps:  # shown only if it exports
         model = AF3.load(
             spec,
@@ -176,11 +178,17 @@ def load_model(
     return model
 
 
-def bundle_for(spec: str | None) -> Path:
-    """The bundle folder a model spec names (a checkpoint is exported once first: plans read bundles)."""
+def bundle_for(spec: str | None, export_precision: str = "auto", exact: bool = False) -> Path:
+    """The bundle folder a model spec names (a checkpoint is exported once first, with the encoder
+    precision that loading it would use: plans read bundles)."""
+    from ..quants import resolve_encoder_precision
     from ..runtime import locate
 
-    return locate(spec or DEFAULT_MODEL)
+    try:
+        precision = resolve_encoder_precision(export_precision, exact=exact)
+    except ValueError as e:
+        raise OptionsError(str(e)) from None
+    return locate(spec or DEFAULT_MODEL, encoder_precision=precision)
 
 
 def show_plan(
@@ -194,13 +202,16 @@ def show_plan(
     target: str | None = None,
     encoder_precision: str | None = None,
     as_json: bool = False,
+    export_precision: str = "auto",
 ) -> None:
-    """`--dry-run` and `plan`: the settings AF3.load would resolve here (or on `target`) and their memory."""
+    """`--dry-run` and `plan`: the settings AF3.load would resolve here (or on `target`) and their memory.
+    encoder_precision: what the encoder computes in, for the estimate; export_precision: how a
+    checkpoint source is exported (ask/chat's --encoder-precision)."""
     from ..bundle import read_manifest
     from ..plan import plan, render
     from ..settings import resolve
 
-    path = bundle_for(spec)
+    path = bundle_for(spec, export_precision, exact)
     stored = read_manifest(path)["encoder"]["precision"]
     if target is None:
         s = resolve(stored, device=device, encoder_engine=encoder_engine, kv_type=kv_type, n_ctx=n_ctx, exact=exact)

@@ -64,9 +64,17 @@ def _cuda():
 
 
 def _llama_system_info() -> str:
-    from ..cpu_features import llama_system_info
+    """llama.cpp's system info, read in a child process: a build for another CPU dies there
+    (Illegal instruction), and doctor reports it instead of dying with it."""
+    import signal
 
-    return llama_system_info()
+    code = "import llama_cpp; print(llama_cpp.llama_print_system_info().decode(errors='replace'))"
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=False)
+    if res.returncode != 0:
+        sigill = res.returncode == -signal.SIGILL
+        how = f"killed by {signal.Signals(-res.returncode).name}" if res.returncode < 0 else f"exit {res.returncode}"
+        raise RuntimeError(f"loading llama-cpp-python: {how}" + (" (built for another CPU)" if sigill else ""))
+    return res.stdout.strip().splitlines()[-1]
 
 
 def _audio_inputs():
@@ -103,6 +111,9 @@ def cpu_report(system_info: str | None) -> dict:
 
 def _cpu_hints(cpu: dict) -> list[str]:
     hints = []
+    info = cpu["llama_cpp_system_info"] or ""
+    if info.startswith("error:"):
+        hints.append(f"llama-cpp-python does not load here ({info[7:].strip()}): rebuild it with scripts/setup.sh")
     if cpu["build_uses_missing"]:
         hints.append(
             f"llama-cpp-python was built for another CPU: it uses {', '.join(cpu['build_uses_missing'])}, which "
@@ -155,6 +166,8 @@ def checks() -> dict:
         v = _version(dist)
         pkgs.append({"package": dist, "version": v, "for": purpose, "install": None if v else cmd})
     have = {p["package"] for p in pkgs if p["version"]}
+    system_info = _probe(_llama_system_info) if "llama-cpp-python" in have else None
+    llama_loads = bool(system_info) and not system_info.startswith("error:")
     report = {
         "python": {
             "version": platform.python_version(),
@@ -164,9 +177,9 @@ def checks() -> dict:
         "platform": f"{platform.system()} {platform.machine()}",
         "packages": pkgs,
         "onnxruntime_providers": _probe(_ort_providers) if "onnxruntime" in have else None,
-        "llama_cpp_gpu_offload": _probe(supports_gpu_offload) if "llama-cpp-python" in have else None,
+        "llama_cpp_gpu_offload": _probe(supports_gpu_offload) if llama_loads else None,
         "cuda_gpus": _probe(_cuda),
-        "cpu": cpu_report(_probe(_llama_system_info) if "llama-cpp-python" in have else None),
+        "cpu": cpu_report(system_info),
         "audio_inputs": _probe(_audio_inputs) if "sounddevice" in have else None,
         "cache": str(cache_dir()),
     }
@@ -177,8 +190,10 @@ def checks() -> dict:
     missing = [p for p in pkgs if not p["version"] and p["for"].startswith(("runtime", "export", "listen"))]
     hints = sorted({p["install"] for p in missing})
     if report["cuda_gpus"] and report["llama_cpp_gpu_offload"] is False:
-        hints.append(
-            'CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python'
+        hints.append(  # this CPU's options as setup.sh builds them (AMX off), plus CUDA
+            'CMAKE_ARGS="-DGGML_CUDA=on $(python -m edge_af3.cpu_features --cmake-args)" pip install --force-reinstall '
+            "--no-cache-dir --no-binary llama-cpp-python llama-cpp-python  "
+            "(or: CMAKE_ARGS=-DGGML_CUDA=on scripts/setup.sh)"
         )
     hints += _cpu_hints(report["cpu"])
     if isinstance(report["audio_inputs"], list) and not report["audio_inputs"]:

@@ -10,7 +10,7 @@ from pathlib import Path
 import typer
 
 from ..errors import OptionsError
-from .common import QUANT_HELP, ExportProgress, console, emit_json, export_steps, out
+from .common import QUANT_HELP, EncPrecOpt, ExportProgress, console, emit_json, export_steps, out
 
 app = typer.Typer(
     help="List, verify, remove or pull the bundles edge-af3 keeps in its cache.",
@@ -132,19 +132,26 @@ def pull_cmd(
         "--quant",
         help=QUANT_HELP,
     ),
+    encoder_precision: EncPrecOpt = "auto",
+    exact: bool = typer.Option(False, "--exact", help="The bundle `--exact` loads (the fp32 encoder)."),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before a big download / export."),
 ) -> None:
     """Download (a Hub id) and export into the cache, as `-m SOURCE` would on first use, saying
     first what it takes: download size, disk and RAM."""
+    from ..quants import resolve_encoder_precision
     from ..runtime.locate import exported, first_use, first_use_line
 
-    need = first_use(source, quant)
+    try:
+        precision = resolve_encoder_precision(encoder_precision, exact=exact)
+    except ValueError as e:
+        raise OptionsError(str(e)) from None
+    need = first_use(source, quant, precision)
     if need:
         console.print(first_use_line(source, need), highlight=False)
         if need["download_gb"] > 2 and not yes and not typer.confirm("go on?", err=True):
             console.print("nothing done")
             return
     t0 = time.time()
-    with ExportProgress(export_steps(quant)) as steps:
-        path = exported(source, quant, progress=steps)
+    with ExportProgress(export_steps(quant, encoder_precision=precision)) as steps:
+        path = exported(source, quant, progress=steps, encoder_precision=precision)
     out.print(f"[green]ready[/] {path} ({time.time() - t0:.0f} s); use it with -m {path}", highlight=False)

@@ -217,15 +217,17 @@ def make_encoder(
     threads: int | None = None,
     fallback: bool = True,
     probes: dict[str, Callable[[], str | None]] | None = None,
+    fp32: bool = False,
 ):
     """(encoder, choice) for `choice`. A GPU engine that fails to start (e.g. TensorRT with an
-    int8 bundle) hands over to the next usable GPU engine when `fallback`, and finally to ONNX
-    Runtime on the CPU; the returned choice says what was skipped and why."""
+    int8 bundle) hands over to the next usable GPU engine when `fallback` (with `fp32`, exact
+    mode, never to one that computes in fp16), and finally to ONNX Runtime on the CPU; the
+    returned choice says what was skipped and why."""
     order = [choice.engine]
     if fallback and choice.engine in CUDA_ENGINES:
         probes = probes or PROBES
         rest = CUDA_ENGINES[CUDA_ENGINES.index(choice.engine) + 1 :]
-        order += [e for e in rest if e in IMPLEMENTED and probes[e]() is None]
+        order += [e for e in rest if e in IMPLEMENTED and not (fp32 and e in FP16_ONLY) and probes[e]() is None]
     skipped = list(choice.skipped)
     for engine in order:
         try:

@@ -78,6 +78,7 @@ def gate(checks: dict, quant: str, encoder_precision: str, *, verified: bool, ac
         raise ParityError(
             "the export's parity checks failed, so no bundle was written:\n  - "
             + "\n  - ".join(found)
-            + "\n(--accept writes it anyway and records the failures in its manifest; --no-verify skips the checks)"
+            + "\n(`edge-af3 export --accept` writes it anyway and records the failures in its manifest; "
+            "--no-verify skips the checks)"
         )
     return {"verified": True, "passed": not found, "accepted": bool(found and accept), "failures": found}

@@ -78,7 +78,7 @@ class AF3:
                 settings.encoder_engine, settings.device_used, gpu=settings.gpu, skipped=settings.skipped
             )
             self.encoder, self.engine_choice = make_encoder(
-                bundle, choice, threads=threads, fallback=encoder_engine is None
+                bundle, choice, threads=threads, fallback=encoder_engine is None, fp32=exact
             )
             self._stack.callback(self.encoder.close)
             if self.engine_choice.engine != settings.encoder_engine:  # a GPU engine failed to start
@@ -140,7 +140,8 @@ class AF3:
         the first).
         check_hashes: None hashes files the first time they are seen (remembered), True always,
         False never. quant / encoder_precision: how a checkpoint source is exported ("auto": the
-        type its widths suit; fp32 for exact mode or on a GPU machine, else mixed); each
+        type its widths suit; fp32 for exact mode, on a GPU machine or a CPU without VNNI, else
+        mixed); each
         combination is its own cached bundle.
         """
         from ..quants import resolve_encoder_precision

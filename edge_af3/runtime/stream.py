@@ -95,18 +95,20 @@ class Stream:
                 return ""
             if self._cancel.is_set():
                 return self._finish("cancelled")
-            if self.gen is None and self._t_start is None:
-                self._t_start = time.perf_counter()
-                self._prepare_clips()  # outside the model lock: others decode while this encodes
-            with self.model.lock:
-                try:
+            try:
+                if self.gen is None and self._t_start is None:
+                    self._t_start = time.perf_counter()
+                    self._prepare_clips()  # outside the model lock: others decode while this encodes
+                with self.model.lock:
+                    if self.model.closed:
+                        raise RuntimeError("the model was closed while this answer was being generated")
                     return self._decode_step()
-                except BaseException:
-                    self._dead = True
-                    if self.gen is not None:
-                        self.gen.close()
-                    self.session._ended(self, failed=True)
-                    raise
+            except BaseException:
+                self._dead = True
+                if self.gen is not None:
+                    self.gen.close()
+                self.session._ended(self, failed=True)
+                raise
 
     def _prepare_clips(self) -> None:
         for clip in self.turn.target:  # this turn's clips, and history clips re-made for another adapter's encoder

@@ -235,8 +235,10 @@ class Scheduler:
         if prefilling:
             slot = prefilling[next(self._rr) % len(prefilling)]
             try:
-                if next(slot.prefill, True):  # its last chunk: sample now, before another decode moves the logits
-                    slot.job.reused, slot.prefill = slot.prefill.reused, None
+                last = next(slot.prefill, True)
+                slot.job.reused = slot.prefill.reused
+                if last:  # its last chunk: sample now, before another decode moves the logits
+                    slot.prefill = None
                     self._take(slot, slot.gen.sample())
             except Exception as e:  # noqa: BLE001 - this job fails; the others go on
                 self._end(slot, None, error=e)
