@@ -62,6 +62,14 @@ def resolve_quant(quant: str, text_config: dict | None) -> str:
     return auto_quant(text_config)[0] if text_config else "q4_k_m"
 
 
+def checked_encoder_precision(precision: str = "auto", *, exact: bool = False) -> str:
+    """`precision` checked (and fp32 for exact mode), `auto` left for the export to resolve: what
+    a load passes down without probing the GPU when its source turns out to be a bundle."""
+    if precision == "auto" and not exact:
+        return precision
+    return resolve_encoder_precision(precision, exact=exact)
+
+
 def resolve_encoder_precision(precision: str = "auto", *, exact: bool = False) -> str:
     """`precision` itself, or what `auto` picks: fp32 for exact mode or on a machine with a CUDA
     GPU (its engines build fp16 from fp32 and take no int8 graph); on a CPU with an int8 dot

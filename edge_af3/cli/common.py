@@ -142,11 +142,11 @@ def load_model(
 
     check_threads(threads)
     spec = spec or DEFAULT_MODEL
-    from ..quants import resolve_encoder_precision
+    from ..quants import checked_encoder_precision
     from ..runtime.locate import first_use, first_use_line
 
     try:
-        precision = resolve_encoder_precision(encoder_precision, exact=exact)
+        precision = checked_encoder_precision(encoder_precision, exact=exact)
     except ValueError as e:
         raise OptionsError(str(e)) from None
     need = first_use(spec, quant, precision)  # a big download / export ahead is said before it starts
@@ -156,7 +156,7 @@ def load_model(
         )
         pull += " --exact" if exact else ""
         console.print(f"[yellow]{first_use_line(spec, need)}[/]; `{pull}` does it ahead", highlight=False)
-    with ExportProgress(export_steps(quant)) as steps:  # shown only if it exports
+    with ExportProgress(export_steps(quant, encoder_precision=precision)) as steps:  # shown only if it exports
         model = AF3.load(
             spec,
             n_ctx=n_ctx,

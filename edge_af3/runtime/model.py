@@ -144,10 +144,10 @@ class AF3:
         mixed); each
         combination is its own cached bundle.
         """
-        from ..quants import resolve_encoder_precision
+        from ..quants import checked_encoder_precision
 
         try:
-            precision = resolve_encoder_precision(encoder_precision, exact=bool(settings.get("exact")))
+            precision = checked_encoder_precision(encoder_precision, exact=bool(settings.get("exact")))
         except ValueError as e:
             raise OptionsError(str(e)) from None
         path = locate(source, quant=quant, encoder_precision=precision, progress=progress)
