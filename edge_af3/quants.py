@@ -62,6 +62,12 @@ def resolve_quant(quant: str, text_config: dict | None) -> str:
     return auto_quant(text_config)[0] if text_config else "q4_k_m"
 
 
+def exact_quant(quant: str, exact: bool) -> str:
+    """The LLM type a checkpoint is exported in: `auto` in exact mode is F32 (the configuration
+    whose greedy tokens equal transformers'; quantized weights cannot)."""
+    return "f32" if exact and quant == "auto" else quant
+
+
 def checked_encoder_precision(precision: str = "auto", *, exact: bool = False) -> str:
     """`precision` checked (and fp32 for exact mode), `auto` left for the export to resolve: what
     a load passes down without probing the GPU when its source turns out to be a bundle."""

@@ -142,13 +142,14 @@ def load_model(
 
     check_threads(threads)
     spec = spec or DEFAULT_MODEL
-    from ..quants import checked_encoder_precision
+    from ..quants import checked_encoder_precision, exact_quant
     from ..runtime.locate import first_use, first_use_line
 
     try:
         precision = checked_encoder_precision(encoder_precision, exact=exact)
     except ValueError as e:
         raise OptionsError(str(e)) from None
+    quant = exact_quant(quant, exact)
     need = first_use(spec, quant, precision)  # a big download / export ahead is said before it starts
     if need:
         pull = f"edge-af3 models pull {spec}" + (

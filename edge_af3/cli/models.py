@@ -133,18 +133,21 @@ def pull_cmd(
         help=QUANT_HELP,
     ),
     encoder_precision: EncPrecOpt = "auto",
-    exact: bool = typer.Option(False, "--exact", help="The bundle `--exact` loads (the fp32 encoder)."),
+    exact: bool = typer.Option(
+        False, "--exact", help="The bundle `--exact` loads (the fp32 encoder; --quant auto: F32)."
+    ),
     yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask before a big download / export."),
 ) -> None:
     """Download (a Hub id) and export into the cache, as `-m SOURCE` would on first use, saying
     first what it takes: download size, disk and RAM."""
-    from ..quants import resolve_encoder_precision
+    from ..quants import exact_quant, resolve_encoder_precision
     from ..runtime.locate import exported, first_use, first_use_line
 
     try:
         precision = resolve_encoder_precision(encoder_precision, exact=exact)
     except ValueError as e:
         raise OptionsError(str(e)) from None
+    quant = exact_quant(quant, exact)
     need = first_use(source, quant, precision)
     if need:
         console.print(first_use_line(source, need), highlight=False)

@@ -58,8 +58,7 @@ def exported(source, quant: str, progress=None, encoder_precision: str = "auto")
 
     ckpt = resolve_checkpoint(source)
     read_config(ckpt)  # refuse a non-AF3 folder before anything is exported
-    encoder_precision = resolve_encoder_precision(encoder_precision)
-    out = cached_bundle_path(ckpt, quant, encoder_precision)
+    out = cached_bundle_path(ckpt, quant, resolve_encoder_precision(encoder_precision))
     if not (out / "manifest.json").is_file():
         try:
             from ..export import export  # layer-ok: only a checkpoint (not a bundle) needs the exporter

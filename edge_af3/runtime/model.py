@@ -139,17 +139,18 @@ class AF3:
         sequences, each with its own n_ctx of KV cache: the server's slots; the in-process API uses
         the first).
         check_hashes: None hashes files the first time they are seen (remembered), True always,
-        False never. quant / encoder_precision: how a checkpoint source is exported ("auto": the
-        type its widths suit; fp32 for exact mode, on a GPU machine or a CPU without VNNI, else
-        mixed); each
-        combination is its own cached bundle.
+        False never. quant / encoder_precision: how a checkpoint source is exported; quant "auto":
+        the type its widths suit, F32 in exact mode; encoder_precision "auto": fp32 for exact mode,
+        on a GPU machine or a CPU without VNNI, else mixed. Each combination is its own cached
+        bundle.
         """
-        from ..quants import checked_encoder_precision
+        from ..quants import checked_encoder_precision, exact_quant
 
         try:
             precision = checked_encoder_precision(encoder_precision, exact=bool(settings.get("exact")))
         except ValueError as e:
             raise OptionsError(str(e)) from None
+        quant = exact_quant(quant, bool(settings.get("exact")))
         path = locate(source, quant=quant, encoder_precision=precision, progress=progress)
         return cls(open_bundle(path, check_hashes=check_hashes), **settings)
 
