@@ -282,6 +282,8 @@ def test_transcriptions(server, model, speech_wav):
     with open(speech_wav, "rb") as f:
         v = client.audio.transcriptions.create(model="edge-af3", file=f, response_format="verbose_json")
     assert v.text == want and abs(v.duration - sf.info(str(speech_wav)).duration) < 0.05
+    bad = server.post("/v1/audio/transcriptions", files={"file": speech_wav.read_bytes()}, data={"temperature": "hot"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "temperature"
 
 
 def test_connect_ask_stream_chat(server, model, speech_wav, real_clip):

@@ -308,8 +308,8 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
         fmt = form.get("response_format") or "json"
         if fmt not in ("json", "text", "verbose_json"):
             raise bad(f"response_format {fmt!r} is not supported (json, text, verbose_json)", "response_format")
-        fields = {"temperature": float(form["temperature"]) if form.get("temperature") else 0.0}
         try:
+            fields = {"temperature": float(form["temperature"]) if form.get("temperature") else 0.0}
             options = options_from(fields, model.options.max_new_tokens)
         except ValueError as e:
             raise bad(str(e), "temperature") from None
