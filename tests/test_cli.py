@@ -682,7 +682,9 @@ def test_ask_exact_from_a_checkpoint_folder(tiny_ckpt, reference, tmp_path):
     assert got["tokens"] == strip_eos(reference.generate(conversation(x), max_new_tokens=24))
     (bundle,) = (tmp_path / "cache" / "bundles").iterdir()
     manifest = json.loads((bundle / "manifest.json").read_text())
-    assert manifest["encoder"]["precision"] == "fp32" and manifest["llm"]["quant"] == "f32" and "-f32-fp32-" in bundle.name
+    assert (
+        manifest["encoder"]["precision"] == "fp32" and manifest["llm"]["quant"] == "f32" and "-f32-fp32-" in bundle.name
+    )
     # the fast path keeps its own bundle (another encoder precision: another cache entry)
     res = run_cli(
         "ask", str(clip), "What do you hear?", "-m", str(tiny_ckpt), "-n", "2", "--encoder-precision", "int8", env=env
