@@ -17,6 +17,8 @@ multiple of 256 is quantized to a fallback type instead (Q5_0 / Q5_1 / Q8_0), te
 
 from __future__ import annotations
 
+from .errors import OptionsError
+
 QUANTS = {  # name -> llama_ftype
     "f32": 0,
     "f16": 1,
@@ -82,13 +84,13 @@ def resolve_encoder_precision(precision: str = "auto", *, exact: bool = False) -
     product (VNNI), mixed (the fastest CPU graph whose rows keep cosine >= 0.9999); on one without
     (AVX2 only), fp32: there mixed was 5 % faster at rows cosine 0.99988 (bench-small, AMD EPYC
     Zen 3; docs/cpu.md). Exact mode
-    refuses anything but fp32."""
+    refuses anything but fp32. Errors are OptionsError (a ValueError)."""
     if precision not in ("auto",) + ENCODER_PRECISIONS:
-        raise ValueError(
+        raise OptionsError(
             f"unknown encoder precision {precision!r}; choose auto or one of {', '.join(ENCODER_PRECISIONS)}"
         )
     if exact and precision not in ("auto", "fp32"):
-        raise ValueError(f"exact mode computes the encoder in fp32; --encoder-precision {precision} cannot be exact")
+        raise OptionsError(f"exact mode computes the encoder in fp32; --encoder-precision {precision} cannot be exact")
     if precision != "auto":
         return precision
     if exact:

@@ -145,10 +145,7 @@ def load_model(
     from ..quants import checked_encoder_precision, exact_quant
     from ..runtime.locate import first_use, first_use_line
 
-    try:
-        precision = checked_encoder_precision(encoder_precision, exact=exact)
-    except ValueError as e:
-        raise OptionsError(str(e)) from None
+    precision = checked_encoder_precision(encoder_precision, exact=exact)
     quant = exact_quant(quant, exact)
     need = first_use(spec, quant, precision)  # a big download / export ahead is said before it starts
     if need:
@@ -185,10 +182,7 @@ def bundle_for(spec: str | None, export_precision: str = "auto", exact: bool = F
     from ..quants import resolve_encoder_precision
     from ..runtime import locate
 
-    try:
-        precision = resolve_encoder_precision(export_precision, exact=exact)
-    except ValueError as e:
-        raise OptionsError(str(e)) from None
+    precision = resolve_encoder_precision(export_precision, exact=exact)
     return locate(spec or DEFAULT_MODEL, encoder_precision=precision)
 
 

@@ -143,10 +143,7 @@ def pull_cmd(
     from ..quants import exact_quant, resolve_encoder_precision
     from ..runtime.locate import exported, first_use, first_use_line
 
-    try:
-        precision = resolve_encoder_precision(encoder_precision, exact=exact)
-    except ValueError as e:
-        raise OptionsError(str(e)) from None
+    precision = resolve_encoder_precision(encoder_precision, exact=exact)
     quant = exact_quant(quant, exact)
     need = first_use(source, quant, precision)
     if need:

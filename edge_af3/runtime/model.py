@@ -146,11 +146,9 @@ class AF3:
         """
         from ..quants import checked_encoder_precision, exact_quant
 
-        try:
-            precision = checked_encoder_precision(encoder_precision, exact=bool(settings.get("exact")))
-        except ValueError as e:
-            raise OptionsError(str(e)) from None
-        quant = exact_quant(quant, bool(settings.get("exact")))
+        exact = bool(settings.get("exact"))
+        precision = checked_encoder_precision(encoder_precision, exact=exact)
+        quant = exact_quant(quant, exact)
         path = locate(source, quant=quant, encoder_precision=precision, progress=progress)
         return cls(open_bundle(path, check_hashes=check_hashes), **settings)
 
