@@ -334,7 +334,7 @@ def decode_steps(gguf: Path, batches=(1, 2, 4), steps: int = 30) -> dict:
     out = {}
     with LlamaEngine(gguf, n_ctx=512, n_seq=max(batches)) as e:
         for i in range(max(batches)):
-            e.decode_tokens(e.tokenize(f"<|im_start|>user\nhello {i}<|im_end|>\n<|im_start|>assistant\n"), seq=i)
+            e.seqs[i].decode_tokens(e.tokenize(f"<|im_start|>user\nhello {i}<|im_end|>\n<|im_start|>assistant\n"))
         samplers = [e.make_sampler(SamplerOptions(repetition_penalty=1.05)) for _ in range(max(batches))]
         for b in batches:
             toks = [100] * b

@@ -204,13 +204,13 @@ def test_overlapped_encoder_feeds_prefill_window_by_window(bundle, reference):
     with AF3.load(bundle, n_ctx=4096, exact=True, overlap=True, windows_per_run=2, options=GREEDY) as m:
         log = []
         m.encoder = _SlowEncoder(m.encoder, log)
-        real = m.llm.decode_embeddings
+        real = m.llm.seqs[0].decode_rows
 
         def logged(rows, **kw):
             log.append(("rows", rows.shape[0], time.perf_counter()))
             return real(rows, **kw)
 
-        m.llm.decode_embeddings = logged
+        m.llm.seqs[0].decode_rows = logged
         ans = m.ask(QUESTION, (x, 16000), max_new_tokens=16)
         assert list(ans.tokens) == want and ans.timings.audio_tokens == 2500
         assert [n for k, n, _ in log if k == "encode"] == [2, 1, 1]

@@ -154,7 +154,7 @@ def test_batched_decode_of_four_sequences_equals_each_alone(tiny_bundle):
 
     def start(e, text, seq):
         ids = e.tokenize(f"<|im_start|>user\n{text}<|im_end|>\n<|im_start|>assistant\n")
-        e.decode_tokens(ids, seq=seq)
+        e.seqs[seq].decode_tokens(ids)
         s = e.make_sampler(opts)
         e.accept(s, ids)
         return s, [e.sample(s)]

@@ -2,7 +2,9 @@
 
 A llama.cpp batch carries either token ids or float embeddings, so text and audio rows go in
 separate `llama_decode` calls at consecutive positions. Every decode is cut to `n_batch` rows:
-a larger one trips a C assert that aborts the whole process.
+a larger one trips a C assert that aborts the whole process. The engine owns the context, the
+batches, adapters and the vocabulary; each sequence's KV bookkeeping (positions, what they hold,
+prefix reuse, truncation, removal with shift) is its `KVSequence` (engines/sequence.py).
 """
 
 from __future__ import annotations
@@ -17,10 +19,11 @@ from pathlib import Path
 import numpy as np
 
 from ..cpu_features import AMX_WHY, amx_path_would_run
-from ..errors import BundleError, ContextOverflowError, OptionsError
+from ..errors import BundleError, OptionsError
 from ._native import NativeResource
 from .pages import release_mapped_pages
 from .sampling import SamplerOptions, SamplingMixin  # noqa: F401 - SamplerOptions: part of this module's API
+from .sequence import KVSequence
 
 _LOG_LOCK = threading.Lock()
 _LOG = {"callback": None, "verbose": False}
@@ -85,22 +88,10 @@ def supports_gpu_offload() -> bool:
 KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}  # ggml_type ids
 
 
-class SeqState:
-    """One sequence of the context: where its next row goes, and what each of its KV positions
-    holds (a token id, or an audio row's identity (clip hash, row index)); `common_prefix`
-    compares a prompt against it so only the part that differs is decoded."""
-
-    __slots__ = ("n_past", "items", "adapter")
-
-    def __init__(self):
-        self.n_past = 0
-        self.items: list = []
-        self.adapter: str | None = None  # the LoRA adapter its KV was computed with
-
-
 class LlamaEngine(SamplingMixin, NativeResource):
-    """One llama.cpp model + context with `n_seq` sequences (seq 0 unless told otherwise), each
-    with its own KV cache of `n_ctx` positions (llama.cpp's non-unified multi-sequence KV)."""
+    """One llama.cpp model + context with `n_seq` sequences (`seqs`: KVSequence objects), each
+    with its own KV cache of `n_ctx` positions (llama.cpp's non-unified multi-sequence KV). The
+    decode_* / truncate / n_past / items shorthands act on sequence 0, the in-process runtime's."""
 
     def __init__(
         self,
@@ -160,7 +151,7 @@ class LlamaEngine(SamplingMixin, NativeResource):
         self._tok = llama_cpp.llama_batch_init(max(n_batch, n_seq), 0, 1)
         self._emb = llama_cpp.llama_batch_init(n_batch, self.n_embd, 1)
         self.n_gpu_layers = n_gpu_layers
-        self.seqs = [SeqState() for _ in range(n_seq)]
+        self.seqs = [KVSequence(self, i) for i in range(n_seq)]
         self.adapters: dict[str, object] = {}  # name -> llama_adapter_lora (freed with the model)
         self.active: str | None = None  # the adapter set on the context now
         # bumped by every change of the context's state (a decode, a truncation, another adapter):
@@ -169,7 +160,7 @@ class LlamaEngine(SamplingMixin, NativeResource):
         self.decoded_rows = 0  # counters that tests read: work actually done
         self.decode_calls = 0
 
-    # seq 0's state, which the in-process runtime uses
+    # sequence 0, which the in-process runtime uses
     @property
     def n_past(self) -> int:
         return self.seqs[0].n_past
@@ -178,26 +169,40 @@ class LlamaEngine(SamplingMixin, NativeResource):
     def items(self) -> list:
         return self.seqs[0].items
 
-    # -- decoding -------------------------------------------------------------------------
-    def _check_room(self, n: int, seq: int = 0) -> None:
-        need = self.seqs[seq].n_past + n
-        if need > self.n_ctx:
-            raise ContextOverflowError(
-                f"the prompt needs {need} positions but n_ctx is {self.n_ctx}; load the model with n_ctx >= {need}"
-            )
+    def decode_tokens(self, ids: Sequence[int], *, logits: str = "last") -> np.ndarray | None:
+        return self.seqs[0].decode_tokens(ids, logits=logits)
 
-    def _run(self, batch, n: int, want_logits: str, items: Sequence, seq: int = 0) -> None:
+    def decode_embeddings(self, rows: np.ndarray, *, logits: str = "none", ids: Sequence | None = None):
+        return self.seqs[0].decode_rows(rows, ids=ids, logits=logits)
+
+    def decode_next(self, token: int) -> None:
+        self.seqs[0].decode_next(token)
+
+    def truncate(self, n_past: int) -> None:
+        self.seqs[0].truncate(n_past)
+
+    # -- decoding (KVSequence keeps its own bookkeeping) ------------------------------------
+    def run_tokens(self, ids: Sequence[int], want_logits: str, seq: KVSequence) -> None:
+        """One llama_decode of <= n_batch token ids at `seq`'s next positions."""
+        for i, t in enumerate(ids):
+            self._tok.token[i] = t
+        self._run(self._tok, len(ids), want_logits, seq, ids)
+
+    def run_rows(self, rows: np.ndarray, ids: Sequence, want_logits: str, seq: KVSequence) -> None:
+        """One llama_decode of <= n_batch float rows (C-contiguous float32) at `seq`'s next positions."""
+        ctypes.memmove(self._emb.embd, rows.ctypes.data, rows.nbytes)
+        self._run(self._emb, rows.shape[0], want_logits, seq, ids)
+
+    def _run(self, batch, n: int, want_logits: str, seq: KVSequence, items: Sequence) -> None:
         self.epoch += 1
-        state = self.seqs[seq]
         batch.n_tokens = n
         for i in range(n):
-            batch.pos[i] = state.n_past + i
+            batch.pos[i] = seq.n_past + i
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
+            batch.seq_id[i][0] = seq.id
             batch.logits[i] = 1 if (want_logits == "all" or (want_logits == "last" and i == n - 1)) else 0
-        self._decode(batch, state.n_past)
-        state.n_past += n
-        state.items.extend(items)
+        self._decode(batch, seq.n_past)
+        seq.advanced(items)
         self.decoded_rows += n
 
     def _decode(self, batch, at: int) -> None:
@@ -207,113 +212,58 @@ class LlamaEngine(SamplingMixin, NativeResource):
         self.decode_calls += 1
 
     def decode_step(self, steps: Sequence[tuple[int, int]]) -> None:
-        """One batched decode of one token per sequence: `steps` = (seq, token) pairs, each token
+        """One batched decode of one token per sequence: `steps` = (seq id, token) pairs, each token
         at its sequence's next position; the logits of pair i are at batch index i (`sample(s, i)`)."""
         if not steps or len(steps) > self.n_seq:
             raise ValueError(f"decode_step takes 1..{self.n_seq} (seq, token) pairs, got {len(steps)}")
-        for seq, _ in steps:
-            self._check_room(1, seq)
+        seqs = [self.seqs[s] for s, _ in steps]
+        for seq in seqs:
+            seq.check_room(1)
         batch = self._tok
         batch.n_tokens = len(steps)
-        for i, (seq, token) in enumerate(steps):
+        for i, (seq, (_, token)) in enumerate(zip(seqs, steps)):
             batch.token[i] = token
-            batch.pos[i] = self.seqs[seq].n_past
+            batch.pos[i] = seq.n_past
             batch.n_seq_id[i] = 1
-            batch.seq_id[i][0] = seq
+            batch.seq_id[i][0] = seq.id
             batch.logits[i] = 1
         self.epoch += 1
-        self._decode(batch, self.seqs[steps[0][0]].n_past)
-        for seq, token in steps:
-            self.seqs[seq].n_past += 1
-            self.seqs[seq].items.append(token)
+        self._decode(batch, seqs[0].n_past)
+        for seq, (_, token) in zip(seqs, steps):
+            seq.advanced((token,))
         self.decoded_rows += len(steps)
 
-    def _logits_rows(self, n: int) -> np.ndarray:
+    def logits_rows(self, n: int) -> np.ndarray:
+        """The logits of the last decode's first n rows, copied: [n, vocab]."""
         out = np.empty((n, self.n_vocab), dtype=np.float32)
         for i in range(n):
             ptr = self._ll.llama_get_logits_ith(self.ctx, i)
             out[i] = np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
         return out
 
-    def decode_tokens(self, ids: Sequence[int], *, logits: str = "last", seq: int = 0) -> np.ndarray | None:
-        """Feed token ids. logits: 'last' -> [vocab] of the last id, 'all' -> [n, vocab], 'none'."""
-        ids = list(ids)
-        self._check_room(len(ids), seq)
-        collected = []
-        for start in range(0, len(ids), self.n_batch):
-            chunk = ids[start : start + self.n_batch]
-            last_chunk = start + self.n_batch >= len(ids)
-            for i, t in enumerate(chunk):
-                self._tok.token[i] = t
-            mode = logits if (logits == "all" or last_chunk) else "none"
-            self._run(self._tok, len(chunk), mode, chunk, seq)
-            if mode == "all":
-                collected.append(self._logits_rows(len(chunk)))
-        if logits == "all":
-            return np.concatenate(collected) if collected else np.empty((0, self.n_vocab), np.float32)
-        if logits == "last" and ids:
-            return self.last_logits((len(ids) - 1) % self.n_batch)
-        return None
-
-    def decode_embeddings(
-        self, rows: np.ndarray, *, logits: str = "none", ids: Sequence | None = None, seq: int = 0
-    ) -> np.ndarray | None:
-        """Feed float rows [n, n_embd] (audio) at the next positions, n_batch rows per decode.
-        `ids`: a hashable identity per row, for prefix reuse (default: never equal to anything)."""
-        rows = np.ascontiguousarray(rows, dtype=np.float32)
-        if rows.ndim != 2 or rows.shape[1] != self.n_embd:
-            raise ValueError(f"embedding rows must be [n, {self.n_embd}], got {rows.shape}")
-        if ids is not None and len(ids) != rows.shape[0]:
-            raise ValueError(f"{len(ids)} row ids for {rows.shape[0]} rows")
-        self._check_room(rows.shape[0], seq)
-        ids = list(ids) if ids is not None else [object() for _ in range(rows.shape[0])]
-        collected = []
-        for start in range(0, rows.shape[0], self.n_batch):
-            chunk = rows[start : start + self.n_batch]
-            ctypes.memmove(self._emb.embd, chunk.ctypes.data, chunk.nbytes)
-            last_chunk = start + self.n_batch >= rows.shape[0]
-            mode = logits if (logits == "all" or last_chunk) else "none"
-            self._run(self._emb, chunk.shape[0], mode, ids[start : start + self.n_batch], seq)
-            if mode == "all":
-                collected.append(self._logits_rows(chunk.shape[0]))
-        if logits == "all":
-            return np.concatenate(collected)
-        if logits == "last":
-            return self.last_logits((rows.shape[0] - 1) % self.n_batch)
-        return None
-
-    def decode_next(self, token: int) -> None:
-        """Feed one sampled token; its logits stay in the context for the next `sample` (no copy)."""
-        self._check_room(1)
-        self._tok.token[0] = token
-        self._run(self._tok, 1, "last", (token,))
-
     def last_logits(self, index: int = -1) -> np.ndarray:
         ptr = self._ll.llama_get_logits_ith(self.ctx, index)
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
 
-    def truncate(self, n_past: int, seq: int = 0) -> None:
-        """Forget every position >= n_past of a sequence (its KV cache keeps the prefix)."""
-        mem = self._ll.llama_get_memory(self.ctx)
-        self._ll.llama_memory_seq_rm(mem, seq, n_past, -1)
+    # -- the KV memory (a KVSequence calls these and keeps its bookkeeping) ------------------
+    def memory_remove(self, seq: int, p0: int, p1: int) -> None:
+        """Drop positions [p0, p1) of a sequence (p1 = -1: to the end)."""
+        self._ll.llama_memory_seq_rm(self._ll.llama_get_memory(self.ctx), seq, p0, p1)
         self.epoch += 1
-        state = self.seqs[seq]
-        state.n_past = min(state.n_past, n_past)
-        del state.items[n_past:]
+
+    def memory_shift(self, seq: int, p0: int, p1: int, delta: int) -> None:
+        """Move positions [p0, p1) of a sequence by `delta` (RoPE keys re-rotated at the next decode)."""
+        mem = self._ll.llama_get_memory(self.ctx)
+        if not self._ll.llama_memory_can_shift(mem):
+            raise RuntimeError("this model's KV cache cannot shift positions")
+        self._ll.llama_memory_seq_add(mem, seq, p0, p1, delta)
+        self.epoch += 1
 
     def reset(self) -> None:
         self._ll.llama_memory_clear(self._ll.llama_get_memory(self.ctx), True)
         self.epoch += 1
-        self.seqs = [SeqState() for _ in range(self.n_seq)]  # (the context's active adapter stays)
-
-    def common_prefix(self, items, seq: int = 0) -> int:
-        """How many leading positions of a sequence's KV cache already hold `items` (an iterable)."""
-        n = 0
-        for have, want in zip(self.seqs[seq].items, items):
-            if have != want:
-                break
-            n += 1
-        return n
+        for seq in self.seqs:  # (the context's active adapter stays)
+            seq.emptied()
 
     # -- adapters -------------------------------------------------------------------------
     def load_adapter(self, name: str, path: str | os.PathLike) -> None:
@@ -341,15 +291,6 @@ class LlamaEngine(SamplingMixin, NativeResource):
             raise RuntimeError(f"llama_set_adapters_lora failed with code {rc}")
         self.active = name
         self.epoch += 1
-
-    def bind(self, seq: int, adapter: str | None) -> None:
-        """The sequence is about to be decoded under `adapter`: KV computed under another adapter is
-        never reused (its positions are dropped). Then activates it."""
-        state = self.seqs[seq]
-        if state.adapter != adapter:
-            self.truncate(0, seq)
-            state.adapter = adapter
-        self.activate(adapter)
 
     # -- vocabulary -----------------------------------------------------------------------
     def tokenize(self, text: str, *, special: bool = True) -> list[int]:

@@ -12,15 +12,15 @@ from .clips import Clip, items
 
 
 class Prefill:
-    """Make sequence `seq` of `llm` hold `target` (token id lists and clips) computed with
+    """Make a llama.cpp sequence (`KVSequence`) hold `target` (token id lists and clips) computed with
     `adapter`. Nothing happens until the first `next()` (a scheduler creates it outside the model
     lock); each `next()` decodes one chunk and returns True for the last, whose final row keeps its
     logits. `reused` is the prefix the cache already held, `decoded` the positions decoded.
     `step`: positions per `next()` at most (the server: n_batch); None: a whole token list, or a
     clip's chunk as the encoder hands it over, per `next()` (the engine cuts decodes to n_batch)."""
 
-    def __init__(self, llm, target: list, adapter: str | None = None, seq: int = 0, step: int | None = None):
-        self.llm, self.target, self.adapter, self.seq, self.step = llm, target, adapter, seq, step
+    def __init__(self, seq, target: list, adapter: str | None = None, step: int | None = None):
+        self.seq, self.target, self.adapter, self.step = seq, target, adapter, step
         self.total = sum(len(s) for s in target)
         self.reused = 0
         self.decoded = 0
@@ -41,17 +41,17 @@ class Prefill:
         return self.reused
 
     def _start(self) -> None:
-        llm = self.llm
-        if self.total > llm.n_ctx:
-            raise ContextOverflowError(f"the prompt needs {self.total} positions but n_ctx is {llm.n_ctx}")
-        llm.bind(self.seq, self.adapter)  # a cache made under another adapter is dropped
+        seq = self.seq
+        if self.total > seq.engine.n_ctx:
+            raise ContextOverflowError(f"the prompt needs {self.total} positions but n_ctx is {seq.engine.n_ctx}")
+        seq.bind(self.adapter)  # a cache made under another adapter is dropped
         # at least one position is decoded: its logits are the first draw's
-        self.reused = min(llm.common_prefix(items(self.target), self.seq), self.total - 1)
-        llm.truncate(self.reused, self.seq)
+        self.reused = min(seq.common_prefix(items(self.target)), self.total - 1)
+        seq.truncate(self.reused)
 
     def _run(self) -> Iterator[bool]:
         self._start()
-        llm, seq = self.llm, self.seq
+        seq = self.seq
         last_seg = max(i for i, s in enumerate(self.target) if len(s))
         offset = 0
         for i, seg in enumerate(self.target):
@@ -67,12 +67,12 @@ class Prefill:
                     hi = min(hi_all, lo + step)
                     last = i == last_seg and hi == n
                     mode = "last" if last else "none"
-                    llm.activate(self.adapter)  # another sequence's adapter may have decoded since
+                    seq.engine.activate(self.adapter)  # another sequence's adapter may have decoded since
                     if isinstance(seg, Clip):
                         ids = [(seg.key, j) for j in range(lo, hi)]
-                        llm.decode_embeddings(part[lo - pos : hi - pos], ids=ids, logits=mode, seq=seq)
+                        seq.decode_rows(part[lo - pos : hi - pos], ids=ids, logits=mode)
                     else:
-                        llm.decode_tokens(part[lo - pos : hi - pos], logits=mode, seq=seq)
+                        seq.decode_tokens(part[lo - pos : hi - pos], logits=mode)
                     self.decoded += hi - lo
                     yield last
                 pos = hi_all

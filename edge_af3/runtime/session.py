@@ -166,7 +166,7 @@ class ChatSession:
         """Make the KV cache hold `target` (computed with `adapter`), decoding only what it does not
         hold yet; the last decode keeps its logits. Returns how many positions were reused. Call
         with the model lock held."""
-        prefill = Prefill(self.model.llm, target, adapter)
+        prefill = Prefill(self.model.llm.seqs[0], target, adapter)
         reused = prefill.run()
         self.prefilled_tokens += prefill.decoded
         return reused

@@ -118,6 +118,7 @@ class Stream:
     def _decode_step(self) -> str:
         """One step under the model lock: the prefill (and the first token), or one more token."""
         llm = self.model.llm
+        seq = llm.seqs[0]  # the in-process runtime's sequence
         if self.gen is None:
             t0 = time.perf_counter()
             self._reused = self.session._prefill(self.turn.target, self.turn.adapter)
@@ -130,10 +131,10 @@ class Stream:
             if self._cancel.is_set():
                 return self._finish("cancelled")
             tok = self.gen.sample()
-            piece = self.gen.take(tok, llm.n_past, llm.n_ctx)
+            piece = self.gen.take(tok, seq.n_past, llm.n_ctx)
             if self.gen.ended:
                 return piece + self._finish(self.gen.finish_reason)
-            llm.decode_next(tok)
+            seq.decode_next(tok)
             self._epoch = llm.epoch
             if piece:
                 return piece

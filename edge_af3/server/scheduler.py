@@ -208,7 +208,7 @@ class Scheduler:
             best = max(
                 free,
                 key=lambda s: (
-                    self.llm.common_prefix(want, s.seq) if seqs[s.seq].adapter == job.adapter else 0,
+                    seqs[s.seq].common_prefix(want) if seqs[s.seq].adapter == job.adapter else 0,
                     -s.used,
                 ),
             )
@@ -224,7 +224,7 @@ class Scheduler:
         slot.job, slot.pending, job.slot, job.t_start = job, None, slot.seq, time.perf_counter()
         slot.gen = Generation(self.llm, job.options, job.eos, penalty_ids(job.target))
         job.tokens = slot.gen.tokens
-        slot.prefill = Prefill(self.llm, job.target, job.adapter, seq=slot.seq, step=self.llm.n_batch)
+        slot.prefill = Prefill(self.llm.seqs[slot.seq], job.target, job.adapter, step=self.llm.n_batch)
 
     def _work(self) -> None:
         """One prefill chunk (slots in turn), then one decode step of every decoding slot."""
@@ -270,8 +270,8 @@ class Scheduler:
         costs = []
         for b in range(1, n + 1):
             for i in range(b):
-                llm.truncate(0, i)
-                llm.decode_tokens(llm.tokenize("<|im_start|>user\nhello"), logits="none", seq=i)
+                llm.seqs[i].truncate(0)
+                llm.seqs[i].decode_tokens(llm.tokenize("<|im_start|>user\nhello"), logits="none")
             pairs = [(i, 13) for i in range(b)]
             llm.decode_step(pairs)  # warm-up
             t0 = time.perf_counter()
