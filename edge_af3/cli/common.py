@@ -240,11 +240,6 @@ def _gpu_choice(target: str):
     return EncoderChoice("tensorrt", f"cuda ({target})", gpu=target)
 
 
-def generation_overrides(**given) -> dict:
-    """The generation options the user gave (None = the checkpoint's default)."""
-    return {k: v for k, v in given.items() if v is not None}
-
-
 def timings_line(t, finish_reason: str | None = None) -> str:
     """One line of what a turn cost: the prompt (the whole conversation's positions, how many of
     them the KV cache already held, this turn's new audio tokens) and each stage."""

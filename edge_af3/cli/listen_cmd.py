@@ -7,25 +7,14 @@ from pathlib import Path
 import typer
 
 from ..errors import EdgeAF3Error, OptionsError
-from .common import (
-    DeviceOpt,
-    EncPrecOpt,
-    EngineOpt,
-    ExactOpt,
-    KvOpt,
-    ModelOpt,
-    NCtxOpt,
-    ThreadsOpt,
-    console,
-    emit,
-    emit_json,
-    load_model,
-    out,
-)
+from .common import console, emit, emit_json, out
+from .options import LoadOptions, SamplingOptions, takes
 
 LISTEN_PROMPT = "Describe what you hear. If there is speech, transcribe it."
 
 
+# answers about each segment are short: 200 tokens unless told
+@takes(sampling=(SamplingOptions, {"max_new_tokens": 200}), load=LoadOptions)
 def listen_cmd(
     mic: bool = typer.Option(False, "--mic", help="Listen to a microphone (PortAudio)."),
     file: Path | None = typer.Option(None, "--file", help="Run the same loop on an audio file (read as a stream)."),
@@ -37,22 +26,13 @@ def listen_cmd(
         None, "--input", "-i", help="Microphone: input device index or name (see --list-devices)."
     ),
     list_devices: bool = typer.Option(False, "--list-devices", help="List input devices and exit."),
-    model: ModelOpt = None,
-    max_new_tokens: int = typer.Option(200, "--max-new-tokens", "-n", min=1),
     as_json: bool = typer.Option(False, "--json", help="One JSON object per answer, then the summary."),
-    n_ctx: NCtxOpt = None,
-    threads: ThreadsOpt = None,
-    exact: ExactOpt = False,
-    encoder_precision: EncPrecOpt = "auto",
-    device: DeviceOpt = "auto",
-    kv_type: KvOpt = None,
-    engine: EngineOpt = None,
-    temperature: float | None = typer.Option(
-        None, "--temperature", "-t", help="0 = greedy. Default: the checkpoint's."
-    ),
     think: bool = typer.Option(False, "--think", help="AF3 think mode for every segment."),
     adapter: str | None = typer.Option(None, "--adapter", help="Answer with an exported adapter by name."),
     system: str | None = typer.Option(None, "--system", help="System prompt for every segment's question."),
+    *,
+    sampling: SamplingOptions,
+    load: LoadOptions,
 ) -> None:
     """Listen continuously: a VAD cuts speech and sound events, each is asked the standing prompt.
 
@@ -84,9 +64,9 @@ def listen_cmd(
         for d in devices if not as_json else []:
             out.print(f"[{d['index']}] {d['name']} ({d['channels']} ch, {d['default_rate']:.0f} Hz)", markup=False)
         return
-    if device not in ("auto", "cpu", "cuda"):
+    if load.device not in ("auto", "cpu", "cuda"):
         raise OptionsError(
-            f"--device is the compute device (auto, cpu or cuda), got {device!r}; the microphone is --input"
+            f"--device is the compute device (auto, cpu or cuda), got {load.device!r}; the microphone is --input"
         )
     if mic == (file is not None):
         raise OptionsError("choose one input: --mic or --file PATH")
@@ -97,16 +77,8 @@ def listen_cmd(
         source = MicSource(input_device)
     else:
         next(iter(stream_file(file, 16)), None)  # a missing or unreadable file fails before the model loads
-    af3 = load_model(
-        model,
-        n_ctx=n_ctx,
-        threads=threads,
-        exact=exact,
-        encoder_precision=encoder_precision,
-        device=device,
-        kv_type=kv_type,
-        encoder_engine=engine,
-    )
+    options = sampling.overrides()
+    af3 = load.load()
     if adapter is not None:
         af3.resolve_adapter(False, adapter)  # an unknown name fails now, not at the first segment
 
@@ -134,11 +106,10 @@ def listen_cmd(
         every_s=every,
         wait=file is not None and not realtime,
         on_event=on_event,
-        max_new_tokens=max_new_tokens,
         think=think,
         adapter=adapter,
         system=system,
-        **({"temperature": temperature} if temperature is not None else {}),
+        **options,
     )
     what = f"microphone {input_device if input_device is not None else '(default)'}" if mic else str(file)
     console.print(f"[dim]listening to {what} ({f'every {every:.1f} s' if every else 'VAD ' + vad}); Ctrl-C to stop[/]")

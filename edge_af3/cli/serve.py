@@ -5,23 +5,12 @@ from __future__ import annotations
 import typer
 
 from ..errors import OptionsError
-from .common import (
-    DEFAULT_MODEL,
-    DeviceOpt,
-    EncPrecOpt,
-    EngineOpt,
-    ExactOpt,
-    KvOpt,
-    ModelOpt,
-    NCtxOpt,
-    ThreadsOpt,
-    VerifyOpt,
-    check_threads,
-)
+from .common import DEFAULT_MODEL, check_threads
+from .options import LoadOptions, takes
 
 
+@takes(load=LoadOptions)
 def serve_cmd(
-    model: ModelOpt = None,
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 to serve the network)."),
     port: int = typer.Option(8000, "--port", min=0, max=65535, help="TCP port."),
     api_key: str | None = typer.Option(
@@ -51,15 +40,9 @@ def serve_cmd(
         "than one slot at a time (K-quants on some CPUs are not) | always.",
     ),
     name: str | None = typer.Option(None, "--name", help="Model id to serve under (default: the checkpoint's Hub id)."),
-    n_ctx: NCtxOpt = None,
-    threads: ThreadsOpt = None,
-    device: DeviceOpt = "auto",
-    kv_type: KvOpt = None,
-    engine: EngineOpt = None,
-    exact: ExactOpt = False,
-    encoder_precision: EncPrecOpt = "auto",
-    verify: VerifyOpt = False,
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error"),
+    *,
+    load: LoadOptions,
 ) -> None:
     """Serve AF3 over OpenAI's API: /v1/chat/completions (audio as input_audio or data: audio_url,
     streaming), /v1/audio/transcriptions, /v1/models, /health, /metrics. Binds to localhost unless
@@ -73,23 +56,13 @@ def serve_cmd(
     from ..server import serve
     from ..server.app import ServerConfig
 
-    check_threads(threads)
+    check_threads(load.threads)
     if decode_batching not in ("auto", "always"):
         raise OptionsError(f"--decode-batching must be auto or always, got {decode_batching!r}")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise OptionsError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
-    load = dict(
-        n_ctx=n_ctx,
-        threads=threads,
-        device=device,
-        kv_type=kv_type,
-        encoder_engine=engine,
-        exact=exact,
-        encoder_precision=encoder_precision,
-        check_hashes=True if verify else None,
-    )
     config = ServerConfig(
-        model=model or DEFAULT_MODEL,
+        model=load.model or DEFAULT_MODEL,
         name=name,
         api_key=api_key or None,
         parallel=parallel,
@@ -98,6 +71,6 @@ def serve_cmd(
         timeout=timeout,
         allow_urls=allow_urls,
         decode_batching=decode_batching,
-        load=load,
+        load=load.af3_kwargs(),
     )
     serve(config, host, port, log_level=log_level)

@@ -13,7 +13,8 @@ generation), session (conversation + KV bookkeeping), model (AF3), locate (bundl
 """
 
 from ..errors import ContextOverflowError, ModelNotFoundError
-from .clips import Clip, cut_frames, iter_windows
+from .clips import Clip
+from .encoding import cut_frames, iter_windows
 from .locate import locate
 from .model import AF3
 from .session import ChatSession

@@ -14,6 +14,7 @@ from ..engines.select import EncoderChoice, make_encoder
 from ..errors import AudioError, BundleError, OptionsError
 from ..settings import Settings, resolve
 from .clips import Clip, RowsCache
+from .encoding import ClipEncoder
 from .locate import locate
 from .session import ChatSession
 from .stream import Stream
@@ -217,8 +218,10 @@ class AF3:
         """Give a pending clip its rows: encoded now, or on a thread (`background`) that the
         prefill reads chunk by chunk. A clip with rows (cached) is left as it is."""
         if clip.pending:
-            args = (self._encoder_for(clip.variant), self.settings.windows_per_run, self._encoder_lock, self.rows_cache)
-            clip.start(*args) if background else clip.encode(*args)
+            enc = ClipEncoder(
+                self._encoder_for(clip.variant), self.settings.windows_per_run, self._encoder_lock, self.rows_cache
+            )
+            enc.start(clip) if background else enc.encode(clip)
 
     def audio_rows(self, audio):
         """Projected rows [N, H] for one clip; the same samples are encoded only once."""

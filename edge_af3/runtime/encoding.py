@@ -1,0 +1,105 @@
+"""Clips to rows: features, then the encoder engine one run at a time, in line or on a thread.
+
+The encoder gives rows in prompt order, one chunk per run: full windows `windows_per_run` at a
+time (bounded memory: a 10 min clip is 20 windows), then a partial last window cut just past its
+valid frames when the engine takes fewer frames (a 5 s clip costs a sixth of a window; same rows).
+On a thread (the GPU default: `overlap`), each chunk goes through a `RowFeed` to the prefill,
+which decodes it while the encoder makes the next.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+import time
+from collections.abc import Callable, Iterator
+
+import numpy as np
+
+from ..constants import N_FRAMES, ROWS_PER_WINDOW
+from ..features import extract_features
+from .clips import Clip, RowsCache
+
+
+def cut_frames(valid: int) -> int:
+    """Frames a partial window is cut to: 4 past its valid frames (the convolutions reach 2), even."""
+    return min(N_FRAMES, valid + 4 + (valid % 2))
+
+
+def iter_windows(encoder, feats, windows_per_run: int = 1, lock: threading.Lock | None = None) -> Iterator[np.ndarray]:
+    """Valid projected rows [n, H] of a clip, in prompt order, one chunk per encoder run."""
+    lock = lock or contextlib.nullcontext()
+    n_windows = feats.features.shape[0]
+    full = [w for w in range(n_windows) if feats.rows_per_window[w] == ROWS_PER_WINDOW]
+    for start in range(0, len(full), max(1, windows_per_run)):
+        ws = full[start : start + windows_per_run]
+        with lock:
+            rows = encoder.encode(feats.features[ws], feats.mask[ws])
+        yield rows[:, :ROWS_PER_WINDOW].reshape(-1, rows.shape[-1])
+    for w in range(n_windows):
+        if feats.rows_per_window[w] != ROWS_PER_WINDOW:  # only ever the last window
+            frames = cut_frames(int(feats.mask[w].sum())) if encoder.dynamic_frames else N_FRAMES
+            with lock:
+                rows = encoder.encode(feats.features[w : w + 1, :, :frames], feats.mask[w : w + 1, :frames])
+            yield rows[0, : feats.rows_per_window[w]]
+
+
+class RowFeed:
+    """Chunks of rows from an encoder thread to one reader, in order; the thread's error is raised
+    in the reader."""
+
+    def __init__(self):
+        self._queue: queue.Queue = queue.Queue()
+
+    def put(self, chunk: np.ndarray) -> None:
+        self._queue.put(chunk)
+
+    def close(self, error: BaseException | None = None) -> None:
+        self._queue.put(error)
+
+    def __iter__(self) -> Iterator[np.ndarray]:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            if isinstance(item, BaseException):
+                self._queue.put(item)  # a second reader (a history re-decoded) sees it too
+                raise item
+            yield item
+
+
+class ClipEncoder:
+    """Gives clips their rows with one encoder engine: `encode(clip)` in line, `start(clip)` on a
+    thread. The rows are kept on the clip (a history re-decoded later uses them) and in the cache."""
+
+    def __init__(self, encoder, windows_per_run: int, lock: threading.Lock | None, cache: RowsCache):
+        self.encoder, self.windows_per_run, self.lock, self.cache = encoder, windows_per_run, lock, cache
+
+    def encode(self, clip: Clip, emit: Callable[[np.ndarray], None] | None = None) -> Clip:
+        t0 = time.perf_counter()
+        feats = extract_features(clip.audio)
+        t1 = time.perf_counter()
+        clip.features_ms = (t1 - t0) * 1000
+        got = []
+        for chunk in iter_windows(self.encoder, feats, self.windows_per_run, self.lock):
+            got.append(chunk)
+            if emit:
+                emit(chunk)
+        clip.encoder_ms = (time.perf_counter() - t1) * 1000
+        clip.rows = np.concatenate(got)
+        self.cache.put(clip.key, clip.rows)  # (the samples stay: another adapter's encoder may need them)
+        return clip
+
+    def start(self, clip: Clip) -> Clip:
+        """`encode(clip)` on a thread; `clip.chunks()` hands over each chunk as it comes."""
+        clip.feed = RowFeed()
+        threading.Thread(target=self._encode_fed, args=(clip,), name="edge-af3-encoder", daemon=True).start()
+        return clip
+
+    def _encode_fed(self, clip: Clip) -> None:
+        try:
+            self.encode(clip, emit=clip.feed.put)
+            clip.feed.close()
+        except BaseException as e:  # handed to the reader, raised there
+            clip.feed.close(e)
