@@ -67,17 +67,9 @@ class LoadOptions:
         """The model, loaded with progress and the engine choice on stderr."""
         from .common import load_model
 
-        return load_model(
-            self.model,
-            n_ctx=self.n_ctx,
-            threads=self.threads,
-            device=self.device,
-            kv_type=self.kv_type,
-            encoder_engine=self.engine,
-            exact=self.exact,
-            encoder_precision=self.encoder_precision,
-            verify=self.verify,
-        )
+        kwargs = self.af3_kwargs()
+        kwargs["verify"] = bool(kwargs.pop("check_hashes"))
+        return load_model(self.model, **kwargs)
 
     def show_plan(self, *, as_json: bool = False) -> None:
         """`--dry-run`: the settings and memory these options would load with; loads nothing."""
