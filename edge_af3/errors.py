@@ -51,3 +51,8 @@ class OutputError(EdgeAF3Error, OSError):
 
 class MissingDependencyError(EdgeAF3Error, ImportError):
     """An optional package this path needs is not installed; the message has the install command."""
+
+
+class VoiceError(EdgeAF3Error, RuntimeError):
+    """Speech output that cannot be made: no engine or voice, a broken voice file, an engine that
+    died, no output device."""

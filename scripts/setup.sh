@@ -2,12 +2,12 @@
 # One-stop set-up on a fresh Debian/Ubuntu machine: system packages (when root), a venv in .venv,
 # the CPU build of torch (pinned: a bare `torch` pulls a multi-GB CUDA build), llama-cpp-python
 # built from its sdist, and edge-af3 with its extras. Safe to run again: it skips what is there.
-#   scripts/setup.sh            runtime + export + mic + server + client extras
+#   scripts/setup.sh            runtime + export + mic + server + client + voice extras
 #   scripts/setup.sh --dev      ... + test tools
 set -euo pipefail
 cd "$(dirname "$0")/.."
-EXTRAS="export,mic,bench,server,client"
-[ "${1:-}" = "--dev" ] && EXTRAS="export,mic,bench,server,client,train,dev"
+EXTRAS="export,mic,bench,server,client,voice"
+[ "${1:-}" = "--dev" ] && EXTRAS="export,mic,bench,server,client,voice,train,dev"
 TORCH_PIN="torch==2.13.0"
 LLAMA_PIN="llama-cpp-python==0.3.36"
 APT_PKGS="libsndfile1 libportaudio2 espeak-ng sox alsa-utils tmux pulseaudio pulseaudio-utils libasound2-plugins time"

@@ -11,6 +11,7 @@ import typer
 from ..errors import OptionsError
 from .common import DryRunOpt, console, emit, emit_json, out, timings_line
 from .options import LoadOptions, RemoteOptions, SamplingOptions, takes
+from .speech import SpeechOptions, speech_line
 
 AdapterOpt = Annotated[
     str | None, typer.Option("--adapter", help="Run with an exported adapter by name (see the bundle's manifest).")
@@ -20,7 +21,7 @@ SystemOpt = Annotated[
 ]
 
 
-@takes(sampling=SamplingOptions, load=LoadOptions, remote=RemoteOptions)
+@takes(sampling=SamplingOptions, load=LoadOptions, remote=RemoteOptions, speech=SpeechOptions)
 def ask_cmd(
     args: list[str] | None = typer.Argument(
         None, metavar="AUDIO... PROMPT", help="One or more clips, then the question."
@@ -36,6 +37,7 @@ def ask_cmd(
     sampling: SamplingOptions,
     load: LoadOptions,
     remote: RemoteOptions,
+    speech: SpeechOptions,
 ) -> None:
     """Ask one question about one or more clips; the answer streams as it is produced.
 
@@ -62,14 +64,28 @@ def ask_cmd(
     # bad audio fails before the model loads; "-" reads a clip from standard input
     clips = [load_audio(sys.stdin.buffer.read(), name="<stdin>") if p == "-" else load_audio(p) for p in paths]
     opts = sampling.overrides()
-    af3 = remote.connect_or_load(load)
-    with af3:
-        stream = af3.chat(system).stream(prompt, clips, think=think, adapter=adapter, **opts)  # context checked first
-        with stream:
-            for piece in stream:
-                if not as_json:
-                    emit(piece)
-        answer = stream.answer
+    spoken = speech.open()  # the voice and where it goes are checked before the model loads
+    try:
+        af3 = remote.connect_or_load(load)
+        with af3:
+            stream = af3.chat(system).stream(prompt, clips, think=think, adapter=adapter, **opts)  # context checked
+            voice = spoken.answer() if spoken else None
+            try:
+                with stream:
+                    for piece in stream:
+                        if not as_json:
+                            emit(piece)
+                        if voice:
+                            voice.feed(piece)
+                spoken_stats = voice.finish() if voice else None
+            except BaseException:
+                if voice:
+                    voice.cancel()
+                raise
+            answer = stream.answer
+    finally:
+        if spoken:
+            spoken.close()
     if as_json:
         emit_json(
             {
@@ -84,6 +100,7 @@ def ask_cmd(
                 "settings": af3.settings.__dict__ if hasattr(af3, "settings") else None,
                 "options": answer.options.__dict__ if answer.options else None,
                 "timings": answer.timings.__dict__,
+                "speech": spoken_stats,
             }
         )
         return
@@ -94,9 +111,11 @@ def ask_cmd(
             "(--n-ctx raises it)[/]"
         )
     console.print(f"[dim]{timings_line(answer.timings, answer.finish_reason)}[/]")
+    if spoken_stats:
+        console.print(f"[dim]{speech_line(spoken_stats, speech.speak_to)}[/]")
 
 
-@takes(sampling=SamplingOptions, load=LoadOptions, remote=RemoteOptions)
+@takes(sampling=SamplingOptions, load=LoadOptions, remote=RemoteOptions, speech=SpeechOptions)
 def chat_cmd(
     audio: list[Path] = typer.Option([], "--audio", "-a", help="Clip(s) attached to the first message."),
     system: SystemOpt = None,
@@ -107,6 +126,7 @@ def chat_cmd(
     sampling: SamplingOptions,
     load: LoadOptions,
     remote: RemoteOptions,
+    speech: SpeechOptions,
 ) -> None:
     """Talk about audio over several turns; the session keeps its KV cache between turns.
 
@@ -123,6 +143,10 @@ def chat_cmd(
     if dry:
         return load.show_plan()
     opts = sampling.overrides()
-    af3 = remote.connect_or_load(load)
-    with af3:
-        run_chat(af3, audio=list(audio), system=system, think=think, options=opts, adapter=adapter)
+    spoken = speech.open()
+    try:
+        with remote.connect_or_load(load) as af3:
+            run_chat(af3, audio=list(audio), system=system, think=think, options=opts, adapter=adapter, spoken=spoken)
+    finally:
+        if spoken:
+            spoken.close()

@@ -92,12 +92,21 @@ def load(path: Path, session):
 
 
 def run_chat(
-    af3, *, audio: list[Path], system: str | None, think: bool, options: dict, adapter: str | None = None
+    af3,
+    *,
+    audio: list[Path],
+    system: str | None,
+    think: bool,
+    options: dict,
+    adapter: str | None = None,
+    spoken=None,
 ) -> None:
+    """The interactive loop; `spoken` (cli/speech.py's SpokenAnswers): each answer also spoken."""
     from ..audio import load_audio
-    from ..errors import AudioError, EdgeAF3Error
+    from ..errors import AudioError, EdgeAF3Error, VoiceError
     from ..paths import cache_dir
     from .common import console, emit, out, timings_line
+    from .speech import speech_line
 
     history = cache_dir() / "chat_history"
     rl = _readline(history)
@@ -185,21 +194,36 @@ def run_chat(
                 continue
             out.print("af3> ", end="")
             t0 = time.time()
+            voice = spoken.answer(len(transcript) + 1) if spoken else None
             try:
                 with session.stream(text, list(pending), think=think, adapter=adapter, **options) as stream:
                     with _ctrl_c_cancels(stream):
                         for piece in stream:
                             emit(piece)
+                            if voice:
+                                voice.feed(piece)
             except EdgeAF3Error as e:
                 out.print()
                 console.print(f"[red]{e}[/] (/reset starts over)")
+                if voice:
+                    voice.cancel()
                 continue
             out.print()
             answer = stream.answer
             if answer.finish_reason == "cancelled":  # Ctrl-C: the turn is dropped, the history kept
+                if voice:
+                    voice.cancel()
                 console.print("[dim](stopped; this turn is not part of the conversation)[/]")
                 continue
             console.print(f"[dim]{timings_line(answer.timings, answer.finish_reason)}[/]")
+            if voice:
+                try:
+                    console.print(f"[dim]{speech_line(voice.finish(), voice.to)}[/]")
+                except KeyboardInterrupt:  # Ctrl-C while it speaks: silence, the turn stays
+                    voice.cancel()
+                    console.print("[dim](stopped speaking)[/]")
+                except (VoiceError, OSError) as e:  # the voice failed: the text stands, the chat goes on
+                    console.print(f"[red]speech: {e}[/]")
             transcript.append(
                 {
                     "time": t0,

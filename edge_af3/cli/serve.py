@@ -41,6 +41,12 @@ def serve_cmd(
     ),
     name: str | None = typer.Option(None, "--name", help="Model id to serve under (default: the checkpoint's Hub id)."),
     log_level: str = typer.Option("info", "--log-level", help="debug | info | warning | error"),
+    voice: list[str] = typer.Option(
+        [],
+        "--voice",
+        help="A voice for /v1/audio/speech (repeat for several; the first is 'default'): auto | espeak-ng[:VOICE] "
+        "| piper[:NAME] | PATH.onnx. Default: auto. Each starts at its first request.",
+    ),
     *,
     load: LoadOptions,
 ) -> None:
@@ -72,5 +78,6 @@ def serve_cmd(
         allow_urls=allow_urls,
         decode_batching=decode_batching,
         load=load.af3_kwargs(),
+        voices=list(voice) or ["auto"],
     )
     serve(config, host, port, log_level=log_level)

@@ -29,6 +29,7 @@ from .jobs import prepare
 from .metrics import Metrics
 from .openai_api import FINISH, APIError, ChatRequest, bad, chunk, completion, now, options_from, parse_chat, usage
 from .scheduler import Job, QueueFullError, Scheduler
+from .speech import Voices, add_speech_route
 
 log = logging.getLogger("edge_af3.server")
 
@@ -45,6 +46,7 @@ class ServerConfig:
     allow_urls: bool = False
     decode_batching: str = "auto"  # auto: batch the slots' steps where measured cheaper | always
     load: dict = field(default_factory=dict)  # AF3.load settings (device, n_ctx, kv_type, threads, ...)
+    voices: list[str] = field(default_factory=lambda: ["auto"])  # /v1/audio/speech's voices (opened at first use)
 
 
 class State:
@@ -134,10 +136,12 @@ def user_error(e: EdgeAF3Error) -> APIError:
 def create_app(config: ServerConfig, *, model=None) -> FastAPI:
     """The ASGI app; `model` (an `AF3` loaded with n_seq >= config.parallel) skips the loading thread."""
     state = State(config)
+    voices = Voices(config.voices)
 
     async def lifespan(app):
         threading.Thread(target=state.load, args=(model,), name="edge-af3-load", daemon=True).start()
         yield
+        voices.close()
         if state.scheduler:
             state.scheduler.stop()
         if state.model and model is None:
@@ -146,6 +150,8 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
     app = FastAPI(title="edge-af3", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.af3 = state
     app.add_middleware(BodyLimit, max_bytes=config.max_body_mb << 20, metrics=state.metrics)
+
+    add_speech_route(app, voices, config.api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
