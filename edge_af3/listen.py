@@ -147,7 +147,8 @@ class ListenStats:
     dropped: int = 0  # segments never answered: inference was behind
     overflows: int = 0  # capture blocks lost: the input's buffer overflowed (PortAudio, or the ring queue)
     audio_s: float = 0.0  # stream audio seen
-    busy_s: float = 0.0  # time inference ran
+    busy_s: float = 0.0  # time inference (and speaking) ran
+    barge_ins: int = 0  # answers the user interrupted by speaking
     first_token_latency_s: list[float] = field(default_factory=list)  # segment end -> first token
     answer_latency_s: list[float] = field(default_factory=list)  # segment end -> full answer
 
@@ -160,6 +161,7 @@ class ListenStats:
             "answered": self.answered,
             "dropped": self.dropped,
             "overflows": self.overflows,
+            "barge_ins": self.barge_ins,
             "audio_s": round(self.audio_s, 2),
             "real_time_factor": round(self.busy_s / self.audio_s, 3) if self.audio_s else None,
             "first_token_latency_p50_s": pct(self.first_token_latency_s, 50),
@@ -171,7 +173,7 @@ class ListenStats:
 
 @dataclass(frozen=True)
 class Event:
-    kind: str  # "segment" (answer starts), "piece", "done", "dropped"
+    kind: str  # "segment" (answer starts), "piece", "done", "dropped", "barge_in"
     segment: Segment | None = None
     text: str = ""
     info: dict | None = None
@@ -189,9 +191,23 @@ class Listener:
         every_s: float | None = None,
         wait: bool = False,
         on_event: Callable[[Event], None] = lambda e: None,
+        chat: bool = False,
+        speech=None,
+        barge_in: bool = False,
+        duplex: bool = True,
         **options,
     ):
+        """chat: each segment is the next turn of one conversation (voice chat: the clip is the
+        question, the KV of earlier turns kept). speech: a `voice.answers.SpeechOut` that speaks
+        each answer. barge_in: speech heard while an answer is generated or spoken stops it (the
+        playback within one block, the generation cancelled; in a chat, what was heard of it stays
+        as the answer). duplex=False: frames heard while an answer plays are not listened to (a
+        microphone that hears the loudspeaker would take the assistant's voice for a question)."""
         self.model, self.prompt, self.options = model, prompt, options
+        self.session = model.chat(options.pop("system", None)) if chat else None
+        self.speech, self.barge_in, self.duplex = speech, barge_in, duplex
+        self._current = None  # (stream, spoken answer) being answered, for a barge-in
+        self._barged = False
         self.segmenter = Segmenter(detector, max_s=MAX_SEGMENT_S) if every_s is None else None
         if every_s is not None and not 0.5 <= every_s <= MAX_SEGMENT_S:
             raise OptionsError(
@@ -254,25 +270,67 @@ class Listener:
                 first = None
                 text = []
                 system = self.options.get("system")
-                ask = self.model.chat(system).stream if system else self.model.stream
+                if self.session is not None:
+                    ask = self.session.stream
+                else:
+                    ask = self.model.chat(system).stream if system else self.model.stream
                 options = {k: v for k, v in self.options.items() if k != "system"}
-                with ask(self.prompt, (seg.samples, RATE), **options) as stream:
-                    for piece in stream:
-                        if first is None:
-                            first = time.perf_counter()
-                        text.append(piece)
-                        self.on_event(Event("piece", seg, piece))
-                        if self._stop.is_set():  # the run is over (a second Ctrl-C, a device error)
-                            return
+                stream = ask(self.prompt, (seg.samples, RATE), **options)
+                voice = self.speech.answer() if self.speech is not None else None
+                with self._lock:
+                    self._current, self._barged = (stream, voice), False
+                spoken = None
+                try:
+                    with stream:
+                        for piece in stream:
+                            if first is None:
+                                first = time.perf_counter()
+                            text.append(piece)
+                            if voice is not None:
+                                voice.feed(piece)
+                            self.on_event(Event("piece", seg, piece))
+                            if self._stop.is_set():  # the run is over (a second Ctrl-C, a device error)
+                                return
+                    if voice is not None:
+                        spoken = voice.finish()  # while it speaks, a barge-in may cut it
+                finally:
+                    with self._lock:
+                        self._current = None
+                        barged = self._barged
+                    if voice is not None and self._stop.is_set():
+                        voice.cancel()
                 done = time.perf_counter()
+                heard = voice.heard_text if voice is not None else "".join(text)
+                if barged and self.session is not None:
+                    self.session.settle(stream, heard)  # the conversation keeps what the user heard
                 with self._lock:
                     self.stats.answered += 1
+                    self.stats.barge_ins += barged
                     self.stats.busy_s += done - t0
                     self.stats.first_token_latency_s.append((first or done) - closed_at)
                     self.stats.answer_latency_s.append(done - closed_at)
-                self.on_event(Event("done", seg, "".join(text)))
+                info = {"finish_reason": stream.answer.finish_reason, "barged_in": barged, "speech": spoken}
+                if barged:
+                    info["heard"] = heard
+                self.on_event(Event("done", seg, "".join(text), info=info))
         except BaseException as e:  # reported by run()
             self._error = e
+
+    def _speaking(self) -> bool:
+        current = self._current
+        return current is not None and current[1] is not None and current[1].speaking
+
+    def _barge(self) -> None:
+        """The user started to speak: the answer in progress stops (generation and playback)."""
+        with self._lock:
+            if self._current is None:
+                return
+            stream, voice = self._current
+            self._barged = True
+        stream.cancel()
+        if voice is not None:
+            voice.cancel()  # silence within one block
+        self.on_event(Event("barge_in", None, info={"at_s": round(self.stats.audio_s, 2)}))
 
     def run(self, blocks) -> dict:
         """Consume `blocks` until they end. Ctrl-C stops listening but still answers the segment in
@@ -300,8 +358,13 @@ class Listener:
                     buf = np.concatenate([buf, block])
                     while buf.size >= FRAME:
                         frame, buf = buf[:FRAME], buf[FRAME:]
+                        if not self.duplex and self._speaking():
+                            continue  # the loudspeaker is on: what the microphone hears now is not a question
+                        was_open = self.segmenter.current is not None
                         for seg in self.segmenter.push(frame):
                             self._submit(seg)
+                        if self.barge_in and not was_open and self.segmenter.current is not None:
+                            self._barge()
             except KeyboardInterrupt:  # stop listening; what was being heard is still answered below
                 interrupted = True
             if self.segmenter is not None:

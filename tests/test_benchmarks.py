@@ -186,3 +186,21 @@ def test_adapters_benchmark_smoke_on_tiny(tmp_path):
     assert report["lora"]["r"] == 64 and report["lora"]["type"] == "f16"
     assert report["trainer"]["tiny"]["steps"] == 2
     assert "| decode tok/s |" in (tmp_path / "out" / "adapters-tiny.md").read_text()
+
+
+def test_voice_benchmark_smoke_on_tiny(tiny_ckpt, tmp_path):
+    """bench_voice on tiny with both engines: every figure present and the English answer spoken
+    (audio of a plausible length for the words given); no timing asserted."""
+    from benchmarks.bench_voice import main
+
+    work = tmp_path / "work"
+    work.mkdir()
+    shutil.copytree(tiny_ckpt, work / "tiny-seed0")
+    out = tmp_path / "out"
+    report = main(["--shape", "tiny", "--runs", "1", "--new-tokens", "24", "--work", str(work), "--out", str(out)])
+    assert set(report["voices"]) == {"piper:en_US-joe-medium", "espeak-ng:en-us"}
+    for v in report["voices"].values():
+        assert v["sentences"] >= 2 and 24 / 6 < v["audio_s"] < 24  # 24 English words, spoken
+        assert v["first_token_to_first_audio_ms"] > 0 and v["rtf_alone"] > 0
+    assert isinstance(report["barge_in"], dict) and report["barge_in"]["runs"] == 5
+    assert "| piper:en_US-joe-medium |" in (out / "voice-tiny.md").read_text()

@@ -18,8 +18,9 @@ from .conftest import ROOT
 BLOCKER = '''
 import sys
 class _Blocked:
-    """Refuse torch, transformers and onnxscript as a Jetson without them would."""
-    BLOCKED = ("torch", "transformers", "onnxscript", "torchaudio", "peft")
+    """Refuse torch, transformers and onnxscript as a Jetson without them would (and Piper: GPL,
+    run only as a separate program)."""
+    BLOCKED = ("torch", "transformers", "onnxscript", "torchaudio", "peft", "piper")
     def find_spec(self, name, path=None, target=None):
         if name.split(".")[0] in self.BLOCKED:
             raise ImportError(f"{name} is blocked in this test (a torch-free install)")
@@ -39,8 +40,12 @@ bundle = sys.argv[1]
 for mod in pkgutil.iter_modules(edge_af3.engines.__path__):
     importlib.import_module(f"edge_af3.engines.{mod.name}")
 for name in ("listen", "vad", "plan", "settings", "runtime", "cli.app", "onnx_tools", "checkpoint", "paths",
-             "server.app", "server.scheduler", "client"):
+             "server.app", "server.scheduler", "server.speech", "client", "voice", "voice.output", "cli.speech"):
     importlib.import_module(f"edge_af3.{name}")
+from edge_af3.voice import open_voice
+voice = open_voice("piper")  # Piper's own CLI in a process of its own: nothing of it imported here
+spoken = sum(s.shape[0] for s, _ in voice.speak("Hello there."))
+voice.close()
 x = (0.1 * np.random.default_rng(0).standard_normal(32000)).astype(np.float32)
 with AF3.load(bundle, n_ctx=1024) as m:
     ans = m.ask("What do you hear?", (x, 16000), max_new_tokens=4)
@@ -50,7 +55,8 @@ with tempfile.TemporaryDirectory() as tmp:
     half = _fp16_onnx(open_bundle(bundle), Path(tmp))  # what the TensorRT engine does with an fp32 bundle
     converted = half.stat().st_size
 print(json.dumps({"tokens": len(ans.tokens), "audio_tokens": ans.timings.audio_tokens, "fp16_bytes": converted,
-                  "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules}))
+                  "torch": "torch" in sys.modules, "transformers": "transformers" in sys.modules,
+                  "spoken": spoken, "piper": "piper" in sys.modules}))
 """
 )
 
@@ -81,6 +87,7 @@ def test_runtime_engines_and_trt_conversion_without_torch(tiny_bundle):
     info = json.loads(res.stdout.strip().splitlines()[-1])
     assert info["tokens"] == 4 and info["audio_tokens"] == 50 and info["fp16_bytes"] > 0
     assert not info["torch"] and not info["transformers"]
+    assert info["spoken"] > 22050 // 2 and not info["piper"]
 
 
 def test_cli_without_torch(tiny_bundle, speech_wav, tmp_path):
@@ -101,6 +108,7 @@ LAYERS = (
     "runtime",
     "engines",
     "server",
+    "voice",
     "listen.py",
     "vad.py",
     "plan.py",
@@ -136,7 +144,7 @@ def test_inference_layers_import_no_reference_export_or_private_names(layer):
             if f.name == "locate.py" and module == "export" and level == 2:
                 continue  # the one door to the exporter: AF3.load(checkpoint) exports it (extra `export`)
             assert "reference" not in mod and "export" not in mod, f"{f.name} imports {module}"
-            assert not (level == 0 and mod[0] in ("transformers", "onnxscript")), f"{f.name} imports {module}"
+            assert not (level == 0 and mod[0] in ("transformers", "onnxscript", "piper")), f"{f.name} imports {module}"
             private = [n for n in names if n.startswith("_") and n != "__future__"]
             assert not private or module == "__future__", f"{f.name} imports private {private} from {module}"
 

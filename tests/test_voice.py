@@ -22,6 +22,7 @@ from edge_af3.voice import EspeakVoice, PiperVoice, SentenceCutter, Speaker, ope
 from edge_af3.voice.output import Player, write_wav
 
 from .conftest import noise, run_cli
+from .test_runtime import strip_eos
 
 TEXT = (
     "I can hear a dog barking in the distance, and a car passing by on a wet road. "
@@ -260,12 +261,43 @@ def test_speak_plays_through_portaudio(tiny_bundle, speech_wav, tmp_path, pulse)
             timeout=300,
         )
         assert r.returncode == 0, r.stderr
+        # the Python API: model.ask(..., speak=...) says the answer on the default device
+        api = subprocess.run(
+            [sys.executable, "-c", SPEAK_API, str(tiny_bundle), str(speech_wav)],
+            env=pulse | {"PULSE_SINK": "edgeaf3"},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+        assert api.returncode == 0, api.stderr[-2000:]
         time.sleep(0.5)
     finally:
         recorder.send_signal(signal.SIGINT)
         recorder.wait(timeout=30)
     assert json.loads(r.stdout)["speech"]["audio_s"] > 1
+    assert json.loads(api.stdout.splitlines()[-1])["tokens"] == 16
     assert speech_fraction(rec) > 0.1
+
+
+SPEAK_API = """
+import json, sys
+from edge_af3 import AF3
+with AF3.load(sys.argv[1]) as m:
+    a = m.ask("Describe it.", sys.argv[2], max_new_tokens=16, ignore_eos=True, speak="espeak-ng")
+print(json.dumps({"tokens": len(a.tokens)}))
+"""
+
+
+def test_speak_stream_writes_what_the_stream_says(tiny_bundle, speech_wav, tmp_path):
+    from edge_af3 import AF3
+    from edge_af3.voice import speak_stream
+
+    with AF3.load(tiny_bundle) as m:
+        stream = m.stream("Describe it.", str(speech_wav), max_new_tokens=16, ignore_eos=True, temperature=0)
+        answer = speak_stream(stream, "espeak-ng", to=tmp_path / "a.wav")
+        again = m.ask("Describe it.", str(speech_wav), max_new_tokens=16, ignore_eos=True, temperature=0)
+    assert answer.tokens == again.tokens and answer.finish_reason == "length"
+    assert wav_seconds(tmp_path / "a.wav") > 1 and speech_fraction(tmp_path / "a.wav") > 0.1
 
 
 @pytest.fixture(scope="module")
@@ -328,3 +360,106 @@ def test_bad_speech_requests_get_a_400_and_the_server_goes_on(speech_server, bod
     assert r.json()["error"]["param"] == param
     assert speech_server.post("/v1/audio/speech", content=b"{not json").status_code == 400
     assert speech_server.proc.poll() is None
+
+
+def _voice_chat_file(tmp_path, speech_wav) -> tuple:
+    """Two spoken turns at 16 kHz: the second starts 3 s after the first, while its answer plays."""
+    import soundfile as sf
+
+    first = load_audio(str(speech_wav)).samples
+    second_wav = tmp_path / "second.wav"
+    subprocess.run(["espeak-ng", "-w", str(second_wav), "And what else can you hear?"], check=True)
+    second = load_audio(str(second_wav)).samples
+    gap = np.zeros(3 * 16000, np.float32)
+    x = np.concatenate([gap[:8000], first, gap, second, gap, gap])
+    path = tmp_path / "turns.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    return path, x
+
+
+def test_voice_chat_barge_in_and_the_conversation_equals_transformers(tiny_bundle, reference, speech_wav, tmp_path):
+    """listen --file --realtime --chat --speak-to: the second turn, spoken over the first answer,
+    stops its playback (the file holds less than was synthesised), ends it as interrupted, keeps
+    what was heard as that answer, and is answered as the next turn. In exact mode the second
+    answer equals transformers' greedy answer to the same conversation: [clip 1] -> what was heard
+    -> [clip 2]."""
+    path, x = _voice_chat_file(tmp_path, speech_wav)
+    out = tmp_path / "spoken.wav"
+    r = run_cli(
+        "listen",
+        "--file",
+        str(path),
+        "--realtime",
+        "--chat",
+        "--speak-to",
+        str(out),
+        "--voice",
+        "espeak-ng",
+        "-m",
+        str(tiny_bundle),
+        "--exact",
+        "-t",
+        "0",
+        "-n",
+        "48",
+        "--ignore-eos",
+        "--json",
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    lines = [json.loads(line) for line in r.stdout.splitlines() if line.strip()]
+    events = [e for e in lines if e.get("event") == "barge_in"]
+    answers = [e for e in lines if "text" in e]
+    summary = lines[-1]["summary"]
+    assert len(answers) == 2 and summary["barge_ins"] == 1 and len(events) == 1, lines
+    one, two = answers
+    assert one["barged_in"] and not two["barged_in"]
+    assert one["end"] < events[0]["at_s"] < two["end"]  # heard while the first answer was under way
+    assert two["start"] > one["end"]
+    # playback was cut: the file holds the first answer's heard part and the whole second answer
+    synthesised = one["speech"]["audio_s"] + two["speech"]["audio_s"]
+    assert wav_seconds(out) < synthesised - 0.5
+    assert two["finish_reason"] == "length" and len(two["speech"]["gaps_s"]) >= 0
+
+    seg = [x[int(round(a["start"] * 16000)) : int(round(a["end"] * 16000))] for a in answers]
+    conv = [
+        {"role": "user", "content": [{"type": "audio", "audio": seg[0]}]},
+        {"role": "assistant", "content": [{"type": "text", "text": one["heard"]}]},
+        {"role": "user", "content": [{"type": "audio", "audio": seg[1]}]},
+    ]
+    want = reference.generate(conv, max_new_tokens=48)
+    said = reference.processor.tokenizer.decode(strip_eos(want))
+    assert len(said) > 10 and two["text"].startswith(said)  # --ignore-eos: ours may go on past an eos
+    assert len(strip_eos(want)) < 48 or two["text"] == said
+
+
+def test_the_voice_chat_client_example(speech_server, speech_wav, tmp_path):
+    """examples/voice_chat.py against the server: two turns from files, each question as audio,
+    the last answer spoken by /v1/audio/speech into a file."""
+    from .conftest import ROOT
+
+    out = tmp_path / "answer.wav"
+    r = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "examples" / "voice_chat.py"),
+            "--base-url",
+            speech_server.url + "/v1",
+            "--api-key",
+            speech_server.key,
+            "--file",
+            str(speech_wav),
+            "--file",
+            str(speech_wav),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-2000:]
+    x, rate = _read_stream_wav(out.read_bytes())
+    assert x.shape[0] > rate / 2
+    write_wav(tmp_path / "plain.wav", [_chunk(x, rate)])
+    assert speech_fraction(tmp_path / "plain.wav") > 0.1
+    assert len([line for line in r.stdout.splitlines() if line.strip()]) >= 2  # two answers streamed

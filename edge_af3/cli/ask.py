@@ -143,7 +143,7 @@ def chat_cmd(
     if dry:
         return load.show_plan()
     opts = sampling.overrides()
-    spoken = speech.open()
+    spoken = speech.open(per_turn_files=True)  # answer N of the chat -> FILE-N.wav
     try:
         with remote.connect_or_load(load) as af3:
             run_chat(af3, audio=list(audio), system=system, think=think, options=opts, adapter=adapter, spoken=spoken)

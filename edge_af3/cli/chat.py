@@ -194,7 +194,7 @@ def run_chat(
                 continue
             out.print("af3> ", end="")
             t0 = time.time()
-            voice = spoken.answer(len(transcript) + 1) if spoken else None
+            voice = spoken.answer() if spoken else None
             try:
                 with session.stream(text, list(pending), think=think, adapter=adapter, **options) as stream:
                     with _ctrl_c_cancels(stream):

@@ -24,7 +24,13 @@ PACKAGES = [
     ("uvicorn", "uvicorn", "serve", "pip install 'edge-af3[server]'"),
     ("openai", "openai", "AF3.connect / --base-url", "pip install 'edge-af3[client]'"),
     ("peft", "peft", "train / think reference", "pip install 'edge-af3[train]'"),
-    ("sounddevice", "sounddevice", "listen --mic", "pip install 'edge-af3[mic]'  (+ apt-get install libportaudio2)"),
+    (
+        "sounddevice",
+        "sounddevice",
+        "listen --mic, --speak",
+        "pip install 'edge-af3[mic]'  (+ apt-get install libportaudio2)",
+    ),
+    ("piper-tts", None, "--speak with Piper voices (a separate program)", "pip install 'edge-af3[voice]'"),
     ("onnxruntime-gpu", None, "CUDA encoder (ONNX Runtime)", "pip install 'edge-af3[gpu]'"),
     ("cuda-python", None, "CUDA graphs (TensorRT engine)", "pip install 'edge-af3[gpu]'"),
     ("tensorrt", None, "TensorRT encoder", "pip install 'edge-af3[trt]'"),
@@ -85,6 +91,18 @@ def _audio_inputs():
         for i, d in enumerate(sd.query_devices())
         if d["max_input_channels"] > 0
     ]
+
+
+def _audio_outputs():
+    from ..voice.output import output_devices
+
+    return output_devices()
+
+
+def _voices():
+    from ..voice import find_voices
+
+    return find_voices()
 
 
 def cpu_report(system_info: str | None) -> dict:
@@ -181,6 +199,8 @@ def checks() -> dict:
         "cuda_gpus": _probe(_cuda),
         "cpu": cpu_report(system_info),
         "audio_inputs": _probe(_audio_inputs) if "sounddevice" in have else None,
+        "audio_outputs": _probe(_audio_outputs) if "sounddevice" in have else None,
+        "voices": _probe(_voices),
         "cache": str(cache_dir()),
     }
     from ..engines.select import choose_encoder
@@ -237,6 +257,17 @@ def render(report: dict, out) -> None:
             out.print(f"  [{d['index']}] {d['name']} ({d['channels']} ch, {d['rate']:.0f} Hz)", markup=False)
     else:
         out.print(f"audio inputs:           {inputs or 'sounddevice not installed'}")
+    outputs = report["audio_outputs"]
+    n_out = len(outputs) if isinstance(outputs, list) else outputs or "sounddevice not installed"
+    out.print(f"audio outputs:          {n_out}")
+    voices = report["voices"]
+    if isinstance(voices, dict):
+        for engine in ("piper", "espeak-ng", "kokoro"):
+            v = voices[engine]
+            found = ", ".join(v.get("voices") or {}) if engine == "piper" else (v.get("path") or "")
+            state = f"[green]found[/] {found}".rstrip() if v["found"] else f"[yellow]none[/] ({v['why']})"
+            out.print(f"voice {engine + ':':<17} {state}", highlight=False)
+        out.print(f"  --voice auto speaks with: {voices['default'] or 'nothing (install a voice engine)'}")
     out.print(f"encoder:                {report['encoder_engine']}")
     out.print(f"cache:                  {report['cache']}")
     if report.get("model"):

@@ -9,17 +9,36 @@ import typer
 from ..errors import EdgeAF3Error, OptionsError
 from .common import console, emit, emit_json, out
 from .options import LoadOptions, SamplingOptions, takes
+from .speech import SpeechOptions
 
 LISTEN_PROMPT = "Describe what you hear. If there is speech, transcribe it."
 
 
 # answers about each segment are short: 200 tokens unless told
-@takes(sampling=(SamplingOptions, {"max_new_tokens": 200}), load=LoadOptions)
+@takes(sampling=(SamplingOptions, {"max_new_tokens": 200}), load=LoadOptions, speech=SpeechOptions)
 def listen_cmd(
     mic: bool = typer.Option(False, "--mic", help="Listen to a microphone (PortAudio)."),
     file: Path | None = typer.Option(None, "--file", help="Run the same loop on an audio file (read as a stream)."),
     realtime: bool = typer.Option(False, "--realtime", help="With --file: feed it at real speed (drops as live)."),
-    prompt: str = typer.Option(LISTEN_PROMPT, "--prompt", "-p", help="The standing question asked of each segment."),
+    prompt: str | None = typer.Option(
+        None,
+        "--prompt",
+        "-p",
+        help=f"The standing question asked of each segment (default: {LISTEN_PROMPT!r}; with --chat: none, "
+        "the spoken clip is the question).",
+    ),
+    chat: bool = typer.Option(
+        False,
+        "--chat",
+        help="Voice chat: each segment is the next turn of one conversation (with --speak: answers spoken, "
+        "and speaking over an answer interrupts it).",
+    ),
+    duplex: bool = typer.Option(
+        False,
+        "--duplex",
+        help="--mic --speak: keep listening while an answer plays (headphones; without them the microphone "
+        "hears the answer). Off: the microphone is ignored while the answer plays, so no barge-in.",
+    ),
     every: float | None = typer.Option(None, "--every", help="Ask about the last S seconds every S seconds (no VAD)."),
     vad: str = typer.Option("silero+energy", "--vad", help="silero+energy | silero | energy | webrtc"),
     input_device: str | None = typer.Option(
@@ -33,6 +52,7 @@ def listen_cmd(
     *,
     sampling: SamplingOptions,
     load: LoadOptions,
+    speech: SpeechOptions,
 ) -> None:
     """Listen continuously: a VAD cuts speech and sound events, each is asked the standing prompt.
 
@@ -78,7 +98,15 @@ def listen_cmd(
     else:
         next(iter(stream_file(file, 16)), None)  # a missing or unreadable file fails before the model loads
     options = sampling.overrides()
-    af3 = load.load()
+    if prompt is None:
+        prompt = "" if chat else LISTEN_PROMPT
+    spoken = speech.open(one_file=True)  # --speak-to: every answer, at real speed, into one file
+    try:
+        af3 = load.load()
+    except BaseException:
+        if spoken:
+            spoken.close()
+        raise
     if adapter is not None:
         af3.resolve_adapter(False, adapter)  # an unknown name fails now, not at the first segment
 
@@ -89,9 +117,14 @@ def listen_cmd(
         seg = ev.segment
         if ev.kind == "dropped":
             console.print(f"[yellow]dropped[/] {stamp(seg.start)}–{stamp(seg.end)}: {ev.info['reason']}")
+        elif ev.kind == "barge_in":
+            if as_json:
+                emit_json({"event": "barge_in", "at_s": ev.info["at_s"]})
+            else:
+                console.print(f"[yellow](interrupted at {stamp(ev.info['at_s'])})[/]")
         elif as_json:
             if ev.kind == "done":
-                emit_json({"start": round(seg.start, 2), "end": round(seg.end, 2), "text": ev.text})
+                emit_json({"start": round(seg.start, 2), "end": round(seg.end, 2), "text": ev.text} | ev.info)
         elif ev.kind == "segment":
             out.print(f"[bold cyan][{stamp(seg.start)}–{stamp(seg.end)}][/] ", end="")
         elif ev.kind == "piece":
@@ -106,6 +139,10 @@ def listen_cmd(
         every_s=every,
         wait=file is not None and not realtime,
         on_event=on_event,
+        chat=chat,
+        speech=spoken,
+        barge_in=spoken is not None and (mic or realtime),  # a file read faster than real time cannot be spoken over
+        duplex=duplex or not mic,  # a file has no loudspeaker to hear
         think=think,
         adapter=adapter,
         system=system,
@@ -127,6 +164,8 @@ def listen_cmd(
         if mic:
             source.close()
         af3.close()
+        if spoken:
+            spoken.close()  # --speak-to: the file is written now
     if as_json:
         emit_json({"summary": summary})
     else:
@@ -136,6 +175,7 @@ def listen_cmd(
             f"[bold]{summary['segments']} segment(s)[/], {summary['answered']} answered, {summary['dropped']} dropped, "
             f"{summary['audio_s']:.1f} s of audio, real-time factor {summary['real_time_factor']}, {latency}"
             + (f", [yellow]{summary['overflows']} capture overflow(s)[/]" if summary["overflows"] else "")
+            + (f", {summary['barge_ins']} interrupted" if summary["barge_ins"] else "")
         )
     if code:
         raise typer.Exit(code)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated
@@ -26,99 +25,40 @@ OutputDeviceOpt = Annotated[
 
 @dataclass
 class SpeechOptions:
-    """Speech out (ask, chat): play or write each answer as it streams."""
+    """Speech out (ask, chat, listen): play or write each answer as it streams."""
 
     speak: SpeakOpt = False
     speak_to: SpeakToOpt = None
     voice: VoiceOpt = "auto"
     output: OutputDeviceOpt = None
 
-    def open(self) -> SpokenAnswers | None:
-        """The voice and its sink, checked now (before the model loads); None without speech."""
+    def open(self, *, per_turn_files: bool = False, one_file: bool = False):
+        """The voice and its sink, checked now (before the model loads); None without speech.
+        per_turn_files (chat): answer N goes to out-N.wav; one_file (listen): every answer,
+        played at real speed, into one file written at close."""
+        from ..voice import open_voice
+        from ..voice.answers import SpeechOut, WavFile
+        from ..voice.output import PacedWav, Player
+
         if not self.speak and self.speak_to is None:
             return None
-        return SpokenAnswers(self.voice, play=self.speak, to=self.speak_to, device=self.output)
-
-
-class SpokenAnswers:
-    """The voice and the sink, checked before the model loads; `answer()` per answer."""
-
-    def __init__(self, voice: str, *, play: bool, to: Path | None, device: str | None = None):
-        from ..voice import open_voice
-        from ..voice.output import Player
-
-        if play and to is not None:
+        if self.speak and self.speak_to is not None:
             raise OptionsError("choose --speak (play it) or --speak-to FILE (write it), not both")
+        to = self.speak_to
         if to is not None and not to.parent.is_dir():
             raise OutputError(f"{to.parent}: no such folder for --speak-to")
-        self.to = to
-        self.device = int(device) if device is not None and device.isdigit() else device
-        self.player = Player(self.device) if play else None  # no output device: one line now
-        self.voice = open_voice(voice)
-        # the engine's first sentence costs its start-up (Piper: loading the voice): paid while the model loads
-        self._warm = threading.Thread(target=self._warm_up, daemon=True)
-        self._warm.start()
-
-    def _warm_up(self) -> None:
-        try:
-            for _ in self.voice.speak("Ready."):
-                pass
-        except Exception:  # noqa: BLE001 - a broken engine says so on the first real sentence
-            pass
-
-    def answer(self, turn: int | None = None) -> SpokenAnswer:
-        """The next answer's speech; `turn` (chat) numbers the --speak-to file: out.wav -> out-1.wav."""
-        self._warm.join()
-        to = self.to
-        if to is not None and turn is not None:
-            to = to.with_name(f"{to.stem}-{turn}{to.suffix or '.wav'}")
-        return SpokenAnswer(self, to)
-
-    def close(self) -> None:
-        self.voice.close()
-
-
-class SpokenAnswer:
-    """One answer: `feed` its pieces, `finish()` waits until it is all spoken (or written)."""
-
-    def __init__(self, owner: SpokenAnswers, to: Path | None):
-        from ..voice import Speaker
-        from ..voice.output import Player
-
-        self.speaker = Speaker(owner.voice)
-        self.error: BaseException | None = None
-        self.player = Player(owner.device) if owner.player is not None else None  # its own stop flag
-        self.to = to
-        self._sink = threading.Thread(target=self._drain, daemon=True, name="edge-af3-speech-out")
-        self._sink.start()
-
-    def _drain(self) -> None:
-        from ..voice.output import write_wav
-
-        try:
-            if self.player is not None:
-                self.player.play(self.speaker)
-            else:
-                write_wav(self.to, self.speaker)
-        except BaseException as e:  # noqa: BLE001 - raised in the caller's thread by finish()
-            self.error = e
-            self.speaker.cancel()
-
-    def feed(self, piece: str) -> None:
-        self.speaker.feed(piece)
-
-    def finish(self) -> dict:
-        self.speaker.finish()
-        self._sink.join()
-        if self.error is not None:
-            raise self.error
-        return self.speaker.stats()
-
-    def cancel(self) -> None:
-        self.speaker.cancel()
-        if self.player is not None:
-            self.player.stop()
-        self._sink.join(timeout=5)
+        device = int(self.output) if self.output is not None and self.output.isdigit() else self.output
+        if self.speak:
+            Player(device)  # no output device: one line now
+            return SpeechOut(open_voice(self.voice), lambda turn: Player(device))
+        if one_file:
+            paced = PacedWav(to)
+            return SpeechOut(open_voice(self.voice), lambda turn: paced, on_close=paced.close)
+        if per_turn_files:
+            return SpeechOut(
+                open_voice(self.voice), lambda turn: WavFile(to.with_name(f"{to.stem}-{turn}{to.suffix or '.wav'}"))
+            )
+        return SpeechOut(open_voice(self.voice), lambda turn: WavFile(to))
 
 
 def speech_line(stats: dict, to: Path | None = None) -> str:

@@ -258,10 +258,12 @@ class AF3:
         think: bool = False,
         adapter: str | None = None,
         options: GenerationOptions | None = None,
+        speak: bool | str = False,
         **overrides,
     ) -> Answer:
-        """The whole `Answer` (text, tokens, timings, finish_reason) to one question about `audio`."""
-        return self.chat().ask(prompt, audio, think=think, adapter=adapter, options=options, **overrides)
+        """The whole `Answer` (text, tokens, timings, finish_reason) to one question about `audio`;
+        speak: said on the sound card as it is written (`ChatSession.ask`)."""
+        return self.chat().ask(prompt, audio, think=think, adapter=adapter, options=options, speak=speak, **overrides)
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)

@@ -125,10 +125,18 @@ class ChatSession:
         think: bool = False,
         adapter: str | None = None,
         options: GenerationOptions | None = None,
+        speak: bool | str = False,
         **overrides,
     ) -> Answer:
-        """The whole `Answer` to `prompt` (the arguments of `stream`)."""
-        return self.stream(prompt, audio, think=think, adapter=adapter, options=options, **overrides).result()
+        """The whole `Answer` to `prompt` (the arguments of `stream`). speak: say it on the sound
+        card while it is written (True: the default voice; a string: a voice spec, as `--voice`),
+        returning when it has been said (docs/voice.md)."""
+        stream = self.stream(prompt, audio, think=think, adapter=adapter, options=options, **overrides)
+        if not speak:
+            return stream.result()
+        from ..voice import speak_stream
+
+        return speak_stream(stream, speak if isinstance(speak, str) else "auto")
 
     send = ask  # the chat verb: session.send("And the tempo?")
 
@@ -182,6 +190,19 @@ class ChatSession:
         if stream.answer.finish_reason == "cancelled":
             return
         self._remember(stream.turn, stream.answer.text)
+
+    def settle(self, stream: Stream, text: str) -> None:
+        """The answer `stream` gave, as the user actually got it, becomes its turn's answer in the
+        history: a spoken answer interrupted by the user (barge-in) keeps what was heard, whether
+        the generation had finished (its full text is replaced) or was cancelled (the turn is
+        added). Only the conversation's latest turn can be settled."""
+        if stream.answer is None:
+            raise SessionBusyError("settle() takes a stream that has ended; cancel() it first")
+        if stream.answer.finish_reason != "cancelled":
+            if self.messages[-2:-1] != [stream.turn.user]:
+                raise SessionBusyError("only the conversation's latest turn can be settled")
+            self.messages = self.messages[:-2]  # (_remember renders the history again)
+        self._remember(stream.turn, text)
 
     def _remember(self, turn: Turn, answer: str) -> None:
         self.messages = self.messages + [turn.user, Message("assistant", answer)]

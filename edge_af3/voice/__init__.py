@@ -8,9 +8,10 @@ espeak-ng), `espeak-ng[:VOICE]`, `piper[:NAME]`, or a path to a Piper `.onnx` vo
 
 from __future__ import annotations
 
+import atexit
 import importlib.metadata
-import importlib.util
 import shutil
+import threading
 from pathlib import Path
 
 from ..errors import VoiceError
@@ -27,6 +28,7 @@ __all__ = [
     "find_voices",
     "open_voice",
     "piper_voices",
+    "speak_stream",
     "speakable",
 ]
 
@@ -105,3 +107,45 @@ def find_voices() -> dict:
         "kokoro": {"found": False, "why": "not wired in yet"},
         "default": "piper" if piper and voices else ("espeak-ng" if espeak else None),
     }
+
+
+_OPEN: dict[str, object] = {}  # voices the Python API opened, kept for the process (Piper loads once)
+_OPEN_LOCK = threading.Lock()
+
+
+def _shared_voice(spec: str):
+    with _OPEN_LOCK:
+        voice = _OPEN.get(spec)
+        if voice is None:
+            voice = _OPEN[spec] = open_voice(spec)
+            if len(_OPEN) == 1:
+                atexit.register(_close_shared)
+        return voice
+
+
+def _close_shared() -> None:
+    with _OPEN_LOCK:
+        for voice in _OPEN.values():
+            voice.close()
+        _OPEN.clear()
+
+
+def speak_stream(stream, voice: str = "auto", *, to=None, device=None):
+    """Speak an AF3 `Stream` while it is generated — on the sound card (`device`: PortAudio's
+    index or name, default the system's) or into the WAV file `to` — and return its `Answer`
+    once everything is said. What `model.ask(..., speak=True)` does; the voice (by spec) is
+    opened once per process."""
+    from .answers import SpokenAnswer, WavFile
+    from .output import Player
+
+    sink = WavFile(to) if to is not None else Player(device)
+    spoken = SpokenAnswer(_shared_voice(voice), sink)
+    try:
+        for piece in stream:
+            spoken.feed(piece)
+        spoken.finish()
+    except BaseException:
+        spoken.cancel()
+        stream.cancel()
+        raise
+    return stream.answer

@@ -123,3 +123,45 @@ class Player:
                     stream.stop()  # let the buffered audio finish
                 stream.close()
         return self.played_s
+
+
+class PacedWav:
+    """A player that writes instead of sounding: chunks are "played" at real speed (so a barge-in
+    can cut them as it would a sound card's, within one block) and kept; `close()` writes every
+    answer played, one after another, to one WAV file. For `listen --speak-to` and tests."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.parent.is_dir():
+            raise OutputError(f"{self.path.parent}: no such folder for the speech file")
+        self._stop = threading.Event()
+        self._chunks: list[Chunk] = []
+        self.played_s = 0.0
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def play(self, chunks: Iterable[Chunk]) -> float:
+        import time
+
+        self._stop.clear()
+        played = 0.0
+        for chunk in chunks:
+            if self._stop.is_set():
+                break
+            t0, kept = time.perf_counter(), 0
+            for start in range(0, chunk.samples.shape[0], BLOCK):
+                if self._stop.is_set():
+                    break
+                kept = min(chunk.samples.shape[0], start + BLOCK)
+                # the block "plays" until its end is due
+                delay = t0 + kept / chunk.rate - time.perf_counter()
+                if delay > 0:
+                    time.sleep(delay)
+            self._chunks.append(Chunk(chunk.samples[:kept], chunk.rate, chunk.sentence, chunk.ready_at))
+            played += kept / chunk.rate
+        self.played_s += played
+        return played
+
+    def close(self) -> float:
+        return write_wav(self.path, self._chunks)

@@ -66,7 +66,8 @@ class Speaker:
         self._sentences: queue.Queue = queue.Queue()
         self._audio: queue.Queue = queue.Queue()
         self._cancel = threading.Event()
-        self.sentences: list[str] = []
+        self.sentences: list[str] = []  # synthesised
+        self.heard: list[str] = []  # handed to the player / file (a sentence counts from its first chunk)
         self.t_first_text: float | None = None
         self.t_first_audio: float | None = None
         self.synth_s = 0.0
@@ -127,6 +128,8 @@ class Speaker:
                 raise item
             if self._cancel.is_set():
                 continue
+            if not self.heard or self.heard[-1] is not item.sentence:
+                self.heard.append(item.sentence)
             yield item
 
     def _synthesise(self) -> None:
@@ -156,6 +159,11 @@ class Speaker:
             self._audio.put(VoiceError(f"{self.voice.name} failed: {type(e).__name__}: {e}"))
         finally:
             self._audio.put(None)
+
+    @property
+    def heard_text(self) -> str:
+        """What a listener got of the answer so far: the sentences that started playing."""
+        return " ".join(self.heard)
 
     def join(self, timeout: float | None = None) -> None:
         self._thread.join(timeout)
