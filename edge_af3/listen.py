@@ -172,6 +172,15 @@ class ListenStats:
 
 
 @dataclass(frozen=True)
+class Typed:
+    """A turn typed instead of spoken (`/text` in `listen --chat`), at a point of the stream."""
+
+    text: str
+    start: float
+    end: float
+
+
+@dataclass(frozen=True)
 class Event:
     kind: str  # "segment" (answer starts), "piece", "done", "dropped", "barge_in"
     segment: Segment | None = None
@@ -229,7 +238,7 @@ class Listener:
         while True:
             if self._error is not None:
                 raise self._error
-            if not self.worker.is_alive():
+            if self.worker.ident is not None and not self.worker.is_alive():  # (a typed turn may come before run())
                 raise self._error or RuntimeError("the listen worker stopped unexpectedly")
             try:
                 self.pending.put(item, timeout=0.1)
@@ -237,7 +246,17 @@ class Listener:
             except queue.Full:
                 continue
 
-    def _submit(self, seg: Segment) -> None:
+    def type_turn(self, text: str) -> None:
+        """Voice chat: a typed question as the next turn (the user takes the turn: an answer in
+        progress is interrupted as by speech)."""
+        if self.session is None:
+            raise OptionsError("typed turns are for voice chat (--chat)")
+        if self.barge_in:
+            self._barge()
+        at = round(self.stats.audio_s, 2)
+        self._submit(Typed(text, at, at))
+
+    def _submit(self, seg: Segment | Typed) -> None:
         self.stats.segments += 1
         item = (seg, time.perf_counter())
         if self.wait:
@@ -275,7 +294,10 @@ class Listener:
                 else:
                     ask = self.model.chat(system).stream if system else self.model.stream
                 options = {k: v for k, v in self.options.items() if k != "system"}
-                stream = ask(self.prompt, (seg.samples, RATE), **options)
+                if isinstance(seg, Typed):
+                    stream = ask(seg.text, None, **options)
+                else:
+                    stream = ask(self.prompt, (seg.samples, RATE), **options)
                 voice = self.speech.answer() if self.speech is not None else None
                 with self._lock:
                     self._current, self._barged = (stream, voice), False
@@ -310,6 +332,8 @@ class Listener:
                     self.stats.first_token_latency_s.append((first or done) - closed_at)
                     self.stats.answer_latency_s.append(done - closed_at)
                 info = {"finish_reason": stream.answer.finish_reason, "barged_in": barged, "speech": spoken}
+                if isinstance(seg, Typed):
+                    info["typed"] = seg.text
                 if barged:
                     info["heard"] = heard
                 self.on_event(Event("done", seg, "".join(text), info=info))

@@ -100,6 +100,33 @@ def test_chat_template_expands_sound(reference):
     )
 
 
+def test_several_clips_are_assembled_as_the_processor_assembles_one(reference):
+    """transformers' AF3 processor refuses several clips in one conversation (voice chat has one
+    per turn); the reference assembles them from the processor's own pieces. With one clip that
+    assembly equals the processor's output exactly; with two, each clip's run of <sound> ids and
+    windows stand in prompt order."""
+    import torch
+
+    rng = np.random.default_rng(1)
+    a = (0.1 * rng.standard_normal(3 * 16000)).astype(np.float32)
+    b = (0.1 * rng.standard_normal(40 * 16000)).astype(np.float32)
+    one = [{"role": "user", "content": [{"type": "audio", "audio": a}, {"type": "text", "text": "Hi"}]}]
+    want = reference.inputs(one)
+    got = reference._multi_audio_inputs(one, [a], True)
+    for key in ("input_ids", "attention_mask", "input_features", "input_features_mask"):
+        assert torch.equal(want[key], got[key]), key
+    two = one + [
+        {"role": "assistant", "content": [{"type": "text", "text": "ok"}]},
+        {"role": "user", "content": [{"type": "audio", "audio": b}]},
+    ]
+    batch = reference.inputs(two)
+    ids = batch["input_ids"][0].tolist()
+    first = ids.index(SOUND_TOKEN_ID)
+    assert ids[first : first + 75] == [SOUND_TOKEN_ID] * 75 and ids.count(SOUND_TOKEN_ID) == 75 + 1000
+    assert batch["input_features"].shape[0] == 1 + 2  # 3 s: one window; 40 s: two
+    assert torch.equal(batch["input_features"][:1], want["input_features"])
+
+
 def test_reference_generate_is_deterministic(reference):
     conv = [{"role": "user", "content": [{"type": "text", "text": "Hello"}]}]
     a = reference.generate(conv, max_new_tokens=8)

@@ -463,3 +463,53 @@ def test_the_voice_chat_client_example(speech_server, speech_wav, tmp_path):
     write_wav(tmp_path / "plain.wav", [_chunk(x, rate)])
     assert speech_fraction(tmp_path / "plain.wav") > 0.1
     assert len([line for line in r.stdout.splitlines() if line.strip()]) >= 2  # two answers streamed
+
+
+def test_a_typed_turn_in_voice_chat(tiny_bundle, reference, speech_wav, tmp_path):
+    """`/text QUESTION` on standard input during `listen --chat` is a turn of the same conversation
+    as the file's spoken one; in exact mode each answer is transformers' to the turns so far, in
+    the order they were answered."""
+    import soundfile as sf
+
+    x = np.concatenate([np.zeros(8000, np.float32), load_audio(str(speech_wav)).samples, np.zeros(24000, np.float32)])
+    path = tmp_path / "one.wav"
+    sf.write(path, x, 16000, subtype="FLOAT")
+    r = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "edge_af3",
+            "listen",
+            "--file",
+            str(path),
+            "--chat",
+            "-m",
+            str(tiny_bundle),
+            "--exact",
+            "-t",
+            "0",
+            "-n",
+            "12",
+            "--json",
+        ],
+        input="hello\n/text What can you do?\n",
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "/text QUESTION" in r.stderr  # a line without /text gets the hint
+    answers = [json.loads(line) for line in r.stdout.splitlines() if '"text"' in line]
+    assert sorted(a.get("typed") or "" for a in answers) == ["", "What can you do?"]
+    # the reference, given the same turns in the order they were answered
+    conv = []
+    for a in answers:
+        if a.get("typed"):
+            content = [{"type": "text", "text": a["typed"]}]
+        else:
+            clip = x[int(round(a["start"] * 16000)) : int(round(a["end"] * 16000))]
+            content = [{"type": "audio", "audio": clip}]
+        conv.append({"role": "user", "content": content})
+        want = reference.processor.tokenizer.decode(strip_eos(reference.generate(conv, max_new_tokens=12)))
+        assert a["text"] == want
+        conv.append({"role": "assistant", "content": [{"type": "text", "text": a["text"]}]})

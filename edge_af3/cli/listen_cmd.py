@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import typer
@@ -10,6 +11,20 @@ from ..errors import EdgeAF3Error, OptionsError
 from .common import console, emit, emit_json, out
 from .options import LoadOptions, SamplingOptions, takes
 from .speech import SpeechOptions
+
+
+def _typed_turns(listener) -> None:
+    """Lines on standard input: `/text QUESTION` is a typed turn; anything else is refused
+    with a hint. Ends at end of input."""
+    import sys
+
+    for line in sys.stdin:
+        cmd, _, text = line.strip().partition(" ")
+        if cmd == "/text" and text.strip():
+            listener.type_turn(text.strip())
+        elif line.strip():
+            console.print("[yellow]type /text QUESTION to ask in writing; speak to ask aloud[/]")
+
 
 LISTEN_PROMPT = "Describe what you hear. If there is speech, transcribe it."
 
@@ -151,6 +166,8 @@ def listen_cmd(
     what = f"microphone {input_device if input_device is not None else '(default)'}" if mic else str(file)
     console.print(f"[dim]listening to {what} ({f'every {every:.1f} s' if every else 'VAD ' + vad}); Ctrl-C to stop[/]")
     blocks = source if mic else file_blocks(file, realtime=realtime)
+    if chat:  # `/text QUESTION` typed while listening is a turn too
+        threading.Thread(target=_typed_turns, args=(listener,), daemon=True, name="edge-af3-typed").start()
     code = 0
     try:
         summary = listener.run(blocks)

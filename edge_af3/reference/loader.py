@@ -29,6 +29,9 @@ class Reference:
 
     def inputs(self, conversation: Sequence[dict], *, add_generation_prompt: bool = True):
         """Processor outputs for a chat conversation (audio given as float arrays at 16 kHz)."""
+        audios = [c["audio"] for m in conversation for c in m["content"] if c.get("type") == "audio"]
+        if len(audios) > 1:
+            return self._multi_audio_inputs(conversation, audios, add_generation_prompt)
         return self.processor.apply_chat_template(
             [list(conversation)],
             tokenize=True,
@@ -36,6 +39,31 @@ class Reference:
             return_dict=True,
             processor_kwargs={"sampling_rate": SAMPLE_RATE},
         )
+
+    def _multi_audio_inputs(self, conversation, audios, add_generation_prompt: bool):
+        """The processor's outputs for a conversation with several clips (voice chat: one per
+        turn), which transformers' AF3 processor refuses (one audio per text): its own pieces put
+        together as it would — the chat template's text, each clip's features and its `<sound>`
+        run from the processor alone, the runs expanded in prompt order, windows stacked in order
+        (the model scatters the audio rows into the `<sound>` positions in order)."""
+        import torch
+
+        proc = self.processor
+        text = proc.apply_chat_template(
+            [list(conversation)], tokenize=False, add_generation_prompt=add_generation_prompt
+        )[0]
+        pieces = text.split(proc.audio_token)
+        assert len(pieces) == len(audios) + 1, "one <sound> per clip"
+        each = [proc(text=[proc.audio_token], audio=[a], sampling_rate=SAMPLE_RATE) for a in audios]
+        counts = [int((e["input_ids"] == proc.audio_token_id).sum()) for e in each]
+        expanded = pieces[0] + "".join(proc.audio_token * n + piece for n, piece in zip(counts, pieces[1:]))
+        ids = proc.tokenizer(expanded, return_tensors="pt", add_special_tokens=False)
+        return {
+            "input_ids": ids["input_ids"],
+            "attention_mask": ids["attention_mask"],
+            "input_features": torch.cat([e["input_features"] for e in each]),
+            "input_features_mask": torch.cat([e["input_features_mask"] for e in each]),
+        }
 
     def generate(self, conversation: Sequence[dict], *, max_new_tokens: int = 32) -> list[int]:
         """Greedy new token ids for a conversation, as the model card runs it."""
