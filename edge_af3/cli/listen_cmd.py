@@ -139,7 +139,7 @@ def listen_cmd(
                 console.print(f"[yellow](interrupted at {stamp(ev.info['at_s'])})[/]")
         elif as_json:
             if ev.kind == "done":
-                emit_json({"start": round(seg.start, 2), "end": round(seg.end, 2), "text": ev.text} | ev.info)
+                emit_json({"start": round(seg.start, 3), "end": round(seg.end, 3), "text": ev.text} | ev.info)
         elif ev.kind == "segment":
             out.print(f"[bold cyan][{stamp(seg.start)}–{stamp(seg.end)}][/] ", end="")
         elif ev.kind == "piece":
