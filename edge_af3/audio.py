@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import re
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -140,15 +141,23 @@ def _decode(data, name: str) -> tuple[np.ndarray, int, int, float | None]:
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:  # LibsndfileError covers most
         if isinstance(data, io.BytesIO):
             data.seek(0)
-        decoded = _decode_av(data, name, e)  # m4a / mp4 / webm / opus ... through FFmpeg (extra `av`)
+        why = _reason(e)
+        decoded = _decode_av(data, name, why)  # m4a / mp4 / webm / opus ... through FFmpeg (extra `av`)
         if decoded is None:
             raise AudioError(
-                f"{name}: not a readable audio file ({e}); for m4a, mp4, webm or opus install the av "
+                f"{name}: not a readable audio file ({why}); for m4a, mp4, webm or opus install the av "
                 "extra: pip install 'edge-af3[av]'"
             ) from e
         return decoded
     seconds = total / rate if rate > 0 and total > 0 else None
     return x, rate, int(x.shape[1]), seconds
+
+
+def _reason(e: BaseException) -> str:
+    """libsndfile's own words, without the opened object's repr ("Error opening <_io.BytesIO
+    object at 0x...>: ...") that means nothing to the person who sent the audio."""
+    why = getattr(e, "error_string", None) or str(e)
+    return re.sub(r"^Error opening .*?: ", "", why).strip() or type(e).__name__
 
 
 def _decode_av(data, name: str, first_error) -> tuple[np.ndarray, int, int, float | None] | None:
@@ -201,6 +210,8 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
             raise AudioError(f"{label}: no such file")
         if not path.is_file():
             raise AudioError(f"{label}: not a file")
+        if path.stat().st_size == 0:
+            raise AudioError(f"{label}: the file is empty (0 bytes)")
         x, rate, channels, seconds = _decode(str(path), label)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"

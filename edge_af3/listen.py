@@ -19,14 +19,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import EdgeAF3Error, OptionsError
+from .errors import InputDeviceError, OptionsError  # noqa: F401 - InputDeviceError: importable from here
 from .vad import FRAME, RATE, Segment, Segmenter
 
 MAX_SEGMENT_S = 30.0  # one AF3 window
-
-
-class InputDeviceError(EdgeAF3Error, RuntimeError):
-    """No usable input device, or the device stopped delivering audio."""
 
 
 # -- sources: iterators of float32 mono 16 kHz blocks ------------------------------------------------

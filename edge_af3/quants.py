@@ -55,11 +55,16 @@ def auto_quant(text_config: dict) -> tuple[str, str]:
     )
 
 
+def check_quant(quant: str) -> str:
+    """A known LLM type (or auto), else OptionsError naming the choices."""
+    if quant not in CHOICES:
+        raise OptionsError(f"unknown quant {quant!r}; choose one of {', '.join(CHOICES)}")
+    return quant
+
+
 def resolve_quant(quant: str, text_config: dict | None) -> str:
     """`quant` itself, or what `auto` picks (q4_k_m when the config is not known)."""
-    if quant not in CHOICES:
-        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(CHOICES)}")
-    if quant != "auto":
+    if check_quant(quant) != "auto":
         return quant
     return auto_quant(text_config)[0] if text_config else "q4_k_m"
 

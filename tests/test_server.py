@@ -537,6 +537,12 @@ def test_bad_requests_get_openai_errors_and_the_server_goes_on(server, case):
         assert err["param"] == param
     if case == "over the context":
         assert err["code"] == "context_length_exceeded" and "n_ctx >=" in err["message"]
+    # one error vocabulary with the CLI: a snake_case code, never a Python class name or an object repr
+    codes = {"not audio": "invalid_audio", "NaN audio": "invalid_audio", "too short": "invalid_audio"}
+    if case in codes:
+        assert err["code"] == codes[case] and "object at 0x" not in err["message"], err
+    if err["code"] is not None:
+        assert err["code"].islower() and " " not in err["code"], err
     assert httpx.get(server.url + "/health", timeout=10).status_code == 200
 
 

@@ -73,8 +73,8 @@ def main() -> None:
     warnings.showwarning = _warning_line  # warnings as one line, not file:line: source
     try:
         code = app(standalone_mode=False)  # click returns an Exit's code instead of exiting
-    except EdgeAF3Error as e:
-        console.print(f"[bold red]error:[/] {e}", highlight=False)
+    except EdgeAF3Error as e:  # one line, with the code the server would answer (docs/cli.md)
+        console.print(f"[bold red]error:[/] {e} [dim]\\[{e.code}][/]", highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -59,6 +59,9 @@ def ask_cmd(
     *paths, prompt = args
     if not paths and (prompt == "-" or Path(prompt).is_file()):
         raise OptionsError(f'{prompt}: give the question after the audio, e.g. edge-af3 ask {prompt} "What is it?"')
+    if paths and Path(prompt).is_file() and not all(p == "-" or Path(p).exists() for p in paths):
+        missing = next(p for p in paths if p != "-" and not Path(p).exists())
+        raise OptionsError(f'{missing!r} is not a file, and the question comes last: edge-af3 ask {prompt} "{missing}"')
     if paths.count("-") > 1:
         raise OptionsError("standard input (-) can hold one clip")
     # bad audio fails before the model loads; "-" reads a clip from standard input

@@ -171,6 +171,11 @@ def load_model(
     from ..paths import mark_used
 
     mark_used(model.bundle.path)
+    if n_ctx and model.llm.n_ctx != n_ctx:  # llama.cpp pads the context to a multiple of 256
+        console.print(
+            f"[dim]--n-ctx {n_ctx}: llama.cpp rounds the context up to a multiple of 256: "
+            f"{model.llm.n_ctx} positions[/]"
+        )
     if model.engine_choice.skipped or device == "cuda":
         console.print(f"[dim]{model.engine_choice.explain()}; LLM layers on GPU: {model.llm.n_gpu_layers}[/]")
     return model

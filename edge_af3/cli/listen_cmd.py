@@ -126,7 +126,8 @@ def listen_cmd(
         af3.resolve_adapter(False, adapter)  # an unknown name fails now, not at the first segment
 
     def stamp(seconds: float) -> str:
-        return f"{int(seconds // 60):02d}:{seconds % 60:04.1f}"
+        tenths = round(seconds * 10)  # rounded first: 59.99 s is 01:00.0, not 00:60.0
+        return f"{tenths // 600:02d}:{tenths % 600 / 10:04.1f}"
 
     def on_event(ev) -> None:
         seg = ev.segment

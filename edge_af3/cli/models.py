@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from ..errors import OptionsError
+from ..errors import ModelNotFoundError, OptionsError
 from .common import QUANT_HELP, EncPrecOpt, ExportProgress, console, emit_json, export_steps, out
 
 app = typer.Typer(
@@ -55,8 +55,8 @@ def _find(name: str) -> Path:
     path = Path(name).expanduser()
     path = path if path.is_dir() else root / name
     if not (path / "manifest.json").is_file():
-        known = ", ".join(sorted(p.name for p in root.glob("*/manifest.json"))) if root.is_dir() else ""
-        raise OptionsError(
+        known = ", ".join(sorted(p.parent.name for p in root.glob("*/manifest.json"))) if root.is_dir() else ""
+        raise ModelNotFoundError(
             f"no bundle {name!r} in {root}; `edge-af3 models list` shows them" + (f" ({known})" if known else "")
         )
     return path
@@ -82,7 +82,8 @@ def list_cmd(as_json: bool = typer.Option(False, "--json", help="One JSON object
         return
     t = Table(show_header=True, header_style="bold")
     for col in ("name", "size", "source", "quant", "encoder", "adapters", "created", "last used"):
-        t.add_column(col)
+        # the name is what verify / rm take: never cut (the other columns wrap instead)
+        t.add_column(col, no_wrap=col == "name", min_width=max(len(r["name"]) for r in rows) if col == "name" else None)
     for r in rows:
         t.add_row(
             r["name"],
@@ -117,9 +118,15 @@ def rm_cmd(
     path = _find(name).resolve()
     if _root().resolve() not in path.parents:
         raise OptionsError(f"{path} is not in edge-af3's cache ({_root()}); remove it yourself if you mean it")
-    if not yes and not typer.confirm(f"remove {path} ({_size(path) / 1e6:.0f} MB)?", err=True):
-        console.print("kept")
-        return
+    if not yes:
+        try:
+            ok = typer.confirm(f"remove {path} ({_size(path) / 1e6:.0f} MB)?", err=True)
+        except (typer.Abort, EOFError):  # end of input (a pipe, </dev/null): "no"
+            console.print()
+            ok = False
+        if not ok:
+            console.print("kept")
+            return
     shutil.rmtree(path)
     console.print(f"removed {path}")
 
@@ -140,7 +147,9 @@ def pull_cmd(
 ) -> None:
     """Download (a Hub id) and export into the cache, as `-m SOURCE` would on first use, saying
     first what it takes: download size, disk and RAM."""
-    from ..quants import exact_quant, resolve_encoder_precision
+    from ..quants import check_quant, exact_quant, resolve_encoder_precision
+
+    check_quant(quant)  # a mistake is one line before anything is fetched
     from ..runtime.locate import exported, first_use, first_use_line
 
     precision = resolve_encoder_precision(encoder_precision, exact=exact)

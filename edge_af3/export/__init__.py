@@ -38,8 +38,8 @@ from ..constants import (
     SAMPLE_RATE,
     SOUND_TOKEN_ID,
 )
-from ..quants import CHOICES as QUANT_CHOICES
-from ..quants import auto_quant, resolve_encoder_precision
+from ..errors import OptionsError
+from ..quants import auto_quant, check_quant, resolve_encoder_precision
 from .adapters import export_adapters
 from .gate import ParityError, gate  # noqa: F401 - ParityError: what export() raises
 from .gguf_llm import quantize, write_gguf
@@ -222,14 +222,13 @@ def export(
     from ..checkpoint import read_config, read_generation_config, resolve_checkpoint, weight_files
 
     say = progress or (lambda _msg: None)
-    if quant not in QUANT_CHOICES:
-        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANT_CHOICES)}")
+    check_quant(quant)  # user mistakes: one line (OptionsError), before anything is read
     if encoder_precision not in ("auto",) + PRECISIONS:
-        raise ValueError(
+        raise OptionsError(
             f"unknown encoder precision {encoder_precision!r}; choose auto or one of {', '.join(PRECISIONS)}"
         )
     if mmproj_type not in MMPROJ_TYPES:
-        raise ValueError(f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
+        raise OptionsError(f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
     out = Path(out).expanduser().resolve()
     if out.exists() and not force:
         raise FileExistsError(f"{out} exists; pass --force to replace it")

@@ -8,7 +8,7 @@ a trained model only does better) and far above what a broken quantizer or encod
 
 from __future__ import annotations
 
-from ..errors import EdgeAF3Error
+from ..errors import ParityError  # noqa: F401 - what export() raises, importable from here
 
 # LLM types: (top-1 agreement floor, KL ceiling) on the export's probe against transformers.
 # Measured (top-1 / KL): F32 1.000 / 0.0000; Q8_0 0.923 / 0.0045 (bench-small); Q4_K_M 0.602 /
@@ -38,10 +38,6 @@ def encoder_floor(precision: str) -> float:
 
 
 MMPROJ_FLOOR = 0.999  # llama.cpp's mtmd on our mmproj against PyTorch (f16 projector weights)
-
-
-class ParityError(EdgeAF3Error):
-    """An export's figures are below its type's floor: nothing was written."""
 
 
 def failures(checks: dict, quant: str, encoder_precision: str) -> list[str]:

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import EOS_TOKEN_ID
+from ..errors import OptionsError
 from ..quants import QUANTS
 
 _LAYER_MAP = {
@@ -189,7 +190,7 @@ def quantize(src: Path, dst: Path, quant: str, *, threads: int = 0) -> Path:
 
     init_backend(False)  # llama.cpp's quantizer logs every tensor otherwise
     if quant not in QUANTS:
-        raise ValueError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
+        raise OptionsError(f"unknown quant {quant!r}; choose one of {', '.join(QUANTS)}")
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = QUANTS[quant]
     params.nthread = threads

@@ -22,7 +22,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..constants import ASR_PROMPT
-from ..errors import ContextOverflowError, EdgeAF3Error
+from ..errors import EdgeAF3Error
 from ..prompt import Message
 from .http import BodyLimit, auth_check
 from .jobs import prepare
@@ -129,8 +129,7 @@ def user_error(e: EdgeAF3Error) -> APIError:
         return APIError(
             429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(e.retry_after)}
         )
-    code = "context_length_exceeded" if isinstance(e, ContextOverflowError) else type(e).__name__
-    return bad(str(e), code=code)
+    return bad(str(e), code=e.code)  # the error vocabulary's code (edge_af3/errors.py), as the CLI's
 
 
 def create_app(config: ServerConfig, *, model=None) -> FastAPI:

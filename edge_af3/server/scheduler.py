@@ -19,21 +19,13 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..errors import EdgeAF3Error
+from ..errors import QueueFullError
 from ..runtime.clips import items, penalty_ids
 from ..runtime.generation import Generation, tokens_per_s
 from ..runtime.prefill import Prefill
 from ..runtime.types import FinishReason, GenerationOptions
 
 EventSink = Callable[[str, object], None]  # ("piece", str) | ("done", Job) | ("error", BaseException)
-
-
-class QueueFullError(EdgeAF3Error):
-    """Every slot is busy and the queue is full: try again later (HTTP 429)."""
-
-    def __init__(self, message: str, retry_after: int = 1):
-        super().__init__(message)
-        self.retry_after = retry_after
 
 
 @dataclass(eq=False)

@@ -20,13 +20,9 @@ import numpy as np
 
 from ..audio import load_audio
 from ..constants import MIN_TOKEN_SAMPLES, SOUND_TOKEN
-from ..errors import AudioError, EdgeAF3Error
+from ..errors import AudioError, DataError  # noqa: F401 - DataError: importable from here
 from ..features import extract_features
 from ..prompt import Message, render
-
-
-class DataError(EdgeAF3Error, ValueError):
-    """A training file that cannot be used; the message names the line."""
 
 
 @dataclass

@@ -1,0 +1,85 @@
+"""The errors a person trips on (#29): one vocabulary of codes for the CLI and the server, the
+table in docs/cli.md generated from it, and each mistake one line before anything loads."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from edge_af3.errors import EdgeAF3Error, kinds, markdown_table
+
+from .conftest import ROOT, run_cli
+
+LOADED = "encoder engine"  # what load_model says once a model is loaded (here: always, on a CPU box)
+
+
+def one_line_error(r, *words: str, code: str = "invalid_option") -> str:
+    assert r.returncode == 1, (r.returncode, r.stderr[-2000:])
+    assert "Traceback" not in r.stderr, r.stderr[-3000:]
+    line = [x for x in r.stderr.splitlines() if x.startswith("error:")]
+    assert len(line) == 1, r.stderr
+    for w in words:
+        assert w in line[0], line[0]
+    assert line[0].endswith(f"[{code}]"), line[0]  # the code the server would answer
+    return line[0]
+
+
+def test_every_error_kind_has_its_own_snake_case_code_and_the_docs_table_is_generated():
+    codes = [cls.code for cls in kinds()]
+    assert len(codes) == len(set(codes)) and all(re.fullmatch(r"[a-z][a-z0-9_]+", c) for c in codes)
+    assert kinds()[0] is EdgeAF3Error and len(kinds()) >= 15
+    doc = (ROOT / "docs" / "cli.md").read_text()
+    begin, end = "<!-- errors:begin -->\n", "<!-- errors:end -->"
+    assert doc[doc.index(begin) + len(begin) : doc.index(end)] == markdown_table(), (
+        "docs/cli.md's error table is stale: regenerate it with `python -m edge_af3.errors`"
+    )
+
+
+def test_bad_quant_and_precision_are_one_line_before_anything_is_read(tiny_ckpt, tmp_path):
+    out = tmp_path / "bx"
+    one_line_error(run_cli("export", str(tiny_ckpt), str(out), "--quant", "q5"), "unknown quant 'q5'", "q4_k_m")
+    one_line_error(run_cli("export", str(tiny_ckpt), str(out), "--encoder-precision", "int4"), "'int4'")
+    assert not out.exists()
+    one_line_error(run_cli("models", "pull", str(tiny_ckpt), "--quant", "q5", "--yes"), "unknown quant 'q5'")
+
+
+def test_sampling_mistakes_are_refused_before_the_model_loads(tiny_bundle, speech_wav):
+    for flag, value, word in (("-t", "-1", "temperature"), ("--top-p", "3", "top_p"), ("--top-k", "-2", "top_k")):
+        r = run_cli("ask", str(speech_wav), "What?", "-m", str(tiny_bundle), flag, value)
+        one_line_error(r, word)
+        assert LOADED not in r.stderr
+
+
+def test_models_verify_rm_and_list(tiny_bundle, tmp_path):
+    import shutil
+
+    cache = tmp_path / "cache"
+    (cache / "bundles").mkdir(parents=True)
+    long_name = "tiny-iq4_nl-fp32-0123456789abcdef0123456789"
+    shutil.copytree(tiny_bundle, cache / "bundles" / long_name)
+    env = {"EDGE_AF3_CACHE": str(cache), "COLUMNS": "80"}
+    line = one_line_error(run_cli("models", "verify", "nope", env=env), "no bundle 'nope'", code="model_not_found")
+    assert long_name in line and "manifest.json" not in line.split("(")[-1]
+    r = run_cli("models", "list", env=env)
+    assert r.returncode == 0 and long_name in r.stdout  # never cut, in 80 columns or a pipe
+    r = subprocess.run(  # end of input at the question (</dev/null): "no"
+        [sys.executable, "-m", "edge_af3", "models", "rm", long_name],
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        env=dict(os.environ, **env),
+        timeout=120,
+    )
+    assert r.returncode == 0 and "kept" in r.stderr and (cache / "bundles" / long_name).is_dir()
+
+
+def test_ask_hints_and_files(tiny_bundle, speech_wav, tmp_path):
+    r = run_cli("ask", "What is this?", str(speech_wav), "-m", str(tiny_bundle))
+    one_line_error(r, "the question comes last", f'edge-af3 ask {speech_wav} "What is this?"')
+    empty = tmp_path / "empty.wav"
+    empty.write_bytes(b"")
+    one_line_error(run_cli("ask", str(empty), "What?", "-m", str(tiny_bundle)), "empty (0 bytes)", code="invalid_audio")
+    r = run_cli("ask", "Hi", "-m", str(tiny_bundle), "--n-ctx", "300", "-n", "2")
+    assert r.returncode == 0 and "--n-ctx 300: llama.cpp rounds the context up to a multiple of 256: 512" in r.stderr
