@@ -45,8 +45,14 @@ def test_bad_quant_and_precision_are_one_line_before_anything_is_read(tiny_ckpt,
     one_line_error(run_cli("models", "pull", str(tiny_ckpt), "--quant", "q5", "--yes"), "unknown quant 'q5'")
 
 
-def test_sampling_mistakes_are_refused_before_the_model_loads(tiny_bundle, speech_wav):
-    for flag, value, word in (("-t", "-1", "temperature"), ("--top-p", "3", "top_p"), ("--top-k", "-2", "top_k")):
+def test_sampling_and_adapter_mistakes_are_refused_before_the_model_loads(tiny_bundle, speech_wav):
+    bad = (
+        ("-t", "-1", "temperature"),
+        ("--top-p", "3", "top_p"),
+        ("--top-k", "-2", "top_k"),
+        ("--adapter", "nope", "no adapter 'nope'"),
+    )
+    for flag, value, word in bad:
         r = run_cli("ask", str(speech_wav), "What?", "-m", str(tiny_bundle), flag, value)
         one_line_error(r, word)
         assert LOADED not in r.stderr
@@ -83,3 +89,15 @@ def test_ask_hints_and_files(tiny_bundle, speech_wav, tmp_path):
     one_line_error(run_cli("ask", str(empty), "What?", "-m", str(tiny_bundle)), "empty (0 bytes)", code="invalid_audio")
     r = run_cli("ask", "Hi", "-m", str(tiny_bundle), "--n-ctx", "300", "-n", "2")
     assert r.returncode == 0 and "--n-ctx 300: llama.cpp rounds the context up to a multiple of 256: 512" in r.stderr
+
+
+def test_serve_on_a_port_in_use_is_one_line(tiny_bundle):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        port = s.getsockname()[1]
+        r = run_cli("serve", "-m", str(tiny_bundle), "--port", str(port))
+    one_line_error(r, f"cannot listen on 127.0.0.1:{port}", "in use", "--port")
+    assert "listening on" not in r.stderr

@@ -459,6 +459,9 @@ def test_queue_full_429_dropped_client_frees_its_slot_sigterm_drains(tiny_bundle
         assert srv.proc.wait(timeout=60) in (0, -signal.SIGTERM)
         with pytest.raises(httpx.ConnectError):
             httpx.get(srv.url + "/health", timeout=5)
+        log = srv.tail()  # start, drain and stop are said
+        assert "listening on" in log and "SIGTERM: draining" in log and "1 in flight" in log
+        assert log.rstrip().endswith("stopped"), log[-500:]
     finally:
         srv.stop()
 

@@ -67,6 +67,7 @@ def ask_cmd(
     # bad audio fails before the model loads; "-" reads a clip from standard input
     clips = [load_audio(sys.stdin.buffer.read(), name="<stdin>") if p == "-" else load_audio(p) for p in paths]
     opts = sampling.overrides()
+    load.check_adapter(adapter)
     spoken = speech.open()  # the voice and where it goes are checked before the model loads
     try:
         af3 = remote.connect_or_load(load)
@@ -146,6 +147,7 @@ def chat_cmd(
     if dry:
         return load.show_plan()
     opts = sampling.overrides()
+    load.check_adapter(adapter)
     spoken = speech.open(per_turn_files=True)  # answer N of the chat -> FILE-N.wav
     try:
         with remote.connect_or_load(load) as af3:

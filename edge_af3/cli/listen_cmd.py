@@ -115,6 +115,7 @@ def listen_cmd(
     options = sampling.overrides()
     if prompt is None:
         prompt = "" if chat else LISTEN_PROMPT
+    load.check_adapter(adapter)
     spoken = speech.open(one_file=True)  # --speak-to: every answer, at real speed, into one file
     try:
         af3 = load.load()

@@ -63,6 +63,24 @@ class LoadOptions:
             check_hashes=True if self.verify else None,
         )
 
+    def check_adapter(self, adapter: str | None) -> None:
+        """An --adapter the bundle named by -m does not have: refused before anything loads (a
+        checkpoint source is checked once exported, at load)."""
+        import json
+        from pathlib import Path
+
+        from ..errors import OptionsError
+
+        manifest = Path(self.model or "").expanduser() / "manifest.json"
+        if adapter is None or not self.model or not manifest.is_file():
+            return
+        try:
+            have = sorted(json.loads(manifest.read_text()).get("adapters") or {})
+        except (OSError, ValueError):
+            return  # a broken manifest is the load's to report
+        if adapter not in have:
+            raise OptionsError(f"this bundle has no adapter {adapter!r}; it has: {', '.join(have) or 'none'}")
+
     def load(self):
         """The model, loaded with progress and the engine choice on stderr."""
         from .common import load_model
