@@ -101,3 +101,28 @@ def test_serve_on_a_port_in_use_is_one_line(tiny_bundle):
         r = run_cli("serve", "-m", str(tiny_bundle), "--port", str(port))
     one_line_error(r, f"cannot listen on 127.0.0.1:{port}", "in use", "--port")
     assert "listening on" not in r.stderr
+
+
+def test_train_says_the_steps_it_runs_and_checks_before_loading(tiny_ckpt, tmp_path):
+    """A 4-line file with --max-steps 60: 4 steps, and the line says why and what would reach 60;
+    a non-empty output folder is refused before any weights load (no progress bar drawn)."""
+    import json
+
+    import numpy as np
+    import soundfile as sf
+
+    t = np.arange(16000) / 16000
+    sf.write(tmp_path / "tone.wav", (0.3 * np.sin(2 * np.pi * 440 * t)).astype(np.float32), 16000)
+    lines = [{"audio": "tone.wav", "prompt": "What is it?", "answer": f"a tone {i}"} for i in range(4)]
+    data = tmp_path / "data.jsonl"
+    data.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    busy = tmp_path / "busy"
+    busy.mkdir()
+    (busy / "x").write_text("x")
+    r = run_cli("train", str(tiny_ckpt), str(data), str(busy), "--max-steps", "60")
+    one_line_error(r, "is not empty")
+    assert "training" not in r.stderr  # refused before the run (and its bar) started
+    r = run_cli("train", str(tiny_ckpt), str(data), str(tmp_path / "out"), "--max-steps", "60", "--r", "2")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "training 4 steps, not 60" in r.stderr and "--epochs 15 reaches --max-steps 60" in r.stderr
+    assert ": 4 steps" in r.stdout  # what ran

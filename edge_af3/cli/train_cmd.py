@@ -62,6 +62,18 @@ def train_cmd(
         save_every=save_every,
         base_adapter=base_adapter,
     )
+    # every check that needs no weights, before any are loaded: the options, each JSONL line, the
+    # output folder; then the steps the run will take, and why
+    from ..errors import OptionsError
+    from ..train import plan_steps, read_examples
+
+    config.check()
+    examples = read_examples(data)
+    target = out_dir.expanduser()
+    if target.exists() and any(target.iterdir()) and not resume:
+        raise OptionsError(f"{target} is not empty; pass --resume to continue a run there, or choose another folder")
+    total, why = plan_steps(len(examples), config)
+    console.print(f"[dim]training {why}[/]", highlight=False)
     columns = (
         TextColumn("training"),
         BarColumn(),
@@ -72,7 +84,7 @@ def train_cmd(
         TimeRemainingColumn(),
     )
     with Progress(*columns, console=console, transient=as_json) as bar:
-        task = bar.add_task("train", total=None, loss=float("nan"))
+        task = bar.add_task("train", total=total, loss=float("nan"))
 
         def show(state):
             bar.update(task, completed=state["step"], total=state["total"], loss=state["loss"])

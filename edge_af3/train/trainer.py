@@ -53,6 +53,27 @@ class TrainConfig:
             raise OptionsError("--lr must be > 0 and --max-steps >= 1")
 
 
+def plan_steps(n_examples: int, config: TrainConfig) -> tuple[int, str]:
+    """(optimizer steps the run takes, the sentence that says why): epochs over the data, or
+    --max-steps when it comes first; a --max-steps the data cannot reach is said, with the
+    --epochs that would reach it."""
+    per_step = config.batch * config.grad_accum
+    per_epoch = math.ceil(n_examples / per_step)
+    by_data = per_epoch * config.epochs
+    how = (
+        f"{n_examples} example(s), {per_step} per step ({config.batch} x grad-accum {config.grad_accum}): "
+        f"{per_epoch} step(s) per epoch x {config.epochs} epoch(s)"
+    )
+    if config.max_steps is None:
+        return by_data, f"{by_data} steps: {how}"
+    if config.max_steps <= by_data:
+        return config.max_steps, f"{config.max_steps} steps (--max-steps; the data gives {by_data}: {how})"
+    need = math.ceil(config.max_steps / per_epoch)
+    return by_data, (
+        f"{by_data} steps, not {config.max_steps}: {how} (--epochs {need} reaches --max-steps {config.max_steps})"
+    )
+
+
 def _order(n: int, seed: int, epoch: int) -> list[int]:
     return list(np.random.default_rng([seed, epoch]).permutation(n))
 
@@ -123,7 +144,7 @@ def train(
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     per_step = config.batch * config.grad_accum
     steps_per_epoch = math.ceil(len(examples) / per_step)
-    total = min(config.max_steps or steps_per_epoch * config.epochs, steps_per_epoch * config.epochs)
+    total, _ = plan_steps(len(examples), config)
     step, losses = 0, []
     if start is not None:
         state = torch.load(start / "trainer_state.pt", weights_only=False)  # our own file, written below
