@@ -3,6 +3,7 @@ table in docs/cli.md generated from it, and each mistake one line before anythin
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -126,3 +127,14 @@ def test_train_says_the_steps_it_runs_and_checks_before_loading(tiny_ckpt, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert "training 4 steps, not 60" in r.stderr and "--epochs 15 reaches --max-steps 60" in r.stderr
     assert ": 4 steps" in r.stdout  # what ran
+
+
+def test_doctor_takes_what_every_m_takes(tiny_ckpt, tiny_bundle, tmp_path):
+    r = run_cli("doctor", "-m", str(tiny_ckpt), "--json", env={"EDGE_AF3_CACHE": str(tmp_path / "c")})
+    assert r.returncode == 0, r.stderr[-2000:]
+    model = json.loads(r.stdout)["model"]
+    assert model["checkpoint"] == str(tiny_ckpt) and model["bundle"] is None  # not exported in this cache yet
+    r = run_cli("doctor", "-m", str(tiny_bundle), "--json")
+    assert r.returncode == 0 and json.loads(r.stdout)["model"]["bundle"] == str(tiny_bundle)
+    one_line_error(run_cli("doctor", "-m", str(tmp_path / "nothere")), "no such bundle", code="model_not_found")
+    one_line_error(run_cli("doctor", "-m", str(tmp_path)), "not an HF checkpoint", code="invalid_checkpoint")

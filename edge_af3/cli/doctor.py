@@ -7,6 +7,7 @@ import shutil
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 # (distribution, import name, needed for, install command)
 PACKAGES = [
@@ -150,6 +151,30 @@ def _cpu_hints(cpu: dict) -> list[str]:
     return hints
 
 
+def model_description(spec: str) -> dict:
+    """What `-m SPEC` names, as every command reads it: a bundle (described from its manifest),
+    an AF3 checkpoint folder or a Hub id (its bundle from the cache when exported, else what the
+    first use will do); ModelNotFoundError / CheckpointError when it is none of them."""
+    from ..checkpoint import read_config
+    from ..errors import ModelNotFoundError
+    from ..quants import resolve_encoder_precision
+    from ..runtime.locate import cached_bundle_path, first_use
+
+    path = Path(spec).expanduser()
+    if (path / "manifest.json").is_file():
+        return bundle_report(path)
+    if path.is_dir():
+        read_config(path)  # refuses a folder that is not an AF3 checkpoint, naming why
+        bundle = cached_bundle_path(path.resolve(), "auto", resolve_encoder_precision("auto"))
+        if (bundle / "manifest.json").is_file():
+            return bundle_report(bundle) | {"checkpoint": str(path)}
+        need = first_use(path)
+        return {"checkpoint": str(path), "bundle": None, "first_use": need}
+    if path.exists() or spec.count("/") != 1 or spec.startswith((".", "/", "~")):
+        raise ModelNotFoundError(f"{spec}: no such bundle or checkpoint folder (and not a Hub id ORG/NAME)")
+    return {"hub_id": spec, "bundle": None, "first_use": first_use(spec)}
+
+
 def bundle_report(path) -> dict:
     """A bundle's model and adapters, from its manifest (nothing loaded)."""
     from ..bundle import read_manifest
@@ -270,8 +295,13 @@ def render(report: dict, out) -> None:
         out.print(f"  --voice auto speaks with: {voices['default'] or 'nothing (install a voice engine)'}")
     out.print(f"encoder:                {report['encoder_engine']}")
     out.print(f"cache:                  {report['cache']}")
-    if report.get("model"):
-        m = report["model"]
+    m = report.get("model")
+    if m and m.get("bundle") is None:  # a checkpoint or Hub id not exported yet
+        what = m.get("checkpoint") or m.get("hub_id")
+        need = m.get("first_use")
+        ahead = f"{need['download_gb']:.1f} GB of weights to export" if need else "exported at first use"
+        out.print(f"model:                  {what}: not exported yet ({ahead}; `edge-af3 models pull {what}`)")
+    elif m:
         names = (
             ", ".join(
                 f"{n} (r {a['rank']}, {a['type']}{', encoder weights' if a['encoder_weights'] else ''})"

@@ -63,11 +63,13 @@ def doctor_cmd(
     \b
     Example: edge-af3 doctor -m ./af3-bundle
     """
-    from .doctor import bundle_report, checks, render
+    from .doctor import checks, model_description, render
 
+    if model is not None:  # what -m names is checked first: a mistake is one line, no report
+        model_report = model_description(str(model))
     report = checks()
     if model is not None:
-        report["model"] = bundle_report(model)
+        report["model"] = model_report
     if as_json:
         emit_json(report)
         return
