@@ -125,6 +125,9 @@ class RemoteStream:
         n = u.completion_tokens if u else len(self._pieces)
         first = self._t_first or t_end
         timings = Timings(
+            features_ms=None,  # the server's own stages: not known to a client
+            encoder_ms=None,
+            prefill_ms=None,
             first_token_ms=(first - self._t0) * 1000,
             decode_tokens_per_s=(n - 1) / (t_end - first) if n > 1 and t_end > first else 0.0,
             prompt_tokens=u.prompt_tokens if u else 0,

@@ -89,12 +89,12 @@ def machine_budget(settings) -> tuple[int, str]:
                 text=True,
                 timeout=10,
             )
-            return int(res.stdout.split()[0]) << 20, f"this machine's GPU ({settings.gpu})"
+            return int(res.stdout.split()[0]) << 20, f"GPU memory ({settings.gpu})"
         except (OSError, ValueError, IndexError, subprocess.SubprocessError):
             pass  # Jetson (no nvidia-smi): its memory is the shared RAM below
     with open("/proc/meminfo") as f:
         info = {line.split(":")[0]: int(line.split()[1]) * 1024 for line in f}
-    return info.get("MemAvailable", info.get("MemTotal", 0)), "this machine's available RAM"
+    return info.get("MemAvailable", info.get("MemTotal", 0)), "available RAM"
 
 
 def plan(

@@ -336,6 +336,10 @@ def test_cli_ask_base_url(server, model, speech_wav):
         json.loads(res.stdout)["text"]
         == model.ask("What do you hear?", str(speech_wav), max_new_tokens=12, **GREEDY).text
     )
+    t = json.loads(res.stdout)["timings"]  # what a client cannot know is not made up
+    assert t["features_ms"] is None and t["prefill_ms"] is None and t["first_token_ms"] > 0
+    res = run_cli("ask", "Hi", "--base-url", server.url, "--api-key", KEY, "-n", "2")
+    assert res.returncode == 0 and "prefill" not in res.stderr and "first token" in res.stderr
 
 
 def _stream(client, msgs, **kw):

@@ -49,6 +49,21 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the memory pla
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Re-hash every bundle file (normally once per file).")]
 
 
+def quiet_transformers() -> None:
+    """A command that reports its own steps (train, make-tiny --think): transformers' weight-
+    loading bars and its deprecation chatter (warnings about its own internals, raised by PEFT)
+    would only interleave with them."""
+    import warnings
+
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers\..*")
+
+
 def step_line(msg: str) -> None:
     """A progress step as one timestamped line on stderr (no source-file suffix)."""
     import time
@@ -249,8 +264,12 @@ def timings_line(t, finish_reason: str | None = None) -> str:
     """One line of what a turn cost: the prompt (the whole conversation's positions, how many of
     them the KV cache already held, this turn's new audio tokens) and each stage."""
     end = f" | finish {finish_reason}" if finish_reason else ""
+    stages = "".join(  # a server's answer does not know its stages: they are left out, not shown as 0
+        f" | {name} {ms:.0f} ms"
+        for name, ms in (("features", t.features_ms), ("encoder", t.encoder_ms), ("prefill", t.prefill_ms))
+        if ms is not None
+    )
     return (
         f"prompt {t.prompt_tokens} positions, {t.reused_tokens} from the KV cache, {t.audio_tokens} new audio tokens"
-        f" | features {t.features_ms:.0f} ms | encoder {t.encoder_ms:.0f} ms | prefill {t.prefill_ms:.0f} ms"
-        f" | first token {t.first_token_ms:.0f} ms | {t.decode_tokens_per_s:.1f} tok/s{end}"
+        f"{stages} | first token {t.first_token_ms:.0f} ms | {t.decode_tokens_per_s:.1f} tok/s{end}"
     )

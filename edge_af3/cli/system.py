@@ -28,7 +28,7 @@ def plan_cmd(
     encoder_precision: str | None = typer.Option(
         None, "--encoder-precision", help="fp16 | int8 | mixed | fp32 (default: what the engine runs)"
     ),
-    as_json: bool = typer.Option(False, "--json"),
+    as_json: bool = typer.Option(False, "--json", help="The plan as one JSON object."),
 ) -> None:
     """Dry run: the memory a model needs (weights, encoder, KV cache at n_ctx, buffers) with the
     settings AF3.load would pick here, and whether it fits this machine — or a --target's set-up.

@@ -43,6 +43,9 @@ def make_tiny(
     from rich.progress import Progress
 
     from ..reference.tiny import SHAPES, make_checkpoint, tensor_specs
+    from .common import quiet_transformers
+
+    quiet_transformers()
 
     if shape not in SHAPES:
         raise OptionsError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
@@ -213,7 +216,7 @@ def demo(
     model: ModelOpt = None,
     audio: Path | None = typer.Option(None, "--audio", help="Clip to use (default: the bundled one)."),
     prompt: str = typer.Option("What do you hear? Transcribe any speech.", "--prompt"),
-    max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n", min=1),
+    max_new_tokens: int = typer.Option(24, "--max-new-tokens", "-n", min=1, help="Most tokens per answer."),
 ) -> None:
     """The main job: export (once, cached) and run AF3 on a clip, streaming the answer with timings.
 

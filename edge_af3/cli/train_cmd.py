@@ -47,6 +47,9 @@ def train_cmd(
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from ..train import TrainConfig, train
+    from .common import quiet_transformers
+
+    quiet_transformers()
 
     config = TrainConfig(
         r=r,

@@ -125,9 +125,9 @@ def eos_ids(defaults: dict) -> frozenset[int]:
 
 @dataclass(frozen=True)
 class Timings:
-    features_ms: float = 0.0
-    encoder_ms: float = 0.0
-    prefill_ms: float = 0.0
+    features_ms: float | None = 0.0  # None: not known here (an answer from a server)
+    encoder_ms: float | None = 0.0
+    prefill_ms: float | None = 0.0
     first_token_ms: float = 0.0  # from the call to the first token
     decode_tokens_per_s: float = 0.0
     audio_tokens: int = 0
