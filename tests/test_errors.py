@@ -138,3 +138,15 @@ def test_doctor_takes_what_every_m_takes(tiny_ckpt, tiny_bundle, tmp_path):
     assert r.returncode == 0 and json.loads(r.stdout)["model"]["bundle"] == str(tiny_bundle)
     one_line_error(run_cli("doctor", "-m", str(tmp_path / "nothere")), "no such bundle", code="model_not_found")
     one_line_error(run_cli("doctor", "-m", str(tmp_path)), "not an HF checkpoint", code="invalid_checkpoint")
+
+
+def test_listen_stamps_round_to_the_minute(tiny_bundle, tmp_path):
+    """--every 20 over 60 s: the last segment is [00:40.0–01:00.0], never 00:60.0."""
+    import numpy as np
+    import soundfile as sf
+
+    x = (0.05 * np.random.default_rng(0).standard_normal(60 * 16000)).astype(np.float32)
+    sf.write(tmp_path / "minute.wav", x, 16000)
+    r = run_cli("listen", "--file", str(tmp_path / "minute.wav"), "--every", "20", "-m", str(tiny_bundle), "-n", "1")
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "[00:40.0–01:00.0]" in r.stdout and "00:60.0" not in r.stdout, r.stdout
