@@ -253,7 +253,8 @@ class Listener:
         self._submit(Typed(text, at, at))
 
     def _submit(self, seg: Segment | Typed) -> None:
-        self.stats.segments += 1
+        with self._lock:
+            self.stats.segments += 1
         item = (seg, time.perf_counter())
         if self.wait:
             self._put(item)
@@ -327,7 +328,8 @@ class Listener:
                     self.stats.busy_s += done - t0
                     self.stats.first_token_latency_s.append((first or done) - closed_at)
                     self.stats.answer_latency_s.append(done - closed_at)
-                info = {"finish_reason": stream.answer.finish_reason, "barged_in": barged, "speech": spoken}
+                answer = getattr(stream, "answer", None)
+                info = {"finish_reason": answer and answer.finish_reason, "barged_in": barged, "speech": spoken}
                 if isinstance(seg, Typed):
                     info["typed"] = seg.text
                 if barged:
@@ -349,7 +351,7 @@ class Listener:
             self._barged = True
         stream.cancel()
         if voice is not None:
-            voice.cancel()  # silence within one block
+            voice.cancel(wait=False)  # silence within one block; the capture loop does not wait
         self.on_event(Event("barge_in", None, info={"at_s": round(self.stats.audio_s, 2)}))
 
     def run(self, blocks) -> dict:
@@ -360,6 +362,7 @@ class Listener:
         window: list[np.ndarray] = []
         next_cut = self.every
         interrupted = False
+        barged_at = 0  # the open segment already interrupted an answer (no second barge-in for it)
         try:
             try:
                 for block in blocks:
@@ -379,12 +382,18 @@ class Listener:
                     while buf.size >= FRAME:
                         frame, buf = buf[:FRAME], buf[FRAME:]
                         if not self.duplex and self._speaking():
-                            continue  # the loudspeaker is on: what the microphone hears now is not a question
-                        was_open = self.segmenter.current is not None
+                            self.segmenter.skip(frame)  # the loudspeaker is on: what the mic hears is no question
+                            continue
                         for seg in self.segmenter.push(frame):
                             self._submit(seg)
-                        if self.barge_in and not was_open and self.segmenter.current is not None:
+                        # the user speaks over the answer: once the sound is long enough to be a
+                        # segment at all (a click or a cough is not), once per segment
+                        heard = self.segmenter.open_frames
+                        if self.barge_in and heard >= self.segmenter.min_frames and heard > barged_at:
+                            barged_at = 1 << 30
                             self._barge()
+                        elif heard == 0:
+                            barged_at = 0
             except KeyboardInterrupt:  # stop listening; what was being heard is still answered below
                 interrupted = True
             if self.segmenter is not None:
@@ -399,6 +408,11 @@ class Listener:
             self.stats.overflows = getattr(blocks, "overflows", 0)
             if self.worker.is_alive():  # a second Ctrl-C or a device error: stop without waiting for answers
                 self._stop.set()  # the worker ends its answer at the next piece (it never outlives the model)
+                current = self._current
+                if current is not None:  # and the answer being spoken goes quiet now
+                    getattr(current[0], "cancel", lambda: None)()
+                    if current[1] is not None:
+                        current[1].cancel(wait=False)
                 self.worker.join(timeout=30)
         if self._error is not None:
             raise self._error

@@ -204,6 +204,7 @@ class Segmenter:
         self.quiet_run = 0
         self.current: list[np.ndarray] | None = None
         self.start_frame = 0
+        self.opened_at = 0
 
     def push(self, frame: np.ndarray) -> list[Segment]:
         """Feed one FRAME-sample frame; returns the segments it closed (0 or 1)."""
@@ -216,6 +217,7 @@ class Segmenter:
             if self.active_run >= self.on_frames:
                 self.current = list(self.pre)
                 self.start_frame = self.pos - len(self.current)
+                self.opened_at = self.pos
                 self.pre.clear()
                 self.quiet_run = 0
             return out
@@ -226,6 +228,18 @@ class Segmenter:
             if seg is not None:
                 out.append(seg)
         return out
+
+    def skip(self, frame: np.ndarray) -> None:  # noqa: ARG002 - the frame is not listened to
+        """A frame not listened to (the loudspeaker is on): time goes on, nothing is heard; a
+        segment open when it began is dropped (it would have a hole)."""
+        self.pos += 1
+        self.current, self.active_run, self.quiet_run = None, 0, 0
+        self.pre.clear()
+
+    @property
+    def open_frames(self) -> int:
+        """Frames heard since the segment now open began (its pre-roll not counted; 0: none open)."""
+        return self.pos - self.opened_at if self.current is not None else 0
 
     def flush(self) -> list[Segment]:
         """Close an open segment at the end of the stream."""

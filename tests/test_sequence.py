@@ -100,7 +100,8 @@ def test_removing_a_window_equals_transformers_evicting_it(engine, reference, pi
     seq.decode_rows(second, ids=[("w2", i) for i in range(len(second))])
     seq.remove(len(system), len(system) + len(first))  # forget the first window
     assert seq.n_past == len(system) + len(second) == len(seq.items)
-    assert seq.items[len(system)] == ("w2", 0)
+    assert seq.items[len(system)] == ("shifted", ("w2", 0))  # never a fresh prompt's prefix again
+    assert seq.common_prefix(system + [("w2", i) for i in range(len(second))]) == len(system)
     got = seq.decode_tokens(question, logits="last")
 
     drop = (len(system), len(system) + len(first))
@@ -144,7 +145,7 @@ def test_remove_bookkeeping_and_bad_ranges(engine):
     seq.remove(len(ids) - 2, len(ids))  # the tail: a truncation
     assert seq.items == ids[:-2] and seq.n_past == len(ids) - 2
     seq.remove(0, 3)
-    assert seq.items == ids[3:-2] and seq.common_prefix(ids[3:]) == len(ids) - 5
+    assert seq.items == [("shifted", t) for t in ids[3:-2]] and seq.common_prefix(ids[3:]) == 0
     epoch = engine.epoch
     seq.truncate(0)
     assert engine.epoch > epoch and seq.n_past == 0 and seq.items == []

@@ -116,7 +116,7 @@ def _chunk(x, rate=16000):
     return Chunk(np.asarray(x, np.float32), rate, "", time.perf_counter())
 
 
-def test_voice_errors_are_clear_and_the_speaker_stays_usable(tmp_path):
+def test_voice_errors_are_clear(tmp_path):
     with pytest.raises(VoiceError, match="no such Piper voice"):
         PiperVoice(tmp_path / "missing.onnx")
     broken = tmp_path / "broken.onnx"
@@ -142,6 +142,19 @@ def test_voice_errors_are_clear_and_the_speaker_stays_usable(tmp_path):
     # no such output device
     with pytest.raises(VoiceError, match="no output device"):
         Player(9999)
+    # a cancelled answer written to a file leaves no file, not half of one
+    from edge_af3.voice.answers import SpokenAnswer, WavFile
+
+    spoken = SpokenAnswer(EspeakVoice(), WavFile(tmp_path / "cut.wav"))
+    spoken.feed("This answer is interrupted before it ends. ")
+    spoken.cancel()
+    assert not (tmp_path / "cut.wav").exists() and not list(tmp_path.glob(".cut.wav*"))
+    # a closed Piper voice says so, and starts no worker again
+    voice = open_voice("piper")
+    voice.close()
+    with pytest.raises(VoiceError, match="closed"):
+        list(voice.speak("Hello."))
+    assert voice._proc is None
 
 
 def test_an_engine_that_dies_mid_answer():
@@ -418,7 +431,7 @@ def test_voice_chat_barge_in_and_the_conversation_equals_transformers(tiny_bundl
     # playback was cut: the file holds the first answer's heard part and the whole second answer
     synthesised = one["speech"]["audio_s"] + two["speech"]["audio_s"]
     assert wav_seconds(out) < synthesised - 0.5
-    assert two["finish_reason"] == "length" and len(two["speech"]["gaps_s"]) >= 0
+    assert two["finish_reason"] == "length"
 
     seg = [x[int(round(a["start"] * 16000)) : int(round(a["end"] * 16000))] for a in answers]
     conv = [

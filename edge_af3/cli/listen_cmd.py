@@ -21,7 +21,11 @@ def _typed_turns(listener) -> None:
     for line in sys.stdin:
         cmd, _, text = line.strip().partition(" ")
         if cmd == "/text" and text.strip():
-            listener.type_turn(text.strip())
+            try:
+                listener.type_turn(text.strip())
+            except Exception as e:  # noqa: BLE001 - the run has ended (or is ending): say so, never a traceback
+                console.print(f"[yellow]not asked: {e}[/]")
+                return
         elif line.strip():
             console.print("[yellow]type /text QUESTION to ask in writing; speak to ask aloud[/]")
 
@@ -177,7 +181,8 @@ def listen_cmd(
         summary, code = listener.stats.summary(), 130
     except Exception as e:  # noqa: BLE001 - a device or inference fault ends the run, with its summary
         kind = "" if isinstance(e, EdgeAF3Error) else f"{type(e).__name__}: "
-        console.print(f"[bold red]error:[/] {kind}{e}", highlight=False)
+        code = f" [dim]\\[{e.code}][/]" if isinstance(e, EdgeAF3Error) else ""
+        console.print(f"[bold red]error:[/] {kind}{e}{code}", highlight=False)
         summary, code = listener.stats.summary(), 1
     finally:
         if mic:

@@ -15,7 +15,12 @@ VOICE_HELP = (
 )
 SpeakOpt = Annotated[bool, typer.Option("--speak", help="Speak the answer as it is written (the sound card).")]
 SpeakToOpt = Annotated[
-    Path | None, typer.Option("--speak-to", help="Write the spoken answer to this WAV file instead of playing it.")
+    Path | None,
+    typer.Option(
+        "--speak-to",
+        help="Write the spoken answer to this WAV file instead of playing it (chat: FILE-1.wav, FILE-2.wav, ...; "
+        "listen: every answer, at real speed, in one file).",
+    ),
 ]
 VoiceOpt = Annotated[str, typer.Option("--voice", help=VOICE_HELP)]
 OutputDeviceOpt = Annotated[

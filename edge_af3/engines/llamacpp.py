@@ -251,12 +251,14 @@ class LlamaEngine(SamplingMixin, NativeResource):
         self._ll.llama_memory_seq_rm(self._ll.llama_get_memory(self.ctx), seq, p0, p1)
         self.epoch += 1
 
+    def can_shift(self) -> bool:
+        return bool(self._ll.llama_memory_can_shift(self._ll.llama_get_memory(self.ctx)))
+
     def memory_shift(self, seq: int, p0: int, p1: int, delta: int) -> None:
         """Move positions [p0, p1) of a sequence by `delta` (RoPE keys re-rotated at the next decode)."""
-        mem = self._ll.llama_get_memory(self.ctx)
-        if not self._ll.llama_memory_can_shift(mem):
+        if not self.can_shift():
             raise RuntimeError("this model's KV cache cannot shift positions")
-        self._ll.llama_memory_seq_add(mem, seq, p0, p1, delta)
+        self._ll.llama_memory_seq_add(self._ll.llama_get_memory(self.ctx), seq, p0, p1, delta)
         self.epoch += 1
 
     def reset(self) -> None:

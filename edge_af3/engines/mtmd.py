@@ -115,7 +115,7 @@ class MtmdAudio(NativeResource):
         encode_s = 0.0
         try:
             n = m.mtmd_input_chunks_size(chunks)
-            eng._check_room(m.mtmd_helper_get_n_tokens(chunks))
+            eng.seqs[0].check_room(m.mtmd_helper_get_n_tokens(chunks))
             counts = {"tokens": 0, "audio_tokens": 0}
             for i in range(n):
                 chunk = m.mtmd_input_chunks_get(chunks, i)

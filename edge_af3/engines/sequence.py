@@ -113,9 +113,13 @@ class KVSequence:
             return
         if end == self.n_past:
             return self.truncate(start)
+        if not self.engine.can_shift():  # checked before anything is removed: no half-done change
+            raise RuntimeError("this model's KV cache cannot shift positions")
         self.engine.memory_remove(self.id, start, end)
         self.engine.memory_shift(self.id, end, self.n_past, start - end)
-        del self.items[start:end]
+        # the moved positions were computed attending to what was removed: they are no fresh
+        # prefill of the same items, so a prompt's prefix never matches them from here on
+        self.items[start:] = [("shifted", item) for item in self.items[end:]]
         self.n_past -= end - start
 
     def emptied(self) -> None:

@@ -14,16 +14,19 @@ from .speaker import Speaker
 class WavFile:
     """A sink that writes one answer to a WAV file (a temporary name, renamed when complete)."""
 
+    playing = False  # a file is never heard while it is written
+
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.played_s = 0.0
+        self._aborted = False
 
     def play(self, chunks) -> float:
-        self.played_s = write_wav(self.path, chunks)
+        self.played_s = write_wav(self.path, chunks, keep=lambda: not self._aborted)
         return self.played_s
 
-    def stop(self) -> None:  # the speaker's cancel ends the chunks; what came is written
-        pass
+    def stop(self) -> None:  # a cancelled answer leaves no file (its chunks end with the speaker's cancel)
+        self._aborted = True
 
 
 class SpeechOut:
@@ -86,14 +89,18 @@ class SpokenAnswer:
             raise self.error
         return self.speaker.stats()
 
-    def cancel(self) -> None:
+    def cancel(self, wait: bool = True) -> None:
+        """Silence it: the synthesis stops, the sink stops within one block; `wait` for the sink's
+        thread to end (a barge-in on the capture loop does not wait)."""
         self.speaker.cancel()
         self.sink.stop()
-        self._thread.join(timeout=5)
+        if wait:
+            self._thread.join(timeout=5)
 
     @property
     def speaking(self) -> bool:
-        return self._thread.is_alive()
+        """Sound is going out now (not merely an answer being written or synthesised)."""
+        return bool(getattr(self.sink, "playing", False))
 
     @property
     def heard_text(self) -> str:

@@ -89,6 +89,7 @@ class PiperVoice:
         self._lock = threading.Lock()  # one sentence at a time through the pipe
         self._lines: queue.Queue = queue.Queue()  # the worker's stderr lines (None: it ended)
         self._proc = None
+        self._closed = False
         self._start_timeout = start_timeout
         self._start()
 
@@ -122,7 +123,10 @@ class PiperVoice:
         if not line:
             return
         with self._lock:
+            if self._closed:
+                raise VoiceError(f"{self.name} is closed")
             if self._proc is None or self._proc.poll() is not None:
+                self._reap()
                 self._start()  # a worker that died is started again for the next sentence
             try:
                 self._proc.stdin.write(line + "\n")
@@ -134,10 +138,10 @@ class PiperVoice:
                 try:
                     msg = self._lines.get(timeout=self._start_timeout)
                 except queue.Empty as e:
-                    self.close()
+                    self._reap()  # a stuck worker: killed; the next sentence starts a new one
                     raise VoiceError(f"Piper gave no audio within {self._start_timeout:g} s") from e
                 if msg is None:
-                    self._proc = None
+                    self._reap()
                     raise VoiceError(f"the Piper worker ended: {' | '.join(seen[-3:]) or 'no message'}")
                 if "Wrote " in msg:
                     path = Path(msg.split("Wrote ", 1)[1].strip())
@@ -150,16 +154,25 @@ class PiperVoice:
     def _tail(self) -> str:
         return "exit " + str(self._proc.poll()) if self._proc else "not running"
 
-    def close(self) -> None:
+    def _reap(self) -> None:
+        """End the worker (if any) and collect it: its pipes closed, no zombie left."""
         proc, self._proc = self._proc, None
-        if proc is not None:
-            try:
-                proc.stdin.close()
-            except OSError:
-                pass
-            try:
-                proc.wait(timeout=5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-        self._dir.cleanup()
+        if proc is None:
+            return
+        try:
+            proc.stdin.close()
+        except OSError:
+            pass
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        # (its stderr is closed by the reader thread's end of file, not here: it may be reading it)
+
+    def close(self) -> None:
+        """Idempotent; a sentence being spoken is finished first (the lock), nothing starts after."""
+        with self._lock:
+            self._closed = True
+            self._reap()
+            self._dir.cleanup()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import collections
 import os
 import threading
 import wave
@@ -20,9 +21,10 @@ def to_pcm16(samples: np.ndarray) -> bytes:
     return (np.clip(samples, -1.0, 1.0) * 32767.0).astype("<i2").tobytes()
 
 
-def write_wav(path: str | os.PathLike, chunks: Iterable[Chunk]) -> float:
-    """Every chunk into one 16-bit mono WAV (a temporary name, renamed when complete: a failure
-    leaves no half file). Returns the seconds written."""
+def write_wav(path: str | os.PathLike, chunks: Iterable[Chunk], keep=lambda: True) -> float:
+    """Every chunk into one 16-bit mono WAV (a temporary name, renamed when complete: a failure,
+    or `keep()` false at the end — a cancelled answer —, leaves no half file). Returns the
+    seconds written."""
     target = Path(path)
     if not target.parent.is_dir():
         raise OutputError(f"{target.parent}: no such folder for the speech file")
@@ -43,6 +45,9 @@ def write_wav(path: str | os.PathLike, chunks: Iterable[Chunk]) -> float:
                 frames += chunk.samples.shape[0]
             if rate is None:
                 w.setframerate(22050)  # nothing was said: a valid, empty file
+        if not keep():
+            tmp.unlink(missing_ok=True)
+            return 0.0
         tmp.replace(target)
     except OSError as e:
         tmp.unlink(missing_ok=True)
@@ -71,9 +76,42 @@ def _sounddevice():
     return sounddevice
 
 
+class _Feed:
+    """Samples waiting for the sound card, taken by PortAudio's callback a block at a time."""
+
+    def __init__(self):
+        self._parts: collections.deque[np.ndarray] = collections.deque()
+        self._lock = threading.Lock()
+        self.taken = 0  # frames handed to the card (silence for an underrun not counted)
+
+    def push(self, samples: np.ndarray) -> None:
+        with self._lock:
+            self._parts.append(np.ascontiguousarray(samples, np.float32))
+
+    def pending(self) -> int:
+        with self._lock:
+            return sum(p.shape[0] for p in self._parts)
+
+    def pull(self, out: np.ndarray) -> None:
+        n, want = 0, out.shape[0]
+        with self._lock:
+            while n < want and self._parts:
+                part = self._parts[0]
+                k = min(want - n, part.shape[0])
+                out[n : n + k, 0] = part[:k]
+                n += k
+                if k == part.shape[0]:
+                    self._parts.popleft()
+                else:
+                    self._parts[0] = part[k:]
+        out[n:] = 0.0  # an underrun: silence until the next sentence comes
+        self.taken += n
+
+
 class Player:
-    """Plays chunks through PortAudio in order, without gaps while they come in time.
-    `stop()` (any thread) silences it within one block of `BLOCK` frames."""
+    """Plays chunks through PortAudio in order, without gaps while they come in time. PortAudio
+    pulls the audio through a callback, so `stop()` (any thread) aborts the stream at once: the
+    card is silent within its own buffer (about one block), never waiting for a blocking write."""
 
     def __init__(self, device: int | str | None = None):
         self.sd = _sounddevice()
@@ -86,43 +124,69 @@ class Player:
             ) from e
         self.device_name = info["name"]
         self._stop = threading.Event()
+        self._stream = None
+        self._lock = threading.Lock()
         self.played_s = 0.0
-        self.stopped_at: float | None = None
+        self.playing = False  # sound is going out (from the first block to the end or stop())
 
     def stop(self) -> None:
         self._stop.set()
+        with self._lock:
+            if self._stream is not None:
+                self._stream.abort()  # drop what is buffered: silence now
 
     def play(self, chunks: Iterable[Chunk]) -> float:
         """Blocks until everything is played (or `stop()`); returns the seconds played."""
-        stream = None
+        import time
+
+        feed, rate = _Feed(), None
         try:
             for chunk in chunks:
                 if self._stop.is_set():
                     break
-                if stream is None:
-                    stream = self.sd.OutputStream(
-                        samplerate=chunk.rate, channels=1, dtype="float32", device=self.device, blocksize=BLOCK
-                    )
-                    stream.start()
+                if rate is None:
                     rate = chunk.rate
+                    self._open(rate, feed)
                 elif chunk.rate != rate:
                     raise VoiceError(f"the voice changed its rate mid-answer ({rate} -> {chunk.rate} Hz)")
-                data = np.ascontiguousarray(chunk.samples, np.float32).reshape(-1, 1)
-                for start in range(0, data.shape[0], BLOCK):
-                    if self._stop.is_set():
-                        break
-                    stream.write(data[start : start + BLOCK])
-                    self.played_s += min(BLOCK, data.shape[0] - start) / rate
+                feed.push(chunk.samples)
+            while rate is not None and feed.pending() and not self._stop.is_set():
+                time.sleep(BLOCK / rate / 2)
+            if rate is not None and not self._stop.is_set():
+                time.sleep(self._stream.latency)  # what the card still holds
         except self.sd.PortAudioError as e:
             raise VoiceError(f"playback failed on {self.device_name}: {e}") from e
         finally:
+            with self._lock:
+                stream, self._stream = self._stream, None
             if stream is not None:
-                if self._stop.is_set():
-                    stream.abort()  # drop what is buffered: silence now
-                else:
-                    stream.stop()  # let the buffered audio finish
+                if not self._stop.is_set():
+                    stream.stop()
                 stream.close()
+            self.playing = False
+            self.played_s += feed.taken / rate if rate else 0.0
         return self.played_s
+
+    def _open(self, rate: int, feed: _Feed) -> None:
+        def callback(outdata, frames, time_info, status):  # noqa: ARG001 - PortAudio's thread
+            feed.pull(outdata)
+
+        stream = self.sd.OutputStream(
+            samplerate=rate,
+            channels=1,
+            dtype="float32",
+            device=self.device,
+            blocksize=BLOCK,
+            latency="low",
+            callback=callback,
+        )
+        with self._lock:
+            if self._stop.is_set():  # stopped before the first block: never starts
+                stream.close()
+                return
+            self._stream = stream
+            stream.start()
+            self.playing = True
 
 
 class PacedWav:
@@ -137,18 +201,29 @@ class PacedWav:
         self._stop = threading.Event()
         self._chunks: list[Chunk] = []
         self.played_s = 0.0
+        self.playing = False
 
     def stop(self) -> None:
         self._stop.set()
 
     def play(self, chunks: Iterable[Chunk]) -> float:
+        self._stop.clear()
+        played = 0.0
+        try:
+            played = self._play(chunks)
+        finally:
+            self.playing = False
+        self.played_s += played
+        return played
+
+    def _play(self, chunks: Iterable[Chunk]) -> float:
         import time
 
-        self._stop.clear()
         played = 0.0
         for chunk in chunks:
             if self._stop.is_set():
                 break
+            self.playing = True
             t0, kept = time.perf_counter(), 0
             for start in range(0, chunk.samples.shape[0], BLOCK):
                 if self._stop.is_set():
@@ -160,7 +235,6 @@ class PacedWav:
                     time.sleep(delay)
             self._chunks.append(Chunk(chunk.samples[:kept], chunk.rate, chunk.sentence, chunk.ready_at))
             played += kept / chunk.rate
-        self.played_s += played
         return played
 
     def close(self) -> float:
