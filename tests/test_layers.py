@@ -110,6 +110,7 @@ LAYERS = (
     "server",
     "voice",
     "listen.py",
+    "capture.py",
     "vad.py",
     "plan.py",
     "settings.py",

@@ -84,7 +84,6 @@ def serve(config, host: str = "127.0.0.1", port: int = 8000, *, log_level: str =
     state.on_failed = lambda: setattr(server, "should_exit", True)
     logger.info("listening on http://%s:%d (model loading: GET /health says 503 until ready)", host, port)
     server.run()
-    logger.info("stopped")
     if state.error is not None:
         if isinstance(state.error, EdgeAF3Error):
             raise state.error

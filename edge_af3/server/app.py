@@ -145,6 +145,7 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
             state.scheduler.stop()
         if state.model and model is None:
             state.model.close()
+        log.info("stopped")  # (here, not after uvicorn returns: it re-raises the signal it caught)
 
     app = FastAPI(title="edge-af3", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.af3 = state
