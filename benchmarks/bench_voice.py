@@ -92,11 +92,9 @@ def spoken_run(model, voice, clip, new_tokens: int) -> dict:
 
 def alone_rtf(voice) -> float:
     t0, audio = time.perf_counter(), 0.0
-    text = " ".join(ANSWER)
-    from edge_af3.voice import SentenceCutter
+    from edge_af3.voice.sentences import split_sentences
 
-    cutter = SentenceCutter()
-    for sentence in cutter.feed(text) + cutter.flush():
+    for sentence in split_sentences(" ".join(ANSWER)):
         for samples, rate in voice.speak(sentence):
             audio += samples.shape[0] / rate
     return (time.perf_counter() - t0) / audio

@@ -99,8 +99,9 @@ class Listener:
         playback within one block, the generation cancelled; in a chat, what was heard of it stays
         as the answer). duplex=False: frames heard while an answer plays are not listened to (a
         microphone that hears the loudspeaker would take the assistant's voice for a question)."""
+        self.system = options.pop("system", None)
         self.model, self.prompt, self.options = model, prompt, options
-        self.session = model.chat(options.pop("system", None)) if chat else None
+        self.session = model.chat(self.system) if chat else None
         self.speech, self.barge_in, self.duplex = speech, barge_in, duplex
         self._current = None  # (stream, spoken answer) being answered, for a barge-in
         self._barged = False
@@ -176,16 +177,14 @@ class Listener:
                 t0 = time.perf_counter()
                 first = None
                 text = []
-                system = self.options.get("system")
                 if self.session is not None:
                     ask = self.session.stream
                 else:
-                    ask = self.model.chat(system).stream if system else self.model.stream
-                options = {k: v for k, v in self.options.items() if k != "system"}
+                    ask = self.model.chat(self.system).stream if self.system else self.model.stream
                 if isinstance(seg, Typed):
-                    stream = ask(seg.text, None, **options)
+                    stream = ask(seg.text, None, **self.options)
                 else:
-                    stream = ask(self.prompt, (seg.samples, RATE), **options)
+                    stream = ask(self.prompt, (seg.samples, RATE), **self.options)
                 voice = self.speech.answer() if self.speech is not None else None
                 with self._lock:
                     self._current, self._barged = (stream, voice), False
@@ -236,14 +235,22 @@ class Listener:
     def _barge(self) -> None:
         """The user started to speak: the answer in progress stops (generation and playback)."""
         with self._lock:
-            if self._current is None:
+            current = self._current
+            if current is None:
                 return
-            stream, voice = self._current
             self._barged = True
-        stream.cancel()
-        if voice is not None:
-            voice.cancel(wait=False)  # silence within one block; the capture loop does not wait
+        self._silence(current)
         self.on_event(Event("barge_in", None, info={"at_s": round(self.stats.audio_s, 2)}))
+
+    def _silence(self, current) -> None:
+        """The answer in progress, `current` (stream, spoken answer) or none, stops: its
+        generation, and its playback within one block, without waiting here (the capture loop, a stop)."""
+        if current is None:
+            return
+        stream, voice = current
+        getattr(stream, "cancel", lambda: None)()
+        if voice is not None:
+            voice.cancel(wait=False)
 
     def run(self, blocks) -> dict:
         """Consume `blocks` until they end. Ctrl-C stops listening but still answers the segment in
@@ -253,7 +260,7 @@ class Listener:
         window: list[np.ndarray] = []
         next_cut = self.every
         interrupted = False
-        barged_at = 0  # the open segment already interrupted an answer (no second barge-in for it)
+        barged = False  # the open segment already interrupted an answer (no second barge-in for it)
         try:
             try:
                 for block in blocks:
@@ -280,11 +287,11 @@ class Listener:
                         # the user speaks over the answer: once the sound is long enough to be a
                         # segment at all (a click or a cough is not), once per segment
                         heard = self.segmenter.open_frames
-                        if self.barge_in and heard >= self.segmenter.min_frames and heard > barged_at:
-                            barged_at = 1 << 30
+                        if heard == 0:
+                            barged = False
+                        elif self.barge_in and not barged and heard >= self.segmenter.min_frames:
+                            barged = True
                             self._barge()
-                        elif heard == 0:
-                            barged_at = 0
             except KeyboardInterrupt:  # stop listening; what was being heard is still answered below
                 interrupted = True
             if self.segmenter is not None:
@@ -299,11 +306,7 @@ class Listener:
             self.stats.overflows = getattr(blocks, "overflows", 0)
             if self.worker.is_alive():  # a second Ctrl-C or a device error: stop without waiting for answers
                 self._stop.set()  # the worker ends its answer at the next piece (it never outlives the model)
-                current = self._current
-                if current is not None:  # and the answer being spoken goes quiet now
-                    getattr(current[0], "cancel", lambda: None)()
-                    if current[1] is not None:
-                        current[1].cancel(wait=False)
+                self._silence(self._current)  # and the answer being spoken goes quiet now
                 self.worker.join(timeout=30)
         if self._error is not None:
             raise self._error

@@ -11,7 +11,7 @@ import typer
 
 from ..errors import EdgeAF3Error
 from . import ask, listen_cmd, models, serve, system, tools, train_cmd
-from .common import console
+from .common import console, error_line
 
 
 def _version(value: bool) -> None:
@@ -74,7 +74,7 @@ def main() -> None:
     try:
         code = app(standalone_mode=False)  # click returns an Exit's code instead of exiting
     except EdgeAF3Error as e:  # one line, with the code the server would answer (docs/cli.md)
-        console.print(f"[bold red]error:[/] {e} [dim]\\[{e.code}][/]", highlight=False)
+        console.print(error_line(e), highlight=False)
         sys.exit(1)
     except KeyboardInterrupt:
         console.print("interrupted")

@@ -49,6 +49,16 @@ DryRunOpt = Annotated[bool, typer.Option("--dry-run", help="Print the memory pla
 VerifyOpt = Annotated[bool, typer.Option("--verify", help="Re-hash every bundle file (normally once per file).")]
 
 
+def error_line(e: BaseException) -> str:
+    """A failure as the CLI's one line: a user error with its code (the server's, docs/cli.md),
+    anything else with its kind."""
+    from ..errors import EdgeAF3Error
+
+    if isinstance(e, EdgeAF3Error):
+        return f"[bold red]error:[/] {e} [dim]\\[{e.code}][/]"
+    return f"[bold red]error:[/] {type(e).__name__}: {e}"
+
+
 def quiet_transformers() -> None:
     """A command that reports its own steps (train, make-tiny --think): transformers' weight-
     loading bars and its deprecation chatter (warnings about its own internals, raised by PEFT)

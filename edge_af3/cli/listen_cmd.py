@@ -7,8 +7,8 @@ from pathlib import Path
 
 import typer
 
-from ..errors import EdgeAF3Error, OptionsError
-from .common import console, emit, emit_json, out
+from ..errors import OptionsError
+from .common import console, emit, emit_json, error_line, out
 from .options import LoadOptions, SamplingOptions, takes
 from .speech import SpeechOptions
 
@@ -180,9 +180,7 @@ def listen_cmd(
     except KeyboardInterrupt:
         summary, code = listener.stats.summary(), 130
     except Exception as e:  # noqa: BLE001 - a device or inference fault ends the run, with its summary
-        kind = "" if isinstance(e, EdgeAF3Error) else f"{type(e).__name__}: "
-        code = f" [dim]\\[{e.code}][/]" if isinstance(e, EdgeAF3Error) else ""
-        console.print(f"[bold red]error:[/] {kind}{e}{code}", highlight=False)
+        console.print(error_line(e), highlight=False)
         summary, code = listener.stats.summary(), 1
     finally:
         if mic:

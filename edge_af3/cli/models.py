@@ -148,9 +148,9 @@ def pull_cmd(
     """Download (a Hub id) and export into the cache, as `-m SOURCE` would on first use, saying
     first what it takes: download size, disk and RAM."""
     from ..quants import check_quant, exact_quant, resolve_encoder_precision
+    from ..runtime.locate import exported, first_use, first_use_line
 
     check_quant(quant)  # a mistake is one line before anything is fetched
-    from ..runtime.locate import exported, first_use, first_use_line
 
     precision = resolve_encoder_precision(encoder_precision, exact=exact)
     quant = exact_quant(quant, exact)

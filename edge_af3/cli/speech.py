@@ -54,16 +54,16 @@ class SpeechOptions:
             raise OutputError(f"{to.parent}: no such folder for --speak-to")
         device = int(self.output) if self.output is not None and self.output.isdigit() else self.output
         if self.speak:
-            Player(device)  # no output device: one line now
-            return SpeechOut(open_voice(self.voice), lambda turn: Player(device))
+            Player(device)  # no output device: one line now (before a voice's process starts)
+        voice = open_voice(self.voice)
+        if self.speak:
+            return SpeechOut(voice, lambda turn: Player(device))
         if one_file:
             paced = PacedWav(to)
-            return SpeechOut(open_voice(self.voice), lambda turn: paced, on_close=paced.close)
+            return SpeechOut(voice, lambda turn: paced, on_close=paced.close)
         if per_turn_files:
-            return SpeechOut(
-                open_voice(self.voice), lambda turn: WavFile(to.with_name(f"{to.stem}-{turn}{to.suffix or '.wav'}"))
-            )
-        return SpeechOut(open_voice(self.voice), lambda turn: WavFile(to))
+            return SpeechOut(voice, lambda turn: WavFile(to.with_name(f"{to.stem}-{turn}{to.suffix or '.wav'}")))
+        return SpeechOut(voice, lambda turn: WavFile(to))
 
 
 def speech_line(stats: dict, to: Path | None = None) -> str:

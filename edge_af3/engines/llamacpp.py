@@ -91,7 +91,7 @@ KV_TYPES = {"f32": 0, "f16": 1, "q8_0": 8, "bf16": 30}  # ggml_type ids
 class LlamaEngine(SamplingMixin, NativeResource):
     """One llama.cpp model + context with `n_seq` sequences (`seqs`: KVSequence objects), each
     with its own KV cache of `n_ctx` positions (llama.cpp's non-unified multi-sequence KV). The
-    decode_* / truncate / n_past / items shorthands act on sequence 0, the in-process runtime's."""
+    decode_* / truncate / n_past shorthands act on sequence 0, the in-process runtime's."""
 
     def __init__(
         self,
@@ -164,10 +164,6 @@ class LlamaEngine(SamplingMixin, NativeResource):
     @property
     def n_past(self) -> int:
         return self.seqs[0].n_past
-
-    @property
-    def items(self) -> list:
-        return self.seqs[0].items
 
     def decode_tokens(self, ids: Sequence[int], *, logits: str = "last") -> np.ndarray | None:
         return self.seqs[0].decode_tokens(ids, logits=logits)

@@ -27,7 +27,19 @@ from ..prompt import Message
 from .http import BodyLimit, auth_check
 from .jobs import prepare
 from .metrics import Metrics
-from .openai_api import FINISH, APIError, ChatRequest, bad, chunk, completion, now, options_from, parse_chat, usage
+from .openai_api import (
+    FINISH,
+    APIError,
+    ChatRequest,
+    bad,
+    chunk,
+    completion,
+    json_body,
+    now,
+    options_from,
+    parse_chat,
+    usage,
+)
 from .scheduler import Job, QueueFullError, Scheduler
 from .speech import Voices, add_speech_route
 
@@ -126,9 +138,7 @@ def _error(e: APIError) -> JSONResponse:
 
 def user_error(e: EdgeAF3Error) -> APIError:
     if isinstance(e, QueueFullError):
-        return APIError(
-            429, str(e), type="rate_limit_error", code="queue_full", headers={"Retry-After": str(e.retry_after)}
-        )
+        return APIError(429, str(e), type="rate_limit_error", code=e.code, headers={"Retry-After": str(e.retry_after)})
     return bad(str(e), code=e.code)  # the error vocabulary's code (edge_af3/errors.py), as the CLI's
 
 
@@ -237,12 +247,8 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
         body = await request.body()  # BodyLimit refuses (413) a body past --max-body-mb as it arrives
 
         def parse() -> ChatRequest:  # JSON, base64 and --allow-urls fetches: off the event loop
-            try:
-                payload = json.loads(body)
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
-                raise bad(f"the body is not valid JSON ({e})") from None
             return parse_chat(
-                payload,
+                json_body(body),
                 default_max=model.options.max_new_tokens,
                 allow_urls=config.allow_urls,
                 max_bytes=config.max_body_mb << 20,

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import json
 import time
 import urllib.parse
 import urllib.request
@@ -62,6 +63,14 @@ class APIError(Exception):
 
 def bad(message: str, param: str | None = None, code: str | None = None) -> APIError:
     return APIError(400, message, param=param, code=code)
+
+
+def json_body(body: bytes):
+    """A request body as JSON, or the 400 that says why not."""
+    try:
+        return json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"the body is not valid JSON ({e})") from None
 
 
 @dataclass

@@ -24,7 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from ..errors import VoiceError
 from .http import auth_check
-from .openai_api import APIError, bad
+from .openai_api import APIError, bad, json_body
 
 MAX_INPUT = 10_000
 OPENAI_VOICES = frozenset("alloy ash ballad coral echo fable onyx nova sage shimmer verse marin cedar".split())
@@ -105,19 +105,14 @@ def parse_speech(payload) -> dict:
 def add_speech_route(app: FastAPI, voices: Voices, api_key: str | None) -> None:
     @app.post("/v1/audio/speech")
     async def speech(request: Request):
-        from ..voice import SentenceCutter, speakable
+        from ..voice import speakable
         from ..voice.output import to_pcm16
+        from ..voice.sentences import split_sentences
 
         auth_check(request, api_key)
-        body = await request.body()
-        try:
-            payload = json.loads(body)
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise bad(f"the body is not valid JSON ({e})") from None
-        req = parse_speech(payload)
+        req = parse_speech(json_body(await request.body()))
         spec = voices.resolve(req["voice"])
-        cutter = SentenceCutter()
-        sentences = [s for s in cutter.feed(req["text"]) + cutter.flush() if speakable(s)]
+        sentences = [s for s in split_sentences(req["text"]) if speakable(s)]
         if not sentences:
             raise bad("'input' has nothing to say (only symbols or emoji)", "input")
         voice = await run_in_threadpool(voices.get, spec)

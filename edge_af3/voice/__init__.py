@@ -63,7 +63,7 @@ def open_voice(spec: str = "auto"):
     """A voice by spec (see the module's doc). Raises VoiceError naming what is missing."""
     spec = (spec or "auto").strip()
     engine, _, arg = spec.partition(":")
-    if spec.endswith(".onnx") or (Path(spec).suffix == ".onnx"):
+    if spec.endswith(".onnx"):
         engine, arg = "piper", spec
     if engine == "auto":
         if piper_installed() and piper_voices():

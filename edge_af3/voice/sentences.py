@@ -44,6 +44,12 @@ def _ends_sentence(text: str, i: int) -> bool:
     return True
 
 
+def split_sentences(text: str) -> list[str]:
+    """The sentences of a whole text, cut as a streamed one would be."""
+    cutter = SentenceCutter()
+    return cutter.feed(text) + cutter.flush()
+
+
 class SentenceCutter:
     """`feed(piece)` returns the sentences completed by it; `flush()` the rest at the end."""
 

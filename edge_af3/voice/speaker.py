@@ -165,9 +165,6 @@ class Speaker:
         """What a listener got of the answer so far: the sentences that started playing."""
         return " ".join(self.heard)
 
-    def join(self, timeout: float | None = None) -> None:
-        self._thread.join(timeout)
-
     def stats(self) -> dict:
         first = (
             (self.t_first_audio - self.t_first_text) * 1000
