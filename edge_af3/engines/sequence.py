@@ -103,12 +103,16 @@ class KVSequence:
         self.n_past = min(self.n_past, n_past)
         del self.items[n_past:]
 
-    def remove(self, start: int, end: int) -> None:
+    def remove(self, start: int, end: int, *, moved: Sequence | None = None) -> None:
         """Forget positions [start, end) and move every later position back by `end - start`:
         llama.cpp re-rotates the kept keys (RoPE) so they read as if decoded at their new
-        positions. What a rolling audio memory does when it drops its oldest window."""
+        positions. What a rolling audio memory does when it drops its oldest window.
+        moved: what the moved positions hold from now on, one item each (the audio memory names
+        its approximation); default: marked so that no prompt's prefix matches them."""
         if not 0 <= start <= end <= self.n_past:
             raise ValueError(f"cannot remove positions [{start}, {end}) of a sequence of {self.n_past}")
+        if moved is not None and len(moved) != self.n_past - end:
+            raise ValueError(f"{len(moved)} items for the {self.n_past - end} moved positions")
         if start == end:
             return
         if end == self.n_past:
@@ -119,7 +123,7 @@ class KVSequence:
         self.engine.memory_shift(self.id, end, self.n_past, start - end)
         # the moved positions were computed attending to what was removed: they are no fresh
         # prefill of the same items, so a prompt's prefix never matches them from here on
-        self.items[start:] = [("shifted", item) for item in self.items[end:]]
+        self.items[start:] = list(moved) if moved is not None else [("shifted", item) for item in self.items[end:]]
         self.n_past -= end - start
 
     def emptied(self) -> None:

@@ -61,6 +61,15 @@ class Clip:
         self.features_ms = self.encoder_ms = 0.0
         self.feed: RowFeed | None = None  # set while an encoder thread makes its rows
 
+    @classmethod
+    def of_rows(cls, rows: np.ndarray, key: str) -> Clip:
+        """A clip known by its rows alone (an audio memory's window: its samples are gone)."""
+        clip = cls.__new__(cls)
+        clip.audio, clip.variant, clip.key, clip.count, clip.rows = None, None, key, rows.shape[0], rows
+        clip.features_ms = clip.encoder_ms = 0.0
+        clip.feed = None
+        return clip
+
     def __len__(self) -> int:
         return self.count
 

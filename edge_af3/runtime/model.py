@@ -110,6 +110,7 @@ class AF3:
         self.rows_cache = RowsCache(cache_size)
         self._threads = threads
         self._variant_encoders: dict[str, object] = {}  # adapter -> the encoder with its weights (lazy)
+        self._claimed: set[int] = set()  # sequences an audio memory owns
         self.closed = False
 
     @property
@@ -267,6 +268,37 @@ class AF3:
 
     def chat(self, system: str | None = None) -> ChatSession:
         return ChatSession(self, system)
+
+    # -- the audio memory -------------------------------------------------------------------
+    def memory(self, seconds: float = 600.0, **options):
+        """A `Memory` of the last `seconds` (<= 600) of a stream of audio, kept in the KV cache:
+        `feed(samples)` as they are heard, `ask(question)` at the cost of a text question
+        (runtime/memory.py; docs/memory.md). options: system, tail_every (seconds between
+        re-encodings of the window in progress; None: held until full), skip_silence, silence_db,
+        exact (re-prefill after each eviction on a second sequence), directory (every window's
+        rows on disk, for `ask(at=...)`), max_new_tokens (sizing). It takes a sequence of its own
+        when the model has a free one (`n_seq` >= 2; exact mode needs one more), else shares
+        the model's: a question asked outside it then displaces it until its next window."""
+        from .memory import Memory
+
+        return Memory(self, seconds, **options)
+
+    def claim_sequence(self, *, required: bool = False):
+        """A llama.cpp sequence for an audio memory: the last free one (the server's slots take
+        the first ones), else (not `required`) the model's shared sequence 0."""
+        free = [i for i in range(self.llm.n_seq - 1, 0, -1) if i not in self._claimed]
+        if not free:
+            if required:
+                raise OptionsError(
+                    "an exact memory needs two llama.cpp sequences of its own: load the model with "
+                    f"n_seq >= {max(3, len(self._claimed) + 2)}"
+                )
+            return self.llm.seqs[0]
+        self._claimed.add(free[0])
+        return self.llm.seqs[free[0]]
+
+    def release_sequence(self, seq) -> None:
+        self._claimed.discard(seq.id)
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:

@@ -82,6 +82,11 @@ class ChatSession:
         self.last_answer: Answer | None = None
 
     @property
+    def seq(self):
+        """The llama.cpp sequence this session's turns run on (the model's shared one)."""
+        return self.model.llm.seqs[0]
+
+    @property
     def audio(self) -> list[np.ndarray]:
         """Rows of every clip so far, in prompt order (a clip still encoding is waited for)."""
         return [seg.all_rows() for seg in self.segments if isinstance(seg, Clip)]
@@ -174,7 +179,7 @@ class ChatSession:
         """Make the KV cache hold `target` (computed with `adapter`), decoding only what it does not
         hold yet; the last decode keeps its logits. Returns how many positions were reused. Call
         with the model lock held."""
-        prefill = Prefill(self.model.llm.seqs[0], target, adapter)
+        prefill = Prefill(self.seq, target, adapter)
         reused = prefill.run()
         self.prefilled_tokens += prefill.decoded
         return reused

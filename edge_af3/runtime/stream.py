@@ -118,7 +118,7 @@ class Stream:
     def _decode_step(self) -> str:
         """One step under the model lock: the prefill (and the first token), or one more token."""
         llm = self.model.llm
-        seq = llm.seqs[0]  # the in-process runtime's sequence
+        seq = self.session.seq  # the in-process runtime's shared sequence, or an audio memory's
         if self.gen is None:
             t0 = time.perf_counter()
             self._reused = self.session._prefill(self.turn.target, self.turn.adapter)
