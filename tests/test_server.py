@@ -80,6 +80,10 @@ class Server:
         headers = {"Authorization": f"Bearer {self.key}"} | kw.pop("headers", {})
         return httpx.post(self.url + path, headers=headers, timeout=120, **kw)
 
+    def get(self, path: str, **kw) -> httpx.Response:
+        headers = {"Authorization": f"Bearer {self.key}"} | kw.pop("headers", {})
+        return httpx.get(self.url + path, headers=headers, timeout=60, **kw)
+
     def metrics(self) -> dict[str, float]:
         out = {}
         for line in httpx.get(self.url + "/metrics", timeout=10).text.splitlines():

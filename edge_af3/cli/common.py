@@ -160,6 +160,7 @@ def load_model(
     verify: bool = False,
     quant: str = "auto",
     encoder_precision: str = "auto",
+    n_seq: int = 1,
 ):
     """AF3.load with progress on stderr; says which encoder engine runs, and why faster ones were skipped.
     User errors propagate as EdgeAF3Error (main prints them as one line)."""
@@ -192,6 +193,7 @@ def load_model(
             exact=exact,
             check_hashes=True if verify else None,
             progress=steps,
+            n_seq=n_seq,
         )
     from ..paths import mark_used
 

@@ -68,6 +68,23 @@ def listen_cmd(
     think: bool = typer.Option(False, "--think", help="AF3 think mode for every segment."),
     adapter: str | None = typer.Option(None, "--adapter", help="Answer with an exported adapter by name."),
     system: str | None = typer.Option(None, "--system", help="System prompt for every segment's question."),
+    memory: str | None = typer.Option(
+        None,
+        "--memory",
+        help="Remember the last DURATION heard (30s to 10m) in the KV cache instead of answering segments: "
+        "type questions (or /at 12:00-14:00 QUESTION) at any time; each costs what a text question costs.",
+    ),
+    memory_exact: bool = typer.Option(
+        False, "--memory-exact", help="--memory: re-prefill what is left after each eviction (exact, costs CPU)."
+    ),
+    memory_dir: Path | None = typer.Option(
+        None, "--memory-dir", help="--memory: keep every window's rows in this new folder, for /at questions."
+    ),
+    skip_silence: bool = typer.Option(False, "--skip-silence", help="--memory: do not remember silent windows."),
+    tail_every: float = typer.Option(
+        10.0, "--tail-every", help="--memory: re-encode the window in progress every S seconds (0: when full)."
+    ),
+    ask: list[str] | None = typer.Option(None, "--ask", help="--memory: a question asked when the input ends."),
     *,
     sampling: SamplingOptions,
     load: LoadOptions,
@@ -86,6 +103,8 @@ def listen_cmd(
       edge-af3 listen --mic --input 2 --prompt "Is anyone asking for help?"
 
       edge-af3 listen --file meeting.wav --realtime --every 10
+
+      edge-af3 listen --mic --memory 10m
     """
     from ..audio import stream_file
     from ..listen import Listener, MicSource, file_blocks, list_input_devices
@@ -111,7 +130,18 @@ def listen_cmd(
         raise OptionsError("choose one input: --mic or --file PATH")
     if every is not None and not 0.5 <= every <= 30:  # checked before the model loads
         raise OptionsError(f"--every must be between 0.5 and 30 seconds (one AF3 window at most), got {every:g}")
-    detector = make_detector(vad) if every is None else None
+    remember = None
+    if memory is not None:
+        from .memory_cmd import MemoryOptions
+
+        if chat or every is not None or speech.speak or speech.speak_to is not None:
+            raise OptionsError("--memory answers typed questions: it does not combine with --chat, --every or --speak")
+        remember = MemoryOptions.checked(
+            memory, memory_exact, memory_dir, skip_silence, tail_every, ask, load.n_ctx, sampling.max_new_tokens
+        )
+    elif memory_exact or memory_dir or skip_silence or ask:
+        raise OptionsError("--memory-exact, --memory-dir, --skip-silence and --ask go with --memory DURATION")
+    detector = make_detector(vad) if every is None and remember is None else None
     if mic:
         source = MicSource(input_device)
     else:
@@ -122,7 +152,7 @@ def listen_cmd(
     load.check_adapter(adapter)
     spoken = speech.open(one_file=True)  # --speak-to: every answer, at real speed, into one file
     try:
-        af3 = load.load()
+        af3 = load.load(n_seq=1 if remember is None else (3 if remember.exact else 2))
     except BaseException:
         if spoken:
             spoken.close()
@@ -153,6 +183,29 @@ def listen_cmd(
         elif ev.kind == "done":
             out.print()
 
+    if remember is not None:
+        from .memory_cmd import run_memory
+
+        what = f"microphone {input_device if input_device is not None else '(default)'}" if mic else str(file)
+        blocks = source if mic else file_blocks(file, realtime=realtime)
+        try:
+            code = run_memory(
+                af3,
+                remember,
+                blocks,
+                what,
+                wait=file is not None and not realtime,
+                as_json=as_json,
+                system=system,
+                options=options | {"think": think},
+            )
+        finally:
+            if mic:
+                source.close()
+            af3.close()
+        if code:
+            raise typer.Exit(code)
+        return
     listener = Listener(
         af3,
         prompt,

@@ -81,13 +81,13 @@ class LoadOptions:
         if adapter not in have:
             raise OptionsError(f"this bundle has no adapter {adapter!r}; it has: {', '.join(have) or 'none'}")
 
-    def load(self):
+    def load(self, n_seq: int = 1):
         """The model, loaded with progress and the engine choice on stderr."""
         from .common import load_model
 
         kwargs = self.af3_kwargs()
         kwargs["verify"] = bool(kwargs.pop("check_hashes"))
-        return load_model(self.model, **kwargs)
+        return load_model(self.model, n_seq=n_seq, **kwargs)
 
     def show_plan(self, *, as_json: bool = False) -> None:
         """`--dry-run`: the settings and memory these options would load with; loads nothing."""

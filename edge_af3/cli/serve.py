@@ -47,11 +47,26 @@ def serve_cmd(
         help="A voice for /v1/audio/speech (repeat for several; the first is 'default'): auto | espeak-ng[:VOICE] "
         "| piper[:NAME] | PATH.onnx. Default: auto. Each starts at its first request.",
     ),
+    memory: str | None = typer.Option(
+        None, "--memory", help="Listen to --memory-input and remember the last DURATION (30s to 10m): /v1/memory/ask."
+    ),
+    memory_input: str | None = typer.Option(
+        None,
+        "--memory-input",
+        help="What the memory hears: mic | mic:DEVICE | a file (at real speed) | an http(s) URL.",
+    ),
+    memory_fast: bool = typer.Option(
+        False, "--memory-fast", help="A file --memory-input read as fast as the model takes it (a recording)."
+    ),
+    memory_exact: bool = typer.Option(False, "--memory-exact", help="Re-prefill what is left after each eviction."),
+    memory_dir: str | None = typer.Option(None, "--memory-dir", help="Keep every window's rows here (new folder)."),
+    skip_silence: bool = typer.Option(False, "--skip-silence", help="Do not remember silent windows."),
     *,
     load: LoadOptions,
 ) -> None:
     """Serve AF3 over OpenAI's API: /v1/chat/completions (audio as input_audio or data: audio_url,
-    streaming), /v1/audio/transcriptions, /v1/models, /health, /metrics. Binds to localhost unless
+    streaming), /v1/audio/transcriptions, /v1/audio/speech, /v1/memory/ask (with --memory),
+    /v1/models, /health, /metrics. Binds to localhost unless
     --host says otherwise. Needs the `server` extra: pip install 'edge-af3[server]'.
 
     \b
@@ -67,6 +82,19 @@ def serve_cmd(
         raise OptionsError(f"--decode-batching must be auto or always, got {decode_batching!r}")
     if log_level.lower() not in ("debug", "info", "warning", "error"):
         raise OptionsError(f"--log-level must be debug, info, warning or error, got {log_level!r}")
+    remember = None
+    if memory is not None or memory_input is not None:
+        from ..server.memory import MemoryConfig
+        from .memory_cmd import parse_duration
+
+        if memory is None or memory_input is None:
+            raise OptionsError("an audio memory needs both --memory DURATION and --memory-input SOURCE")
+        remember = MemoryConfig(
+            parse_duration(memory), memory_input, memory_fast, memory_exact, memory_dir, skip_silence
+        )
+        remember.check()
+    elif memory_fast or memory_exact or memory_dir or skip_silence:
+        raise OptionsError("--memory-fast, --memory-exact, --memory-dir and --skip-silence go with --memory")
     config = ServerConfig(
         model=load.model or DEFAULT_MODEL,
         name=name,
@@ -79,5 +107,6 @@ def serve_cmd(
         decode_batching=decode_batching,
         load=load.af3_kwargs(),
         voices=list(voice) or ["auto"],
+        memory=remember,
     )
     serve(config, host, port, log_level=log_level)

@@ -105,6 +105,7 @@ class Memory:
         exact: bool = False,
         directory=None,
         max_new_tokens: int | None = None,
+        aside=None,
     ):
         if not 0 < seconds <= MAX_WINDOWS * WINDOW_S:
             raise OptionsError(f"a memory holds 30 s to 10 minutes (AF3 reads at most 20 windows), got {seconds:g} s")
@@ -123,6 +124,7 @@ class Memory:
             )
         self.seq = model.claim_sequence()
         self._spare = model.claim_sequence(required=True) if exact else None
+        self._aside = aside or model.llm.seqs[0]  # where questions about a time range are prefilled
         self.archive = Archive(directory, keep=self.capacity)
         self.windows: list[Window] = []  # full windows remembered, oldest first
         self.tail: Window | None = None  # the window in progress
@@ -154,6 +156,8 @@ class Memory:
     def add(self, heard: Heard) -> None:
         """Remember one window (full, or the tail so far): encode it, then prefill it unless a
         question is being answered (then at the next add or question)."""
+        if self._closed:
+            return
         silent = is_silent(heard.samples, self.silence_db)
         info = WindowInfo(heard.index, heard.start_s, heard.seconds, silent, silent and self.skip_silence)
         if info.skipped:
@@ -344,7 +348,7 @@ class Memory:
                 clips=clips,
                 prompt_len=total,
             )
-            asker = _Asker(self, self.seq if at is None else model.llm.seqs[0], self._question_ended)
+            asker = _Asker(self, self.seq if at is None else self._aside, self._question_ended)
             stream = Stream(asker, turn, opts, model.eos_ids)
             stream.span = [(w.start_s, w.start_s + w.seconds) for w in windows]
             self._open = stream  # the memory's KV waits for it (a window heard now is prefilled after)
@@ -353,6 +357,16 @@ class Memory:
     def ask(self, question: str, **kwargs) -> Answer:
         """The whole `Answer` to `question` (the arguments of `stream`)."""
         return self.stream(question, **kwargs).result()
+
+    def logits(self, question: str, *, at: tuple[float, float] | None = None) -> np.ndarray:
+        """Next-token logits [vocab] after `question` (the drift measures, scoring)."""
+        stream = self.stream(question, at=at, max_new_tokens=1)
+        try:
+            with self.model.lock:
+                stream.session._prefill(stream.turn.target)
+                return self.model.llm.last_logits()
+        finally:
+            stream.cancel()
 
     def _windows_at(self, at: tuple[float, float]) -> list[Window]:
         start, end = at

@@ -63,11 +63,15 @@ class Windower:
         self.tail_every = tail_every
         self.index = 0  # the window being filled
         self.start_s = 0.0
-        self.heard_s = 0.0  # stream time
+        self.heard = 0  # stream time, in samples (seconds summed block by block would drift)
         self.lost_s = 0.0  # audio lost in gaps (skipped, or dropped in a window being filled)
         self._parts: list[np.ndarray] = []
         self._n = 0
         self._next_tail = self._tail_step()
+
+    @property
+    def heard_s(self) -> float:
+        return self.heard / SAMPLE_RATE
 
     def _tail_step(self) -> int | None:
         return int(self.tail_every * SAMPLE_RATE) if self.tail_every else None
@@ -78,7 +82,7 @@ class Windower:
             take = min(samples.size, N_SAMPLES - self._n)
             self._parts.append(samples[:take])
             self._n += take
-            self.heard_s += take / SAMPLE_RATE
+            self.heard += take
             samples = samples[take:]
             if self._n == N_SAMPLES:
                 yield Heard(self.index, self.start_s, np.concatenate(self._parts), True)
@@ -97,7 +101,7 @@ class Windower:
     def skip(self, seconds: float) -> None:
         """`seconds` of the stream were lost (a capture gap): the window in progress goes with them."""
         self.lost_s += seconds + self._n / SAMPLE_RATE
-        self.heard_s += seconds
+        self.heard += round(seconds * SAMPLE_RATE)
         self._begin(self.index + 1 + int(seconds // WINDOW_S), self.heard_s)
 
     def _begin(self, index: int, start_s: float) -> None:

@@ -26,6 +26,7 @@ from ..errors import EdgeAF3Error
 from ..prompt import Message
 from .http import BodyLimit, auth_check
 from .jobs import prepare
+from .memory import MemoryConfig, ServedMemory, add_memory_routes
 from .metrics import Metrics
 from .openai_api import (
     FINISH,
@@ -59,6 +60,7 @@ class ServerConfig:
     decode_batching: str = "auto"  # auto: batch the slots' steps where measured cheaper | always
     load: dict = field(default_factory=dict)  # AF3.load settings (device, n_ctx, kv_type, threads, ...)
     voices: list[str] = field(default_factory=lambda: ["auto"])  # /v1/audio/speech's voices (opened at first use)
+    memory: MemoryConfig | None = None  # --memory: the server listens and answers /v1/memory/ask
 
 
 class State:
@@ -71,13 +73,15 @@ class State:
         self.ready = threading.Event()
         self.on_failed = None  # serve() stops the process when the model cannot be loaded
         self.metrics = Metrics(self)
+        self.memory = ServedMemory(config.memory) if config.memory else None
 
     def load(self, model=None) -> None:
         try:
             if model is None:
                 from ..runtime.model import AF3
 
-                model = AF3.load(self.config.model, n_seq=self.config.parallel, **self.config.load)
+                extra = self.config.memory.sequences if self.config.memory else 0
+                model = AF3.load(self.config.model, n_seq=self.config.parallel + extra, **self.config.load)
             source = (model.bundle.manifest.get("source") or {}).get("id") or ""
             folder = Path(model.bundle.path).name
             self.name = self.config.name or (source if source.count("/") == 1 and not Path(source).exists() else folder)
@@ -99,6 +103,8 @@ class State:
                     [n for n in range(1, len(costs) + 1) if self.scheduler.batch_cheaper(n)],
                 )
             self.scheduler.start()
+            if self.memory:
+                self.memory.start(model)
             self.model = model  # ready: /health says 200 from here on
             self.ready.set()
             log.info(
@@ -151,6 +157,8 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
         threading.Thread(target=state.load, args=(model,), name="edge-af3-load", daemon=True).start()
         yield
         voices.close()
+        if state.memory:
+            state.memory.close()
         if state.scheduler:
             state.scheduler.stop()
         if state.model and model is None:
@@ -162,6 +170,7 @@ def create_app(config: ServerConfig, *, model=None) -> FastAPI:
     app.add_middleware(BodyLimit, max_bytes=config.max_body_mb << 20, metrics=state.metrics)
 
     add_speech_route(app, voices, config.api_key)
+    add_memory_routes(app, state, state.memory, config.api_key)
 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
