@@ -574,15 +574,15 @@ def plot(report: dict, path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv=None) -> dict:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--shape", default="bench-small", choices=["tiny", "bench-small", "full"])
-    ap.add_argument("--clips", type=int, nargs="+", default=[5, 30, 120, 600])
-    ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS)
+    ap.add_argument("--shape", default="bench-small", choices=["tiny", "bench-small", "full"], help="the model shape")
+    ap.add_argument("--clips", type=int, nargs="+", default=[5, 30, 120, 600], help="clip lengths in seconds")
+    ap.add_argument("--peers", nargs="+", default=list(PEERS), choices=PEERS, help="who is measured")
     ap.add_argument("--quant", default="auto", help="the bundle's LLM type (auto: what export picks for the shape)")
-    ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--new-tokens", type=int, default=128)
-    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
+    ap.add_argument("--repeats", type=int, default=3, help="timed runs per clip and peer (after a warm-up)")
+    ap.add_argument("--new-tokens", type=int, default=128, help="tokens decoded per answer")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="where the peers run")
     ap.add_argument("--encoder-engine", default=None, help="force edge-af3's encoder engine (default: the best one)")
     ap.add_argument("--work", type=Path, default=None, help="where checkpoints, bundles and clips live")
     ap.add_argument("--no-verify", action="store_true", help="export the bundle without its parity checks")
@@ -592,8 +592,12 @@ def main(argv=None) -> dict:
         choices=["auto", "fp32", "fp16", "int8", "mixed"],
         help="the bundle's encoder.onnx (edge-af3 only; the other peers do not use it; auto: export's pick)",
     )
-    ap.add_argument("--out", type=Path, default=RESULTS)
-    args = ap.parse_args(argv)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="where the results (json, md, png) go")
+    return ap
+
+
+def main(argv=None) -> dict:
+    args = parser().parse_args(argv)
 
     from edge_af3.reference.vocab import cache_dir
 

@@ -16,7 +16,7 @@ from .errors import (
     OptionsError,
 )
 from .features import AudioFeatures, AudioTooLongWarning, extract_features, token_count
-from .runtime import AF3, Answer, ChatSession, GenerationOptions, Stream, Timings
+from .runtime import AF3, Answer, ChatSession, GenerationOptions, Memory, Stream, Timings
 
 __version__ = "0.1.0"
 
@@ -29,6 +29,7 @@ __all__ = [
     "CheckpointError",
     "ContextOverflowError",
     "EdgeAF3Error",
+    "Memory",
     "OptionsError",
     "Stream",
     "GenerationOptions",

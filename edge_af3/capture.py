@@ -51,6 +51,7 @@ class MicSource:
         self.startup_s = startup_s  # PulseAudio/ALSA can take over a second to deliver the first block
         self.blocks: queue.Queue = queue.Queue(maxsize=int(60 * RATE / block))  # a minute of audio
         self.overflows = 0
+        self.lost_samples = 0  # blocks dropped because the reader fell a minute behind
         self.stream = None
 
     def _callback(self, indata, frames, time_info, status):  # PortAudio's thread: copy and return
@@ -60,6 +61,7 @@ class MicSource:
             self.blocks.put_nowait(indata[:, 0].copy())
         except queue.Full:
             self.overflows += 1
+            self.lost_samples += frames
 
     def __iter__(self) -> Iterator[np.ndarray]:
         sd = self._sd

@@ -67,11 +67,17 @@ class MemoryListener:
         on_event: Callable[[MemoryEvent], None] = lambda e: None,
         wait: bool = False,
         backlog: int = 2,
+        tail_budget: float = 0.5,
         **options,
     ):
         """wait: never drop (a file read as fast as the model takes it). backlog: full windows
-        that may wait for the model before the oldest is dropped. options: generation keywords."""
+        that may wait for the model before the oldest is dropped. tail_budget: the tail is
+        re-encoded only while the loop's work stays under this fraction of the audio's time (it
+        triples the work per window: docs/memory.md); past it, windows go in when full.
+        options: generation keywords."""
         self.memory, self.on_event, self.wait, self.backlog, self.options = memory, on_event, wait, backlog, options
+        self.tail_budget = tail_budget
+        self.tails_skipped = 0
         self._pending: collections.deque[Heard] = collections.deque()
         self._cond = threading.Condition()
         self._ended = False
@@ -145,10 +151,13 @@ class MemoryListener:
                 with self._cond:
                     while not self._pending and not self._ended:
                         self._cond.wait()
-                    if not self._pending:
+                    if not self._pending or self._stop.is_set():
                         return
                     heard = self._pending.popleft()
                     self._cond.notify_all()
+                if not heard.full and self.busy_s > self.tail_budget * heard.end_s:
+                    self.tails_skipped += 1  # the loop has no room for it: this window goes in when full
+                    continue
                 t0 = time.perf_counter()
                 self.memory.add(heard)
                 dt = time.perf_counter() - t0
@@ -168,26 +177,35 @@ class MemoryListener:
         self._feeder.start()
         self._asker.start()
         windower = self.memory.windower
-        interrupted, fault = False, None
+        interrupted, fault, lost_seen = False, None, 0
         try:
             for block in blocks:
                 if self._error is not None:
                     raise self._error
                 if self._stop.is_set():
                     break
+                lost = getattr(blocks, "lost_samples", 0) - lost_seen
+                if lost > 0:  # the microphone's queue overflowed: silence keeps the windows on the clock
+                    lost_seen += lost
+                    block = np.concatenate([np.zeros(lost, np.float32), np.asarray(block, np.float32)])
                 for heard in windower.push(np.asarray(block, np.float32)):
                     self._submit(heard)
         except KeyboardInterrupt:
             interrupted = True
         except Exception as e:  # noqa: BLE001 - a device fault: what was heard is still remembered
             fault = e
-        tail = windower.tail()
-        if tail is not None:
-            self._submit(tail)
         with self._cond:
             self._ended = True
             self._cond.notify_all()
         self._feeder.join()
+        tail = None if self._stop.is_set() else windower.tail()  # the last seconds: remembered whatever the budget
+        held = getattr(self.memory, "tail", None)
+        if held is not None and tail is not None and held.index == tail.index and held.seconds >= tail.seconds:
+            tail = None  # in memory already
+        if tail is not None and self._error is None:
+            t0 = time.perf_counter()
+            self.memory.add(tail)
+            self.busy_s += time.perf_counter() - t0
         for q in questions:
             self.ask(q)
         self._questions.put(None)
@@ -201,8 +219,20 @@ class MemoryListener:
         return self.summary()
 
     def stop(self) -> None:
-        """End `run` at the next block (what was heard is still remembered and asked)."""
+        """End `run` at the next block; windows still waiting are not remembered."""
         self._stop.set()
+        with self._cond:
+            self._cond.notify_all()
+
+    def close(self, timeout: float = 60) -> None:
+        """Stop, let the work in flight end and close the memory: the model may be closed after
+        this (a second Ctrl-C, a server stopping)."""
+        self.stop()
+        self.memory.close()
+        self._questions.put(None)
+        for t in (self._feeder, self._asker):
+            if t.ident is not None:
+                t.join(timeout)
 
     def summary(self) -> dict:
         mem, stats = self.memory, self.memory.stats
@@ -219,6 +249,7 @@ class MemoryListener:
             "skipped_silent": stats.skipped,
             "dropped": stats.dropped,
             "tails": stats.tails,
+            "tails_skipped": self.tails_skipped,
             "encode_ms_p50": p50(stats.encode_ms),
             "prefill_ms_p50": p50(stats.prefill_ms),
             "real_time_factor": round(self.busy_s / heard_s, 3) if heard_s else None,

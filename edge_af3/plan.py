@@ -42,6 +42,24 @@ class LlmShape:
     n_ff: int
 
 
+# The published AF3 (AF-Whisper with Whisper large-v3's shape + a 2-layer projector, and Qwen2.5-7B
+# with AF3's 151 672-token vocabulary), counted from its config: what `plan` uses when that model is
+# neither a local folder nor in the cache, so planning needs no download.
+KNOWN_MODELS = {
+    "nvidia/audio-flamingo-3-hf": {
+        "llm": LlmShape(n_layer=28, n_embd=3584, n_head=28, n_head_kv=4, n_vocab=151672, n_ff=18944),
+        # 2 x 151672 x 3584 (embeddings, output) + 28 x (2 x 3584^2 + 2 x 3584 x 512 + 3 x 3584 x 18944)
+        "llm_params": 7.61e9,
+        # 32 x (4 x 1280^2 + 2 x 1280 x 5120) + convolutions + positions, + 1280 x 3584 + 3584^2
+        "encoder_params": 0.654e9,
+        "encoder_hidden": 1280,
+    }
+}
+# bits per weight of a 7B Qwen2 GGUF as llama.cpp writes it (the output and embedding tensors
+# of the 4-bit types are kept at higher precision: Qwen2.5-7B Q4_K_M is 4.68 GB)
+GGUF_BITS = {"f32": 32.0, "f16": 16.0, "bf16": 16.0, "q8_0": 8.5, "q4_k_m": 4.92, "q4_0": 4.6, "iq4_nl": 4.6}
+
+
 def llm_shape(gguf: Path) -> LlmShape:
     """The LLM's shape from its GGUF header (llama.cpp, vocab only: no weights are read)."""
     import llama_cpp
@@ -113,24 +131,91 @@ def plan(
     from .bundle import Bundle, open_bundle
 
     b = bundle if isinstance(bundle, Bundle) else open_bundle(Path(bundle), check_hashes=False)
+    shape = llm_shape(b.llm)
+    m = b.manifest
+    onnx_bytes = sum(m["files"][n]["bytes"] for n in m["files"] if n.startswith("encoder.onnx"))
+    return _plan(
+        str(b.path),
+        b.llm.name,
+        b.llm.stat().st_size,
+        shape,
+        onnx_bytes,
+        m["encoder"]["precision"],
+        int(m["model"]["encoder_hidden"]),
+        n_ctx=n_ctx,
+        kv_type=kv_type,
+        encoder_precision=encoder_precision,
+        windows_per_run=windows_per_run,
+        n_ubatch=n_ubatch,
+        target=target,
+        machine=machine,
+    )
+
+
+def plan_known(
+    model_id: str,
+    quant: str,
+    *,
+    n_ctx: int = DEFAULT_N_CTX,
+    kv_type: str = "f16",
+    encoder_precision: str | None = None,
+    windows_per_run: int = 4,
+    n_ubatch: int = 512,
+    target: str | None = None,
+    machine=None,
+) -> dict:
+    """`plan` for a published model from its known shapes (KNOWN_MODELS): nothing is downloaded."""
+    known = KNOWN_MODELS[model_id]
+    if quant not in GGUF_BITS:
+        raise OptionsError(f"no size known for a {quant} GGUF; choose one of {', '.join(GGUF_BITS)}")
+    llm_bytes = int(known["llm_params"] * GGUF_BITS[quant] / 8)
+    return _plan(
+        f"{model_id} (its published shapes; nothing downloaded)",
+        f"{quant} GGUF (estimated)",
+        llm_bytes,
+        known["llm"],
+        int(known["encoder_params"] * 4),  # the bundle's encoder.onnx is fp32
+        "fp32",
+        known["encoder_hidden"],
+        n_ctx=n_ctx,
+        kv_type=kv_type,
+        encoder_precision=encoder_precision,
+        windows_per_run=windows_per_run,
+        n_ubatch=n_ubatch,
+        target=target,
+        machine=machine,
+    )
+
+
+def _plan(
+    label: str,
+    llm_file: str,
+    llm_bytes: int,
+    shape: LlmShape,
+    onnx_bytes: int,
+    stored: str,
+    enc_hidden: int,
+    *,
+    n_ctx: int,
+    kv_type: str,
+    encoder_precision: str | None,
+    windows_per_run: int,
+    n_ubatch: int,
+    target: str | None,
+    machine,
+) -> dict:
     if kv_type not in KV_BYTES:
         raise OptionsError(f"unknown KV type {kv_type!r}; choose one of {', '.join(KV_BYTES)}")
     if target is not None and target not in TARGETS:
         raise OptionsError(f"unknown target {target!r}; choose one of {', '.join(TARGETS)}")
-    shape = llm_shape(b.llm)
-    m = b.manifest
-    enc_files = [name for name in m["files"] if name.startswith("encoder.onnx")]
-    onnx_bytes = sum(m["files"][n]["bytes"] for n in enc_files)
-    stored = m["encoder"]["precision"]
     run_as = encoder_precision or ("fp16" if stored == "fp32" else stored)  # GPUs build fp16 engines
     if run_as not in ENCODER_BYTES:
         raise OptionsError(f"unknown encoder precision {run_as!r}; choose one of {', '.join(ENCODER_BYTES)}")
     enc_weights = int(onnx_bytes * ENCODER_BYTES[run_as] / ENCODER_BYTES[stored])
-    enc_hidden = int(m["model"]["encoder_hidden"])
     head_dim = shape.n_embd // shape.n_head
     act = {"int8": 2, "mixed": 4}.get(run_as, ENCODER_BYTES[run_as])
     items = {
-        "llm weights": b.llm.stat().st_size,
+        "llm weights": llm_bytes,
         "encoder weights": enc_weights,
         "KV cache": int(2 * shape.n_layer * n_ctx * shape.n_head_kv * head_dim * KV_BYTES[kv_type]),
         # llama.cpp's compute buffer: the widest activations of one ubatch plus its logits (estimate)
@@ -149,8 +234,8 @@ def plan(
     }
     total = sum(items.values())
     out = {
-        "bundle": str(b.path),
-        "llm": {"file": b.llm.name, **shape.__dict__},
+        "bundle": label,
+        "llm": {"file": llm_file, **shape.__dict__},
         "n_ctx": n_ctx,
         "kv_type": kv_type,
         "encoder_precision": run_as,

@@ -466,6 +466,8 @@ def test_user_mistakes_are_one_line_before_anything_loads(tiny_bundle, tmp_path)
     assert res.returncode == 0 and res.stdout.startswith("edge-af3 0.1.0")
     res = run_cli("bench", "--help")  # the suite's own options
     assert res.returncode == 0 and "--clips" in res.stdout and "--peers" in res.stdout
+    assert "Usage: edge-af3 bench [OPTIONS]" in res.stdout and "usage:" not in res.stdout  # styled as the rest
+    assert "[default: bench-small]" in res.stdout
     res = run_cli("train", "--help")
     assert res.returncode == 0 and "<bool>" not in res.stdout and "CKPT" in res.stdout.splitlines()[0]
     cases = [

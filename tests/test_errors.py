@@ -9,6 +9,8 @@ import re
 import subprocess
 import sys
 
+import pytest
+
 from edge_af3.errors import EdgeAF3Error, kinds, markdown_table
 
 from .conftest import ROOT, run_cli
@@ -57,6 +59,28 @@ def test_sampling_and_adapter_mistakes_are_refused_before_the_model_loads(tiny_b
         r = run_cli("ask", str(speech_wav), "What?", "-m", str(tiny_bundle), flag, value)
         one_line_error(r, word)
         assert LOADED not in r.stderr
+
+
+@pytest.mark.parametrize(
+    "args, words",
+    [
+        (["chat", "-t", "-1"], ["temperature"]),
+        (["chat", "--top-p", "3"], ["top_p"]),
+        (["chat", "--adapter", "nope"], ["no adapter 'nope'"]),
+        (["chat", "--threads", "0"], ["--threads"]),
+        (["listen", "--mic", "--file", "x.wav"], ["choose one input"]),
+        (["listen", "--file", "x.wav", "--every", "0.1"], ["--every must be between"]),
+        (["listen", "--file", "x.wav", "-t", "-1"], ["temperature"]),
+        (["plan", "--target", "nowhere"], ["unknown target 'nowhere'"]),
+        (["plan", "--kv", "q3"], ["KV"]),
+        (["plan", "--encoder-precision", "int4"], ["'int4'"]),
+    ],
+)
+def test_bad_values_of_chat_listen_and_plan_before_the_model_loads(tiny_bundle, tmp_path, args, words):
+    args = [str(tmp_path / "x.wav") if a == "x.wav" else a for a in args]
+    r = run_cli(*args, "-m", str(tiny_bundle))
+    one_line_error(r, *words)
+    assert LOADED not in r.stderr
 
 
 def test_models_verify_rm_and_list(tiny_bundle, tmp_path):

@@ -5,6 +5,7 @@ audio as one clip with the same question."""
 from __future__ import annotations
 
 import json
+import threading
 
 import numpy as np
 import pytest
@@ -63,13 +64,13 @@ def test_95_s_through_the_memory_answers_as_the_reference_at_text_cost(model, re
 
 
 def test_after_evictions_exact_mode_equals_the_reference_on_what_is_left(model, reference):
-    """A 90 s memory (3 windows, the tail included) fed 125 s evicts two windows. Shifted in
+    """A 60 s memory (2 full windows and the tail) fed 125 s evicts two windows. Shifted in
     place, its KV is an approximation (the question still costs only its tokens); exact mode
     re-prefills the rest on its spare sequence and then answers as transformers does for the
     remembered 60-125 s."""
     x = noise(125, seed=125)
     for exact in (False, True):
-        with model.memory(90, max_new_tokens=24, exact=exact) as mem:
+        with model.memory(60, max_new_tokens=24, exact=exact) as mem:
             feed(mem, x, block=2.0)
             mem.flush()
             assert mem.wait_exact(timeout=120)
@@ -79,6 +80,27 @@ def test_after_evictions_exact_mode_equals_the_reference_on_what_is_left(model, 
         assert ans.timings.prompt_tokens - ans.timings.reused_tokens < 20
         if exact:
             assert list(ans.tokens) == want(reference, x[60 * RATE :])
+
+
+def test_questions_while_windows_arrive_on_another_thread(model, reference):
+    """The listen loop's threads on a real exact memory: one thread feeds 125 s in 0.25 s blocks
+    (tails every 10 s, evictions, rebuilds on the spare sequence) while this one keeps asking.
+    Nothing deadlocks, every answer ends, and once all is in, the answer is transformers' for
+    the remembered 60-125 s."""
+    x = noise(125, seed=126)
+    with model.memory(60, max_new_tokens=24, exact=True) as mem:
+        feeder = threading.Thread(target=feed, args=(mem, x, 0.25), daemon=True)
+        feeder.start()
+        answers = []
+        while feeder.is_alive():
+            answers.append(mem.ask(QUESTION, max_new_tokens=4))
+        feeder.join(timeout=300)
+        assert answers and all(a.finish_reason in ("stop", "length") for a in answers)
+        mem.flush()
+        assert mem.wait_exact(timeout=120) and mem._rebuilder.error is None
+        assert mem.span() == [(60.0, 125.0)] and mem.stats.rebuilds >= 1
+        ans = mem.ask(QUESTION, max_new_tokens=24)
+    assert list(ans.tokens) == want(reference, x[60 * RATE :])
 
 
 def test_a_time_range_from_the_archive_on_disk(model, reference, tmp_path):

@@ -235,15 +235,30 @@ def show_plan(
     encoder_precision: what the encoder computes in, for the estimate; export_precision: how a
     checkpoint source is exported (ask/chat's --encoder-precision)."""
     from ..bundle import read_manifest
-    from ..plan import plan, render
+    from ..plan import KNOWN_MODELS, plan, plan_known, render
     from ..settings import resolve
 
-    path = bundle_for(spec, export_precision, exact)
-    stored = read_manifest(path)["encoder"]["precision"]
+    spec = spec or DEFAULT_MODEL
+    path = _local_bundle(spec, export_precision, exact) if spec in KNOWN_MODELS else None
+    if spec in KNOWN_MODELS and path is None:  # the published AF3, not here: its known shapes, no download
+        from ..quants import exact_quant
+
+        quant = "f32" if exact_quant("auto", exact) == "f32" else "q4_k_m"  # what its export would pick
+
+        def make(**kw):
+            return plan_known(spec, quant, **kw)
+
+        stored = "fp32"
+    else:
+        path = path or bundle_for(spec, export_precision, exact)
+        stored = read_manifest(path)["encoder"]["precision"]
+
+        def make(**kw):
+            return plan(path, **kw)
+
     if target is None:
         s = resolve(stored, device=device, encoder_engine=encoder_engine, kv_type=kv_type, n_ctx=n_ctx, exact=exact)
-        p = plan(
-            path,
+        p = make(
             n_ctx=s.n_ctx,
             kv_type=s.kv_type,
             encoder_precision=encoder_precision or s.encoder_precision,
@@ -252,8 +267,7 @@ def show_plan(
         )
     else:  # a GPU target: its engines build fp16 from an fp32 bundle and run 4 windows at a time
         s = resolve(stored, kv_type=kv_type, n_ctx=n_ctx, exact=exact, choice=_gpu_choice(target), llm_gpu=True)
-        p = plan(
-            path,
+        p = make(
             n_ctx=s.n_ctx,
             kv_type=s.kv_type,
             encoder_precision=encoder_precision or s.encoder_precision,
@@ -264,6 +278,24 @@ def show_plan(
         emit_json(p)
     else:
         render(p, out)
+
+
+def _local_bundle(spec: str, export_precision: str, exact: bool) -> Path | None:
+    """The bundle of a Hub id already downloaded and exported here (None: planning it would need
+    the network; nothing is fetched to find out)."""
+    from ..quants import exact_quant, resolve_encoder_precision
+    from ..runtime.locate import cached_bundle_path
+
+    try:
+        from huggingface_hub import snapshot_download
+
+        ckpt = Path(snapshot_download(repo_id=spec, local_files_only=True))
+        bundle = cached_bundle_path(
+            ckpt, exact_quant("auto", exact), resolve_encoder_precision(export_precision, exact=exact)
+        )
+    except Exception:  # noqa: BLE001 - not in the Hub cache (or no huggingface_hub): not here
+        return None
+    return bundle if (bundle / "manifest.json").is_file() else None
 
 
 def _gpu_choice(target: str):

@@ -128,12 +128,15 @@ def listen_cmd(
         )
     if mic == (file is not None):
         raise OptionsError("choose one input: --mic or --file PATH")
+    options = sampling.overrides()  # option values first, then the input
     if every is not None and not 0.5 <= every <= 30:  # checked before the model loads
         raise OptionsError(f"--every must be between 0.5 and 30 seconds (one AF3 window at most), got {every:g}")
     remember = None
     if memory is not None:
         from .memory_cmd import MemoryOptions
 
+        if adapter is not None:
+            raise OptionsError("--memory keeps the base model's KV: it does not take --adapter")
         if chat or every is not None or speech.speak or speech.speak_to is not None:
             raise OptionsError("--memory answers typed questions: it does not combine with --chat, --every or --speak")
         remember = MemoryOptions.checked(
@@ -146,7 +149,6 @@ def listen_cmd(
         source = MicSource(input_device)
     else:
         next(iter(stream_file(file, 16)), None)  # a missing or unreadable file fails before the model loads
-    options = sampling.overrides()
     if prompt is None:
         prompt = "" if chat else LISTEN_PROMPT
     load.check_adapter(adapter)

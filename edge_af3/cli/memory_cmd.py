@@ -49,8 +49,7 @@ class MemoryOptions:
     @classmethod
     def checked(cls, memory: str, exact, directory, skip_silence, tail_every, questions, n_ctx, max_new_tokens):
         """Every value checked before the model loads."""
-        from ..constants import ROWS_PER_WINDOW
-        from ..runtime.windows import WINDOW_S
+        from ..runtime.windows import memory_positions
 
         seconds = parse_duration(memory)
         if tail_every is not None and tail_every != 0 and not 1 <= tail_every < 30:
@@ -59,9 +58,9 @@ class MemoryOptions:
             )
         if directory is not None and directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
             raise OptionsError(f"--memory-dir {directory}: not an empty folder; name a new one")
-        need = int(-(-seconds // WINDOW_S)) * ROWS_PER_WINDOW + 128 + (max_new_tokens or 500)
+        need = memory_positions(seconds, max_new_tokens or 500) + 64  # (+ the chat template's head)
         if n_ctx is not None and n_ctx < need:
-            raise OptionsError(f"--memory {memory} needs --n-ctx >= {need + 64} (its windows, a question, the answer)")
+            raise OptionsError(f"--memory {memory} needs --n-ctx >= {need} (its windows, a question, the answer)")
         return cls(seconds, exact, directory, skip_silence, tail_every or None, list(questions or []))
 
 
@@ -136,7 +135,7 @@ def run_memory(af3, opts: MemoryOptions, blocks, what: str, *, wait: bool, as_js
         console.print(error_line(e), highlight=False)
         summary, code = listener.summary(), 1
     finally:
-        memory.close()
+        listener.close()  # (after a second Ctrl-C, the work in flight ends before the model closes)
     if as_json:
         emit_json({"summary": summary})
     else:

@@ -92,7 +92,7 @@ def serve_cmd(
         remember = MemoryConfig(
             parse_duration(memory), memory_input, memory_fast, memory_exact, memory_dir, skip_silence
         )
-        remember.check()
+        remember.check(load.n_ctx)
     elif memory_fast or memory_exact or memory_dir or skip_silence:
         raise OptionsError("--memory-fast, --memory-exact, --memory-dir and --skip-silence go with --memory")
     config = ServerConfig(

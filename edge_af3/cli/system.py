@@ -76,6 +76,26 @@ def doctor_cmd(
     render(report, out)
 
 
+def _help_like_the_rest(ap, doc: str) -> None:
+    """The suite's argparse options, shown as every other command's --help shows its own."""
+    from rich.markup import escape
+    from rich.table import Table
+
+    out.print("\n Usage: edge-af3 bench [OPTIONS]\n", highlight=False)
+    out.print(" " + " ".join(doc.split("\n\n")[0].split()) + "\n", highlight=False)
+    table = Table(box=None, show_header=False, padding=(0, 2))
+    for action in ap._actions:
+        if not action.option_strings or action.dest == "help":
+            continue
+        meta = "" if action.nargs == 0 else f"<{(action.type or str).__name__}>" + (" ..." if action.nargs else "")
+        value = " ".join(map(str, action.default)) if isinstance(action.default, list) else action.default
+        extra = f" [{' | '.join(map(str, action.choices))}]" if action.choices else ""
+        default = f" [default: {value}]" if value not in (None, False) else ""
+        table.add_row(", ".join(action.option_strings), meta, escape((action.help or "") + extra + default))
+    out.print(" Options:", highlight=False)
+    out.print(table, highlight=False)
+
+
 def bench_cmd(ctx: typer.Context) -> None:
     """Run the benchmark suite (edge-af3 vs transformers, llama.cpp's mtmd and raw llama.cpp).
 
@@ -91,6 +111,11 @@ def bench_cmd(ctx: typer.Context) -> None:
         )
     sys.path.insert(0, str(root))
     from benchmarks.suite import main as suite_main
+    from benchmarks.suite import parser
+
+    if {"--help", "-h"} & set(ctx.args):
+        _help_like_the_rest(parser(), bench_cmd.__doc__)
+        return
 
     sys.argv[0] = "edge-af3 bench"  # argparse's usage line
     try:

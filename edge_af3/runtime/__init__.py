@@ -7,15 +7,18 @@
         for piece in s: print(piece, end="")
     print(s.answer.finish_reason)
     chat = model.chat(); chat.ask("What is this?", "clip.wav"); chat.ask("And the tempo?")
+    memory = model.memory(600); memory.feed(block); memory.ask("What was said?")
 
 Modules: types (options, timings, answer), clips (rows, cache, encoder thread), stream (one
-generation), session (conversation + KV bookkeeping), model (AF3), locate (bundle | checkpoint | Hub id).
+generation), session (conversation + KV bookkeeping), model (AF3), locate (bundle | checkpoint | Hub id),
+memory + windows (the always-on audio memory).
 """
 
 from ..errors import ContextOverflowError, ModelNotFoundError
 from .clips import Clip
 from .encoding import cut_frames, iter_windows
 from .locate import locate
+from .memory import Memory
 from .model import AF3
 from .session import ChatSession
 from .stream import Stream
@@ -29,6 +32,7 @@ __all__ = [
     "ContextOverflowError",
     "FINISH_REASONS",
     "GenerationOptions",
+    "Memory",
     "ModelNotFoundError",
     "Stream",
     "Timings",

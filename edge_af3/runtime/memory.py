@@ -26,17 +26,18 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..audio import Audio
 from ..constants import MAX_WINDOWS, ROWS_PER_WINDOW, SAMPLE_RATE, SOUND_TOKEN, THINK_SUFFIX
 from ..errors import ContextOverflowError, OptionsError, PromptError, SessionBusyError
 from ..prompt import Message, render, split_sound
-from .clips import Clip, items
+from .clips import Clip, RowsCache, items
+from .memory_exact import Rebuilder
 from .prefill import Prefill
 from .session import Turn, check_fits
 from .stream import Stream
 from .types import Answer, GenerationOptions
-from .windows import WINDOW_S, Archive, Heard, Windower, WindowInfo, is_silent
+from .windows import WINDOW_S, Archive, Heard, Windower, WindowInfo, is_silent, memory_positions
 
-QUESTION_ROOM = 128  # positions a question takes at most, beside the answer, when sizing the memory
 _ids = itertools.count()
 
 
@@ -110,22 +111,34 @@ class Memory:
         if not 0 < seconds <= MAX_WINDOWS * WINDOW_S:
             raise OptionsError(f"a memory holds 30 s to 10 minutes (AF3 reads at most 20 windows), got {seconds:g} s")
         self.model, self.system = model, system
-        self.capacity = math.ceil(seconds / WINDOW_S)
+        self.capacity = math.ceil(seconds / WINDOW_S)  # full windows; the tail comes on top, up to 20 in all
         self.skip_silence, self.silence_db, self.exact = skip_silence, silence_db, exact
         self.windower = Windower(tail_every)
         self.head = model.llm.tokenize(self._render("")[0])
         answer = max_new_tokens or model.options.max_new_tokens or 500
-        need = len(self.head) + self.capacity * ROWS_PER_WINDOW + QUESTION_ROOM + answer
+        need = memory_positions(seconds, answer) + len(self.head)
         if need > model.llm.n_ctx:
             raise ContextOverflowError(
-                f"a memory of {self.capacity * WINDOW_S:g} s needs n_ctx >= {need} ({self.capacity} windows of "
+                f"a memory of {self.capacity * WINDOW_S:g} s needs n_ctx >= {need} (its windows of "
                 f"{ROWS_PER_WINDOW} rows, the prompt and a {answer}-token answer) but the model has "
                 f"{model.llm.n_ctx}; load it with a larger n_ctx or remember less"
             )
-        self.seq = model.claim_sequence()
-        self._spare = model.claim_sequence(required=True) if exact else None
-        self._aside = aside or model.llm.seqs[0]  # where questions about a time range are prefilled
-        self.archive = Archive(directory, keep=self.capacity)
+        from .encoding import ClipEncoder
+
+        # windows are never asked twice: a cache of their own (none), not the model's clips
+        self._encoder = ClipEncoder(model.encoder, model.settings.windows_per_run, model._encoder_lock, RowsCache(0))
+        self._claimed = [model.claim_sequence()]
+        try:
+            self.seq = self._claimed[0]
+            self._spare = model.claim_sequence(required=True) if exact else None
+            self._claimed.append(self._spare)
+            self._aside = aside or model.llm.seqs[0]  # where questions about a time range are prefilled
+            self.archive = Archive(directory, keep=self.capacity + 1)
+        except BaseException:
+            for seq in self._claimed:
+                if seq is not None:
+                    model.release_sequence(seq)
+            raise
         self.windows: list[Window] = []  # full windows remembered, oldest first
         self.tail: Window | None = None  # the window in progress
         self.stats = MemoryStats()
@@ -134,11 +147,8 @@ class Memory:
         self._open: Stream | None = None  # a question being answered: the KV waits for it
         self._lock = threading.RLock()
         self._version = 0  # bumped by every change of what is remembered
-        self._rebuild = threading.Event()
-        self._rebuilding = False
         self._closed = False
-        if exact:
-            threading.Thread(target=self._rebuilder, name="edge-af3-memory-exact", daemon=True).start()
+        self._rebuilder = Rebuilder(self) if exact else None
 
     # -- hearing ----------------------------------------------------------------------------
     def feed(self, samples: np.ndarray) -> None:
@@ -171,8 +181,7 @@ class Memory:
             self.sync()
             return
         t0 = time.perf_counter()
-        (clip,) = self.model.clips((heard.samples, SAMPLE_RATE))
-        self.model.encode(clip)
+        clip = self._encoder.encode(Clip(Audio(heard.samples, SAMPLE_RATE, 1, f"window {heard.index}")))
         key = f"memory{self._id}/{heard.index}/{clip.key[:16]}"
         window = Window(heard.index, heard.start_s, heard.seconds, clip.rows, key, key)
         with self._lock:
@@ -185,8 +194,8 @@ class Memory:
             else:
                 self.stats.tails += 1
                 self.tail = window
-            # at most `capacity` windows with the tail (AF3 reads at most 20): the oldest goes
-            while len(self.held) > self.capacity:
+            # at most `capacity` full windows, and 20 with the tail (AF3's most): the oldest goes
+            while len(self.windows) > self.capacity or len(self.held) > MAX_WINDOWS:
                 self.windows.pop(0)
                 self.stats.evicted += 1
             self._version += 1
@@ -200,8 +209,10 @@ class Memory:
 
     @property
     def held(self) -> list[Window]:
-        with self._lock:
-            return self.windows + ([self.tail] if self.tail is not None else [])
+        """The remembered windows, oldest first, the tail last (a copy; read without the lock, so
+        a status never waits for a window's prefill)."""
+        windows, tail = list(self.windows), self.tail
+        return windows + ([tail] if tail is not None else [])
 
     def span(self) -> list[tuple[float, float]]:
         """The stretches of stream time the memory holds, merged: [(start_s, end_s), ...]."""
@@ -223,6 +234,11 @@ class Memory:
                 return
             held = self.held
             with self.model.lock:
+                if self._closed or self.model.closed:
+                    return
+                target = [self.head] + [w.clip() for w in held]
+                if held == self._in_kv and self.seq.common_prefix(items(target)) == sum(len(s) for s in target):
+                    return  # the KV holds it all already (a question after another)
                 t0 = time.perf_counter()
                 evicted = self._evict_in_kv(held)
                 prefill = Prefill(self.seq, [self.head] + [w.clip() for w in held])
@@ -230,12 +246,12 @@ class Memory:
                 self._in_kv = held
                 if prefill.decoded > len(self.head) or evicted:
                     self.stats.prefill_ms.append((time.perf_counter() - t0) * 1000)
-            if evicted and self.exact:
-                self._rebuild.set()
+            if evicted and self._rebuilder is not None:
+                self._rebuilder.due()
 
     def _evict_in_kv(self, held: list[Window]) -> int:
         """Drop the windows the KV holds but the memory no longer does (always the oldest),
-        shifting the rest back and relabelling them; returns the positions removed."""
+        shifting the rest back and relabelling them; returns the positions shifted."""
         gone = 0
         while gone < len(self._in_kv) and self._in_kv[gone] not in held:
             gone += 1
@@ -253,54 +269,13 @@ class Memory:
             w.label = f"{w.key}~{evictions}"
         moved = [item for w in kept for item in items([w.clip()])]
         seq.remove(n_head, n_head + removed, moved=moved)
-        return removed
+        return len(moved)  # positions shifted: what makes the KV an approximation
 
-    # -- exact mode -------------------------------------------------------------------------
-    def _rebuilder(self) -> None:
-        """After an eviction: re-prefill the remembered windows from the head on the spare
-        sequence, a batch at a time (other work interleaves), and swap when it has caught up."""
-        while self._rebuild.wait() and not self._closed:
-            self._rebuilding = True
-            self._rebuild.clear()
-            while not self._closed:
-                with self._lock:
-                    version, held = self._version, self.held
-                target = [self.head] + [w.clip(fresh=True) for w in held]
-                prefill = Prefill(self._spare, target, step=self.model.llm.n_batch)
-                t0 = time.perf_counter()
-                while not self._closed and self._version == version:
-                    if self._open is not None and self._open.answer is None:
-                        time.sleep(0.02)  # a question is answered: its decode steps go first
-                        continue
-                    with self.model.lock:
-                        if next(prefill, None) is None:
-                            break
-                with self._lock:
-                    answering = self._open is not None and self._open.answer is None
-                    done = self._version == version and not self._closed and not answering
-                    if done:  # the spare holds what is remembered, freshly computed: it becomes the memory
-                        self.seq, self._spare = self._spare, self.seq
-                        for w in held:
-                            w.label = w.key
-                        self._in_kv = held
-                        self.stats.rebuilds += 1
-                        self.stats.rebuild_ms.append((time.perf_counter() - t0) * 1000)
-                if done:
-                    break
-                if answering:
-                    time.sleep(0.05)
-                # else something new was heard: catch up (the spare keeps the prefix already done)
-            self._rebuilding = self._rebuild.is_set()
-
+    # -- exact mode (runtime/memory_exact.py) -------------------------------------------------
     def wait_exact(self, timeout: float | None = None) -> bool:
         """Exact mode: wait until the memory holds freshly computed KV again (no rebuild running
-        or due); False on timeout."""
-        deadline = None if timeout is None else time.monotonic() + timeout
-        while self._rebuilding or self._rebuild.is_set():
-            if deadline is not None and time.monotonic() > deadline:
-                return False
-            time.sleep(0.02)
-        return True
+        or due); False on timeout. True at once without exact mode."""
+        return self._rebuilder is None or self._rebuilder.wait(timeout)
 
     # -- questions --------------------------------------------------------------------------
     def _render(self, text: str, n_audio: int = 1) -> list[str]:
@@ -324,6 +299,11 @@ class Memory:
         model = self.model
         opts = GenerationOptions.of(options or model.options, **overrides).resolved(model.generation)
         text = question + (THINK_SUFFIX if think else "")
+        if think and "think" in model.adapters:
+            raise OptionsError(
+                "this bundle's think mode runs its think adapter, and the memory's KV is the base model's: "
+                "ask without think"
+            )
         if SOUND_TOKEN in question:
             raise OptionsError(f"a memory question cannot hold {SOUND_TOKEN}: the memory's audio is its one clip")
         with self._lock:
@@ -376,10 +356,11 @@ class Memory:
         for info in self.archive.between(start, end):
             rows = self.archive.rows(info.index)
             if rows is not None:
-                found.append(Window(info.index, info.start_s, info.seconds, rows, f"at/{info.index}", ""))
+                key = f"memory{self._id}/at/{info.index}"  # a full window's rows never change
+                found.append(Window(info.index, info.start_s, info.seconds, rows, key, key))
         tail = self.tail
         if tail is not None and tail.start_s < end and tail.start_s + tail.seconds > start:
-            found.append(Window(tail.index, tail.start_s, tail.seconds, tail.rows, f"at/{tail.index}/t", ""))
+            found.append(Window(tail.index, tail.start_s, tail.seconds, tail.rows, tail.key, tail.key))
         if not found:
             raise OptionsError(f"nothing remembered between {start:g} s and {end:g} s")
         if len(found) > MAX_WINDOWS:
@@ -387,17 +368,25 @@ class Memory:
         return found
 
     def _question_ended(self, stream: Stream) -> None:
-        with self._lock:
-            if self._open is stream:
-                self._open = None
+        # called by the stream under the model lock: taking the memory's lock here would invert
+        # sync()'s order (memory, then model) and could deadlock; one assignment needs no lock
+        if self._open is stream:
+            self._open = None
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:
+        """Stop remembering: a prefill in flight ends first (the model may be closed after this),
+        the rebuilder stops, the memory's sequences are emptied and given back (idempotent)."""
+        if self._closed:
+            return
         self._closed = True
-        self._rebuild.set()
-        self.model.release_sequence(self.seq)
-        if self._spare is not None:
-            self.model.release_sequence(self._spare)
+        with self.model.lock:  # waits for a window's prefill or a rebuild step in flight
+            pass
+        if self._rebuilder is not None:
+            self._rebuilder.stop()
+        for seq in self._claimed:
+            if seq is not None:
+                self.model.release_sequence(seq)
 
     def __enter__(self) -> Memory:
         return self

@@ -298,7 +298,12 @@ class AF3:
         return self.llm.seqs[free[0]]
 
     def release_sequence(self, seq) -> None:
-        self._claimed.discard(seq.id)
+        """A claimed sequence given back, its KV emptied (the shared one is left as it is)."""
+        if seq.id in self._claimed:
+            with self.lock:
+                if not self.closed:
+                    seq.truncate(0)
+            self._claimed.discard(seq.id)
 
     # -- lifetime ---------------------------------------------------------------------------
     def close(self) -> None:

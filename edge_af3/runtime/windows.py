@@ -10,6 +10,7 @@ whatever comes later.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import threading
@@ -19,10 +20,18 @@ from pathlib import Path
 
 import numpy as np
 
-from ..constants import MIN_TOKEN_SAMPLES, N_SAMPLES, SAMPLE_RATE
+from ..constants import MAX_WINDOWS, MIN_TOKEN_SAMPLES, N_SAMPLES, ROWS_PER_WINDOW, SAMPLE_RATE
 from ..errors import OptionsError, OutputError
 
 WINDOW_S = N_SAMPLES / SAMPLE_RATE  # 30 s
+QUESTION_ROOM = 128  # positions a question takes at most, beside the answer, when sizing a memory
+
+
+def memory_positions(seconds: float, answer_tokens: int) -> int:
+    """Context positions a memory of `seconds` needs beside the chat template's head: its full
+    windows and the tail (20 windows at most), a question and an answer."""
+    windows = min(math.ceil(seconds / WINDOW_S) + 1, MAX_WINDOWS)
+    return windows * ROWS_PER_WINDOW + QUESTION_ROOM + answer_tokens
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from starlette.concurrency import run_in_threadpool
 
-from ..errors import EdgeAF3Error, OptionsError
+from ..errors import EdgeAF3Error, InputDeviceError, OptionsError
 from .http import auth_check
 from .openai_api import APIError, bad, json_body, options_from
 
@@ -48,8 +48,18 @@ class MemoryConfig:
         """llama.cpp sequences beside the slots: the memory's (two when exact), one for time ranges."""
         return 3 if self.exact else 2
 
-    def check(self) -> None:
-        """Before the model loads: the source exists (or can be decoded)."""
+    def check(self, n_ctx: int | None) -> None:
+        """Before the model loads: the folder, the context and the source."""
+        from ..runtime.windows import memory_positions
+
+        d = Path(self.directory) if self.directory else None
+        if d is not None and d.exists() and (not d.is_dir() or any(d.iterdir())):
+            raise OptionsError(f"--memory-dir {d}: not an empty folder; name a new one")
+        need = memory_positions(self.seconds, 500) + 64
+        if n_ctx is not None and n_ctx < need:
+            raise OptionsError(
+                f"--memory {self.seconds:g} s needs --n-ctx >= {need} (its windows, a question, an answer)"
+            )
         src = self.source
         if src == "mic" or src.startswith("mic:"):
             return
@@ -67,20 +77,31 @@ class MemoryConfig:
         if src == "mic" or src.startswith("mic:"):
             return MicSource(src[4:] or None)
         if src.startswith(("http://", "https://")):
-            return _ffmpeg_blocks(src)
+            return FfmpegSource(src)
         return file_blocks(src, realtime=not self.fast)
 
 
-def _ffmpeg_blocks(url: str, block: int = 1600):
-    proc = subprocess.Popen(
-        ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", url, "-f", "f32le", "-ac", "1", "-ar", "16000", "-"],
-        stdout=subprocess.PIPE,
-    )
-    try:
-        while data := proc.stdout.read(block * 4):
+class FfmpegSource:
+    """An http(s) audio stream decoded by ffmpeg (a separate program) to 16 kHz mono blocks."""
+
+    def __init__(self, url: str, block: int = 1600):
+        self.url, self.block = url, block
+        self.proc = subprocess.Popen(
+            ["ffmpeg", "-nostdin", "-loglevel", "error", "-i", url, "-f", "f32le", "-ac", "1", "-ar", "16000", "-"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+        )
+
+    def __iter__(self):
+        while data := self.proc.stdout.read(self.block * 4):
             yield np.frombuffer(data[: len(data) // 4 * 4], np.float32)
-    finally:
-        proc.kill()
+        if self.proc.wait() != 0:
+            why = self.proc.stderr.read().decode(errors="replace").strip().splitlines()
+            raise InputDeviceError(f"{self.url}: ffmpeg could not read the stream ({why[-1] if why else 'no reason'})")
+
+    def close(self) -> None:
+        self.proc.kill()
+        self.proc.wait()
 
 
 class ServedMemory:
@@ -97,10 +118,15 @@ class ServedMemory:
         from ..memory_listen import MemoryListener
 
         c = self.config
-        aside = model.claim_sequence(required=True)  # questions about a time range (never a slot's)
-        self.memory = model.memory(
-            c.seconds, exact=c.exact, directory=c.directory, skip_silence=c.skip_silence, aside=aside
-        )
+        self._model = model
+        self._aside = model.claim_sequence(required=True)  # questions about a time range (never a slot's)
+        try:
+            self.memory = model.memory(
+                c.seconds, exact=c.exact, directory=c.directory, skip_silence=c.skip_silence, aside=self._aside
+            )
+        except BaseException:
+            model.release_sequence(self._aside)
+            raise
         self.listener = MemoryListener(self.memory, wait=c.fast, on_event=self._log)
         self._thread = threading.Thread(target=self._run, name="edge-af3-memory-input", daemon=True)
         self._thread.start()
@@ -127,16 +153,19 @@ class ServedMemory:
         return out | (self.listener.summary() if self.listener else {})
 
     def close(self) -> None:
-        """Stop listening and wait for the window being prefilled (the model closes after this)."""
+        """Stop listening and let the work in flight end (the model closes after this)."""
         if self.listener is not None:
             self.listener.stop()
             from ..capture import MicSource
 
-            if isinstance(getattr(self, "_blocks", None), MicSource):
-                self._blocks.close()  # a microphone stops at once
+            if isinstance(getattr(self, "_blocks", None), MicSource | FfmpegSource):
+                self._blocks.close()  # a microphone or a stream stops at once
+            self.listener.close()
             self._thread.join(timeout=60)
-        if self.memory is not None:
+        elif self.memory is not None:
             self.memory.close()
+        if self.memory is not None:
+            self._model.release_sequence(self._aside)
 
 
 def _question(body) -> tuple[str, tuple[float, float] | None]:
@@ -162,7 +191,7 @@ def add_memory_routes(app: FastAPI, state, served: ServedMemory | None, api_key:
         return served
 
     @app.get("/v1/memory")
-    async def memory_status(request: Request):
+    def memory_status(request: Request):  # (a worker thread: the event loop never waits on the memory)
         auth_check(request, api_key)
         return require().status()
 
@@ -179,9 +208,11 @@ def add_memory_routes(app: FastAPI, state, served: ServedMemory | None, api_key:
             with served_memory.asking:
                 try:
                     stream = mem.stream(question, at=at, options=options)
+                    return stream, stream.result()
                 except EdgeAF3Error as e:
                     raise bad(str(e), code=e.code) from None
-                return stream, stream.result()
+                except RuntimeError as e:  # the model is being closed (the server stops)
+                    raise APIError(503, f"the memory cannot answer now: {e}", type="server_error") from None
 
         stream, answer = await run_in_threadpool(run)
         t = answer.timings
