@@ -1,22 +1,20 @@
-"""The audio memory over a synthetic hour, on this machine (bench-small by default: random weights
-at a small real shape; speed does not depend on weight values).
+"""The audio memory on this machine (bench-small by default: random weights at a small real
+shape; speed does not depend on weight values). Noise is fed as fast as the memory takes it and
+each window's work is timed, so real time is not needed to know whether it keeps up:
 
-A stream of noise is fed to `AF3.memory(600)` as fast as the memory takes it (each window's work
-is timed, so real time is not needed to know whether it keeps up). Reported:
+- the tail policy over the first minutes: re-encoded every 10 s vs held until full;
+- a 10-minute memory filling up: work per window at minute 1, 2, 5, 10 (each window's prefill
+  attends to every window before it), then question TTFT with 10 minutes in memory vs the same
+  question with no audio (goal <= 1.2x) vs asking the same 10 minutes cold;
+- a synthetic hour on a memory of --hour-memory minutes (2: an hour of a 10-minute memory takes
+  ~2 hours on 2 cores): work per window at minute 1, 10, 60 (goal: flat within 10 % once full),
+  real-time factor, RSS (goal: flat), and the drift of the shifted KV after 1, 5 and 20
+  evictions: top-1 agreement and KL of the next-token distribution at the end of 8 questions,
+  memory vs a cold prefill of the same remaining windows (random weights: a measure of the
+  mechanism, not of answer quality);
+- exact mode: how long a re-prefill after an eviction takes to swap in.
 
-- work per 30 s of audio (encode + prefill of the window, its tail re-encodings, evictions) at
-  minute 1, 10 and 60 (goal: flat within 10 %), with the tail re-encoded every 10 s (the default)
-  and, over the first minutes, with the tail held until full;
-- question TTFT with 10 minutes in memory, vs the same question with no audio (goal <= 1.2x), vs
-  asking the same 10 minutes cold (encode + prefill of 20 windows);
-- real-time factor of the memory loop (work / audio), peak RSS over the hour (goal: flat);
-- drift of the shifted KV after 1, 5 and 20 evictions: top-1 agreement and KL of the next-token
-  distribution at the end of 8 questions, memory vs a cold prefill of the same remaining windows
-  (random weights: a measure of the mechanism, not of answer quality);
-- exact mode (`--memory-exact`): how long a re-prefill after an eviction takes, and whether it
-  keeps up with one eviction per 30 s.
-
-    python -m benchmarks.bench_memory_listen [--shape bench-small] [--minutes 60] [--exact-minutes 12]
+    python -m benchmarks.bench_memory_listen [--shape bench-small] [--minutes 60] [--hour-memory 2]
 """
 
 from __future__ import annotations
@@ -93,8 +91,10 @@ def ttft(fn) -> float:
 def main(argv=None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="bench-small")
-    ap.add_argument("--minutes", type=float, default=60)
-    ap.add_argument("--exact-minutes", type=float, default=11)
+    ap.add_argument("--minutes", type=float, default=60, help="the synthetic hour")
+    ap.add_argument("--hour-memory", type=float, default=2, help="minutes the hour's memory holds")
+    ap.add_argument("--fill-minutes", type=float, default=10, help="the memory filled for the question TTFT")
+    ap.add_argument("--exact-minutes", type=float, default=5)
     ap.add_argument("--policy-minutes", type=float, default=2)
     ap.add_argument(
         "--hour-tail-every", type=float, default=0, help="the hour's tail policy (0: held until full, the cheapest)"
@@ -127,15 +127,28 @@ def main(argv=None) -> dict:
             print(name, json.dumps(policy[name]), flush=True)
         report["tail_policy"] = policy
 
-        # the hour
-        with model.memory(600, tail_every=args.hour_tail_every or None) as mem:
-            drifts, ttfts = [], {}
+        # a 10-minute memory filled: the work per window as it fills, then a question on it
+        ttfts = {}
+        with model.memory(600, tail_every=None) as mem:
+            fill = run_memory(mem, args.fill_minutes * 60, seed=2)
+            ttfts["memory_10min"] = [ttft(lambda q=q: mem.ask(q, max_new_tokens=4)) for q in QUESTIONS[:3]]
+        ttfts["no_audio"] = [ttft(lambda q=q: model.ask(q, None, max_new_tokens=4)) for q in QUESTIONS[3:6]]
+        cold = np.concatenate(list(stream_of_noise(args.fill_minutes * 60, seed=3)))  # new samples: nothing cached
+        ttfts["cold_10min"] = [ttft(lambda: model.ask(QUESTIONS[6], (cold, RATE), max_new_tokens=4))]
+        report["question_ttft_ms"] = {k: float(np.median(v)) for k, v in ttfts.items()}
+        report["fill"] = {
+            "minutes": args.fill_minutes,
+            "work_per_window_ms": {
+                str(m): at_minute(fill["work_ms"], m) for m in (1, 2, 5, 10) if m <= args.fill_minutes
+            },
+        }
+        print("fill", json.dumps(report["fill"]), json.dumps(report["question_ttft_ms"]), flush=True)
+
+        # the hour, on a memory of --hour-memory minutes (steady state once full)
+        with model.memory(args.hour_memory * 60, tail_every=args.hour_tail_every or None) as mem:
+            drifts = []
 
             def on_window(index: int) -> None:
-                if index == 19:  # 10 minutes in memory, no eviction yet
-                    ttfts["memory_10min"] = [ttft(lambda q=q: mem.ask(q, max_new_tokens=4)) for q in QUESTIONS[:3]]
-                    ttfts["no_audio"] = [ttft(lambda q=q: model.ask(q, None, max_new_tokens=4)) for q in QUESTIONS[3:6]]
-                    drifts.append(drift(mem))
                 if mem.stats.evicted in (1, 5, 20) and mem.stats.evicted not in [d["evictions"] for d in drifts]:
                     drifts.append(drift(mem))
                     print("drift", json.dumps(drifts[-1]), flush=True)
@@ -143,11 +156,12 @@ def main(argv=None) -> dict:
                     print(f"minute {(index + 1) / 2:g}: rss {rss_mb():.0f} MB", flush=True)
 
             t0 = time.perf_counter()
-            hour = run_memory(mem, args.minutes * 60, seed=2, on_window=on_window)
+            hour = run_memory(mem, args.minutes * 60, seed=4, on_window=on_window)
             loop_s = time.perf_counter() - t0
         work = hour["work_ms"]
         report["hour"] = {
             "minutes": args.minutes,
+            "memory_minutes": args.hour_memory,
             "tail_every": args.hour_tail_every or None,
             "work_per_window_ms": {str(m): at_minute(work, m) for m in (1, 10, 60) if m <= args.minutes},
             "real_time_factor": sum(work.values()) / 1000 / (args.minutes * 60),
@@ -156,16 +170,12 @@ def main(argv=None) -> dict:
             "rss_peak_mb": max(hour["rss_mb"]),
         }
         report["drift"] = drifts
-        # the same 10 minutes asked cold: new samples, nothing cached
-        cold = np.concatenate(list(stream_of_noise(600, seed=3)))
-        ttfts["cold_10min"] = [ttft(lambda: model.ask(QUESTIONS[6], (cold, RATE), max_new_tokens=4))]
-        report["question_ttft_ms"] = {k: float(np.median(v)) for k, v in ttfts.items()}
 
         # exact mode
         if args.exact_minutes:
-            with model.memory(600, exact=True) as mem:
+            with model.memory(args.hour_memory * 60, exact=True, tail_every=None) as mem:
                 t0 = time.perf_counter()
-                run_memory(mem, args.exact_minutes * 60, seed=4)
+                run_memory(mem, args.exact_minutes * 60, seed=5)
                 mem.wait_exact(timeout=600)
                 report["exact"] = {
                     "minutes": args.exact_minutes,
@@ -193,7 +203,15 @@ def markdown(r: dict) -> str:
         "",
         "| work per 30 s window | " + " | ".join(f"minute {k}" for k in w) + " |",
         "|---|" + "---:|" * len(w),
-        "| encode + prefill (+ tails, eviction) ms | " + " | ".join(f"{v:.0f}" for v in w.values()) + " |",
+        "| encode + prefill (+ eviction) ms | " + " | ".join(f"{v:.0f}" for v in w.values()) + " |",
+        "",
+        f"(a memory of {h['memory_minutes']:g} minutes: full from minute {h['memory_minutes']:g} on)",
+        "",
+        "| a 10-minute memory filling: work per window | "
+        + " | ".join(f"minute {k}" for k in r["fill"]["work_per_window_ms"])
+        + " |",
+        "|---|" + "---:|" * len(r["fill"]["work_per_window_ms"]),
+        "| ms | " + " | ".join(f"{v:.0f}" for v in r["fill"]["work_per_window_ms"].values()) + " |",
         "",
         f"- spread minute 1 -> {list(w)[-1]}: {100 * (max(w.values()) / min(w.values()) - 1):.1f} % (goal 10 %)",
         f"- real-time factor of the memory loop: {h['real_time_factor']:.3f} over {h['minutes']:g} minutes "
