@@ -74,9 +74,13 @@ def test_sampling_and_adapter_mistakes_are_refused_before_the_model_loads(tiny_b
         (["plan", "--target", "nowhere"], ["unknown target 'nowhere'"]),
         (["plan", "--kv", "q3"], ["KV"]),
         (["plan", "--encoder-precision", "int4"], ["'int4'"]),
+        (["serve", "--decode-batching", "sometimes"], ["--decode-batching"]),
+        (["serve", "--memory", "1m"], ["--memory-input"]),
+        (["serve", "--memory", "1m", "--memory-input", "x.wav"], ["no such file"]),
+        (["serve", "--memory", "1m", "--memory-input", "mic", "--n-ctx", "1024"], ["--n-ctx >="]),
     ],
 )
-def test_bad_values_of_chat_listen_and_plan_before_the_model_loads(tiny_bundle, tmp_path, args, words):
+def test_bad_values_of_chat_listen_plan_and_serve_before_the_model_loads(tiny_bundle, tmp_path, args, words):
     args = [str(tmp_path / "x.wav") if a == "x.wav" else a for a in args]
     r = run_cli(*args, "-m", str(tiny_bundle))
     one_line_error(r, *words)
@@ -151,6 +155,7 @@ def test_train_says_the_steps_it_runs_and_checks_before_loading(tiny_ckpt, tmp_p
     assert r.returncode == 0, r.stderr[-2000:]
     assert "training 4 steps, not 60" in r.stderr and "--epochs 15 reaches --max-steps 60" in r.stderr
     assert ": 4 steps" in r.stdout  # what ran
+    assert "%|" not in r.stderr and "FutureWarning" not in r.stderr  # no transformers bar or chatter
 
 
 def test_doctor_takes_what_every_m_takes(tiny_ckpt, tiny_bundle, tmp_path):
