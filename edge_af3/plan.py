@@ -115,95 +115,46 @@ def machine_budget(settings) -> tuple[int, str]:
     return info.get("MemAvailable", info.get("MemTotal", 0)), "available RAM"
 
 
-def plan(
-    bundle,
-    *,
-    n_ctx: int = DEFAULT_N_CTX,
-    kv_type: str = "f16",
-    encoder_precision: str | None = None,
-    windows_per_run: int = 4,
-    n_ubatch: int = 512,
-    target: str | None = None,
-    machine=None,
-) -> dict:
-    """Bytes per item for running `bundle` (a Bundle or a folder) at n_ctx; fits/headroom on `target`,
-    or on this machine when `machine` (the resolved `Settings`) is given."""
+def plan(bundle, **settings) -> dict:
+    """Bytes per item for running `bundle` (a Bundle or a folder). settings: n_ctx, kv_type,
+    encoder_precision (what the encoder computes in), windows_per_run, n_ubatch, and target (fits /
+    headroom on a named set-up) or machine (the resolved `Settings`: on this machine)."""
     from .bundle import Bundle, open_bundle
 
     b = bundle if isinstance(bundle, Bundle) else open_bundle(Path(bundle), check_hashes=False)
-    shape = llm_shape(b.llm)
     m = b.manifest
     onnx_bytes = sum(m["files"][n]["bytes"] for n in m["files"] if n.startswith("encoder.onnx"))
-    return _plan(
-        str(b.path),
-        b.llm.name,
-        b.llm.stat().st_size,
-        shape,
-        onnx_bytes,
-        m["encoder"]["precision"],
-        int(m["model"]["encoder_hidden"]),
-        n_ctx=n_ctx,
-        kv_type=kv_type,
-        encoder_precision=encoder_precision,
-        windows_per_run=windows_per_run,
-        n_ubatch=n_ubatch,
-        target=target,
-        machine=machine,
-    )
+    llm = (b.llm.name, b.llm.stat().st_size, llm_shape(b.llm))
+    encoder = (onnx_bytes, m["encoder"]["precision"], int(m["model"]["encoder_hidden"]))
+    return _plan(str(b.path), llm, encoder, **settings)
 
 
-def plan_known(
-    model_id: str,
-    quant: str,
-    *,
-    n_ctx: int = DEFAULT_N_CTX,
-    kv_type: str = "f16",
-    encoder_precision: str | None = None,
-    windows_per_run: int = 4,
-    n_ubatch: int = 512,
-    target: str | None = None,
-    machine=None,
-) -> dict:
+def plan_known(model_id: str, quant: str, **settings) -> dict:
     """`plan` for a published model from its known shapes (KNOWN_MODELS): nothing is downloaded."""
     known = KNOWN_MODELS[model_id]
     if quant not in GGUF_BITS:
         raise OptionsError(f"no size known for a {quant} GGUF; choose one of {', '.join(GGUF_BITS)}")
-    llm_bytes = int(known["llm_params"] * GGUF_BITS[quant] / 8)
-    return _plan(
-        f"{model_id} (its published shapes; nothing downloaded)",
-        f"{quant} GGUF (estimated)",
-        llm_bytes,
-        known["llm"],
-        int(known["encoder_params"] * 4),  # the bundle's encoder.onnx is fp32
-        "fp32",
-        known["encoder_hidden"],
-        n_ctx=n_ctx,
-        kv_type=kv_type,
-        encoder_precision=encoder_precision,
-        windows_per_run=windows_per_run,
-        n_ubatch=n_ubatch,
-        target=target,
-        machine=machine,
-    )
+    llm = (f"{quant} GGUF (estimated)", int(known["llm_params"] * GGUF_BITS[quant] / 8), known["llm"])
+    encoder = (int(known["encoder_params"] * 4), "fp32", known["encoder_hidden"])  # the bundle's onnx: fp32
+    return _plan(f"{model_id} (its published shapes; nothing downloaded)", llm, encoder, **settings)
 
 
 def _plan(
     label: str,
-    llm_file: str,
-    llm_bytes: int,
-    shape: LlmShape,
-    onnx_bytes: int,
-    stored: str,
-    enc_hidden: int,
+    llm: tuple[str, int, LlmShape],
+    encoder: tuple[int, str, int],
     *,
-    n_ctx: int,
-    kv_type: str,
-    encoder_precision: str | None,
-    windows_per_run: int,
-    n_ubatch: int,
-    target: str | None,
-    machine,
+    n_ctx: int = DEFAULT_N_CTX,
+    kv_type: str = "f16",
+    encoder_precision: str | None = None,
+    windows_per_run: int = 4,
+    n_ubatch: int = 512,
+    target: str | None = None,
+    machine=None,
 ) -> dict:
+    """llm: (file name, bytes, shape); encoder: (onnx bytes, stored precision, hidden width)."""
+    llm_file, llm_bytes, shape = llm
+    onnx_bytes, stored, enc_hidden = encoder
     if kv_type not in KV_BYTES:
         raise OptionsError(f"unknown KV type {kv_type!r}; choose one of {', '.join(KV_BYTES)}")
     if target is not None and target not in TARGETS:
