@@ -49,18 +49,14 @@ class MemoryOptions:
     @classmethod
     def checked(cls, memory: str, exact, directory, skip_silence, tail_every, questions, n_ctx, max_new_tokens):
         """Every value checked before the model loads."""
-        from ..runtime.windows import memory_positions
+        from ..runtime.windows import check_memory_options
 
         seconds = parse_duration(memory)
         if tail_every is not None and tail_every != 0 and not 1 <= tail_every < 30:
             raise OptionsError(
                 f"--tail-every takes 1 to 29 seconds (0: hold the window until full), got {tail_every:g}"
             )
-        if directory is not None and directory.exists() and (not directory.is_dir() or any(directory.iterdir())):
-            raise OptionsError(f"--memory-dir {directory}: not an empty folder; name a new one")
-        need = memory_positions(seconds, max_new_tokens or 500) + 64  # (+ the chat template's head)
-        if n_ctx is not None and n_ctx < need:
-            raise OptionsError(f"--memory {memory} needs --n-ctx >= {need} (its windows, a question, the answer)")
+        check_memory_options(memory, seconds, directory, n_ctx, max_new_tokens or 500)
         return cls(seconds, exact, directory, skip_silence, tail_every or None, list(questions or []))
 
 

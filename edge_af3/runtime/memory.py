@@ -241,6 +241,7 @@ class Memory:
                     return  # the KV holds it all already (a question after another)
                 t0 = time.perf_counter()
                 evicted = self._evict_in_kv(held)
+                # made again: the eviction relabels the kept windows' positions
                 prefill = Prefill(self.seq, [self.head] + [w.clip() for w in held])
                 prefill.run()
                 self._in_kv = held
@@ -260,10 +261,11 @@ class Memory:
         seq, n_head = self.seq, len(self.head)
         kept = self._in_kv[gone:]
         want = [self.head] + [w.clip() for w in self._in_kv]
-        if seq.common_prefix(items(want)) < sum(len(s) for s in want):
+        held_len = sum(len(s) for s in want)
+        if seq.common_prefix(items(want)) < held_len:
             return 0  # another question displaced the memory: the prefill re-decodes it whole
         removed = sum(w.rows.shape[0] for w in self._in_kv[:gone])
-        seq.truncate(sum(len(s) for s in want))  # the last question's tokens go first
+        seq.truncate(held_len)  # the last question's tokens go first
         evictions = self.stats.evicted
         for w in kept:  # positions computed after what was removed: an approximation, labelled so
             w.label = f"{w.key}~{evictions}"

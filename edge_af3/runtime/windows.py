@@ -34,6 +34,18 @@ def memory_positions(seconds: float, answer_tokens: int) -> int:
     return windows * ROWS_PER_WINDOW + QUESTION_ROOM + answer_tokens
 
 
+def check_memory_options(given: str, seconds: float, directory, n_ctx: int | None, answer_tokens: int) -> None:
+    """`--memory-dir` and `--n-ctx` for a memory of `seconds` (`given`: as the user wrote it),
+    checked before a model loads (listen and serve)."""
+    if directory is not None:
+        d = Path(directory)
+        if d.exists() and (not d.is_dir() or any(d.iterdir())):
+            raise OptionsError(f"--memory-dir {d}: not an empty folder; name a new one")
+    need = memory_positions(seconds, answer_tokens) + 64  # (+ the chat template's head)
+    if n_ctx is not None and n_ctx < need:
+        raise OptionsError(f"--memory {given} needs --n-ctx >= {need} (its windows, a question, the answer)")
+
+
 @dataclass(frozen=True)
 class Heard:
     """Audio of one window as heard so far: `full` (30 s, final) or the growing tail of the

@@ -50,16 +50,9 @@ class MemoryConfig:
 
     def check(self, n_ctx: int | None) -> None:
         """Before the model loads: the folder, the context and the source."""
-        from ..runtime.windows import memory_positions
+        from ..runtime.windows import check_memory_options
 
-        d = Path(self.directory) if self.directory else None
-        if d is not None and d.exists() and (not d.is_dir() or any(d.iterdir())):
-            raise OptionsError(f"--memory-dir {d}: not an empty folder; name a new one")
-        need = memory_positions(self.seconds, 500) + 64
-        if n_ctx is not None and n_ctx < need:
-            raise OptionsError(
-                f"--memory {self.seconds:g} s needs --n-ctx >= {need} (its windows, a question, an answer)"
-            )
+        check_memory_options(f"{self.seconds:g}s", self.seconds, self.directory, n_ctx, 500)
         src = self.source
         if src == "mic" or src.startswith("mic:"):
             return
