@@ -99,6 +99,9 @@ def main(argv=None) -> dict:
     ap.add_argument(
         "--hour-tail-every", type=float, default=0, help="the hour's tail policy (0: held until full, the cheapest)"
     )
+    ap.add_argument(
+        "--ttft-only", action="store_true", help="only the 10-minute fill and the question TTFT (memory-ttft-SHAPE.md)"
+    )
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS / "epyc-zen3-avx2")
     args = ap.parse_args(argv)
@@ -114,9 +117,10 @@ def main(argv=None) -> dict:
     report: dict = {"benchmark": "memory-listen", "shape": args.shape, "when": time.strftime("%Y-%m-%d")}
     with AF3.load(bundle, n_seq=3) as model:
         model.ask("warm-up", None, max_new_tokens=2)
+        report["settings"] = {"flash_attn": model.settings.flash_attn, "kv": model.settings.kv_type}
         # the tail policy, over the first minutes
         policy = {}
-        for name, every in (("tail every 10 s", 10.0), ("tail held until full", None)):
+        for name, every in () if args.ttft_only else (("tail every 10 s", 10.0), ("tail held until full", None)):
             with model.memory(600, tail_every=every) as mem:
                 t0 = time.perf_counter()
                 got = run_memory(mem, args.policy_minutes * 60, seed=1)
@@ -143,6 +147,8 @@ def main(argv=None) -> dict:
             },
         }
         print("fill", json.dumps(report["fill"]), json.dumps(report["question_ttft_ms"]), flush=True)
+        if args.ttft_only:
+            return _save(report, args.out / f"memory-ttft-{args.shape}", ttft_markdown)
 
         # the hour, on a memory of --hour-memory minutes (steady state once full)
         with model.memory(args.hour_memory * 60, tail_every=args.hour_tail_every or None) as mem:
@@ -185,13 +191,38 @@ def main(argv=None) -> dict:
                     "loop_s": time.perf_counter() - t0,
                 }
             print("exact", json.dumps(report["exact"]), flush=True)
+    return _save(report, args.out / f"memory-listen-{args.shape}", markdown)
+
+
+def _save(report: dict, stem: Path, render) -> dict:
     report["machine"] = machine()
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"memory-listen-{args.shape}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
     stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
+    stem.with_suffix(".md").write_text(render(report))
+    print(render(report))
     return report
+
+
+def ttft_markdown(r: dict) -> str:
+    m, t, f = r["machine"], r["question_ttft_ms"], r["fill"]["work_per_window_ms"]
+    s = r["settings"]
+    return (
+        "\n".join(
+            [
+                f"### Audio memory: question TTFT, {r['shape']} ({m['cores']} cores of {m['cpu']}; "
+                f"flash attention {'on' if s['flash_attn'] else 'off'}, KV {s['kv']}; {r['when']})",
+                "",
+                "| a 10-minute memory filling: work per window | " + " | ".join(f"minute {k}" for k in f) + " |",
+                "|---|" + "---:|" * len(f),
+                "| ms | " + " | ".join(f"{v:.0f}" for v in f.values()) + " |",
+                "",
+                f"- question TTFT: 10 min in memory {t['memory_10min']:.0f} ms, no audio {t['no_audio']:.0f} ms "
+                f"({t['memory_10min'] / t['no_audio']:.2f}x, goal <= 1.2x), the same 10 min cold "
+                f"{t['cold_10min']:.0f} ms ({t['cold_10min'] / t['memory_10min']:.0f}x the memory's)",
+            ]
+        )
+        + "\n"
+    )
 
 
 def markdown(r: dict) -> str:

@@ -13,7 +13,7 @@ import os
 import re
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Union
 
@@ -29,6 +29,10 @@ class AudioTooLongWarning(UserWarning):
     """The clip is longer than AF3's 10 minutes; only the first 600 s are used."""
 
 
+# what the longest-reading model (Audio Flamingo Next: 60 windows) takes: for reading a clip before the
+# model is known; the model then cuts it to its own limit
+LONGEST = {"limit": 60 * MAX_SAMPLES // 20, "model": "AF-Next"}
+
 MAX_CHANNELS = 32  # a 2-D array is [samples, channels] or, when its first axis is this small, [channels, samples]
 
 
@@ -40,11 +44,12 @@ class Audio:
     source_rate: int
     source_channels: int
     name: str = "<array>"
-    source_seconds: float | None = None  # the whole source's length (a file is read only up to 600 s)
+    source_seconds: float | None = None  # the whole source's length (a file is read only up to the limit)
+    limit: int = MAX_SAMPLES  # samples the model reads (AF3: 600 s; Music Flamingo 1200 s, AF-Next 1800 s)
 
     @property
     def truncated(self) -> bool:
-        return self.source_seconds is not None and self.source_seconds > MAX_SAMPLES / SAMPLE_RATE + 1e-9
+        return self.source_seconds is not None and self.source_seconds > self.limit / SAMPLE_RATE + 1e-9
 
     @property
     def seconds(self) -> float:
@@ -122,9 +127,9 @@ def _check_riff(head: bytes, total: int, name: str) -> None:
         pos += 8 + size + (size & 1)
 
 
-def _decode(data, name: str) -> tuple[np.ndarray, int, int, float | None]:
-    """(samples [n, channels] float64, rate, channels, the source's seconds). Only the first 600 s
-    are read (AF3 uses no more): a 3-hour file costs what 10 minutes cost."""
+def _decode(data, name: str, limit: int = MAX_SAMPLES) -> tuple[np.ndarray, int, int, float | None]:
+    """(samples [n, channels] float64, rate, channels, the source's seconds). Only the first `limit`
+    samples' worth are read (the model uses no more): a 3-hour file costs what 10 minutes cost."""
     import soundfile as sf
 
     if isinstance(data, io.BytesIO):
@@ -136,13 +141,13 @@ def _decode(data, name: str) -> tuple[np.ndarray, int, int, float | None]:
     try:
         with sf.SoundFile(data) as f:
             rate, total = int(f.samplerate), f.frames
-            keep = math.ceil(MAX_SAMPLES / SAMPLE_RATE * rate) if rate > 0 else -1
+            keep = math.ceil(limit / SAMPLE_RATE * rate) if rate > 0 else -1
             x = f.read(frames=keep if 0 < keep < total else -1, dtype="float64", always_2d=True)
     except (sf.LibsndfileError, RuntimeError, TypeError) as e:  # LibsndfileError covers most
         if isinstance(data, io.BytesIO):
             data.seek(0)
         why = _reason(e)
-        decoded = _decode_av(data, name, why)  # m4a / mp4 / webm / opus ... through FFmpeg (extra `av`)
+        decoded = _decode_av(data, name, why, limit)  # m4a / mp4 / webm / opus ... through FFmpeg (extra `av`)
         if decoded is None:
             raise AudioError(
                 f"{name}: not a readable audio file ({why}); for m4a, mp4, webm or opus install the av "
@@ -160,7 +165,9 @@ def _reason(e: BaseException) -> str:
     return re.sub(r"^Error opening .*?: ", "", why).strip() or type(e).__name__
 
 
-def _decode_av(data, name: str, first_error) -> tuple[np.ndarray, int, int, float | None] | None:
+def _decode_av(
+    data, name: str, first_error, limit: int = MAX_SAMPLES
+) -> tuple[np.ndarray, int, int, float | None] | None:
     """What libsndfile cannot read, through PyAV (FFmpeg); None when PyAV is not installed."""
     try:
         import av
@@ -174,7 +181,7 @@ def _decode_av(data, name: str, first_error) -> tuple[np.ndarray, int, int, floa
             rate = int(stream.codec_context.sample_rate or stream.rate or 0)
             if rate <= 0:
                 raise AudioError(f"{name}: the audio stream has no sample rate")
-            keep = math.ceil(MAX_SAMPLES / SAMPLE_RATE * rate)
+            keep = math.ceil(limit / SAMPLE_RATE * rate)
             resampler = av.AudioResampler(format="flt", rate=rate)  # packed float32, the stream's layout
             chunks, n = [], 0
             for frame in container.decode(stream):
@@ -193,14 +200,34 @@ def _decode_av(data, name: str, first_error) -> tuple[np.ndarray, int, int, floa
     return x, rate, int(x.shape[1]), seconds
 
 
-def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str | None = None) -> Audio:
+def _warn_long(label: str, seconds: float, limit: int, model: str) -> None:
+    warnings.warn(
+        f"{label}: {seconds:.1f} s is longer than {model}'s {limit // SAMPLE_RATE} s; only the "
+        f"first {limit // SAMPLE_RATE} s are used",
+        AudioTooLongWarning,
+        stacklevel=3,
+    )
+
+
+def load_audio(
+    source: AudioSource,
+    sample_rate: int | None = None,
+    *,
+    name: str | None = None,
+    limit: int = MAX_SAMPLES,
+    model: str = "AF3",
+) -> Audio:
     """Turn a path, raw file bytes, an array (+ its rate) or an `Audio` into 16 kHz mono float32.
 
-    Arrays are [n] or [n, channels]; integer arrays are scaled by their type's full range.
+    Arrays are [n] or [n, channels]; integer arrays are scaled by their type's full range. Audio
+    past `limit` samples (what `model` reads) is cut, with an `AudioTooLongWarning`.
     Raises `AudioError` (a `ValueError`) with the reason for anything unusable.
     """
-    if isinstance(source, Audio):
-        return source
+    if isinstance(source, Audio):  # as it is, cut to `limit` (what it lost to a lower limit stays lost)
+        if source.samples.shape[0] > limit:
+            _warn_long(source.name, source.seconds, limit, model)
+            return replace(source, samples=source.samples[:limit], limit=limit)
+        return source if source.limit <= limit else replace(source, limit=limit)
     if isinstance(source, tuple) and len(source) == 2:
         source, sample_rate = source
     if isinstance(source, (str, os.PathLike)):
@@ -212,12 +239,12 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
             raise AudioError(f"{label}: not a file")
         if path.stat().st_size == 0:
             raise AudioError(f"{label}: the file is empty (0 bytes)")
-        x, rate, channels, seconds = _decode(str(path), label)
+        x, rate, channels, seconds = _decode(str(path), label, limit)
     elif isinstance(source, (bytes, bytearray, memoryview)):
         label = name or "<bytes>"
         if len(source) == 0:
             raise AudioError(f"{label}: empty byte string")
-        x, rate, channels, seconds = _decode(io.BytesIO(bytes(source)), label)
+        x, rate, channels, seconds = _decode(io.BytesIO(bytes(source)), label, limit)
     elif isinstance(source, np.ndarray):
         label = name or "<array>"
         if sample_rate is None:
@@ -241,19 +268,16 @@ def load_audio(source: AudioSource, sample_rate: int | None = None, *, name: str
     del x
     if rate < 1000:
         raise AudioError(f"{label}: sample rate {rate} Hz is not a real audio rate")
-    if seconds is not None and seconds * SAMPLE_RATE > MAX_SAMPLES:
-        warnings.warn(
-            f"{label}: {seconds:.1f} s is longer than AF3's {MAX_SAMPLES // SAMPLE_RATE} s; only the "
-            f"first {MAX_SAMPLES // SAMPLE_RATE} s are used",
-            AudioTooLongWarning,
-            stacklevel=2,
-        )
-        mono = mono[: math.ceil(MAX_SAMPLES / SAMPLE_RATE * rate)]
+    if seconds is not None and seconds * SAMPLE_RATE > limit:
+        _warn_long(label, seconds, limit, model)
+        mono = mono[: math.ceil(limit / SAMPLE_RATE * rate)]
     out = resample(mono, rate)
     del mono
-    out = out.astype(np.float32)[:MAX_SAMPLES]
+    out = out.astype(np.float32)[:limit]
     _check_finite(out, label)
-    return Audio(samples=out, source_rate=rate, source_channels=channels, name=label, source_seconds=seconds)
+    return Audio(
+        samples=out, source_rate=rate, source_channels=channels, name=label, source_seconds=seconds, limit=limit
+    )
 
 
 def stream_file(path: str | os.PathLike, block: int = 16000) -> Iterator[np.ndarray]:

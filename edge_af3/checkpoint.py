@@ -16,6 +16,9 @@ from .errors import CheckpointError
 
 CHECKPOINT_PATTERNS = ["*.json", "*.jinja", "*.safetensors", "merges.txt", "vocab.json", "think/*"]
 
+# AF3; Music Flamingo and Audio Flamingo Next (the same architecture: AF3 + rotary time embeddings)
+MODEL_TYPES = ("audioflamingo3", "musicflamingo")
+
 # the generation settings AF3's checkpoints carry in generation_config.json (and their meaning here)
 GENERATION_KEYS = (
     "do_sample",
@@ -69,8 +72,10 @@ def read_config(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise CheckpointError(f"{cfg_path}: not valid JSON ({e})") from e
     kind = cfg.get("model_type")
-    if kind != "audioflamingo3":
-        raise CheckpointError(f"{path}: model_type is {kind!r}, not 'audioflamingo3' (an AF3 checkpoint is needed)")
+    if kind not in MODEL_TYPES:
+        raise CheckpointError(
+            f"{path}: model_type is {kind!r}, not an Audio Flamingo checkpoint ({' or '.join(MODEL_TYPES)})"
+        )
     return cfg
 
 

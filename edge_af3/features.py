@@ -21,7 +21,6 @@ from .constants import (
     HOP_LENGTH,
     LOG_FLOOR,
     MAX_SAMPLES,
-    MAX_WINDOWS,
     N_FFT,
     N_FRAMES,
     N_MELS,
@@ -39,8 +38,8 @@ class AudioFeatures:
     features: np.ndarray  # [W, 128, 3000] float32 log-mel, per-window normalised
     mask: np.ndarray  # [W, 3000] int64, 1 where a frame covers real samples
     rows_per_window: tuple[int, ...]  # encoder rows kept from each window (<= 750)
-    seconds: float  # duration used (after the 600 s cap)
-    truncated: bool  # True when the clip was cut to 600 s
+    seconds: float  # duration used (after the model's cap: AF3 600 s)
+    truncated: bool  # True when the clip was cut to the cap
 
     @property
     def windows(self) -> int:
@@ -161,33 +160,33 @@ def log_mel(windows: np.ndarray) -> np.ndarray:
 
 
 def window_lengths(n_samples: int) -> list[int]:
-    """Valid samples in each 30 s window of an n-sample clip (already capped at 600 s)."""
+    """Valid samples in each 30 s window of an n-sample clip (already capped at the model's limit)."""
     n_windows = max(1, math.ceil(n_samples / N_SAMPLES))
     return [min(N_SAMPLES, n_samples - w * N_SAMPLES) for w in range(n_windows)]
 
 
-def token_count(n_samples: int) -> int:
-    """Audio tokens AF3 spends on an n-sample 16 kHz clip (after the 600 s cap)."""
-    return sum(rows_for_frames(math.ceil(v / HOP_LENGTH)) for v in window_lengths(min(n_samples, MAX_SAMPLES)))
+def token_count(n_samples: int, limit: int = MAX_SAMPLES) -> int:
+    """Audio tokens spent on an n-sample 16 kHz clip (after the model's cap: AF3's 600 s by default)."""
+    return sum(rows_for_frames(math.ceil(v / HOP_LENGTH)) for v in window_lengths(min(n_samples, limit)))
 
 
 def extract_features(audio: AudioSource | Audio, sample_rate: int | None = None) -> AudioFeatures:
     """Audio (path, bytes, array + rate, `Audio`) -> `AudioFeatures` for the encoder."""
     clip = audio if isinstance(audio, Audio) else load_audio(audio, sample_rate)
-    samples = clip.samples
+    samples, limit = clip.samples, clip.limit  # the limit of the model it was loaded for (AF3: 600 s)
     if samples.size == 0:
         raise AudioError(f"{clip.name}: the audio has no samples")
-    truncated = samples.shape[0] > MAX_SAMPLES or clip.truncated
-    if samples.shape[0] > MAX_SAMPLES:
+    truncated = samples.shape[0] > limit or clip.truncated
+    if samples.shape[0] > limit:
         warnings.warn(
-            f"{clip.name}: {clip.seconds:.1f} s is longer than AF3's {MAX_SAMPLES // SAMPLE_RATE} s; "
-            f"only the first {MAX_SAMPLES // SAMPLE_RATE} s are used",
+            f"{clip.name}: {clip.seconds:.1f} s is longer than the model's {limit // SAMPLE_RATE} s; "
+            f"only the first {limit // SAMPLE_RATE} s are used",
             AudioTooLongWarning,
             stacklevel=2,
         )
-        samples = samples[:MAX_SAMPLES]
+        samples = samples[:limit]
     lengths = window_lengths(samples.shape[0])
-    assert len(lengths) <= MAX_WINDOWS
+    assert len(lengths) <= limit // N_SAMPLES
     windows = []  # full windows are views of the samples; a partial one is zero-padded before the STFT
     mask = np.zeros((len(lengths), N_FRAMES), dtype=np.int64)
     rows = []
@@ -202,6 +201,6 @@ def extract_features(audio: AudioSource | Audio, sample_rate: int | None = None)
         features=feats,
         mask=mask,
         rows_per_window=tuple(rows),
-        seconds=min(samples.shape[0], MAX_SAMPLES) / SAMPLE_RATE,
+        seconds=min(samples.shape[0], limit) / SAMPLE_RATE,
         truncated=truncated,
     )

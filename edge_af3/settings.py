@@ -27,7 +27,7 @@ class Settings:
     windows_per_run: int
     overlap: bool  # encode on a thread while llama.cpp prefills (pays only with a GPU encoder)
     n_gpu_layers: int
-    flash_attn: bool | None  # None: llama.cpp decides
+    flash_attn: bool | None  # None: llama.cpp decides (only when asked for)
     kv_type: str
     n_ctx: int
     n_batch: int = 512
@@ -105,7 +105,7 @@ def resolve(
         windows_per_run=windows_per_run or (4 if on_gpu_encoder else 1),
         overlap=on_gpu_encoder if overlap is None else overlap,
         n_gpu_layers=(999 if llm_gpu else 0) if n_gpu_layers is None else n_gpu_layers,
-        flash_attn=(True if llm_gpu else None) if flash_attn is None else flash_attn,
+        flash_attn=_flash_attn(flash_attn, llm_gpu, kv_type),
         kv_type=kv_type or "f16",
         n_ctx=n_ctx,
         exact=exact,
@@ -114,6 +114,17 @@ def resolve(
         device_used=choice.device,
         skipped=choice.skipped,
     )
+
+
+def _flash_attn(asked: bool | None, llm_gpu: bool, kv_type: str | None) -> bool:
+    """On a GPU, or for a quantized V cache (llama.cpp needs it there): on. On a CPU: off. llama.cpp
+    would pick on for the CPU too; there its kernel walks the whole KV cache once per query row, so a
+    short batch over a long cache costs several times the plain matmuls: a 15-token question over
+    15 000 remembered positions 2.0 s vs 0.53 s, a decode step 1.9x (docs/cpu.md, bench_attention),
+    with prefill unchanged; the price is the score buffer it does not need (see docs/cpu.md)."""
+    if asked is not None:
+        return asked
+    return bool(llm_gpu) or kv_type == "q8_0"
 
 
 def _llama_gpu() -> bool:

@@ -49,7 +49,7 @@ def ask_cmd(
       arecord -f S16_LE -r 16000 -d 5 -t wav | edge-af3 ask - "What was that?"
       edge-af3 ask "What can you do?"                  (text only)
     """
-    from ..audio import load_audio
+    from ..audio import LONGEST, load_audio
 
     if dry:
         return load.show_plan(as_json=as_json)
@@ -65,7 +65,11 @@ def ask_cmd(
     if paths.count("-") > 1:
         raise OptionsError("standard input (-) can hold one clip")
     # bad audio fails before the model loads; "-" reads a clip from standard input
-    clips = [load_audio(sys.stdin.buffer.read(), name="<stdin>") if p == "-" else load_audio(p) for p in paths]
+    # read up to the longest model's limit; the model then cuts to its own, with the warning
+    clips = [
+        load_audio(sys.stdin.buffer.read() if p == "-" else p, name="<stdin>" if p == "-" else None, **LONGEST)
+        for p in paths
+    ]
     opts = sampling.overrides()
     load.check_adapter(adapter)
     spoken = speech.open()  # the voice and where it goes are checked before the model loads

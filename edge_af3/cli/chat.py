@@ -102,7 +102,7 @@ def run_chat(
     spoken=None,
 ) -> None:
     """The interactive loop; `spoken` (cli/speech.py's SpokenAnswers): each answer also spoken."""
-    from ..audio import load_audio
+    from ..audio import LONGEST, load_audio
     from ..errors import AudioError, EdgeAF3Error, VoiceError
     from ..paths import cache_dir
     from .common import console, emit, out, timings_line
@@ -118,7 +118,7 @@ def run_chat(
     def attach(path: str) -> None:
         path = str(Path(path).expanduser().resolve())
         try:
-            pending.append(load_audio(path))
+            pending.append(load_audio(path, **LONGEST))
         except AudioError as e:
             console.print(f"[red]{e}[/]")
             return

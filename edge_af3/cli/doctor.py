@@ -178,8 +178,10 @@ def model_description(spec: str) -> dict:
 def bundle_report(path) -> dict:
     """A bundle's model and adapters, from its manifest (nothing loaded)."""
     from ..bundle import read_manifest
+    from ..family import Family
 
     m = read_manifest(path)
+    family = Family.from_manifest(m)
     adapters = {
         name: {
             "rank": a["lora"]["r"],
@@ -193,6 +195,12 @@ def bundle_report(path) -> dict:
     return {
         "bundle": str(path),
         "source": (m.get("source") or {}).get("id"),
+        "architecture": {
+            "model_type": family.model_type,
+            "name": family.name,
+            "max_seconds": family.max_seconds,
+            "time_embedding": family.time_embedding,
+        },
         "llm": m["llm"]["quant"],
         "encoder": m["encoder"]["precision"],
         "adapters": adapters,
@@ -310,6 +318,12 @@ def render(report: dict, out) -> None:
             or "none"
         )
         out.print(f"model:                  {m['bundle']} ({m['llm']}, encoder {m['encoder']})", markup=False)
+        arch = m["architecture"]
+        extra = ", rotary time embedding" if arch["time_embedding"] else ""
+        out.print(
+            f"architecture:           {arch['name']} ({arch['model_type']}, {arch['max_seconds']} s per clip{extra})",
+            markup=False,
+        )
         out.print(f"adapters:               {names}; think mode: {m['think']}", markup=False)
     for h in report["hints"]:
         out.print(f"[yellow]fix:[/] {h}")

@@ -34,6 +34,11 @@ def make_tiny(
     think: bool = typer.Option(
         False, "--think", help="Add a think/ adapter as AF3 ships it (LoRA + non-LoRA weights; needs peft)."
     ),
+    arch: str = typer.Option(
+        "audioflamingo3",
+        "--arch",
+        help="audioflamingo3 | musicflamingo (Music Flamingo: time embeddings, 20 min) | afnext (AF-Next: 30 min).",
+    ),
 ) -> None:
     """Write a randomly initialised AF3 checkpoint in the real HF layout (real Qwen2 vocabulary).
 
@@ -42,23 +47,32 @@ def make_tiny(
     """
     from rich.progress import Progress
 
-    from ..reference.tiny import SHAPES, make_checkpoint, tensor_specs
+    from ..reference.tiny import ARCHS, SHAPES, make_checkpoint, tensor_specs
     from .common import quiet_transformers
 
     quiet_transformers()
 
     if shape not in SHAPES:
         raise OptionsError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    if arch not in ARCHS:
+        raise OptionsError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     n = len(tensor_specs(SHAPES[shape]))
     try:
         with Progress(console=console, transient=True) as bar:
             task = bar.add_task(f"writing {shape} checkpoint", total=n)
             path = make_checkpoint(
-                out_dir, shape=shape, seed=seed, force=force, think=think, progress=lambda _: bar.advance(task)
+                out_dir,
+                shape=shape,
+                seed=seed,
+                force=force,
+                think=think,
+                arch=arch,
+                progress=lambda _: bar.advance(task),
             )
     except FileExistsError as e:
         raise OptionsError(str(e)) from e
-    console.print(f"[green]wrote[/] {path} ({shape}, seed {seed}, {n} tensors{', think/ adapter' if think else ''})")
+    extra = (f", {arch}" if arch != "audioflamingo3" else "") + (", think/ adapter" if think else "")
+    console.print(f"[green]wrote[/] {path} ({shape}, seed {seed}, {n} tensors{extra})")
 
 
 def export_cmd(

@@ -96,6 +96,7 @@ class OnnxEncoder:
         self.calls = 0  # counter read by tests: how often the encoder actually ran
         # bundles exported before edge-af3 0.1's dynamic-frame encoder take exactly 3000 frames
         self.dynamic_frames = not isinstance(self.session.get_inputs()[0].shape[2], int)
+        self.timed = "audio_times" in {i.name for i in self.session.get_inputs()}  # Music Flamingo's graphs
         self.io_binding = io_binding
         self.window_buckets = window_buckets(max_windows)
         self._bound: dict[tuple[int, int], _Bound] = {}
@@ -105,17 +106,24 @@ class OnnxEncoder:
         self._bound.clear()
         self.session = None
 
-    def encode(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
-        """features [W,128,F], mask [W,F] -> rows [W,F/4,H] (F <= 3000)."""
+    def encode(self, features: np.ndarray, mask: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
+        """features [W,128,F], mask [W,F] (+ times [W,F/4] for a time-embedding graph) -> rows
+        [W,F/4,H] (F <= 3000)."""
         if self.session is None:
             raise RuntimeError(f"{self.name}: encode() after close()")
+        if (times is not None) != self.timed:
+            raise ValueError(f"{self.name}: this graph {'needs' if self.timed else 'takes no'} the rows' times")
         self.calls += 1
         if not self.io_binding:
             feed = {
                 "input_features": np.ascontiguousarray(features, np.float32),
                 "input_features_mask": np.ascontiguousarray(mask, np.int64),
             }
+            if times is not None:
+                feed["audio_times"] = np.ascontiguousarray(times, np.float32)
             return self.session.run(None, feed)[0]
+        if self.timed:
+            raise NotImplementedError(f"{self.name}: bound buffers (CUDA graphs) do not take the rows' times yet")
         return run_bucketed(features, mask, self.window_buckets, self._run_bound)
 
     def _run_bound(self, run, feats: np.ndarray, mask: np.ndarray) -> np.ndarray:

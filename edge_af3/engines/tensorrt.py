@@ -284,7 +284,11 @@ class TensorRTEncoder:
             if f != N_FRAMES:
                 self._graph((1, f))
 
-    def encode(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def encode(self, features: np.ndarray, mask: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
+        if times is not None:
+            raise NotImplementedError(
+                f"{self.name}: no time-embedding engine yet (Music Flamingo runs on ONNX Runtime)"
+            )
         self.calls += 1
         return run_bucketed(
             features, mask, self.window_buckets, lambda run, feats, m: self._graph(run.shape).run(self.stream, feats, m)

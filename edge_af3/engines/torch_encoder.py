@@ -310,9 +310,11 @@ class TorchEncoder:
             self.captures += 1
         return self._static[key]
 
-    def encode(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def encode(self, features: np.ndarray, mask: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
         import torch
 
+        if times is not None:
+            raise NotImplementedError(f"{self.name}: no time embedding (Music Flamingo's rows need the ONNX graph)")
         self.calls += 1
         if self.mode == "eager":
             with torch.inference_mode():

@@ -29,7 +29,6 @@ from ..constants import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
     HOP_LENGTH,
-    MAX_WINDOWS,
     N_FFT,
     N_FRAMES,
     N_MELS,
@@ -39,12 +38,13 @@ from ..constants import (
     SOUND_TOKEN_ID,
 )
 from ..errors import OptionsError
+from ..family import Family, row_times
 from ..quants import auto_quant, check_quant, resolve_encoder_precision
 from .adapters import export_adapters
 from .gate import ParityError, gate  # noqa: F401 - ParityError: what export() raises
 from .gguf_llm import quantize, write_gguf
 from .gguf_mmproj import MMPROJ_TYPES, write_mmproj
-from .onnx_encoder import PRECISIONS, export_encoder, load_encoder
+from .onnx_encoder import INPUTS, PRECISIONS, TIMES, export_encoder, load_encoder
 
 Progress = Callable[[str], None]
 
@@ -84,9 +84,12 @@ def verify_encoder(encoder_path: Path, wrapper) -> dict:
     x = (0.1 * np.random.default_rng(1234).standard_normal(45 * SAMPLE_RATE)).astype(np.float32)
     feats = extract_features((x, SAMPLE_RATE))
     sess = ort.InferenceSession(str(encoder_path), providers=["CPUExecutionProvider"])
-    got = sess.run(None, {"input_features": feats.features, "input_features_mask": feats.mask})[0]
+    feed = {"input_features": feats.features, "input_features_mask": feats.mask}
+    if wrapper.time_embedding is not None:  # the rows' seconds within the clip (windows 0 and 1)
+        feed[TIMES] = row_times(0, feats.windows)
+    got = sess.run(None, feed)[0]
     with torch.inference_mode():
-        want = wrapper(torch.from_numpy(feats.features), torch.from_numpy(feats.mask)).numpy()
+        want = wrapper(*(torch.from_numpy(v) for v in feed.values())).numpy()
     valid = (
         [got[w, :n] for w, n in enumerate(feats.rows_per_window)],
         [want[w, :n] for w, n in enumerate(feats.rows_per_window)],
@@ -252,6 +255,13 @@ def export(
         say(f"--encoder-precision auto: {encoder_precision}")
     if mmproj and cfg["audio_config"]["num_hidden_layers"] < 3:
         raise ValueError(f"{ckpt}: llama.cpp's mmproj needs >= 3 encoder layers")
+    family = Family.from_checkpoint(ckpt, cfg)
+    if mmproj and family.time_embedding:
+        raise OptionsError(
+            f"{ckpt}: a {family.name} checkpoint has no faithful llama.cpp mmproj (its musicflamingo projector "
+            "has no time embedding); export without --mmproj"
+        )
+    say(f"model: {family.name} ({family.max_windows} windows per clip)")
     t_start = time.perf_counter()
     with staged_folder(out, force=force) as tmp:
         say("exporting the audio encoder to ONNX")
@@ -308,6 +318,7 @@ def export(
             "exporter": _versions(),
             "model": {
                 "model_type": cfg["model_type"],
+                "name": family.name,
                 "encoder_layers": audio["num_hidden_layers"],
                 "encoder_hidden": audio["hidden_size"],
                 "encoder_heads": audio["num_attention_heads"],
@@ -315,12 +326,16 @@ def export(
                 "llm_hidden": text["hidden_size"],
                 "vocab_size": text["vocab_size"],
             },
+            "family": family.to_manifest(),
             "special_ids": {
                 "sound": cfg.get("audio_token_id", SOUND_TOKEN_ID),
                 "eos": EOS_TOKEN_ID,
-                "bos": BOS_TOKEN_ID,
-                "pad": PAD_TOKEN_ID,
-            },
+            }
+            | (
+                {"sound_bos": family.sound_bos, "sound_eos": family.sound_eos}
+                if family.around
+                else {"bos": BOS_TOKEN_ID, "pad": PAD_TOKEN_ID}
+            ),
             "features": {
                 "sample_rate": SAMPLE_RATE,
                 "n_fft": N_FFT,
@@ -328,14 +343,14 @@ def export(
                 "n_mels": N_MELS,
                 "frames_per_window": N_FRAMES,
                 "rows_per_window": ROWS_PER_WINDOW,
-                "max_windows": MAX_WINDOWS,
+                "max_windows": family.max_windows,
             },
             "encoder": {
                 "file": "encoder.onnx",
                 "precision": encoder_precision,
                 "precision_asked": enc_asked,
                 "opset": 17,
-                "inputs": ["input_features", "input_features_mask"],
+                "inputs": list(INPUTS) + ([TIMES] if family.time_embedding else []),
                 "output": "audio_rows",
             },
             "llm": {

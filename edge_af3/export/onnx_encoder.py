@@ -11,25 +11,29 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import re
 from pathlib import Path
 
 import torch
 
-from ..constants import N_FRAMES, N_MELS
+from ..constants import N_FRAMES, N_MELS, ROWS_PER_WINDOW
+from ..family import row_times
 from ..onnx_tools import resave, to_fp16
 from ..quants import CPU_ENCODER_GRAPHS, ENCODER_PRECISIONS
 
 OPSET = 17
 INPUTS = ("input_features", "input_features_mask")
+TIMES = "audio_times"  # [N, F/4] float32: the rows' seconds from the clip's start (time-embedding graphs)
 OUTPUT = "audio_rows"
 EXTERNAL_BYTES = 1_800_000_000  # above this the weights go to `<file>.data` (protobuf's limit is 2 GB)
 
 
 def load_encoder(ckpt: Path):
-    """Audio tower + projector of a checkpoint, alone (the LLM is never loaded), fp32, eval."""
+    """Audio tower (+ the time embedding of musicflamingo checkpoints) + projector of a checkpoint,
+    alone (the LLM is never loaded), fp32, eval."""
     from safetensors import safe_open
-    from transformers import AudioFlamingo3Config
+    from transformers import AutoConfig
     from transformers.models.audioflamingo3.modeling_audioflamingo3 import (
         AudioFlamingo3Encoder,
         AudioFlamingo3MultiModalProjector,
@@ -37,9 +41,14 @@ def load_encoder(ckpt: Path):
 
     from ..checkpoint import weight_files
 
-    cfg = AudioFlamingo3Config.from_pretrained(str(ckpt))
+    cfg = AutoConfig.from_pretrained(str(ckpt))
     cfg.audio_config._attn_implementation = "eager"
-    wrapper = _Wrapper(AudioFlamingo3Encoder(cfg.audio_config), AudioFlamingo3MultiModalProjector(cfg))
+    time_embedding = None
+    if cfg.model_type == "musicflamingo":
+        from transformers.models.musicflamingo.modeling_musicflamingo import MusicFlamingoRotaryEmbedding
+
+        time_embedding = TimeEmbedding(MusicFlamingoRotaryEmbedding(cfg), cfg.audio_frame_step)
+    wrapper = _Wrapper(AudioFlamingo3Encoder(cfg.audio_config), AudioFlamingo3MultiModalProjector(cfg), time_embedding)
     state = {}
     for f in weight_files(ckpt):
         with safe_open(str(f), framework="pt") as sf:
@@ -94,13 +103,46 @@ def _attention(wrapper, impl: str):
             c._attn_implementation = before[k]
 
 
+class TimeEmbedding(torch.nn.Module):
+    """Music Flamingo's rotary time embedding on the encoder's pooled, normed rows, as transformers'
+    `MusicFlamingoRotaryEmbedding` + `apply_rotary_time_emb` compute it, for rows given with their
+    times: `times` [N, T] = seconds from the clip's start of each row (window w, row t: 30 w +
+    0.04 t). The window axis is round(first time / 30 s); the time axis the row's index in its
+    window. Rows of a window cut short (T < 750) are those of the padded window: a window always
+    lasts 750 rows here, as the processor pads every window to 30 s."""
+
+    def __init__(self, rotary, frame_step: float):
+        super().__init__()
+        self.inv_freq = rotary.inv_freq
+        self.position_angles = rotary._compute_position_angles(rotary.inv_freq)
+        self.max_positions = rotary.max_seq_len_cached
+        self.window_seconds = frame_step * 4 * ROWS_PER_WINDOW
+        self.row_seconds = frame_step * 4
+
+    def forward(self, hidden, times):
+        n, t = hidden.shape[0], hidden.shape[1]
+        window = torch.round(times[:, 0] / self.window_seconds) / self.max_positions
+        window_freqs = window[:, None] * self.inv_freq
+        window_freqs = torch.stack((window_freqs, window_freqs), -1).reshape(n, 1, -1)  # repeat_interleave(2)
+        time_freqs = self.position_angles[:t][None]
+        freqs = torch.cat((window_freqs.expand(n, t, -1), time_freqs.expand(n, t, -1)), -1)
+        freqs = freqs * (-times * 2 * math.pi)[..., None]
+        cos, sin = freqs.cos(), freqs.sin()
+        rot = cos.shape[-1]
+        x = hidden[..., :rot]
+        pairs = x.reshape(n, t, rot // 2, 2)
+        half = torch.stack((-pairs[..., 1], pairs[..., 0]), -1).reshape(n, t, rot)  # rotate_half, interleaved
+        return torch.cat((x * cos + half * sin, hidden[..., rot:]), -1)
+
+
 class _Wrapper(torch.nn.Module):
-    def __init__(self, tower, projector):
+    def __init__(self, tower, projector, time_embedding=None):
         super().__init__()
         self.tower = tower
         self.projector = projector
+        self.time_embedding = time_embedding
 
-    def forward(self, input_features, input_features_mask):
+    def forward(self, input_features, input_features_mask, audio_times=None):
         """The tower's own forward, but for any frame count F <= 3000 (not only 3000): positions are
         sliced to the conv output length, so a short clip's window can be cut just past its valid
         frames. Rows of valid frames are the same as with the full padded window: padded frames
@@ -115,8 +157,10 @@ class _Wrapper(torch.nn.Module):
         mask = (~keys)[:, None, None, :].to(hidden.dtype) * torch.finfo(hidden.dtype).min  # additive, keys only
         for layer in t.layers:
             hidden = layer(hidden, mask)
-        hidden = t.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1)
-        return self.projector(t.layer_norm(hidden))  # [N, seq_len // 2, H]
+        hidden = t.layer_norm(t.avg_pooler(hidden.permute(0, 2, 1)).permute(0, 2, 1))
+        if self.time_embedding is not None:
+            hidden = self.time_embedding(hidden, audio_times)
+        return self.projector(hidden)  # [N, seq_len // 2, H]
 
 
 PRECISIONS = ENCODER_PRECISIONS
@@ -137,6 +181,11 @@ def export_encoder(wrapper, out: Path, *, precision: str = "fp32", per_head: boo
     feats = torch.zeros(2, N_MELS, N_FRAMES)
     mask = torch.ones(2, N_FRAMES, dtype=torch.int64)
     mask[1, 1000:] = 0
+    args, names = (feats, mask), list(INPUTS)
+    axes = {INPUTS[0]: {0: "windows", 2: "frames"}, INPUTS[1]: {0: "windows", 1: "frames"}}
+    if wrapper.time_embedding is not None:
+        args, names = args + (torch.from_numpy(row_times(0, 2)),), names + [TIMES]
+        axes[TIMES] = {0: "windows", 1: "rows"}
     n_params = sum(p.numel() for p in wrapper.parameters())
     large = n_params * 4 > EXTERNAL_BYTES
     work = out.parent / f".{out.name}.work"  # torch writes one file per tensor when large
@@ -147,15 +196,11 @@ def export_encoder(wrapper, out: Path, *, precision: str = "fp32", per_head: boo
         with torch.inference_mode(), _attention(wrapper, impl):
             torch.onnx.export(
                 wrapper,
-                (feats, mask),
+                args,
                 str(raw),
-                input_names=list(INPUTS),
+                input_names=names,
                 output_names=[OUTPUT],
-                dynamic_axes={
-                    INPUTS[0]: {0: "windows", 2: "frames"},
-                    INPUTS[1]: {0: "windows", 1: "frames"},
-                    OUTPUT: {0: "windows", 1: "rows"},
-                },
+                dynamic_axes=axes | {OUTPUT: {0: "windows", 1: "rows"}},
                 opset_version=OPSET,
                 dynamo=False,
                 external_data=large,

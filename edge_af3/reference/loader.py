@@ -21,7 +21,7 @@ from ..errors import CheckpointError  # noqa: F401 (re-exported)
 
 @dataclass
 class Reference:
-    """transformers' AF3 with its processor: the numerical reference."""
+    """transformers' AF3 (or Music Flamingo) with its processor: the numerical reference."""
 
     model: Any  # AudioFlamingo3ForConditionalGeneration
     processor: Any  # AudioFlamingo3Processor
@@ -56,7 +56,8 @@ class Reference:
         assert len(pieces) == len(audios) + 1, "one <sound> per clip"
         each = [proc(text=[proc.audio_token], audio=[a], sampling_rate=SAMPLE_RATE) for a in audios]
         counts = [int((e["input_ids"] == proc.audio_token_id).sum()) for e in each]
-        expanded = pieces[0] + "".join(proc.audio_token * n + piece for n, piece in zip(counts, pieces[1:]))
+        bos, eos = getattr(proc, "audio_bos_token", ""), getattr(proc, "audio_eos_token", "")  # Music Flamingo's
+        expanded = pieces[0] + "".join(bos + proc.audio_token * n + eos + piece for n, piece in zip(counts, pieces[1:]))
         ids = proc.tokenizer(expanded, return_tensors="pt", add_special_tokens=False)
         return {
             "input_ids": ids["input_ids"],
@@ -83,6 +84,19 @@ class Reference:
             out = self.model(**batch)
         return out.logits[0].float().numpy()
 
+    def clip_rows(self, audio: np.ndarray) -> np.ndarray:
+        """The rows [n, H] the model scatters into one 16 kHz clip's `<sound>` positions, by its own
+        `get_audio_features` (Music Flamingo's time embedding included)."""
+        import torch
+
+        conversation = [{"role": "user", "content": [{"type": "audio", "audio": audio}, {"type": "text", "text": "x"}]}]
+        batch = self.inputs(conversation)
+        with torch.inference_mode():
+            out = self.model.model.get_audio_features(
+                batch["input_features"], batch["input_features_mask"], input_ids=batch["input_ids"]
+            )
+        return out.pooler_output.float().numpy()
+
     def audio_rows(self, features: np.ndarray, mask: np.ndarray) -> np.ndarray:
         """Projected audio rows [W, 750, H] for features [W, 128, 3000] and mask [W, 3000]."""
         import torch
@@ -98,13 +112,22 @@ class Reference:
 def load_reference(src: str | os.PathLike, *, dtype: str = "float32", revision: str | None = None) -> Reference:
     """Load transformers' `AudioFlamingo3ForConditionalGeneration` + `AutoProcessor` from `src`."""
     import torch
-    from transformers import AudioFlamingo3ForConditionalGeneration, AutoProcessor
+    from transformers import (
+        AudioFlamingo3ForConditionalGeneration,
+        AutoProcessor,
+        MusicFlamingoForConditionalGeneration,
+    )
 
     path = resolve_checkpoint(src, revision=revision)
-    read_config(path)
+    cfg = read_config(path)
     weight_files(path)
     processor = AutoProcessor.from_pretrained(str(path))
-    model = AudioFlamingo3ForConditionalGeneration.from_pretrained(str(path), dtype=getattr(torch, dtype))
+    cls = (
+        MusicFlamingoForConditionalGeneration
+        if cfg["model_type"] == "musicflamingo"
+        else AudioFlamingo3ForConditionalGeneration
+    )
+    model = cls.from_pretrained(str(path), dtype=getattr(torch, dtype))
     model.eval()
     return Reference(model=model, processor=processor, path=path)
 

@@ -22,8 +22,15 @@ from pathlib import Path
 from ..bundle import staged_folder
 from ..constants import ENDOFTEXT_ID, EOS_TOKEN_ID, SOUND_TOKEN_ID, VOCAB_SIZE
 
+
 # The processor's chat template, as transformers' AF3 conversion writes it: `<sound>` once per
 # message that carries audio, before the message's text parts (concatenated, no separator).
+def chat_template(system: str = "You are a helpful assistant.") -> str:
+    """The processor's template with `system` as the default system prompt (the conversion of each
+    checkpoint writes its own; the rest is the same)."""
+    return CHAT_TEMPLATE.replace("You are a helpful assistant.", system)
+
+
 CHAT_TEMPLATE = (
     "{% if messages[0]['role'] != 'system' %}"
     "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
@@ -82,9 +89,51 @@ SHAPES = {
 SHARD_BYTES = 2 << 30
 
 
-def config_dict(shape: Shape) -> dict:
-    """The AF3 config for `shape`, built through transformers so every default is its own."""
-    from transformers import AudioFlamingo3Config, AudioFlamingo3EncoderConfig, Qwen2Config
+@dataclass(frozen=True)
+class Arch:
+    """What a family member changes over AF3 in the checkpoint's files (ids and sizes as the
+    published checkpoints' configs have them)."""
+
+    model_type: str  # config.json's
+    max_audio_len: int  # seconds: the processor's limit (30 s windows)
+    text_rope_theta: float = 1_000_000.0
+    text_max_positions: int = 32768
+    system: str = "You are a helpful assistant."  # the default system prompt of its chat template
+
+
+# the system prompts transformers' conversions of the published checkpoints write (their wording)
+MF_SYSTEM = (
+    "You are Music Flamingo, a multimodal assistant for language and music. On each turn you receive an audio "
+    "clip which contains music and optional text, you will receive at least one or both; use your world knowledge "
+    "and reasoning to help the user with any task. Interpret the entirety of the content any input "
+    "music--regardlenss of whether the user calls it audio, music, or sound."
+)
+AFNEXT_SYSTEM = (
+    "You are Audio Flamingo-Next, a multimodal assistant for language and audio. On each turn you receive an "
+    "optional audio clip which may contain speech, music, or ambient sounds and optional text, you will receive at "
+    "least one or both; use your world knowledge and reasoning to help the user with any task. Interpret the "
+    "entirety of the content of any input audio\u2014regardless of whether the user calls it audio, speech, "
+    "music, or sound."
+)
+
+
+ARCHS = {
+    "audioflamingo3": Arch("audioflamingo3", 600),
+    # Music Flamingo: AF3 + rotary time embeddings on the encoder's output, <|sound_bos|>/<|sound_eos|>
+    # around each clip's rows, 20 minutes of audio
+    "musicflamingo": Arch("musicflamingo", 1200, system=MF_SYSTEM),
+    # Audio Flamingo Next: the same architecture (model type musicflamingo), 30 minutes of audio and
+    # a long-context Qwen2 (rope_theta 15.3 M, 131 072 positions)
+    "afnext": Arch(
+        "musicflamingo", 1800, text_rope_theta=15_300_000.0, text_max_positions=131072, system=AFNEXT_SYSTEM
+    ),
+}
+SOUND_BOS_EOS = {151670: "<|sound_bos|>", 151671: "<|sound_eos|>"}  # Music Flamingo's names of the two ids
+
+
+def config_dict(shape: Shape, arch: Arch = ARCHS["audioflamingo3"]):
+    """The config for `shape`, built through transformers so every default is its own."""
+    from transformers import AudioFlamingo3Config, AudioFlamingo3EncoderConfig, MusicFlamingoConfig, Qwen2Config
 
     audio = AudioFlamingo3EncoderConfig(
         num_mel_bins=128,
@@ -101,16 +150,21 @@ def config_dict(shape: Shape) -> dict:
         num_hidden_layers=shape.llm_layers,
         num_attention_heads=shape.llm_heads,
         num_key_value_heads=shape.llm_kv_heads,
-        max_position_embeddings=32768,
+        max_position_embeddings=arch.text_max_positions,
         rms_norm_eps=1e-6,
-        rope_theta=1_000_000.0,
+        rope_theta=arch.text_rope_theta,
         tie_word_embeddings=False,
         bos_token_id=ENDOFTEXT_ID,
         eos_token_id=EOS_TOKEN_ID,
         use_cache=True,
         dtype=shape.dtype,
     )
-    cfg = AudioFlamingo3Config(audio_config=audio, text_config=text, audio_token_id=SOUND_TOKEN_ID)
+    if arch.model_type == "musicflamingo":  # rope_parameters: its defaults (theta 1200, partial 0.2)
+        cfg = MusicFlamingoConfig(
+            audio_config=audio.to_dict(), text_config=text.to_dict(), audio_token_id=SOUND_TOKEN_ID
+        )
+    else:
+        cfg = AudioFlamingo3Config(audio_config=audio, text_config=text, audio_token_id=SOUND_TOKEN_ID)
     cfg.dtype = shape.dtype
     return cfg
 
@@ -237,18 +291,25 @@ def _write_shards(out: Path, specs, make: Callable[[str, tuple, str], object], p
         (out / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
 
 
-def _write_processor(out: Path) -> None:
-    from transformers import AudioFlamingo3Processor, AutoTokenizer, WhisperFeatureExtractor
+def _write_processor(out: Path, arch: Arch) -> None:
+    from transformers import AudioFlamingo3Processor, AutoTokenizer, MusicFlamingoProcessor, WhisperFeatureExtractor
 
     from .vocab import write_tokenizer
 
+    music = arch.model_type == "musicflamingo"
     with tempfile.TemporaryDirectory() as tmp:
-        write_tokenizer(Path(tmp), chat_template=CHAT_TEMPLATE)
+        write_tokenizer(
+            Path(tmp),
+            chat_template=chat_template(arch.system),
+            model_max_length=arch.text_max_positions,
+            renamed=SOUND_BOS_EOS if music else None,
+        )
         tokenizer = AutoTokenizer.from_pretrained(tmp)
-        processor = AudioFlamingo3Processor(
+        processor = (MusicFlamingoProcessor if music else AudioFlamingo3Processor)(
             feature_extractor=WhisperFeatureExtractor(feature_size=128, return_attention_mask=True),
             tokenizer=tokenizer,
-            chat_template=CHAT_TEMPLATE,
+            chat_template=chat_template(arch.system),
+            max_audio_len=arch.max_audio_len,
         )
         processor.save_pretrained(str(out))
         for name in ("vocab.json", "merges.txt"):  # the slow-tokenizer files the real repo also has
@@ -264,36 +325,44 @@ def make_checkpoint(
     progress: Callable[[str], None] | None = None,
     device: str = "cpu",
     think: bool = False,
+    arch: str = "audioflamingo3",
 ) -> Path:
-    """Write a random AF3 checkpoint of `shape` to `out` (atomically: temp folder, then rename).
+    """Write a random checkpoint of `shape` to `out` (atomically: temp folder, then rename); `arch`:
+    audioflamingo3, musicflamingo (Music Flamingo) or afnext (Audio Flamingo Next's shape of it).
     device="cuda" draws the numbers on a GPU (the 7B shape in seconds instead of minutes); they are
     then other numbers than the CPU's for the same seed, equally deterministic."""
     from transformers import GenerationConfig
 
     if shape not in SHAPES:
         raise ValueError(f"unknown shape {shape!r}; choose one of {', '.join(SHAPES)}")
+    if arch not in ARCHS:
+        raise ValueError(f"unknown architecture {arch!r}; choose one of {', '.join(ARCHS)}")
     spec = SHAPES[shape]
     out = Path(out).resolve()
     with staged_folder(out, force=force) as tmp:
-        config_dict(spec).save_pretrained(str(tmp))
-        # the file transformers' conversion script writes for nvidia/audio-flamingo-3-hf
-        GenerationConfig(
-            bos_token_id=ENDOFTEXT_ID,
-            eos_token_id=[EOS_TOKEN_ID, ENDOFTEXT_ID],
-            pad_token_id=ENDOFTEXT_ID,
-            do_sample=True,
-            temperature=0.7,
-            top_k=20,
-            top_p=0.8,
-            repetition_penalty=1.05,
-        ).save_pretrained(str(tmp))
-        _write_processor(tmp)
+        config_dict(spec, ARCHS[arch]).save_pretrained(str(tmp))
+        if arch == "audioflamingo3":  # the file transformers' conversion script writes for audio-flamingo-3-hf
+            GenerationConfig(
+                bos_token_id=ENDOFTEXT_ID,
+                eos_token_id=[EOS_TOKEN_ID, ENDOFTEXT_ID],
+                pad_token_id=ENDOFTEXT_ID,
+                do_sample=True,
+                temperature=0.7,
+                top_k=20,
+                top_p=0.8,
+                repetition_penalty=1.05,
+            ).save_pretrained(str(tmp))
+        else:  # Music Flamingo's and AF-Next's conversions: the tokenizer's eos and pad, 2048 new tokens
+            GenerationConfig(eos_token_id=EOS_TOKEN_ID, pad_token_id=ENDOFTEXT_ID, max_new_tokens=2048).save_pretrained(
+                str(tmp)
+            )
+        _write_processor(tmp, ARCHS[arch])
         make = lambda n, d, k: _random_tensor(n, d, k, seed, spec.dtype, device)  # noqa: E731
         _write_shards(tmp, tensor_specs(spec), make, progress)
         if think:  # AF3's think/ folder: a LoRA on the LLM + non-LoRA weights (reference/adapters.py)
             from .adapters import write_think
 
             write_think(tmp, seed=seed)
-        meta = {"shape": shape, "seed": seed, "device": device} | ({"think": True} if think else {})
+        meta = {"shape": shape, "seed": seed, "device": device, "arch": arch} | ({"think": True} if think else {})
         (tmp / "edge_af3_tiny.json").write_text(json.dumps(meta) + "\n")
     return out

@@ -144,7 +144,14 @@ def read_qwen2_vocab(path: Path | None = None) -> tuple[list[str], list[str]]:
     return tokens, list(merges)
 
 
-def tokenizer_json(tokens: list[str], merges: list[str]) -> dict:
+def special_tokens(renamed: dict[int, str] | None = None) -> list[tuple[str, bool]]:
+    """The special tokens, with some ids under other names (Music Flamingo's tokenizer calls 151670
+    and 151671 `<|sound_bos|>` and `<|sound_eos|>`)."""
+    names = renamed or {}
+    return [(names.get(N_BPE_TOKENS + i, c), s) for i, (c, s) in enumerate(SPECIAL_TOKENS)]
+
+
+def tokenizer_json(tokens: list[str], merges: list[str], renamed: dict[int, str] | None = None) -> dict:
     """A `tokenizers` JSON document for Qwen2's byte-level BPE plus the special tokens."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
     added = [
@@ -157,7 +164,7 @@ def tokenizer_json(tokens: list[str], merges: list[str]) -> dict:
             "normalized": False,
             "special": special,
         }
-        for i, (content, special) in enumerate(SPECIAL_TOKENS)
+        for i, (content, special) in enumerate(special_tokens(renamed))
     ]
     return {
         "version": "1.0",
@@ -189,11 +196,14 @@ def tokenizer_json(tokens: list[str], merges: list[str]) -> dict:
     }
 
 
-def write_tokenizer(out: Path, chat_template: str, model_max_length: int = 32768) -> None:
+def write_tokenizer(
+    out: Path, chat_template: str, model_max_length: int = 32768, renamed: dict[int, str] | None = None
+) -> None:
     """Write tokenizer.json, vocab.json, merges.txt and tokenizer_config.json into `out`."""
     tokens, merges = read_qwen2_vocab()
     out = Path(out)
-    (out / "tokenizer.json").write_text(json.dumps(tokenizer_json(tokens, merges), ensure_ascii=False), "utf-8")
+    doc = tokenizer_json(tokens, merges, renamed)
+    (out / "tokenizer.json").write_text(json.dumps(doc, ensure_ascii=False), "utf-8")
     (out / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), "utf-8")
     (out / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", "utf-8")
     decoder = {
@@ -205,7 +215,7 @@ def write_tokenizer(out: Path, chat_template: str, model_max_length: int = 32768
             "single_word": False,
             "special": s,
         }
-        for i, (c, s) in enumerate(SPECIAL_TOKENS)
+        for i, (c, s) in enumerate(special_tokens(renamed))
     }
     config = {
         "add_bos_token": False,

@@ -56,7 +56,7 @@ class Clip:
         self.audio = audio
         self.variant = variant  # the adapter whose encoder weights make its rows (None: the base encoder)
         self.key = key or hashlib.sha256(audio.samples.tobytes()).hexdigest() + (f"/{variant}" if variant else "")
-        self.count = token_count(audio.samples.shape[0])
+        self.count = token_count(audio.samples.shape[0], audio.limit)
         self.rows = rows
         self.features_ms = self.encoder_ms = 0.0
         self.feed: RowFeed | None = None  # set while an encoder thread makes its rows

@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 import numpy as np
 
 from ..constants import N_FRAMES, ROWS_PER_WINDOW
+from ..family import pooled_rows, row_times
 from ..features import extract_features
 from .clips import Clip, RowsCache
 
@@ -27,21 +28,27 @@ def cut_frames(valid: int) -> int:
     return min(N_FRAMES, valid + 4 + (valid % 2))
 
 
-def iter_windows(encoder, feats, windows_per_run: int = 1, lock: threading.Lock | None = None) -> Iterator[np.ndarray]:
-    """Valid projected rows [n, H] of a clip, in prompt order, one chunk per encoder run."""
+def iter_windows(
+    encoder, feats, windows_per_run: int = 1, lock: threading.Lock | None = None, *, timed: bool = False, first: int = 0
+) -> Iterator[np.ndarray]:
+    """Valid projected rows [n, H] of a clip, in prompt order, one chunk per encoder run. `timed`:
+    the graph embeds the rows' times (Music Flamingo); the clip's windows are `first`.. of the audio
+    the rows belong to (0: the clip is the whole audio)."""
     lock = lock or contextlib.nullcontext()
     n_windows = feats.features.shape[0]
     full = [w for w in range(n_windows) if feats.rows_per_window[w] == ROWS_PER_WINDOW]
     for start in range(0, len(full), max(1, windows_per_run)):
         ws = full[start : start + windows_per_run]
+        times = np.concatenate([row_times(first + w, 1) for w in ws]) if timed else None
         with lock:
-            rows = encoder.encode(feats.features[ws], feats.mask[ws])
+            rows = encoder.encode(feats.features[ws], feats.mask[ws], times)
         yield rows[:, :ROWS_PER_WINDOW].reshape(-1, rows.shape[-1])
     for w in range(n_windows):
         if feats.rows_per_window[w] != ROWS_PER_WINDOW:  # only ever the last window
             frames = cut_frames(int(feats.mask[w].sum())) if encoder.dynamic_frames else N_FRAMES
+            times = row_times(first + w, 1, pooled_rows(frames)) if timed else None
             with lock:
-                rows = encoder.encode(feats.features[w : w + 1, :, :frames], feats.mask[w : w + 1, :frames])
+                rows = encoder.encode(feats.features[w : w + 1, :, :frames], feats.mask[w : w + 1, :frames], times)
             yield rows[0, : feats.rows_per_window[w]]
 
 
@@ -73,8 +80,11 @@ class ClipEncoder:
     """Gives clips their rows with one encoder engine: `encode(clip)` in line, `start(clip)` on a
     thread. The rows are kept on the clip (a history re-decoded later uses them) and in the cache."""
 
-    def __init__(self, encoder, windows_per_run: int, lock: threading.Lock | None, cache: RowsCache):
+    def __init__(
+        self, encoder, windows_per_run: int, lock: threading.Lock | None, cache: RowsCache, *, timed: bool = False
+    ):
         self.encoder, self.windows_per_run, self.lock, self.cache = encoder, windows_per_run, lock, cache
+        self.timed = timed  # the graph takes the rows' times (Music Flamingo's time embedding)
 
     def encode(self, clip: Clip, emit: Callable[[np.ndarray], None] | None = None) -> Clip:
         t0 = time.perf_counter()
@@ -82,7 +92,7 @@ class ClipEncoder:
         t1 = time.perf_counter()
         clip.features_ms = (t1 - t0) * 1000
         got = []
-        for chunk in iter_windows(self.encoder, feats, self.windows_per_run, self.lock):
+        for chunk in iter_windows(self.encoder, feats, self.windows_per_run, self.lock, timed=self.timed):
             got.append(chunk)
             if emit:
                 emit(chunk)

@@ -108,6 +108,11 @@ class Memory:
         max_new_tokens: int | None = None,
         aside=None,
     ):
+        if model.family.time_embedding:  # its rows depend on each window's index in the clip
+            raise OptionsError(
+                f"the audio memory runs AF3 bundles; {model.family.name}'s time embedding ties each window's "
+                "rows to its place in the clip, which eviction changes (not supported yet)"
+            )
         if not 0 < seconds <= MAX_WINDOWS * WINDOW_S:
             raise OptionsError(f"a memory holds 30 s to 10 minutes (AF3 reads at most 20 windows), got {seconds:g} s")
         self.model, self.system = model, system

@@ -6,12 +6,13 @@ import contextlib
 import os
 import threading
 
-from ..audio import Audio, load_audio
+from ..audio import load_audio
 from ..bundle import Bundle, open_bundle
 from ..constants import MIN_TOKEN_SAMPLES, SAMPLE_RATE, THINK_SUFFIX
 from ..engines.llamacpp import LlamaEngine
 from ..engines.select import EncoderChoice, make_encoder
 from ..errors import AudioError, BundleError, OptionsError
+from ..family import Family
 from ..settings import Settings, resolve
 from .clips import Clip, RowsCache
 from .encoding import ClipEncoder
@@ -59,6 +60,10 @@ class AF3:
             raise BundleError(f"{bundle.path}: the manifest has no chat template")
         self.generation: dict = dict(bundle.manifest.get("generation") or {})  # the checkpoint's defaults
         self.eos_ids = eos_ids(self.generation)
+        self.family = Family.from_manifest(bundle.manifest)  # AF3, Music Flamingo or AF-Next
+        n_ctx = self.family.n_ctx if n_ctx is None else n_ctx  # room for the family's longest clip
+        if self.family.time_embedding and encoder_engine is None:
+            encoder_engine = "onnxruntime-cpu"  # the one engine that takes the rows' times so far
         self.options = options or GenerationOptions()  # this model's defaults; a call's own options win
         stored = bundle.manifest["encoder"]["precision"]
         ask = dict(
@@ -203,7 +208,7 @@ class AF3:
         were seen; nothing is encoded yet. Refuses audio too short to give one audio token."""
         out = []
         for a in _as_list(audio):
-            clip = a if isinstance(a, Audio) else load_audio(a)
+            clip = load_audio(a, limit=self.family.max_samples, model=self.family.name)
             n = clip.samples.shape[0]
             if n < MIN_TOKEN_SAMPLES:
                 raise AudioError(
@@ -220,7 +225,11 @@ class AF3:
         prefill reads chunk by chunk. A clip with rows (cached) is left as it is."""
         if clip.pending:
             enc = ClipEncoder(
-                self._encoder_for(clip.variant), self.settings.windows_per_run, self._encoder_lock, self.rows_cache
+                self._encoder_for(clip.variant),
+                self.settings.windows_per_run,
+                self._encoder_lock,
+                self.rows_cache,
+                timed=self.family.time_embedding,
             )
             enc.start(clip) if background else enc.encode(clip)
 

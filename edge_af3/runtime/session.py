@@ -36,14 +36,20 @@ class Turn:
     adapter: str | None = None  # the LoRA adapter the turn runs with (its KV is never shared with another's)
 
 
-def segments(llm, text: str, clips: list[Clip]) -> list:
-    """Prompt text with one `<sound>` per clip -> token id lists and clips, in prompt order."""
+def segments(llm, text: str, clips: list[Clip], around: tuple[int, int] | None = None) -> list:
+    """Prompt text with one `<sound>` per clip -> token id lists and clips, in prompt order.
+    `around`: the ids the processor puts before and after each clip's rows (Music Flamingo's
+    `<|sound_bos|>` and `<|sound_eos|>`; special tokens, so the text around them tokenizes alone)."""
     pieces = split_sound(text)
     if len(pieces) != len(clips) + 1:
         raise PromptError(f"the prompt has {len(pieces) - 1} <sound> placeholder(s) for {len(clips)} audio clip(s)")
     out: list = []
     for i, piece in enumerate(pieces):
         ids = llm.tokenize(piece)
+        if around and i > 0:
+            ids = [around[1], *ids]
+        if around and i < len(clips):
+            ids = [*ids, around[0]]
         if ids:
             out.append(ids)
         if i < len(clips):
@@ -171,7 +177,7 @@ class ChatSession:
         full = render(model.template, self.messages + [user], add_generation_prompt=True)
         if not full.startswith(self.rendered):
             raise RuntimeError("the chat template does not render conversations incrementally")
-        target = self.segments + segments(model.llm, full[len(self.rendered) :], clips)
+        target = self.segments + segments(model.llm, full[len(self.rendered) :], clips, model.family.around)
         total = check_fits(target, clips, model.llm.n_ctx, max_new_tokens)
         return Turn(full=full, user=user, target=target, clips=clips, prompt_len=total, adapter=name)
 

@@ -32,9 +32,11 @@ def prepare(
         messages = messages[:-1] + [Message(last.role, last.text + suffix, last.n_audio)]
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        clips = model.clips([load_audio(data, name=where) for where, data in audios], model.encoder_variant(name))
+        fam = model.family
+        loaded = [load_audio(data, name=where, limit=fam.max_samples, model=fam.name) for where, data in audios]
+        clips = model.clips(loaded, model.encoder_variant(name))
     text = render(model.template, messages, add_generation_prompt=True)
-    target = segments(model.llm, text, clips)
+    target = segments(model.llm, text, clips, model.family.around)
     prompt_len = check_fits(target, clips, model.llm.n_ctx, opts.max_new_tokens)
     seconds = sum(c.audio.seconds for c in clips)
     encoded = sum(1 for c in clips if c.pending)

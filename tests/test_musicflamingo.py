@@ -1,0 +1,187 @@
+"""Music Flamingo / Audio Flamingo Next checkpoints (model type musicflamingo) against transformers'
+`MusicFlamingoForConditionalGeneration` on tiny random checkpoints: the rows' times, token
+counts and features, encoder rows after the rotary time embedding, greedy tokens in exact mode."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import numpy as np
+import pytest
+
+from edge_af3 import AF3, GenerationOptions
+from edge_af3.audio import load_audio
+from edge_af3.constants import EOS_TOKEN_ID, SAMPLE_RATE
+from edge_af3.family import Family, pooled_rows, row_times
+from edge_af3.features import extract_features, token_count
+from edge_af3.runtime.encoding import cut_frames
+
+from .conftest import noise
+
+QUESTION = "What is the genre?"
+GREEDY = GenerationOptions(temperature=0)
+
+
+@pytest.fixture(scope="module")
+def mf_ckpt(tmp_path_factory):
+    from edge_af3.reference.tiny import make_checkpoint
+
+    return make_checkpoint(tmp_path_factory.mktemp("mf") / "mf-tiny", shape="tiny", seed=3, arch="musicflamingo")
+
+
+@pytest.fixture(scope="module")
+def mf_bundle(mf_ckpt, tmp_path_factory):
+    from edge_af3.export import export
+
+    return export(mf_ckpt, tmp_path_factory.mktemp("mfb") / "b", quant="f32", encoder_precision="fp32", verify=True)
+
+
+@pytest.fixture(scope="module")
+def mf_ref(mf_ckpt):
+    from edge_af3.reference.loader import load_reference
+
+    return load_reference(mf_ckpt)
+
+
+@pytest.fixture(scope="module")
+def mf(mf_bundle):
+    with AF3.load(mf_bundle, exact=True, options=GREEDY) as m:
+        yield m
+
+
+def conversation(x, text=QUESTION):
+    return [{"role": "user", "content": [{"type": "audio", "audio": x}, {"type": "text", "text": text}]}]
+
+
+def strip_eos(ids):
+    return ids[: ids.index(EOS_TOKEN_ID)] if EOS_TOKEN_ID in ids else ids
+
+
+def test_row_times_are_transformers(mf_ref):
+    """Our rows' seconds = `MusicFlamingoModel._build_audio_timestamps` for two clips of 3 and 2
+    windows (the window index restarts at each clip)."""
+    import torch
+
+    per_window = [750, 750, 300, 750, 120]
+    ids = [1] + [151670] + [151669] * 1800 + [151671, 2, 151670] + [151669] * 870 + [151671]
+    got = mf_ref.model.model._build_audio_timestamps(torch.tensor([ids]), torch.tensor(per_window), 750).numpy()
+    ours = np.concatenate([row_times(0, 3), row_times(0, 2)])
+    assert got.dtype == ours.dtype and np.array_equal(got, ours)
+
+
+@pytest.mark.slow
+def test_token_counts_and_features_match_the_processor(mf_ref, mf_ckpt, tmp_path):
+    """5 s .. 1250 s (Music Flamingo reads 1200 s: cut, with the warning) and 1750 s on the AF-Next
+    shape (1800 s): `<|sound_bos|>` + the processor's `<sound>` count + `<|sound_eos|>`; the
+    features of the 47 s clip equal the processor's."""
+    from transformers import AutoProcessor
+
+    from edge_af3.reference.loader import reference_features
+    from edge_af3.reference.tiny import make_checkpoint
+
+    next_ckpt = make_checkpoint(tmp_path / "afnext", shape="tiny", seed=1, arch="afnext")
+    families = {
+        "mf": Family.from_checkpoint(mf_ckpt, _cfg(mf_ckpt)),
+        "next": Family.from_checkpoint(next_ckpt, _cfg(next_ckpt)),
+    }
+    assert (families["mf"].max_windows, families["next"].max_windows) == (40, 60)
+    assert (families["mf"].name, families["next"].name) == ("Music Flamingo", "AF-Next")
+    processors = {"mf": mf_ref.processor, "next": AutoProcessor.from_pretrained(str(next_ckpt))}
+    for which, seconds in (("mf", 5), ("mf", 30), ("mf", 47), ("mf", 650), ("mf", 1250), ("next", 1750)):
+        x = noise(seconds, seed=seconds)
+        fam, proc = families[which], processors[which]
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            feats, mask, n_sound = reference_features(proc, x)
+            clip = load_audio((x, SAMPLE_RATE), limit=fam.max_samples, model=fam.name)
+        ids = proc.apply_chat_template(
+            [conversation(x)],
+            tokenize=True,
+            add_generation_prompt=True,
+            return_dict=True,
+            processor_kwargs={"sampling_rate": SAMPLE_RATE},
+        )["input_ids"][0].tolist()
+        start = ids.index(fam.sound_bos)
+        assert ids[start + 1 + n_sound] == fam.sound_eos and ids.count(fam.sound_bos) == 1
+        assert token_count(clip.samples.shape[0], clip.limit) == n_sound, (which, seconds)
+        ours = extract_features(clip)
+        assert ours.windows == feats.shape[0] == min(-(-seconds // 30), fam.max_windows)
+        assert ours.truncated == (seconds > fam.max_seconds)
+        if seconds == 47:
+            assert np.abs(ours.features - feats).max() <= 1e-4 and np.array_equal(ours.mask, mask)
+
+
+def _cfg(path):
+    return json.loads((path / "config.json").read_text())
+
+
+def test_manifest_records_the_family(mf_bundle):
+    m = json.loads((mf_bundle / "manifest.json").read_text())
+    assert m["family"]["model_type"] == "musicflamingo" and m["family"]["time_embedding"]
+    assert m["features"]["max_windows"] == 40 and m["encoder"]["inputs"][-1] == "audio_times"
+    assert m["special_ids"]["sound_bos"] == 151670 and m["special_ids"]["sound_eos"] == 151671
+    assert m["verification"]["encoder"]["max_abs_diff"] <= 1e-4
+
+
+def test_rows_after_the_time_embedding_match_transformers(mf, mf_ref):
+    """Encoder rows (ONNX Runtime, fp32) vs `get_audio_features` for a 47 s clip: window 1's rows
+    carry its own window index, the cut last window its own times."""
+    x = noise(47.0, seed=47)
+    want = mf_ref.clip_rows(x)
+    got = mf.audio_rows((x, SAMPLE_RATE))
+    assert got.shape == want.shape == (1175, mf.llm.n_embd)
+    assert np.abs(got - want).max() <= 1e-4
+    # the embedding matters: window 1 encoded with window 0's times gives other rows
+    feats = extract_features((x, SAMPLE_RATE))
+    frames = cut_frames(int(feats.mask[1].sum()))
+    early = mf.encoder.encode(
+        feats.features[1:2, :, :frames], feats.mask[1:2, :frames], row_times(0, 1, pooled_rows(frames))
+    )
+    assert np.abs(early[0, :425] - want[750:]).max() > 1e-2
+
+
+@pytest.mark.slow
+def test_greedy_tokens_match_transformers(mf, mf_ref):
+    """Exact mode with the checkpoint's generation config: greedy tokens equal transformers' for 5 s,
+    47 s and 650 s clips (22 windows: past AF3's 20), asked one after another."""
+    for seconds in (5.0, 47.0, 650.0):
+        x = noise(seconds, seed=int(seconds) + 7)
+        want = strip_eos(mf_ref.generate(conversation(x), max_new_tokens=24))
+        ans = mf.ask(QUESTION, (x, SAMPLE_RATE), max_new_tokens=24)
+        assert list(ans.tokens) == want, seconds
+        assert ans.timings.audio_tokens == token_count(x.shape[0], mf.family.max_samples)
+
+
+def test_follow_up_turn_with_a_second_clip_matches_transformers(mf, mf_ref):
+    a, b = noise(6.0, seed=61), noise(9.0, seed=62)
+    chat = mf.chat()
+    first = chat.send(QUESTION, audio=(a, SAMPLE_RATE), max_new_tokens=8)
+    second = chat.send("And this one?", audio=(b, SAMPLE_RATE), max_new_tokens=16)
+    conv = conversation(a) + [
+        {"role": "assistant", "content": [{"type": "text", "text": first.text}]},
+        {"role": "user", "content": [{"type": "audio", "audio": b}, {"type": "text", "text": "And this one?"}]},
+    ]
+    assert list(first.tokens) == strip_eos(mf_ref.generate(conversation(a), max_new_tokens=8))
+    assert list(second.tokens) == strip_eos(mf_ref.generate(conv, max_new_tokens=16))
+
+
+def test_memory_refuses_a_time_embedding_model(mf):
+    from edge_af3 import OptionsError
+
+    with pytest.raises(OptionsError, match="time embedding"):
+        mf.memory(60)
+
+
+def test_doctor_names_the_architecture(mf_bundle):
+    from .conftest import run_cli
+
+    res = run_cli("doctor", "-m", str(mf_bundle), "--json")
+    assert res.returncode == 0, res.stderr
+    arch = json.loads(res.stdout)["model"]["architecture"]
+    assert arch == {
+        "model_type": "musicflamingo",
+        "name": "Music Flamingo",
+        "max_seconds": 1200,
+        "time_embedding": True,
+    }
