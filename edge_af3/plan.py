@@ -13,8 +13,9 @@ import ctypes
 from dataclasses import dataclass
 from pathlib import Path
 
-from .constants import DEFAULT_N_CTX
+from .constants import DEFAULT_N_CTX, ROWS_PER_WINDOW
 from .errors import OptionsError
+from .family import Family
 from .quants import CPU_ENCODER_GRAPHS
 
 GIB = 1 << 30
@@ -45,15 +46,20 @@ class LlmShape:
 # The published AF3 (AF-Whisper with Whisper large-v3's shape + a 2-layer projector, and Qwen2.5-7B
 # with AF3's 151 672-token vocabulary), counted from its config: what `plan` uses when that model is
 # neither a local folder nor in the cache, so planning needs no download.
+_AF3_SHAPES = {
+    "llm": LlmShape(n_layer=28, n_embd=3584, n_head=28, n_head_kv=4, n_vocab=151672, n_ff=18944),
+    # 2 x 151672 x 3584 (embeddings, output) + 28 x (2 x 3584^2 + 2 x 3584 x 512 + 3 x 3584 x 18944)
+    "llm_params": 7.61e9,
+    # 32 x (4 x 1280^2 + 2 x 1280 x 5120) + convolutions + positions, + 1280 x 3584 + 3584^2
+    "encoder_params": 0.654e9,
+    "encoder_hidden": 1280,
+}
+# the published checkpoints: Music Flamingo and AF-Next have AF3's shapes and read 40 / 60 windows
 KNOWN_MODELS = {
-    "nvidia/audio-flamingo-3-hf": {
-        "llm": LlmShape(n_layer=28, n_embd=3584, n_head=28, n_head_kv=4, n_vocab=151672, n_ff=18944),
-        # 2 x 151672 x 3584 (embeddings, output) + 28 x (2 x 3584^2 + 2 x 3584 x 512 + 3 x 3584 x 18944)
-        "llm_params": 7.61e9,
-        # 32 x (4 x 1280^2 + 2 x 1280 x 5120) + convolutions + positions, + 1280 x 3584 + 3584^2
-        "encoder_params": 0.654e9,
-        "encoder_hidden": 1280,
-    }
+    "nvidia/audio-flamingo-3-hf": _AF3_SHAPES | {"max_windows": 20},
+    "nvidia/music-flamingo-2601-hf": _AF3_SHAPES | {"max_windows": 40},
+    "nvidia/audio-flamingo-next-hf": _AF3_SHAPES | {"max_windows": 60},
+    "nvidia/audio-flamingo-next-think-hf": _AF3_SHAPES | {"max_windows": 60},
 }
 # bits per weight of a 7B Qwen2 GGUF as llama.cpp writes it (the output and embedding tensors
 # of the 4-bit types are kept at higher precision: Qwen2.5-7B Q4_K_M is 4.68 GB)
@@ -126,7 +132,7 @@ def plan(bundle, **settings) -> dict:
     onnx_bytes = sum(m["files"][n]["bytes"] for n in m["files"] if n.startswith("encoder.onnx"))
     llm = (b.llm.name, b.llm.stat().st_size, llm_shape(b.llm))
     encoder = (onnx_bytes, m["encoder"]["precision"], int(m["model"]["encoder_hidden"]))
-    return _plan(str(b.path), llm, encoder, **settings)
+    return _plan(str(b.path), llm, encoder, max_windows=Family.from_manifest(m).max_windows, **settings)
 
 
 def plan_known(model_id: str, quant: str, **settings) -> dict:
@@ -136,7 +142,8 @@ def plan_known(model_id: str, quant: str, **settings) -> dict:
         raise OptionsError(f"no size known for a {quant} GGUF; choose one of {', '.join(GGUF_BITS)}")
     llm = (f"{quant} GGUF (estimated)", int(known["llm_params"] * GGUF_BITS[quant] / 8), known["llm"])
     encoder = (int(known["encoder_params"] * 4), "fp32", known["encoder_hidden"])  # the bundle's onnx: fp32
-    return _plan(f"{model_id} (its published shapes; nothing downloaded)", llm, encoder, **settings)
+    label = f"{model_id} (its published shapes; nothing downloaded)"
+    return _plan(label, llm, encoder, max_windows=known["max_windows"], **settings)
 
 
 def _plan(
@@ -151,8 +158,10 @@ def _plan(
     n_ubatch: int = 512,
     target: str | None = None,
     machine=None,
+    max_windows: int = 20,
 ) -> dict:
-    """llm: (file name, bytes, shape); encoder: (onnx bytes, stored precision, hidden width)."""
+    """llm: (file name, bytes, shape); encoder: (onnx bytes, stored precision, hidden width);
+    max_windows: the model's longest clip (AF3 20, Music Flamingo 40, AF-Next 60)."""
     llm_file, llm_bytes, shape = llm
     onnx_bytes, stored, enc_hidden = encoder
     if kv_type not in KV_BYTES:
@@ -180,9 +189,12 @@ def _plan(
                 + 8 * 1500 * enc_hidden * act
             )
         ),
-        # the projected rows of the longest clip the context holds (10 min = 15000 rows), float32 on the host
-        "audio rows": int(min(15000, n_ctx) * shape.n_embd * 4),
+        # the projected rows of the longest clip the context holds (AF3: 10 min = 15000 rows), float32 on the host
+        "audio rows": int(min(max_windows * ROWS_PER_WINDOW, n_ctx) * shape.n_embd * 4),
     }
+    if machine is not None and not target and machine.flash_attn is False and machine.n_gpu_layers == 0:
+        # without flash attention llama.cpp materialises one ubatch's scores over the whole cache
+        items["attention scores (no flash attention)"] = int(n_ubatch * n_ctx * shape.n_head * 4)
     total = sum(items.values())
     out = {
         "bundle": label,

@@ -118,10 +118,10 @@ def resolve(
 
 def _flash_attn(asked: bool | None, llm_gpu: bool, kv_type: str | None) -> bool:
     """On a GPU, or for a quantized V cache (llama.cpp needs it there): on. On a CPU: off. llama.cpp
-    would pick on for the CPU too; there its kernel walks the whole KV cache once per query row, so a
-    short batch over a long cache costs several times the plain matmuls: a 15-token question over
-    15 000 remembered positions 2.0 s vs 0.53 s, a decode step 1.9x (docs/cpu.md, bench_attention),
-    with prefill unchanged; the price is the score buffer it does not need (see docs/cpu.md)."""
+    would pick on for the CPU too, where its kernel makes short batches over a long cache slow:
+    bench-small over 15 360 cached positions, a 15-token question 611 vs 2199 ms, a decode step 91
+    vs 263 ms, a 512-row prefill 16.4 vs 18.1 s (benchmarks/bench_attention.py). The price: the
+    attention scores it materialises, +615 MB peak at that depth (docs/cpu.md)."""
     if asked is not None:
         return asked
     return bool(llm_gpu) or kv_type == "q8_0"

@@ -49,3 +49,22 @@ def test_plan_the_real_af3_offline_without_a_model(tmp_path):
     text = run_cli("plan", "--n-ctx", "8192", "--kv", "q8_0", env=env)
     assert text.returncode == 0 and "q4_k_m GGUF (estimated)" in text.stdout, text.stderr[-2000:]
     assert "this machine" in text.stdout and not list((tmp_path / "hf").rglob("*.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("model_id", "n_ctx", "rows"),
+    [("nvidia/music-flamingo-2601-hf", 31744, 30000), ("nvidia/audio-flamingo-next-hf", 47104, 45000)],
+)
+def test_plan_the_longer_models_offline(tmp_path, model_id, n_ctx, rows):
+    """Music Flamingo and AF-Next: the context holds their longest clip (40 / 60 windows) by
+    default, the KV cache and the audio rows counted at that length; without flash attention
+    (the CPU default) the attention scores of one ubatch over it are counted too."""
+    env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    res = run_cli("plan", model_id, "--json", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    p = json.loads(res.stdout)
+    assert p["n_ctx"] == n_ctx and p["items"]["KV cache"] == 2 * 28 * n_ctx * 4 * 128 * 2
+    assert p["items"]["audio rows"] == rows * 3584 * 4
+    assert p["items"]["attention scores (no flash attention)"] == 512 * n_ctx * 28 * 4
+    gpu = json.loads(run_cli("plan", model_id, "--target", "agx-orin-64gb", "--json", env=env).stdout)
+    assert "attention scores (no flash attention)" not in gpu["items"]

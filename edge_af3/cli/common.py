@@ -235,6 +235,7 @@ def show_plan(
     encoder_precision: what the encoder computes in, for the estimate; export_precision: how a
     checkpoint source is exported (ask/chat's --encoder-precision)."""
     from ..bundle import read_manifest
+    from ..family import Family
     from ..plan import KNOWN_MODELS, plan, plan_known, render
     from ..settings import resolve
 
@@ -249,13 +250,16 @@ def show_plan(
             return plan_known(spec, quant, **kw)
 
         stored = "fp32"
+        family = Family(max_windows=KNOWN_MODELS[spec]["max_windows"])
     else:
         path = path or bundle_for(spec, export_precision, exact)
-        stored = read_manifest(path)["encoder"]["precision"]
+        manifest = read_manifest(path)
+        stored, family = manifest["encoder"]["precision"], Family.from_manifest(manifest)
 
         def make(**kw):
             return plan(path, **kw)
 
+    n_ctx = family.n_ctx if n_ctx is None else n_ctx  # room for the model's longest clip, as AF3.load sets it
     if target is None:
         s = resolve(stored, device=device, encoder_engine=encoder_engine, kv_type=kv_type, n_ctx=n_ctx, exact=exact)
         p = make(

@@ -151,7 +151,14 @@ def pull_cmd(
     from ..runtime.locate import exported, first_use, first_use_line
 
     check_quant(quant)  # a mistake is one line before anything is fetched
+    from ..hub import pull, remote_manifest
 
+    manifest = None if Path(source).expanduser().exists() else remote_manifest(source)
+    if manifest is not None:  # a bundle repo: the variant that fits here (or the one asked for)
+        t0 = time.time()
+        path = pull(source, quant=quant, encoder_precision=encoder_precision, manifest=manifest, say=console.print)
+        out.print(f"[green]ready[/] {path} ({time.time() - t0:.0f} s); use it with -m {source}", highlight=False)
+        return
     precision = resolve_encoder_precision(encoder_precision, exact=exact)
     quant = exact_quant(quant, exact)
     need = first_use(source, quant, precision)
@@ -164,3 +171,38 @@ def pull_cmd(
     with ExportProgress(export_steps(quant, encoder_precision=precision)) as steps:
         path = exported(source, quant, progress=steps, encoder_precision=precision)
     out.print(f"[green]ready[/] {path} ({time.time() - t0:.0f} s); use it with -m {path}", highlight=False)
+
+
+@app.command("push")
+def push_cmd(
+    bundle: Path = typer.Argument(..., metavar="BUNDLE", help="A bundle folder (edge-af3 export)."),
+    repo: str = typer.Argument(..., metavar="ORG/NAME", help="The Hub repo to create or update."),
+    also: list[Path] = typer.Option(
+        [], "--also", help="More bundles of the same checkpoint (other LLM types or encoder precisions), side by side."
+    ),
+    dry_run: bool = typer.Option(False, "--dry-run", help="Show the files and the model card; upload nothing."),
+    private: bool = typer.Option(False, "--private", help="Create the repo private."),
+    as_json: bool = typer.Option(False, "--json", help="The listing and card as one JSON object."),
+) -> None:
+    """Publish bundles as one Hub repo that `-m ORG/NAME` pulls the fitting variant of: the files,
+    a root manifest listing the variants, and a model card (base model, the source's licence carried
+    over, sizes, the devices each variant fits, parity figures, the commands). The token comes from
+    huggingface_hub's usual places (HF_TOKEN, `hf auth login`).
+
+    \b
+    Example: edge-af3 models push ./af3-q4_k_m me/af3-edge --also ./af3-q8_0 --dry-run
+    """
+    from ..hub_publish import push
+
+    report = push([bundle, *also], repo, dry_run=dry_run, private=private)
+    if as_json:
+        emit_json(report)
+        return
+    for name, size in report["files"].items():
+        out.print(f"  {name:44s} {size / 1e9:9.3f} GB", highlight=False)
+    out.print(f"  {'total':44s} {report['total_bytes'] / 1e9:9.3f} GB", highlight=False)
+    if dry_run:
+        out.print(report["card"], markup=False, highlight=False)
+        out.print("dry run: nothing uploaded")
+    else:
+        out.print(f"[green]uploaded[/] https://huggingface.co/{repo} ({report['commit']})", highlight=False)

@@ -324,6 +324,7 @@ def export(
                 "encoder_heads": audio["num_attention_heads"],
                 "llm_layers": text["num_hidden_layers"],
                 "llm_hidden": text["hidden_size"],
+                "llm_kv_dim": text["num_key_value_heads"] * text["hidden_size"] // text["num_attention_heads"],
                 "vocab_size": text["vocab_size"],
             },
             "family": family.to_manifest(),

@@ -41,15 +41,20 @@ def iter_windows(
         ws = full[start : start + windows_per_run]
         times = np.concatenate([row_times(first + w, 1) for w in ws]) if timed else None
         with lock:
-            rows = encoder.encode(feats.features[ws], feats.mask[ws], times)
+            rows = _encode(encoder, feats.features[ws], feats.mask[ws], times)
         yield rows[:, :ROWS_PER_WINDOW].reshape(-1, rows.shape[-1])
     for w in range(n_windows):
         if feats.rows_per_window[w] != ROWS_PER_WINDOW:  # only ever the last window
             frames = cut_frames(int(feats.mask[w].sum())) if encoder.dynamic_frames else N_FRAMES
             times = row_times(first + w, 1, pooled_rows(frames)) if timed else None
             with lock:
-                rows = encoder.encode(feats.features[w : w + 1, :, :frames], feats.mask[w : w + 1, :frames], times)
+                rows = _encode(encoder, feats.features[w : w + 1, :, :frames], feats.mask[w : w + 1, :frames], times)
             yield rows[0, : feats.rows_per_window[w]]
+
+
+def _encode(encoder, features: np.ndarray, mask: np.ndarray, times: np.ndarray | None) -> np.ndarray:
+    """An engine's encode; the times only for a time-embedding graph (engines without one take two)."""
+    return encoder.encode(features, mask) if times is None else encoder.encode(features, mask, times)
 
 
 class RowFeed:

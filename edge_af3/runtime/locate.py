@@ -1,5 +1,6 @@
-"""`--model` / `AF3.load(source)`: a bundle folder as it is; an AF3 checkpoint folder or Hub id
-exported once into the user cache (keyed by the checkpoint's content) and reused."""
+"""`--model` / `AF3.load(source)`: a bundle folder as it is; a Hub bundle repo's variant that fits,
+downloaded once (hub.py); an AF3 checkpoint folder or Hub id exported once into the user cache
+(keyed by the checkpoint's content) and reused."""
 
 from __future__ import annotations
 
@@ -32,6 +33,14 @@ def locate(source: str | os.PathLike, *, quant: str = "auto", encoder_precision:
     else:
         tried.append(f"local folder: {path} does not exist")
         if text.count("/") == 1 and not text.startswith((".", "/", "~")):
+            from ..hub import pull, remote_manifest
+
+            manifest = remote_manifest(text)  # a bundle repo: the variant that fits, no export
+            if manifest is not None:
+                return pull(
+                    text, quant=quant, encoder_precision=encoder_precision, manifest=manifest, say=progress or print
+                )
+            tried.append("Hub bundle repo: no manifest.json at its root (or not in the cache offline)")
             try:
                 return exported(text, quant, progress, encoder_precision)
             except CheckpointError as e:

@@ -1,0 +1,135 @@
+"""Bundles on the Hub: a bundle repo with two LLM types in a pre-filled Hub cache (the layout
+huggingface_hub writes), offline; `models push --dry-run`."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+
+import pytest
+
+from .conftest import noise, run_cli
+
+REPO = "acme/af3-tiny-edge"
+COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def two_bundles(tiny_ckpt, tmp_path_factory):
+    from edge_af3.export import export
+
+    root = tmp_path_factory.mktemp("hubb")
+    return [export(tiny_ckpt, root / q, quant=q, encoder_precision="fp32", verify=False) for q in ("f32", "q8_0")]
+
+
+@pytest.fixture(scope="module")
+def staged_repo(two_bundles, tmp_path_factory):
+    """The repo `models push` would upload, staged by its own code."""
+    from edge_af3.hub_publish import card, stage
+
+    out = tmp_path_factory.mktemp("repo")
+    root = stage(two_bundles, out)
+    (out / "README.md").write_text(card(root, REPO))
+    return out
+
+
+def fill_hub_cache(cache, staged, only=None):
+    """`staged`'s files (or `only` of them) as huggingface_hub keeps a downloaded snapshot:
+    blobs by hash, the snapshot's files as relative links to them, refs/main."""
+    repo = cache / f"models--{REPO.replace('/', '--')}"
+    snap = repo / "snapshots" / COMMIT
+    (repo / "blobs").mkdir(parents=True, exist_ok=True)
+    (repo / "refs").mkdir(exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    for f in sorted(p for p in staged.rglob("*") if p.is_file()):
+        rel = f.relative_to(staged).as_posix()
+        if only is not None and rel not in only:
+            continue
+        blob = repo / "blobs" / hashlib.sha256(f.read_bytes()).hexdigest()
+        shutil.copyfile(f.resolve(), blob)
+        link = snap / rel
+        link.parent.mkdir(parents=True, exist_ok=True)
+        link.symlink_to(os.path.relpath(blob, link.parent))
+    return snap
+
+
+def env_for(tmp_path, cache):
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), "EDGE_AF3_CACHE": str(tmp_path / "edge")}
+
+
+def test_the_repo_lists_both_variants(staged_repo, two_bundles):
+    m = json.loads((staged_repo / "manifest.json").read_text())
+    assert set(m["variants"]["llm"]) == {"f32", "q8_0"} and set(m["variants"]["encoder"]) == {"fp32"}
+    assert {"llm-f32.gguf", "llm-q8_0.gguf", "encoder.onnx", "manifest.json", "README.md"} <= {
+        p.name for p in staged_repo.iterdir()
+    }
+    assert set(m["files"]) == {
+        n
+        for n in (p.relative_to(staged_repo).as_posix() for p in staged_repo.rglob("*"))
+        if n not in ("manifest.json", "README.md")
+    }
+
+
+def test_pull_takes_one_variant_and_never_the_others_files(staged_repo, tmp_path):
+    """Only the q8_0 variant's files are in the cache: `models pull REPO --quant q8_0` makes its
+    bundle offline (the f32 GGUF is never needed), linking into the Hub cache, and it answers;
+    asking for f32 offline says what is missing."""
+    from edge_af3.hub import files_for
+
+    m = json.loads((staged_repo / "manifest.json").read_text())
+    need = files_for(m, "q8_0", "fp32")
+    assert "llm-f32.gguf" not in need and "llm-q8_0.gguf" in need
+    cache = tmp_path / "hub"
+    fill_hub_cache(cache, staged_repo, only={"manifest.json", *need})
+    clip = tmp_path / "c.wav"
+    import soundfile as sf
+
+    sf.write(clip, noise(2.0, seed=4), 16000)
+    env = env_for(tmp_path, cache)
+    res = run_cli("models", "pull", REPO, "--quant", "q8_0", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    made = list((tmp_path / "edge" / "bundles").iterdir())
+    assert len(made) == 1 and made[0].name.startswith("hub--acme--af3-tiny-edge-q8_0-fp32-")
+    assert os.path.islink(made[0] / "llm-q8_0.gguf") and not (made[0] / "llm-f32.gguf").exists()
+    res = run_cli("ask", "-m", str(made[0]), str(clip), "What is it?", "--max-new-tokens", "3", "--json", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert json.loads(res.stdout)["timings"]["audio_tokens"] == 50
+    res = run_cli("models", "pull", REPO, "--quant", "f32", env=env)
+    assert res.returncode != 0 and "llm-f32.gguf not in the Hub cache" in res.stderr + res.stdout
+
+
+def test_auto_takes_the_best_that_fits_and_a_tampered_file_is_caught(staged_repo, tmp_path):
+    cache = tmp_path / "hub"
+    snap = fill_hub_cache(cache, staged_repo)
+    env = env_for(tmp_path, cache)
+    res = run_cli("models", "pull", REPO, env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert "LLM f32 (the best that fits)" in res.stderr  # a few MB: the best quality fits anywhere
+    gguf = (snap / "llm-q8_0.gguf").resolve()
+    data = bytearray(gguf.read_bytes())
+    data[-100] ^= 0xFF  # same size, other bytes
+    gguf.write_bytes(bytes(data))
+    res = run_cli("models", "pull", REPO, "--quant", "q8_0", env=env)
+    assert res.returncode != 0 and "does not match its sha256" in res.stderr + res.stdout
+
+
+def test_push_dry_run_lists_the_files_and_renders_the_card(two_bundles, tmp_path):
+    res = run_cli("models", "push", str(two_bundles[0]), REPO, "--also", str(two_bundles[1]), "--dry-run", "--json")
+    assert res.returncode == 0, res.stderr[-2000:]
+    r = json.loads(res.stdout)
+    assert not r["uploaded"] and {"llm-f32.gguf", "llm-q8_0.gguf", "encoder.onnx", "README.md"} <= set(r["files"])
+    assert r["total_bytes"] == sum(r["files"].values())
+    card = r["card"]
+    assert "**Licence**: the licence of the source checkpoint" in card  # a local folder: said, not invented
+    assert f"edge-af3 ask -m {REPO}" in card and "| f32 | fp32 |" in card and "| q8_0 | fp32 |" in card
+    assert "GiB" in card
+    bad = run_cli("models", "push", str(two_bundles[0]), "not-a-repo", "--dry-run")
+    assert bad.returncode != 0 and "ORG/NAME" in bad.stderr + bad.stdout
+
+
+def test_licence_of_a_known_source_is_carried_over():
+    from edge_af3.hub_publish import licence
+
+    assert "NVIDIA OneWay Noncommercial" in licence({"source": {"id": "nvidia/audio-flamingo-3-hf"}})
