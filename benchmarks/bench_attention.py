@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS, machine, peak_rss_mb, rss_mb
+from .common import RESULTS, peak_rss_mb, rss_mb, write_report
 
 QUESTION = "<|im_start|>user\nWhat happened in the last minute?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -106,13 +106,7 @@ def main(argv=None) -> dict:
         cmd += ["--fill", str(args.fill), "--every", str(args.every), "--kv", args.kv]
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, check=True)
         report[f"flash_{flash}"] = json.loads(done.stdout.strip().splitlines()[-1])
-    report["machine"] = machine()
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"attention-{args.shape}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(markdown(report))
-    print(markdown(report))
-    return report
+    return write_report(report, args.out / f"attention-{args.shape}", markdown)
 
 
 def markdown(r: dict) -> str:

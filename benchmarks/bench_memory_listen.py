@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS, machine, rss_mb
+from .common import RESULTS, rss_mb, write_report
 
 RATE = 16000
 QUESTIONS = [
@@ -148,7 +148,7 @@ def main(argv=None) -> dict:
         }
         print("fill", json.dumps(report["fill"]), json.dumps(report["question_ttft_ms"]), flush=True)
         if args.ttft_only:
-            return _save(report, args.out / f"memory-ttft-{args.shape}", ttft_markdown)
+            return write_report(report, args.out / f"memory-ttft-{args.shape}", ttft_markdown)
 
         # the hour, on a memory of --hour-memory minutes (steady state once full)
         with model.memory(args.hour_memory * 60, tail_every=args.hour_tail_every or None) as mem:
@@ -191,38 +191,33 @@ def main(argv=None) -> dict:
                     "loop_s": time.perf_counter() - t0,
                 }
             print("exact", json.dumps(report["exact"]), flush=True)
-    return _save(report, args.out / f"memory-listen-{args.shape}", markdown)
+    return write_report(report, args.out / f"memory-listen-{args.shape}", markdown)
 
 
-def _save(report: dict, stem: Path, render) -> dict:
-    report["machine"] = machine()
-    stem.parent.mkdir(parents=True, exist_ok=True)
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(render(report))
-    print(render(report))
-    return report
+def _fill_table(r: dict) -> list[str]:
+    f = r["fill"]["work_per_window_ms"]
+    return [
+        "| a 10-minute memory filling: work per window | " + " | ".join(f"minute {k}" for k in f) + " |",
+        "|---|" + "---:|" * len(f),
+        "| ms | " + " | ".join(f"{v:.0f}" for v in f.values()) + " |",
+    ]
+
+
+def _ttft_line(t: dict) -> str:
+    return (
+        f"- question TTFT: 10 min in memory {t['memory_10min']:.0f} ms, no audio {t['no_audio']:.0f} ms "
+        f"({t['memory_10min'] / t['no_audio']:.2f}x, goal <= 1.2x), the same 10 min cold "
+        f"{t['cold_10min']:.0f} ms ({t['cold_10min'] / t['memory_10min']:.0f}x the memory's)"
+    )
 
 
 def ttft_markdown(r: dict) -> str:
-    m, t, f = r["machine"], r["question_ttft_ms"], r["fill"]["work_per_window_ms"]
-    s = r["settings"]
-    return (
-        "\n".join(
-            [
-                f"### Audio memory: question TTFT, {r['shape']} ({m['cores']} cores of {m['cpu']}; "
-                f"flash attention {'on' if s['flash_attn'] else 'off'}, KV {s['kv']}; {r['when']})",
-                "",
-                "| a 10-minute memory filling: work per window | " + " | ".join(f"minute {k}" for k in f) + " |",
-                "|---|" + "---:|" * len(f),
-                "| ms | " + " | ".join(f"{v:.0f}" for v in f.values()) + " |",
-                "",
-                f"- question TTFT: 10 min in memory {t['memory_10min']:.0f} ms, no audio {t['no_audio']:.0f} ms "
-                f"({t['memory_10min'] / t['no_audio']:.2f}x, goal <= 1.2x), the same 10 min cold "
-                f"{t['cold_10min']:.0f} ms ({t['cold_10min'] / t['memory_10min']:.0f}x the memory's)",
-            ]
-        )
-        + "\n"
+    m, s = r["machine"], r["settings"]
+    head = (
+        f"### Audio memory: question TTFT, {r['shape']} ({m['cores']} cores of {m['cpu']}; "
+        f"flash attention {'on' if s['flash_attn'] else 'off'}, KV {s['kv']}; {r['when']})"
     )
+    return "\n".join([head, "", *_fill_table(r), "", _ttft_line(r["question_ttft_ms"])]) + "\n"
 
 
 def markdown(r: dict) -> str:
@@ -238,11 +233,7 @@ def markdown(r: dict) -> str:
         "",
         f"(a memory of {h['memory_minutes']:g} minutes: full from minute {h['memory_minutes']:g} on)",
         "",
-        "| a 10-minute memory filling: work per window | "
-        + " | ".join(f"minute {k}" for k in r["fill"]["work_per_window_ms"])
-        + " |",
-        "|---|" + "---:|" * len(r["fill"]["work_per_window_ms"]),
-        "| ms | " + " | ".join(f"{v:.0f}" for v in r["fill"]["work_per_window_ms"].values()) + " |",
+        *_fill_table(r),
         "",
         f"- spread minute 1 -> {list(w)[-1]}: {100 * (max(w.values()) / min(w.values()) - 1):.1f} % (goal 10 %)",
         f"- real-time factor of the memory loop: {h['real_time_factor']:.3f} over {h['minutes']:g} minutes "
@@ -250,9 +241,7 @@ def markdown(r: dict) -> str:
         "- RSS MB: "
         + ", ".join(f"minute {k}: {v:.0f}" for k, v in h["rss_mb"].items())
         + f"; peak {h['rss_peak_mb']:.0f}",
-        f"- question TTFT: 10 min in memory {t['memory_10min']:.0f} ms, no audio {t['no_audio']:.0f} ms "
-        f"({t['memory_10min'] / t['no_audio']:.2f}x, goal <= 1.2x), the same 10 min cold "
-        f"{t['cold_10min']:.0f} ms ({t['cold_10min'] / t['memory_10min']:.0f}x the memory's)",
+        _ttft_line(t),
         "",
         "| tail policy | work per window ms | real-time factor |",
         "|---|---:|---:|",

@@ -111,6 +111,17 @@ def machine() -> dict:
     }
 
 
+def write_report(report: dict, stem: Path, render: Callable[[dict], str]) -> dict:
+    """`report` with its machine as STEM.json, rendered as STEM.md, and printed."""
+    report["machine"] = machine()
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    text = render(report)
+    stem.with_suffix(".md").write_text(text)
+    print(text)
+    return report
+
+
 def save(name: str, payload: dict) -> Path:
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"

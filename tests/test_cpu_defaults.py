@@ -116,3 +116,17 @@ def test_released_pages_change_no_number(tiny_ckpt, tmp_path):
                 [eng.decode_tokens(ids, logits="all"), eng.decode_embeddings(rows, logits="all")]
             )
     assert np.array_equal(logits[True], logits[False])
+
+
+def test_flash_attention_is_off_on_a_cpu_and_on_with_a_gpu():
+    """bench_attention: on a CPU llama.cpp's flash-attention kernel makes a question over a long
+    cache 3.6x slower, so the CPU default is off; a GPU, or a q8_0 KV cache (which llama.cpp only
+    runs with it), turns it on; an explicit choice wins; exact mode keeps it off."""
+    from edge_af3.engines.select import EncoderChoice
+
+    cpu = EncoderChoice("onnxruntime-cpu", "cpu")
+    assert resolve("fp32", choice=cpu, llm_gpu=False).flash_attn is False
+    assert resolve("fp32", choice=cpu, llm_gpu=False, kv_type="q8_0").flash_attn is True
+    assert resolve("fp32", choice=cpu, llm_gpu=True).flash_attn is True
+    assert resolve("fp32", choice=cpu, llm_gpu=False, flash_attn=True).flash_attn is True
+    assert resolve("fp32", choice=cpu, llm_gpu=True, exact=True).flash_attn is False

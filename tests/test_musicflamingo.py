@@ -185,3 +185,10 @@ def test_doctor_names_the_architecture(mf_bundle):
         "max_seconds": 1200,
         "time_embedding": True,
     }
+
+
+def test_make_tiny_names_the_architecture_as_the_published_configs_do(mf_ckpt, tiny_ckpt):
+    """vLLM picks the generation model by `architectures` (without it: the base model, an
+    embedding server)."""
+    assert _cfg(mf_ckpt)["architectures"] == ["MusicFlamingoForConditionalGeneration"]
+    assert _cfg(tiny_ckpt)["architectures"] == ["AudioFlamingo3ForConditionalGeneration"]

@@ -166,6 +166,8 @@ def config_dict(shape: Shape, arch: Arch = ARCHS["audioflamingo3"]):
     else:
         cfg = AudioFlamingo3Config(audio_config=audio, text_config=text, audio_token_id=SOUND_TOKEN_ID)
     cfg.dtype = shape.dtype
+    # as the published config.json has it (vLLM picks the generation model by it, not the base model)
+    cfg.architectures = [type(cfg).__name__.replace("Config", "ForConditionalGeneration")]
     return cfg
 
 

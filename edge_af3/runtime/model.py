@@ -139,8 +139,9 @@ class AF3:
     ) -> AF3:
         """Load a bundle; a checkpoint folder or Hub id is exported once into the cache, then reused.
 
-        settings: device ("auto" | "cpu" | "cuda"), n_ctx (default 16384: AF3's longest prompt),
-        threads, kv_type ("f16" | "q8_0" | "f32"), flash_attn, exact (f32 KV, flash attention off:
+        settings: device ("auto" | "cpu" | "cuda"), n_ctx (default: the model's longest prompt: 16384
+        for AF3, 31744 Music Flamingo, 47104 AF-Next), threads, kv_type ("f16" | "q8_0" | "f32"),
+        flash_attn (default: on with a GPU, off on a CPU), exact (f32 KV, flash attention off:
         greedy tokens equal transformers'), encoder_engine, windows_per_run, overlap, n_gpu_layers,
         options (a `GenerationOptions`: this model's defaults over the checkpoint's), n_seq (llama.cpp
         sequences, each with its own n_ctx of KV cache: the server's slots; the in-process API uses
