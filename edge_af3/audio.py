@@ -30,8 +30,8 @@ class AudioTooLongWarning(UserWarning):
 
 
 # what the longest-reading model (Audio Flamingo Next: 60 windows) takes: for reading a clip before the
-# model is known; the model then cuts it to its own limit
-LONGEST = {"limit": 60 * MAX_SAMPLES // 20, "model": "AF-Next"}
+# model is known, quietly; the model then cuts it to its own limit and says so (model=None: no warning)
+LONGEST = {"limit": 60 * MAX_SAMPLES // 20, "model": None}
 
 MAX_CHANNELS = 32  # a 2-D array is [samples, channels] or, when its first axis is this small, [channels, samples]
 
@@ -200,7 +200,9 @@ def _decode_av(
     return x, rate, int(x.shape[1]), seconds
 
 
-def _warn_long(label: str, seconds: float, limit: int, model: str) -> None:
+def _warn_long(label: str, seconds: float, limit: int, model: str | None) -> None:
+    if model is None:  # read ahead of the model (LONGEST): the model's own cut warns
+        return
     warnings.warn(
         f"{label}: {seconds:.1f} s is longer than {model}'s {limit // SAMPLE_RATE} s; only the "
         f"first {limit // SAMPLE_RATE} s are used",
@@ -215,7 +217,7 @@ def load_audio(
     *,
     name: str | None = None,
     limit: int = MAX_SAMPLES,
-    model: str = "AF3",
+    model: str | None = "AF3",
 ) -> Audio:
     """Turn a path, raw file bytes, an array (+ its rate) or an `Audio` into 16 kHz mono float32.
 
@@ -225,7 +227,7 @@ def load_audio(
     """
     if isinstance(source, Audio):  # as it is, cut to `limit` (what it lost to a lower limit stays lost)
         if source.samples.shape[0] > limit:
-            _warn_long(source.name, source.seconds, limit, model)
+            _warn_long(source.name, source.source_seconds or source.seconds, limit, model)
             return replace(source, samples=source.samples[:limit], limit=limit)
         return source if source.limit <= limit else replace(source, limit=limit)
     if isinstance(source, tuple) and len(source) == 2:

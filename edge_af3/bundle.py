@@ -21,7 +21,11 @@ from typing import Any
 from .errors import BundleError, OutputError
 from .paths import cache_dir
 
+# 1: AF3 bundles; 2: bundles an edge-af3 without the model family must not load (Music Flamingo's
+# encoder takes the rows' times): AF3 bundles keep writing 1, so older readers still load them
 FORMAT_VERSION = 1
+FORMAT_FAMILY = 2
+READS = (FORMAT_VERSION, FORMAT_FAMILY)
 MANIFEST = "manifest.json"
 
 
@@ -95,8 +99,11 @@ def read_manifest(path: Path) -> dict[str, Any]:
     except json.JSONDecodeError as e:
         raise BundleError(f"{mpath}: not valid JSON ({e})") from e
     version = manifest.get("format_version")
-    if version != FORMAT_VERSION:
-        raise BundleError(f"{path}: bundle format {version!r}; this edge-af3 reads format {FORMAT_VERSION}")
+    if version not in READS:
+        raise BundleError(
+            f"{path}: bundle format {version!r}; this edge-af3 reads formats {', '.join(map(str, READS))} "
+            "(a newer edge-af3 wrote it: pip install -U edge-af3)"
+        )
     return manifest
 
 

@@ -18,7 +18,7 @@ import os
 import time
 from pathlib import Path
 
-from .audio import LONGEST, Audio, load_audio
+from .audio import Audio, load_audio
 from .constants import SAMPLE_RATE, THINK_SUFFIX
 from .errors import AudioError, EdgeAF3Error, MissingDependencyError, SessionBusyError
 from .runtime.types import Answer, GenerationOptions, Timings
@@ -50,7 +50,7 @@ def audio_part(audio) -> dict:
     if fmt is None:
         import soundfile as sf
 
-        clip = load_audio(audio, **LONGEST) if not isinstance(audio, Audio) else audio  # the server cuts to its model
+        clip = load_audio(audio) if not isinstance(audio, Audio) else audio
         buf = io.BytesIO()
         sf.write(buf, clip.samples, SAMPLE_RATE, format="WAV", subtype="FLOAT")
         data, fmt = buf.getvalue(), "wav"

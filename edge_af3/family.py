@@ -17,7 +17,7 @@ clip's rows stay a function of the clip alone (cacheable) and the graphs keep th
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -62,14 +62,28 @@ class Family:
         need = self.max_windows * ROWS_PER_WINDOW + (DEFAULT_N_CTX - MAX_WINDOWS * ROWS_PER_WINDOW)
         return -(-need // 1024) * 1024
 
+    def encoder_engine(self, asked: str | None) -> str | None:
+        """The encoder engine to ask for: the rows' times are an input only ONNX Runtime's CPU path
+        takes so far, so a time-embedding model runs there (another engine asked for is refused)."""
+        if not self.time_embedding:
+            return asked
+        if asked not in (None, "onnxruntime-cpu"):
+            from .errors import OptionsError
+
+            raise OptionsError(
+                f"{self.name}'s encoder (rotary time embedding) runs on onnxruntime-cpu only so far, not {asked}"
+            )
+        return "onnxruntime-cpu"
+
     def to_manifest(self) -> dict:
         return asdict(self)
 
     @classmethod
     def from_manifest(cls, manifest: dict) -> Family:
         """The manifest's `family` (bundles from before it: AF3)."""
-        entry = manifest.get("family")
-        return cls(**entry) if entry else cls()
+        entry = manifest.get("family") or {}
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in entry.items() if k in known})  # fields of a newer exporter: left out
 
     @classmethod
     def from_checkpoint(cls, path: Path, cfg: dict) -> Family:
@@ -82,6 +96,11 @@ class Family:
         windows = max(1, seconds // CHUNK_SECONDS)
         if kind == "audioflamingo3":
             return cls(max_windows=windows)
+        step = float(cfg.get("audio_frame_step", FRAME_STEP))
+        if abs(step - FRAME_STEP) > 1e-12:  # row_times and the features assume 10 ms frames
+            from .errors import CheckpointError
+
+            raise CheckpointError(f"{path}: audio_frame_step {step} s; edge-af3 reads 10 ms frames (hop 160 at 16 kHz)")
         text = cfg.get("text_config") or {}
         theta = (text.get("rope_parameters") or {}).get("rope_theta") or text.get("rope_theta") or 0
         # both publish model type musicflamingo: AF-Next reads 30 minutes over a long-context Qwen2

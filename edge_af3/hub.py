@@ -31,6 +31,7 @@ from .paths import cache_dir
 
 # LLM types, best quality first: `auto` takes the first one that fits this machine's memory
 QUALITY = ("f32", "bf16", "f16", "q8_0", "q6_k", "q5_k_m", "q4_k_m", "iq4_nl", "q4_0")
+FOUR_BIT = ("q4_k_m", "iq4_nl", "q4_0")
 
 
 def remote_manifest(repo_id: str, revision: str | None = None) -> dict | None:
@@ -72,9 +73,11 @@ def need_bytes(m: dict, quant: str, precision: str) -> int:
     return _bytes(m, [llm_v[quant]["file"]]) + _bytes(m, _encoder_files(m, enc_v[precision])) + 2 * kv
 
 
-def choose(m: dict, quant: str = "auto", encoder_precision: str = "auto", budget: int | None = None) -> dict:
-    """The variant to pull: the asked type, or (`auto`) the best-quality LLM whose weights and KV
-    cache fit `budget`; the asked encoder precision, or what this machine runs best that is there."""
+def choose(m: dict, quant: str = "auto", encoder_precision: str = "auto", budget: int | None = None, have=()) -> dict:
+    """The variant to pull: the asked type, or (`auto`) a variant already pulled (`have`) that fits,
+    else the best-quality LLM whose weights and KV cache fit `budget` (unknown budget: the first
+    4-bit type there is, not a 30 GB f32); the asked encoder precision, or what this machine runs
+    best that is there."""
     llm_v, enc_v = variants(m)
     if encoder_precision == "auto":
         from .quants import resolve_encoder_precision
@@ -91,10 +94,21 @@ def choose(m: dict, quant: str = "auto", encoder_precision: str = "auto", budget
         return {"quant": quant, "encoder_precision": precision, "why": "asked for"}
     ranked = sorted(llm_v, key=lambda q: QUALITY.index(q) if q in QUALITY else len(QUALITY))
     sizes = {q: need_bytes(m, q, precision) for q in ranked}
-    fits = [q for q in ranked if budget is None or sizes[q] <= budget]
+    if budget is None:  # nothing known of this machine: a 4-bit type when there is one
+        four = [q for q in ranked if q in FOUR_BIT] or ranked[-1:]
+        return {"quant": four[0], "encoder_precision": precision, "why": "memory unknown", "need_bytes": sizes[four[0]]}
+    kept = [q for q, pp in have if pp == precision and q in sizes and sizes[q] <= budget]
+    if kept:  # the same pick as last time, while it fits: no second download, works offline
+        best = min(kept, key=ranked.index)
+        return {"quant": best, "encoder_precision": precision, "why": "pulled before", "need_bytes": sizes[best]}
+    fits = [q for q in ranked if sizes[q] <= budget]
     if fits:
-        why = "the best that fits" if budget is not None else "the best there is"
-        return {"quant": fits[0], "encoder_precision": precision, "why": why, "need_bytes": sizes[fits[0]]}
+        return {
+            "quant": fits[0],
+            "encoder_precision": precision,
+            "why": "the best that fits",
+            "need_bytes": sizes[fits[0]],
+        }
     small = min(ranked, key=sizes.get)
     return {
         "quant": small,
@@ -141,7 +155,7 @@ def pull(
     m = manifest or remote_manifest(repo_id, revision)
     if m is None:
         raise ModelNotFoundError(f"{repo_id}: no bundle manifest at its root (not in the cache, or not a bundle repo)")
-    pick = choose(m, quant, encoder_precision, _budget() if quant == "auto" else None)
+    pick = choose(m, quant, encoder_precision, _budget() if quant == "auto" else None, have=pulled(repo_id))
     q, p = pick["quant"], pick["encoder_precision"]
     need = files_for(m, q, p)
     say(f"{repo_id}: LLM {q} ({pick['why']}), encoder {p}: {_bytes(m, need) / 1e9:.2f} GB")
@@ -153,9 +167,9 @@ def pull(
     if missing:
         offline = os.environ.get("HF_HUB_OFFLINE", "0")
         raise ModelNotFoundError(f"{repo_id}: {', '.join(missing)} not in the Hub cache (HF_HUB_OFFLINE={offline})")
-    org, name = repo_id.split("/", 1)
-    out = cache_dir() / "bundles" / f"hub--{org}--{name}-{q}-{p}-{snap.name[:12]}"
-    if not (out / MANIFEST).is_file():
+    out = _bundle_dir(repo_id, q, p, snap.name)
+    built = not (out / MANIFEST).is_file()
+    if built:
         local = {k: v for k, v in m.items() if k != "variants"}
         llm_v, enc_v = variants(m)
         local |= {"llm": llm_v[q], "encoder": enc_v[p], "files": {n: m["files"][n] for n in need}}
@@ -165,7 +179,29 @@ def pull(
                 (tmp / n).parent.mkdir(parents=True, exist_ok=True)
                 os.symlink((snap / n).resolve(), tmp / n)  # the Hub cache's blob: no second copy
             (tmp / MANIFEST).write_text(json.dumps(local, indent=2, ensure_ascii=False) + "\n", "utf-8")
-    open_bundle(out, check_hashes=True)  # every file against its sha256 before anything parses it
+    # every file against its sha256 before anything parses it: all of them when just made; later,
+    # those whose size, time or inode changed since (open_bundle's record)
+    open_bundle(out, check_hashes=True if built else None)
+    return out
+
+
+def _bundle_dir(repo_id: str, quant: str, precision: str, revision: str) -> Path:
+    org, name = repo_id.split("/", 1)
+    return cache_dir() / "bundles" / f"hub--{org}--{name}-{quant}-{precision}-{revision[:12]}"
+
+
+def pulled(repo_id: str) -> list[tuple[str, str]]:
+    """(LLM type, encoder precision) of the variants of `repo_id` already made in the cache."""
+    org, name = repo_id.split("/", 1)
+    root = cache_dir() / "bundles"
+    out = []
+    for d in root.glob(f"hub--{org}--{name}-*") if root.is_dir() else ():
+        try:
+            hub = json.loads((d / MANIFEST).read_text("utf-8")).get("hub") or {}
+        except (OSError, json.JSONDecodeError):
+            continue
+        if hub.get("repo") == repo_id:
+            out.append((hub["quant"], hub["encoder_precision"]))
     return out
 
 

@@ -27,11 +27,14 @@ def stage(bundles: list[Path], out: Path) -> dict:
     llm_v, enc_v, files = {}, {}, {}
     for path, m in zip(bundles, ms):
         q, p = m["llm"]["quant"], m["encoder"]["precision"]
-        if q in llm_v and m["llm"]["file"] != llm_v[q]["file"]:
-            raise OptionsError(f"two bundles hold a {q} LLM; publish one")
-        llm_v[q] = m["llm"]
-        _link(Path(path) / m["llm"]["file"], out / m["llm"]["file"])
-        files[m["llm"]["file"]] = m["files"][m["llm"]["file"]]
+        llm_file = m["llm"]["file"]
+        if q in llm_v:  # the same LLM beside another encoder precision: once, if it is the same file
+            if files[llm_v[q]["file"]]["sha256"] != m["files"][llm_file]["sha256"]:
+                raise OptionsError(f"two bundles hold different {q} LLMs ({llm_file}); publish one of them")
+        else:
+            llm_v[q] = m["llm"]
+            _link(Path(path) / llm_file, out / llm_file)
+            files[llm_file] = m["files"][llm_file]
         if p not in enc_v:
             folder = "" if not enc_v else f"encoder-{p}/"  # the first at the root, as a plain bundle has it
             enc_v[p] = dict(m["encoder"], file=folder + m["encoder"]["file"])
@@ -45,6 +48,10 @@ def stage(bundles: list[Path], out: Path) -> dict:
         if n not in taken and not n.startswith("llm-") and n != (first.get("mmproj") or {}).get("file"):
             _link(Path(bundles[0]) / n, out / n)
             files[n] = meta
+    if len(enc_v) > 1 and any(a.get("encoder") for a in (first.get("adapters") or {}).values()):
+        raise OptionsError(
+            "an adapter here carries encoder weights, which fit one encoder graph; publish one encoder precision"
+        )
     root["variants"] = {"llm": llm_v, "encoder": enc_v}
     root["files"] = files
     root.pop("mmproj", None)
@@ -101,7 +108,7 @@ def card(m: dict, repo_id: str) -> str:
             need = need_bytes(m, q, p)
             fits = ", ".join(t for t, (budget, _) in TARGETS.items() if need <= budget) or "none of the targets"
             lines.append(f"| {q} | {p} | {size / GIB:.2f} GiB | {need / GIB:.2f} GiB | {fits} |")
-    lines += ["", "## Parity (from the manifest)", ""]
+    lines += ["", f"## Parity (from the manifest of the {next(iter(llm_v))} / {next(iter(enc_v))} export)", ""]
     for name, check in (m.get("verification") or {}).items():
         figures = ", ".join(f"{k} {v:.4g}" for k, v in check.items() if isinstance(v, float))
         lines.append(f"- {name}: {figures or json.dumps(check)}")

@@ -129,7 +129,8 @@ def plan(bundle, **settings) -> dict:
 
     b = bundle if isinstance(bundle, Bundle) else open_bundle(Path(bundle), check_hashes=False)
     m = b.manifest
-    onnx_bytes = sum(m["files"][n]["bytes"] for n in m["files"] if n.startswith("encoder.onnx"))
+    enc = m["encoder"]["file"]  # encoder.onnx, or encoder-<precision>/encoder.onnx pulled from a Hub repo
+    onnx_bytes = sum(meta["bytes"] for n, meta in m["files"].items() if n == enc or n.startswith(enc + "."))
     llm = (b.llm.name, b.llm.stat().st_size, llm_shape(b.llm))
     encoder = (onnx_bytes, m["encoder"]["precision"], int(m["model"]["encoder_hidden"]))
     return _plan(str(b.path), llm, encoder, max_windows=Family.from_manifest(m).max_windows, **settings)

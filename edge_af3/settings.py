@@ -27,7 +27,7 @@ class Settings:
     windows_per_run: int
     overlap: bool  # encode on a thread while llama.cpp prefills (pays only with a GPU encoder)
     n_gpu_layers: int
-    flash_attn: bool | None  # None: llama.cpp decides (only when asked for)
+    flash_attn: bool | None  # on with GPU layers or a q8_0 KV cache, off on a CPU (None: llama.cpp decides)
     kv_type: str
     n_ctx: int
     n_batch: int = 512
@@ -91,21 +91,22 @@ def resolve(
         )
     if exact and choice.engine in FP16_ONLY:  # a forced engine or target, or a fallback
         raise OptionsError(f"exact mode cannot run the {choice.engine} engine: {FP16_ONLY[choice.engine]}")
-    if llm_gpu is None:
-        llm_gpu = choice.gpu is not None and _llama_gpu()
+    if llm_gpu is None:  # device "cpu": the LLM stays on the CPU too
+        llm_gpu = device != "cpu" and choice.gpu is not None and _llama_gpu()
     on_gpu_encoder = choice.engine not in CPU_ENGINES
     # a GPU encoder is fast per window and idle while llama.cpp prefills: several windows per run,
     # encoded on a thread while llama.cpp takes the text before the clip and the earlier windows;
     # on a CPU both compete for the same cores: one window per run, in line (measured: overlap
     # loses 4-8 % on 2 cores; 2 windows per run peak 380 MB higher for no gain)
+    gpu_layers = (999 if llm_gpu else 0) if n_gpu_layers is None else n_gpu_layers
     return Settings(
         device=device,
         encoder_engine=choice.engine,
         encoder_precision="fp16" if (on_gpu_encoder and stored_precision == "fp32" and not exact) else stored_precision,
         windows_per_run=windows_per_run or (4 if on_gpu_encoder else 1),
         overlap=on_gpu_encoder if overlap is None else overlap,
-        n_gpu_layers=(999 if llm_gpu else 0) if n_gpu_layers is None else n_gpu_layers,
-        flash_attn=_flash_attn(flash_attn, llm_gpu, kv_type),
+        n_gpu_layers=gpu_layers,
+        flash_attn=_flash_attn(flash_attn, gpu_layers > 0, kv_type),
         kv_type=kv_type or "f16",
         n_ctx=n_ctx,
         exact=exact,
@@ -117,11 +118,12 @@ def resolve(
 
 
 def _flash_attn(asked: bool | None, llm_gpu: bool, kv_type: str | None) -> bool:
-    """On a GPU, or for a quantized V cache (llama.cpp needs it there): on. On a CPU: off. llama.cpp
-    would pick on for the CPU too, where its kernel makes short batches over a long cache slow:
-    bench-small over 15 360 cached positions, a 15-token question 611 vs 2199 ms, a decode step 91
-    vs 263 ms, a 512-row prefill 16.4 vs 18.1 s (benchmarks/bench_attention.py). The price: the
-    attention scores it materialises, +615 MB peak at that depth (docs/cpu.md)."""
+    """With layers on a GPU, or for a quantized V cache (llama.cpp needs it there): on. On a CPU:
+    off. llama.cpp would pick on for the CPU too, where its kernel makes short batches over a long
+    cache slow: bench-small over 15 360 cached positions, a 15-token question 611 vs 2199 ms, a
+    decode step 91 vs 263 ms, a 512-row prefill 16.4 vs 18.1 s (benchmarks/bench_attention.py).
+    The price: the attention scores it materialises (n_ubatch x depth x heads x 4 bytes), +615 MB
+    peak at that depth on bench-small, ~0.9 GB for AF3's 7B over a full 10-minute clip (docs/cpu.md)."""
     if asked is not None:
         return asked
     return bool(llm_gpu) or kv_type == "q8_0"

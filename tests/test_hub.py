@@ -133,3 +133,27 @@ def test_licence_of_a_known_source_is_carried_over():
     from edge_af3.hub_publish import licence
 
     assert "NVIDIA OneWay Noncommercial" in licence({"source": {"id": "nvidia/audio-flamingo-3-hf"}})
+
+
+def test_two_encoder_precisions_of_one_llm(two_bundles, tiny_ckpt, tmp_path):
+    """An f32 LLM with an fp32 and a mixed encoder: the LLM staged once, the second encoder in its
+    own folder; pulling `--encoder-precision mixed` offline gets that encoder and loads."""
+    from edge_af3.export import export
+    from edge_af3.hub_publish import stage
+
+    mixed = export(tiny_ckpt, tmp_path / "mixed", quant="f32", encoder_precision="mixed", verify=False)
+    staged = tmp_path / "repo"
+    root = stage([two_bundles[0], mixed], staged)
+    assert set(root["variants"]["encoder"]) == {"fp32", "mixed"} and list(root["variants"]["llm"]) == ["f32"]
+    assert (staged / "encoder-mixed" / "encoder.onnx").is_file() and (staged / "llm-f32.gguf").is_file()
+    cache = tmp_path / "hub"
+    fill_hub_cache(cache, staged)
+    env = env_for(tmp_path, cache)
+    res = run_cli("models", "pull", REPO, "--encoder-precision", "mixed", env=env)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (made,) = (tmp_path / "edge" / "bundles").iterdir()
+    m = json.loads((made / "manifest.json").read_text())
+    assert m["encoder"] == {**root["variants"]["encoder"]["mixed"]} and m["encoder"]["precision"] == "mixed"
+    plan = run_cli("plan", str(made), "--device", "cpu", "--json", env=env)
+    assert plan.returncode == 0, plan.stderr[-2000:]
+    assert json.loads(plan.stdout)["items"]["encoder weights"] > 0  # the subfolder's encoder counted

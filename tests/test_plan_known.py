@@ -60,7 +60,7 @@ def test_plan_the_longer_models_offline(tmp_path, model_id, n_ctx, rows):
     default, the KV cache and the audio rows counted at that length; without flash attention
     (the CPU default) the attention scores of one ubatch over it are counted too."""
     env = {"HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
-    res = run_cli("plan", model_id, "--json", env=env)
+    res = run_cli("plan", model_id, "--device", "cpu", "--json", env=env)
     assert res.returncode == 0, res.stderr[-2000:]
     p = json.loads(res.stdout)
     assert p["n_ctx"] == n_ctx and p["items"]["KV cache"] == 2 * 28 * n_ctx * 4 * 128 * 2

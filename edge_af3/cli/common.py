@@ -260,6 +260,7 @@ def show_plan(
             return plan(path, **kw)
 
     n_ctx = family.n_ctx if n_ctx is None else n_ctx  # room for the model's longest clip, as AF3.load sets it
+    encoder_engine = family.encoder_engine(encoder_engine)  # as AF3.load picks it
     if target is None:
         s = resolve(stored, device=device, encoder_engine=encoder_engine, kv_type=kv_type, n_ctx=n_ctx, exact=exact)
         p = make(

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import __version__
-from ..bundle import FORMAT_VERSION, MANIFEST, describe, sha256_file, staged_folder
+from ..bundle import FORMAT_FAMILY, FORMAT_VERSION, MANIFEST, describe, sha256_file, staged_folder
 from ..constants import (
     BOS_TOKEN_ID,
     EOS_TOKEN_ID,
@@ -261,6 +261,11 @@ def export(
             f"{ckpt}: a {family.name} checkpoint has no faithful llama.cpp mmproj (its musicflamingo projector "
             "has no time embedding); export without --mmproj"
         )
+    if family.time_embedding and encoder_precision == "fp16":
+        raise OptionsError(
+            f"{family.name}'s time embedding needs fp32 angles (rows' times up to {family.max_seconds} s); "
+            "export with --encoder-precision fp32, mixed or int8"
+        )
     say(f"model: {family.name} ({family.max_windows} windows per clip)")
     t_start = time.perf_counter()
     with staged_folder(out, force=force) as tmp:
@@ -312,7 +317,7 @@ def export(
         files = {p.name: describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         audio = cfg["audio_config"]
         manifest = {
-            "format_version": FORMAT_VERSION,
+            "format_version": FORMAT_FAMILY if family.time_embedding else FORMAT_VERSION,
             "created_unix": int(time.time()),
             "source": {"id": str(src), "path": str(ckpt), "revision": revision, "files": _source_files(ckpt)},
             "exporter": _versions(),

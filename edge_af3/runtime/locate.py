@@ -37,9 +37,8 @@ def locate(source: str | os.PathLike, *, quant: str = "auto", encoder_precision:
 
             manifest = remote_manifest(text)  # a bundle repo: the variant that fits, no export
             if manifest is not None:
-                return pull(
-                    text, quant=quant, encoder_precision=encoder_precision, manifest=manifest, say=progress or print
-                )
+                # quiet: huggingface_hub shows the download (`progress` is an export's steps)
+                return pull(text, quant=quant, encoder_precision=encoder_precision, manifest=manifest)
             tried.append("Hub bundle repo: no manifest.json at its root (or not in the cache offline)")
             try:
                 return exported(text, quant, progress, encoder_precision)
@@ -99,6 +98,11 @@ def first_use(source: str | os.PathLike, quant: str = "auto", encoder_precision:
     else:
         try:
             from huggingface_hub import HfApi, snapshot_download
+
+            from ..hub import remote_manifest
+
+            if remote_manifest(str(source)) is not None:  # a bundle repo: a download, no export
+                return None
 
             try:  # already downloaded and exported: nothing to say
                 local = Path(snapshot_download(repo_id=str(source), local_files_only=True))

@@ -62,8 +62,7 @@ class AF3:
         self.eos_ids = eos_ids(self.generation)
         self.family = Family.from_manifest(bundle.manifest)  # AF3, Music Flamingo or AF-Next
         n_ctx = self.family.n_ctx if n_ctx is None else n_ctx  # room for the family's longest clip
-        if self.family.time_embedding and encoder_engine is None:
-            encoder_engine = "onnxruntime-cpu"  # the one engine that takes the rows' times so far
+        encoder_engine = self.family.encoder_engine(encoder_engine)  # Music Flamingo: ONNX Runtime CPU
         self.options = options or GenerationOptions()  # this model's defaults; a call's own options win
         stored = bundle.manifest["encoder"]["precision"]
         ask = dict(
