@@ -166,11 +166,35 @@ def test_follow_up_turn_with_a_second_clip_matches_transformers(mf, mf_ref):
     assert list(second.tokens) == strip_eos(mf_ref.generate(conv, max_new_tokens=16))
 
 
-def test_memory_refuses_a_time_embedding_model(mf):
+def test_95_s_through_the_memory_answers_as_transformers(mf_bundle, mf_ref):
+    """The audio memory on Music Flamingo: each window encoded with its place in the memory (the
+    time embedding) and prefilled once, `<|sound_bos|>` ending the head and `<|sound_eos|>`
+    starting the question: until an eviction the greedy answer equals transformers' for the 95 s
+    as one clip, and the question decodes only its own tokens."""
     from edge_af3 import OptionsError
 
-    with pytest.raises(OptionsError, match="time embedding"):
-        mf.memory(60)
+    x = noise(95, seed=95)
+    with AF3.load(mf_bundle, exact=True, options=GREEDY, n_seq=2, n_ctx=8192) as model:
+        with pytest.raises(OptionsError, match="memory-exact"):
+            model.memory(120, exact=True)
+        with model.memory(120, tail_every=10.0) as mem:
+            for i in range(0, x.size, 8000):
+                mem.feed(x[i : i + 8000])
+            mem.flush()
+            assert [(w.index, w.seconds) for w in mem.held] == [(0, 30), (1, 30), (2, 30), (3, 5)]
+            # each window's rows with its place in the clip (16 greedy tokens of a tiny model need
+            # not notice a wrong place: the rows do)
+            rows = np.concatenate([w.rows for w in mem.held])
+            assert np.abs(rows - mf_ref.clip_rows(x)).max() <= 1e-4
+            ans = mem.ask(QUESTION, max_new_tokens=16)
+            with pytest.raises(OptionsError, match="time-range"):
+                mem.ask(QUESTION, at=(0.0, 30.0))
+    want = strip_eos(mf_ref.generate(conversation(x), max_new_tokens=16))
+    assert list(ans.tokens) == want
+    ids = mf_ref.inputs(conversation(x))["input_ids"][0].tolist()
+    after_audio = len(ids) - ids.index(151671)  # <|sound_eos|> and the question's tokens
+    assert ans.timings.prompt_tokens == len(ids)
+    assert ans.timings.prompt_tokens - ans.timings.reused_tokens == after_audio
 
 
 def test_doctor_names_the_architecture(mf_bundle):

@@ -91,13 +91,15 @@ class ClipEncoder:
         self.encoder, self.windows_per_run, self.lock, self.cache = encoder, windows_per_run, lock, cache
         self.timed = timed  # the graph takes the rows' times (Music Flamingo's time embedding)
 
-    def encode(self, clip: Clip, emit: Callable[[np.ndarray], None] | None = None) -> Clip:
+    def encode(self, clip: Clip, emit: Callable[[np.ndarray], None] | None = None, *, first: int = 0) -> Clip:
+        """`first`: the clip's first window's place in the audio its rows join (the memory's
+        windows; 0 for a clip of its own) — only a time-embedding graph reads it."""
         t0 = time.perf_counter()
         feats = extract_features(clip.audio)
         t1 = time.perf_counter()
         clip.features_ms = (t1 - t0) * 1000
         got = []
-        for chunk in iter_windows(self.encoder, feats, self.windows_per_run, self.lock, timed=self.timed):
+        for chunk in iter_windows(self.encoder, feats, self.windows_per_run, self.lock, timed=self.timed, first=first):
             got.append(chunk)
             if emit:
                 emit(chunk)

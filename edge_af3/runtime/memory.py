@@ -36,7 +36,7 @@ from .prefill import Prefill
 from .session import Turn, check_fits
 from .stream import Stream
 from .types import Answer, GenerationOptions
-from .windows import WINDOW_S, Archive, Heard, Windower, WindowInfo, is_silent, memory_positions
+from .windows import WINDOW_S, Archive, Heard, Windower, WindowInfo, check_family, is_silent, memory_positions
 
 _ids = itertools.count()
 
@@ -108,20 +108,16 @@ class Memory:
         max_new_tokens: int | None = None,
         aside=None,
     ):
-        if model.family.time_embedding:  # its rows depend on each window's index in the clip
-            raise OptionsError(
-                f"the audio memory runs AF3 bundles; {model.family.name}'s time embedding ties each window's "
-                "rows to its place in the clip, which eviction changes (not supported yet)"
-            )
-        if not 0 < seconds <= MAX_WINDOWS * WINDOW_S:
-            raise OptionsError(f"a memory holds 30 s to 10 minutes (AF3 reads at most 20 windows), got {seconds:g} s")
+        self.family = fam = check_family(model.family, seconds, exact)  # Music Flamingo: no exact mode yet
         self.model, self.system = model, system
-        self.capacity = math.ceil(seconds / WINDOW_S)  # full windows; the tail comes on top, up to 20 in all
+        self.capacity = math.ceil(seconds / WINDOW_S)  # full windows; the tail comes on top, up to the model's most
         self.skip_silence, self.silence_db, self.exact = skip_silence, silence_db, exact
         self.windower = Windower(tail_every)
-        self.head = model.llm.tokenize(self._render("")[0])
+        # the ids around the rows (Music Flamingo's sound bos/eos): bos ends the head, eos starts a question
+        self._bos, self._eos = ([fam.sound_bos], [fam.sound_eos]) if fam.around else ([], [])
+        self.head = model.llm.tokenize(self._render("")[0]) + self._bos
         answer = max_new_tokens or model.options.max_new_tokens or 500
-        need = memory_positions(seconds, answer) + len(self.head)
+        need = memory_positions(seconds, answer, fam.max_windows) + len(self.head) + len(self._eos)
         if need > model.llm.n_ctx:
             raise ContextOverflowError(
                 f"a memory of {self.capacity * WINDOW_S:g} s needs n_ctx >= {need} (its windows of "
@@ -131,7 +127,10 @@ class Memory:
         from .encoding import ClipEncoder
 
         # windows are never asked twice: a cache of their own (none), not the model's clips
-        self._encoder = ClipEncoder(model.encoder, model.settings.windows_per_run, model._encoder_lock, RowsCache(0))
+        timed = fam.time_embedding
+        self._encoder = ClipEncoder(
+            model.encoder, model.settings.windows_per_run, model._encoder_lock, RowsCache(0), timed=timed
+        )
         self._claimed = [model.claim_sequence()]
         try:
             self.seq = self._claimed[0]
@@ -186,7 +185,8 @@ class Memory:
             self.sync()
             return
         t0 = time.perf_counter()
-        clip = self._encoder.encode(Clip(Audio(heard.samples, SAMPLE_RATE, 1, f"window {heard.index}")))
+        audio = Audio(heard.samples, SAMPLE_RATE, 1, f"window {heard.index}")
+        clip = self._encoder.encode(Clip(audio), first=len(self.windows))  # its place (the time embedding)
         key = f"memory{self._id}/{heard.index}/{clip.key[:16]}"
         window = Window(heard.index, heard.start_s, heard.seconds, clip.rows, key, key)
         with self._lock:
@@ -200,7 +200,7 @@ class Memory:
                 self.stats.tails += 1
                 self.tail = window
             # at most `capacity` full windows, and 20 with the tail (AF3's most): the oldest goes
-            while len(self.windows) > self.capacity or len(self.held) > MAX_WINDOWS:
+            while len(self.windows) > self.capacity or len(self.held) > self.family.max_windows:
                 self.windows.pop(0)
                 self.stats.evicted += 1
             self._version += 1
@@ -322,11 +322,11 @@ class Memory:
             clips = [w.clip(fresh=at is not None) for w in windows]
             pieces = self._render(text, n_audio=1 if clips else 0)
             llm = model.llm
-            if clips and llm.tokenize(pieces[0]) != self.head:
+            if clips and llm.tokenize(pieces[0]) + self._bos != self.head:
                 raise PromptError("the chat template puts text before the audio: a memory cannot keep its audio")
             target = [self.head if clips else llm.tokenize(pieces[0])] + clips
             if clips:
-                target.append(llm.tokenize(pieces[1]))
+                target.append(self._eos + llm.tokenize(pieces[1]))
             total = check_fits(target, clips, llm.n_ctx, opts.max_new_tokens)
             turn = Turn(
                 full="".join(pieces),
@@ -356,6 +356,8 @@ class Memory:
             stream.cancel()
 
     def _windows_at(self, at: tuple[float, float]) -> list[Window]:
+        if self.family.time_embedding:  # kept rows carry their place in the memory, not in the range
+            raise OptionsError(f"a time-range question needs AF3's rows; {self.family.name}'s would be encoded again")
         start, end = at
         if not end > start:
             raise OptionsError(f"a time range ends after it starts, got {start:g}-{end:g} s")

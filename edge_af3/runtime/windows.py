@@ -27,11 +27,25 @@ WINDOW_S = N_SAMPLES / SAMPLE_RATE  # 30 s
 QUESTION_ROOM = 128  # positions a question takes at most, beside the answer, when sizing a memory
 
 
-def memory_positions(seconds: float, answer_tokens: int) -> int:
+def memory_positions(seconds: float, answer_tokens: int, max_windows: int = MAX_WINDOWS) -> int:
     """Context positions a memory of `seconds` needs beside the chat template's head: its full
-    windows and the tail (20 windows at most), a question and an answer."""
-    windows = min(math.ceil(seconds / WINDOW_S) + 1, MAX_WINDOWS)
+    windows and the tail (the model's most: AF3 20 windows), a question and an answer."""
+    windows = min(math.ceil(seconds / WINDOW_S) + 1, max_windows)
     return windows * ROWS_PER_WINDOW + QUESTION_ROOM + answer_tokens
+
+
+def check_family(family, seconds: float, exact: bool):
+    """The memory's limits for the model's family: `seconds` within its longest clip; no exact mode
+    for a time embedding (a kept window's rows carry its place in the memory, which an eviction
+    changes: the rebuild would have to encode every kept window again). Returns the family."""
+    if not 0 < seconds <= family.max_seconds:
+        raise OptionsError(
+            f"a memory holds 30 s to {family.max_seconds // 60} minutes ({family.name} reads at most "
+            f"{family.max_windows} windows), got {seconds:g} s"
+        )
+    if exact and family.time_embedding:
+        raise OptionsError(f"--memory-exact runs AF3 bundles; {family.name}'s kept windows would be encoded again")
+    return family
 
 
 def check_memory_options(given: str, seconds: float, directory, n_ctx: int | None, answer_tokens: int) -> None:
