@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import N_MELS, rows_for_frames
+from ..errors import OptionsError
 from .buckets import run_bucketed, window_buckets
 
 
@@ -123,7 +124,7 @@ class OnnxEncoder:
                 feed["audio_times"] = np.ascontiguousarray(times, np.float32)
             return self.session.run(None, feed)[0]
         if self.timed:
-            raise NotImplementedError(f"{self.name}: bound buffers (CUDA graphs) do not take the rows' times yet")
+            raise OptionsError(f"{self.name}: bound buffers (CUDA graphs) take no rows' times: run io_binding=False")
         return run_bucketed(features, mask, self.window_buckets, self._run_bound)
 
     def _run_bound(self, run, feats: np.ndarray, mask: np.ndarray) -> np.ndarray:

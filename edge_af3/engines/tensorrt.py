@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import N_FRAMES, N_MELS, rows_for_frames
+from ..errors import OptionsError
 from ..quants import CPU_ENCODER_GRAPHS
 from .buckets import FRAME_BUCKETS, run_bucketed, window_buckets
 from .trt_cache import EngineKey, lookup, store
@@ -286,9 +287,7 @@ class TensorRTEncoder:
 
     def encode(self, features: np.ndarray, mask: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
         if times is not None:
-            raise NotImplementedError(
-                f"{self.name}: no time-embedding engine yet (Music Flamingo runs on ONNX Runtime)"
-            )
+            raise OptionsError(f"{self.name}: its engines take no rows' times (Music Flamingo runs on ONNX Runtime)")
         self.calls += 1
         return run_bucketed(
             features, mask, self.window_buckets, lambda run, feats, m: self._graph(run.shape).run(self.stream, feats, m)

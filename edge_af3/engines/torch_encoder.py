@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..constants import N_FRAMES, N_MELS
+from ..errors import OptionsError
 from .buckets import FRAME_BUCKETS, bucket, run_bucketed, window_buckets
 
 HEAD_DIM = 64  # every Whisper encoder (tiny .. large-v3, AF-Whisper) uses 64-wide heads
@@ -314,7 +315,7 @@ class TorchEncoder:
         import torch
 
         if times is not None:
-            raise NotImplementedError(f"{self.name}: no time embedding (Music Flamingo's rows need the ONNX graph)")
+            raise OptionsError(f"{self.name}: no time embedding (Music Flamingo's rows need the ONNX graph)")
         self.calls += 1
         if self.mode == "eager":
             with torch.inference_mode():
