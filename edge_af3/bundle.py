@@ -62,6 +62,13 @@ def staged_folder(out: Path, *, force: bool = False) -> Iterator[Path]:
         raise
 
 
+def encoder_files(manifest: dict[str, Any], entry: dict[str, Any] | None = None) -> list[str]:
+    """The files of an encoder entry (default: the bundle's): its graph and, for a graph over 2 GB,
+    the weights file beside it (`<graph>.data`)."""
+    graph = (entry or manifest["encoder"])["file"]
+    return [n for n in manifest["files"] if n == graph or n.startswith(graph + ".")]
+
+
 def describe(path: Path) -> dict[str, Any]:
     return {"sha256": sha256_file(path), "bytes": path.stat().st_size}
 

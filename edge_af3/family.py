@@ -51,10 +51,6 @@ class Family:
         """(before, after) token ids of every clip's rows, or None (AF3)."""
         return None if self.sound_bos is None else (self.sound_bos, self.sound_eos)
 
-    def extra_positions(self) -> int:
-        """KV positions a clip takes beyond its rows."""
-        return 0 if self.around is None else 2
-
     @property
     def n_ctx(self) -> int:
         """The default context: the longest clip's rows plus AF3's room for the prompt and an answer

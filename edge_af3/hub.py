@@ -24,7 +24,7 @@ import json
 import os
 from pathlib import Path
 
-from .bundle import MANIFEST, open_bundle, read_manifest, staged_folder
+from .bundle import MANIFEST, encoder_files, open_bundle, read_manifest, staged_folder
 from .errors import BundleError, ModelNotFoundError, OptionsError
 from .family import Family
 from .paths import cache_dir
@@ -56,10 +56,6 @@ def variants(m: dict) -> tuple[dict[str, dict], dict[str, dict]]:
     return v.get("llm") or {m["llm"]["quant"]: m["llm"]}, v.get("encoder") or {m["encoder"]["precision"]: m["encoder"]}
 
 
-def _encoder_files(m: dict, entry: dict) -> list[str]:
-    return [n for n in m["files"] if n == entry["file"] or n.startswith(entry["file"] + ".")]
-
-
 def _bytes(m: dict, names: list[str]) -> int:
     return sum(m["files"][n]["bytes"] for n in names)
 
@@ -70,7 +66,7 @@ def need_bytes(m: dict, quant: str, precision: str) -> int:
     llm_v, enc_v = variants(m)
     model = m["model"]
     kv = 2 * model["llm_layers"] * Family.from_manifest(m).n_ctx * model.get("llm_kv_dim", model["llm_hidden"] // 7)
-    return _bytes(m, [llm_v[quant]["file"]]) + _bytes(m, _encoder_files(m, enc_v[precision])) + 2 * kv
+    return _bytes(m, [llm_v[quant]["file"]]) + _bytes(m, encoder_files(m, enc_v[precision])) + 2 * kv
 
 
 def choose(m: dict, quant: str = "auto", encoder_precision: str = "auto", budget: int | None = None, have=()) -> dict:
@@ -124,10 +120,10 @@ def files_for(m: dict, quant: str, precision: str) -> list[str]:
     llm_v, enc_v = variants(m)
     variant_files = {e["file"] for e in llm_v.values()}
     for e in enc_v.values():
-        variant_files.update(_encoder_files(m, e))
+        variant_files.update(encoder_files(m, e))
     mm = (m.get("mmproj") or {}).get("file")
     common = [n for n in m["files"] if n not in variant_files and n != mm and n != "README.md"]
-    return [llm_v[quant]["file"], *_encoder_files(m, enc_v[precision]), *common]
+    return [llm_v[quant]["file"], *encoder_files(m, enc_v[precision]), *common]
 
 
 def _budget() -> int | None:
@@ -136,7 +132,7 @@ def _budget() -> int | None:
         from .settings import resolve
 
         return machine_budget(resolve("fp32"))[0]
-    except Exception:  # noqa: BLE001 - no budget known: the best quality
+    except Exception:  # noqa: BLE001 - no budget known: `choose` takes a 4-bit type
         return None
 
 

@@ -7,7 +7,7 @@ import json
 import os
 from pathlib import Path
 
-from .bundle import MANIFEST
+from .bundle import MANIFEST, encoder_files
 from .errors import OptionsError
 from .hub import read_bundles, variants
 
@@ -38,12 +38,11 @@ def stage(bundles: list[Path], out: Path) -> dict:
         if p not in enc_v:
             folder = "" if not enc_v else f"encoder-{p}/"  # the first at the root, as a plain bundle has it
             enc_v[p] = dict(m["encoder"], file=folder + m["encoder"]["file"])
-            for n in m["files"]:
-                if n == m["encoder"]["file"] or n.startswith(m["encoder"]["file"] + "."):
-                    _link(Path(path) / n, out / (folder + n))
-                    files[folder + n] = m["files"][n]
+            for n in encoder_files(m):
+                _link(Path(path) / n, out / (folder + n))
+                files[folder + n] = m["files"][n]
     first = ms[0]
-    taken = {first["llm"]["file"]} | {n for n in first["files"] if n.startswith(first["encoder"]["file"])}
+    taken = {first["llm"]["file"], *encoder_files(first)}
     for n, meta in first["files"].items():  # adapters and the rest: the first bundle's
         if n not in taken and not n.startswith("llm-") and n != (first.get("mmproj") or {}).get("file"):
             _link(Path(bundles[0]) / n, out / n)

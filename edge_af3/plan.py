@@ -125,12 +125,12 @@ def plan(bundle, **settings) -> dict:
     """Bytes per item for running `bundle` (a Bundle or a folder). settings: n_ctx, kv_type,
     encoder_precision (what the encoder computes in), windows_per_run, n_ubatch, and target (fits /
     headroom on a named set-up) or machine (the resolved `Settings`: on this machine)."""
-    from .bundle import Bundle, open_bundle
+    from .bundle import Bundle, encoder_files, open_bundle
 
     b = bundle if isinstance(bundle, Bundle) else open_bundle(Path(bundle), check_hashes=False)
     m = b.manifest
-    enc = m["encoder"]["file"]  # encoder.onnx, or encoder-<precision>/encoder.onnx pulled from a Hub repo
-    onnx_bytes = sum(meta["bytes"] for n, meta in m["files"].items() if n == enc or n.startswith(enc + "."))
+    # encoder.onnx (+ .data), or encoder-<precision>/encoder.onnx pulled from a Hub repo
+    onnx_bytes = sum(m["files"][n]["bytes"] for n in encoder_files(m))
     llm = (b.llm.name, b.llm.stat().st_size, llm_shape(b.llm))
     encoder = (onnx_bytes, m["encoder"]["precision"], int(m["model"]["encoder_hidden"]))
     return _plan(str(b.path), llm, encoder, max_windows=Family.from_manifest(m).max_windows, **settings)
