@@ -1,13 +1,16 @@
 """`AF3.connect(base_url)`: the same `ask` / `stream` / `chat` calls as a loaded model, over
 OpenAI's chat API with `input_audio` parts, so one program runs against `edge-af3 serve` or a
 vLLM server of `nvidia/audio-flamingo-3-hf` by changing its base URL (extra `client`: the
-`openai` package).
+`openai` package). Several base URLs make a pool tried in order (`servers.py`).
 
 What maps where: max_new_tokens -> max_tokens; temperature, top_p, seed, stop as OpenAI's;
 top_k, repetition_penalty, ignore_eos in the body as vLLM reads them; think -> AF3's think
 suffix written into the prompt (what both servers understand) plus `"think": true` for
 edge-af3's server. Options left None are the server's defaults (both use the checkpoint's
 generation_config.json). A remote answer has no token ids: `Answer.tokens` is empty.
+What a server cannot do is said, not sent: more clips than it takes in one prompt (vLLM's AF3:
+one) is a PromptError; `transcribe` on a server without `/v1/audio/transcriptions` (vLLM for AF3)
+asks AF3's transcription prompt through chat instead; every server error is an EdgeAF3Error.
 """
 
 from __future__ import annotations
@@ -19,9 +22,10 @@ import time
 from pathlib import Path
 
 from .audio import Audio, load_audio
-from .constants import SAMPLE_RATE, THINK_SUFFIX
-from .errors import AudioError, EdgeAF3Error, MissingDependencyError, SessionBusyError
+from .constants import ASR_PROMPT, SAMPLE_RATE, THINK_SUFFIX
+from .errors import AudioError, OptionsError, ServerError, SessionBusyError
 from .runtime.types import Answer, GenerationOptions, Timings
+from .servers import Pool, Server, error_from
 
 FINISH = {"stop": "stop", "length": "length", "content_filter": "stop", None: "stop"}
 _MAGIC = (
@@ -34,9 +38,21 @@ _MAGIC = (
 )
 
 
+def _rate(data: bytes) -> int | None:
+    import soundfile as sf
+
+    try:
+        return sf.info(io.BytesIO(data)).samplerate
+    except Exception:  # libsndfile cannot read it: decoded here instead
+        return None
+
+
 def audio_part(audio) -> dict:
-    """An `input_audio` content part: a wav/mp3/flac/ogg file is sent as it is, anything else (an
-    array, `(array, rate)`, an `Audio`, another format) as a 16 kHz float WAV of its samples."""
+    """An `input_audio` content part: a 16 kHz wav/mp3/flac/ogg file is sent as it is, anything
+    else (a file at another rate, an array, `(array, rate)`, an `Audio`, another format) as a
+    16 kHz float WAV of its samples, resampled here: every server then hears the same samples,
+    and vLLM's AF3, whose resampler needs torchaudio (which its CPU install cannot load), is
+    never asked to resample."""
     data = fmt = None
     if isinstance(audio, (str, os.PathLike)):
         path = Path(audio)
@@ -47,6 +63,8 @@ def audio_part(audio) -> dict:
         data = bytes(audio)
     if data is not None:
         fmt = next((f for magic, f in _MAGIC if data.startswith(magic)), None)
+        if fmt is not None and _rate(data) != SAMPLE_RATE:
+            fmt = None
     if fmt is None:
         import soundfile as sf
 
@@ -65,8 +83,8 @@ class RemoteStream:
     """A streamed answer from the server: iterate for text; `.answer` when it ends; `cancel()`
     closes the connection (the server frees its slot within a token)."""
 
-    def __init__(self, owner: RemoteAF3, response, t0: float, on_end=None):
-        self._owner, self._response, self._on_end = owner, response, on_end
+    def __init__(self, server: Server, response, t0: float, on_end=None):
+        self.server, self._response, self._on_end = server, response, on_end
         self._t0, self._t_first = t0, None
         self._pieces: list[str] = []
         self._finish, self._usage = None, None
@@ -83,6 +101,15 @@ class RemoteStream:
             except StopIteration:
                 self._end(self._finish or "stop")
                 raise
+            except Exception as e:  # the SDK's APIError, or httpx's when the connection breaks
+                self._response.close()
+                self._end("cancelled", notify=False)
+                status = getattr(e, "status_code", None)
+                if status is not None:
+                    raise error_from(self.server, e) from None
+                raise ServerError(
+                    f"{self.server.url}: the answer broke off after {len(self._pieces)} pieces: {e}", status=None
+                ) from None
             if getattr(ch, "usage", None):
                 self._usage = ch.usage
             for choice in ch.choices or []:
@@ -118,7 +145,7 @@ class RemoteStream:
     def __exit__(self, *exc):
         self.cancel()
 
-    def _end(self, reason: str) -> None:
+    def _end(self, reason: str, notify: bool = True) -> None:
         t_end = time.perf_counter()
         u = self._usage
         details = getattr(u, "prompt_tokens_details", None) if u else None
@@ -135,7 +162,7 @@ class RemoteStream:
             reused_tokens=(getattr(details, "cached_tokens", None) or 0) if details else 0,
         )
         self.answer = Answer(text=self.text, tokens=(), timings=timings, finish_reason=reason)
-        if self._on_end:
+        if self._on_end and notify:
             self._on_end(self)
 
 
@@ -202,41 +229,26 @@ class RemoteChat:
 
 
 class RemoteAF3:
-    """A model behind an OpenAI-compatible server (`AF3.connect`)."""
+    """A model behind an OpenAI-compatible server, or a pool of them (`AF3.connect`)."""
 
-    def __init__(self, base_url: str, api_key: str | None = None, model: str | None = None, *, timeout: float = 600):
-        try:
-            import openai
-        except ImportError:
-            raise MissingDependencyError(
-                "connecting to a server needs the openai package: pip install 'edge-af3[client]'"
-            ) from None
-        self._openai = openai
-        url = base_url.rstrip("/")
-        self.base_url = url if url.endswith("/v1") else url + "/v1"
-        key = api_key or os.environ.get("EDGE_AF3_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
-        self.client = openai.OpenAI(base_url=self.base_url, api_key=key, timeout=timeout, max_retries=2)
-        self.model = model or self._first_model()
+    def __init__(self, base_url, api_key: str | None = None, model: str | None = None, *, timeout: float = 600):
+        self.pool = Pool(base_url, api_key=api_key, model=model, timeout=timeout)
+
+    @property
+    def base_url(self) -> str:
+        """The server that answered last (the first of the pool that could be reached)."""
+        return self.pool.current.url
+
+    @property
+    def model(self) -> str:
+        return self.pool.current.model
 
     @property
     def label(self) -> str:
         return f"{self.model} at {self.base_url}"
 
-    def _first_model(self) -> str:
-        try:
-            models = list(self.client.models.list())
-        except self._openai.APIStatusError as e:
-            raise EdgeAF3Error(f"{self.base_url}: {e.status_code} {_message(e)}") from None
-        except self._openai.OpenAIError as e:
-            raise EdgeAF3Error(f"{self.base_url}: {e}") from None
-        if not models:
-            raise EdgeAF3Error(f"{self.base_url} serves no model")
-        return models[0].id
-
-    def _request(
-        self, messages: list[dict], think: bool, opts: GenerationOptions, on_end=None, adapter: str | None = None
-    ) -> RemoteStream:
-        kw: dict = {"max_tokens": opts.max_new_tokens}
+    def _body(self, s: Server, think: bool, opts: GenerationOptions, adapter: str | None) -> dict:
+        kw: dict = {"model": s.model, "max_tokens": opts.max_new_tokens}
         for name in ("temperature", "top_p"):
             if getattr(opts, name) is not None:
                 kw[name] = getattr(opts, name)
@@ -246,23 +258,33 @@ class RemoteAF3:
             kw["stop"] = list(opts.stop)
         extra = {k: getattr(opts, k) for k in ("top_k", "repetition_penalty") if getattr(opts, k) is not None}
         extra |= {"ignore_eos": True} if opts.ignore_eos else {}
-        extra |= {"think": True} if think else {}
-        extra |= {"adapter": adapter} if adapter else {}
-        t0 = time.perf_counter()
-        try:
-            response = self.client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                stream=True,
-                stream_options={"include_usage": True},
-                extra_body=extra or None,
-                **kw,
+        if s.kind == "edge-af3":  # fields only edge-af3's server reads
+            extra |= {"think": True} if think else {}
+            extra |= {"adapter": adapter} if adapter else {}
+        elif adapter:  # vLLM serves a LoRA adapter as a model of its own (--lora-modules NAME=PATH)
+            if adapter not in s.models:
+                raise OptionsError(
+                    f"{s.url} ({s.kind}) serves no adapter {adapter!r}: it serves {', '.join(s.models)} "
+                    "(vLLM serves a LoRA adapter as a model name: --lora-modules NAME=PATH)"
+                )
+            kw["model"] = adapter
+        return kw | {"extra_body": extra or None}
+
+    def _request(
+        self, messages: list[dict], think: bool, opts: GenerationOptions, on_end=None, adapter: str | None = None
+    ) -> RemoteStream:
+        clips = sum(1 for m in messages if isinstance(m["content"], list) for p in m["content"] if p["type"] != "text")
+        self.pool.check_audios(clips)
+
+        def send(s: Server) -> RemoteStream:
+            body = self._body(s, think, opts, adapter)
+            t0 = time.perf_counter()
+            response = s.client.chat.completions.create(
+                messages=messages, stream=True, stream_options={"include_usage": True}, **body
             )
-        except self._openai.APIStatusError as e:
-            raise EdgeAF3Error(f"{self.base_url}: {e.status_code} {_message(e)}") from None
-        except self._openai.OpenAIError as e:
-            raise EdgeAF3Error(f"{self.base_url}: {e}") from None
-        return RemoteStream(self, response, t0, on_end)
+            return RemoteStream(s, response, t0, on_end)
+
+        return self.pool.call(send)
 
     def stream(
         self,
@@ -292,27 +314,38 @@ class RemoteAF3:
         return RemoteChat(self, system)
 
     def transcribe(self, audio, prompt: str | None = None) -> str:
-        part = audio_part(audio)["input_audio"]
-        data = base64.b64decode(part["data"])
-        r = self.client.audio.transcriptions.create(
-            model=self.model, file=(f"audio.{part['format']}", data), **({"prompt": prompt} if prompt else {})
-        )
-        return r.text
+        """The clip's speech as text: the server's /v1/audio/transcriptions, or, on a server without
+        one (vLLM for AF3 answers 404), AF3's transcription prompt through chat, greedy, as
+        edge-af3's server words it (the prompt appended to "Transcribe the input speech.")."""
+        part = audio_part(audio)
+
+        def send(s: Server) -> str:
+            if s.transcriptions:
+                data = base64.b64decode(part["input_audio"]["data"])
+                try:
+                    r = s.client.audio.transcriptions.create(
+                        model=s.model,
+                        file=(f"audio.{part['input_audio']['format']}", data),
+                        **({"prompt": prompt} if prompt else {}),
+                    )
+                    return r.text
+                except self.pool.openai.NotFoundError as e:
+                    if "model" in str(e).lower() and "does not exist" in str(e).lower():
+                        raise
+                    s.transcriptions = False  # no such route: ask through chat from now on
+            text = ASR_PROMPT + (f" {prompt}" if prompt else "")
+            messages = [{"role": "user", "content": [part, {"type": "text", "text": text}]}]
+            body = self._body(s, False, GenerationOptions(temperature=0.0), None)
+            r = s.client.chat.completions.create(messages=messages, **body)
+            return r.choices[0].message.content or ""
+
+        return self.pool.call(send)
 
     def close(self) -> None:
-        self.client.close()
+        self.pool.close()
 
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
         self.close()
-
-
-def _message(e) -> str:
-    body = getattr(e, "body", None)
-    if isinstance(body, dict):
-        err = body.get("error", body)
-        if isinstance(err, dict) and err.get("message"):
-            return err["message"]
-    return str(e)

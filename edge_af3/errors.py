@@ -115,6 +115,18 @@ class QueueFullError(EdgeAF3Error):
         self.retry_after = retry_after
 
 
+class ServerError(EdgeAF3Error, RuntimeError):
+    """A server asked through `AF3.connect` / `--base-url` could not be reached or refused the
+    request for a reason of its own; the message names the server and what it said."""
+
+    code = "server_error"
+    where = "AF3.connect, ask / chat --base-url"
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
+
+
 class ParityError(EdgeAF3Error):
     """An export's figures are below its type's floor: nothing was written."""
 

