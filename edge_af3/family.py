@@ -59,17 +59,20 @@ class Family:
         return -(-need // 1024) * 1024
 
     def encoder_engine(self, asked: str | None) -> str | None:
-        """The encoder engine to ask for: the rows' times are an input only ONNX Runtime's CPU path
-        takes so far, so a time-embedding model runs there (another engine asked for is refused)."""
+        """The encoder engine to ask for: the rows' times are an input ONNX Runtime's engines take
+        (CPU, and CUDA with bound buffers and CUDA graphs), so a time-embedding model runs there
+        (TensorRT and torch are refused; none asked: ONNX Runtime CUDA where it works, else CPU)."""
+        from .engines.select import TIMED_ENGINES
+
         if not self.time_embedding:
             return asked
-        if asked not in (None, "onnxruntime-cpu"):
+        if asked not in (None, *TIMED_ENGINES):
             from .errors import OptionsError
 
             raise OptionsError(
-                f"{self.name}'s encoder (rotary time embedding) runs on onnxruntime-cpu only so far, not {asked}"
+                f"{self.name}'s encoder (rotary time embedding) runs on {' or '.join(TIMED_ENGINES)}, not {asked}"
             )
-        return "onnxruntime-cpu"
+        return asked
 
     def to_manifest(self) -> dict:
         return asdict(self)

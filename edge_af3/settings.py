@@ -62,9 +62,11 @@ def resolve(
     exact: bool = False,
     choice=None,
     llm_gpu: bool | None = None,
+    timed: bool = False,
 ) -> Settings:
     """Decide every setting. `choice` (an `EncoderChoice`) and `llm_gpu` may be passed in (tests,
-    or after an engine failed to start and another took over); otherwise they are probed here."""
+    or after an engine failed to start and another took over); otherwise they are probed here.
+    `timed`: the bundle's encoder graph takes its rows' times (Music Flamingo, AF-Next)."""
     from .engines.select import FP16_ONLY, choose_encoder, forced_encoder
 
     if device not in ("auto", "cpu", "cuda"):
@@ -87,7 +89,9 @@ def resolve(
     n_ctx = check_n_ctx(DEFAULT_N_CTX if n_ctx is None else n_ctx)
     if choice is None:
         choice = (
-            choose_encoder(device, fp32=exact) if encoder_engine is None else forced_encoder(encoder_engine, device)
+            choose_encoder(device, fp32=exact, timed=timed)
+            if encoder_engine is None
+            else forced_encoder(encoder_engine, device)
         )
     if exact and choice.engine in FP16_ONLY:  # a forced engine or target, or a fallback
         raise OptionsError(f"exact mode cannot run the {choice.engine} engine: {FP16_ONLY[choice.engine]}")

@@ -100,3 +100,32 @@ def test_mel_filters_match_transformers():
         mel_scale="slaney",
     )
     np.testing.assert_allclose(mel_filters(), ref.astype(np.float32), rtol=1e-5, atol=1e-8)
+
+
+def test_a_30_minute_clip_is_featurised_in_bounded_memory():
+    """feature_groups (what the runtime encodes from): AF-Next's 30 minutes, 60 windows, never
+    held as features at once (132 MB at peak); each group equals extract_features' windows bit for bit
+    (extract_features is checked against the processor above)."""
+    import tracemalloc
+
+    from edge_af3.audio import Audio
+    from edge_af3.features import feature_groups
+
+    x = noise(1800, seed=18).astype(np.float32)
+    clip = Audio(samples=x, source_rate=16000, source_channels=1, limit=x.size)
+    tracemalloc.start()
+    seen = []
+    for first, f in feature_groups(clip, 8):
+        seen.append((first, f.features.shape[0]))
+        del f
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    assert seen == [(w, 8) for w in range(0, 56, 8)] + [(56, 4)]
+    assert peak < 65e6, peak  # measured 51 MB: a group's features and STFT scratch; all at once: 132 MB
+    short = Audio(samples=x[: 95 * 16000], source_rate=16000, source_channels=1)
+    whole = extract_features(short)
+    parts = list(feature_groups(short, 2))
+    assert [first for first, _ in parts] == [0, 2]
+    assert np.array_equal(np.concatenate([f.features for _, f in parts]), whole.features)
+    assert np.array_equal(np.concatenate([f.mask for _, f in parts]), whole.mask)
+    assert sum((f.rows_per_window for _, f in parts), ()) == whole.rows_per_window

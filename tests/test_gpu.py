@@ -64,3 +64,22 @@ def test_cuda_engine_choice_and_answers(f16_bundle):
         assert gpu.overlap and gpu.windows_per_run == 4
         got = gpu.ask("Describe it.", clip, max_new_tokens=24).tokens
     assert got == want
+
+
+def test_music_flamingo_rows_on_onnx_runtime_cuda(tmp_path):
+    """A time-embedding bundle on a GPU: ONNX Runtime CUDA (bound buffers, CUDA graphs) is chosen
+    and its rows for a 47 s clip match transformers' (cosine; TF32 may round the fp32 graph)."""
+    from edge_af3 import AF3
+    from edge_af3.export import export
+    from edge_af3.reference.loader import load_reference
+    from edge_af3.reference.tiny import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "mf", shape="tiny", seed=3, arch="musicflamingo")
+    bundle = export(ckpt, tmp_path / "mfb", quant="f32", encoder_precision="fp32", verify=False)
+    x = noise(47.0, seed=47)
+    want = load_reference(ckpt).clip_rows(x)
+    with AF3.load(bundle, device="cuda") as gpu:
+        assert gpu.encoder.name == "onnxruntime-cuda", gpu.engine_choice.explain()
+        got = gpu.audio_rows((x, 16000))
+    a, b = got.ravel(), want.ravel()
+    assert got.shape == want.shape and a @ b / (np.linalg.norm(a) * np.linalg.norm(b)) >= 0.9999

@@ -72,7 +72,7 @@ def test_listen_memory_on_a_file_answers_as_the_reference(tiny_bundle, reference
     "args, message",
     [
         (["--memory", "5h"], "duration like 10m"),
-        (["--memory", "20m"], "30 s to 10m"),
+        (["--memory", "31m"], "30 s to 30m"),
         (["--memory", "10m", "--n-ctx", "4096"], "needs --n-ctx >= "),
         (["--memory", "1m", "--tail-every", "45"], "--tail-every takes 1 to 29"),
         (["--memory", "1m", "--chat"], "does not combine"),

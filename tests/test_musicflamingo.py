@@ -141,6 +141,37 @@ def test_rows_after_the_time_embedding_match_transformers(mf, mf_ref):
     assert np.abs(early[0, :425] - want[750:]).max() > 1e-2
 
 
+def test_bound_buffers_feed_the_times_too(mf_bundle, mf_ref):
+    """ONNX Runtime with bound buffers of bucket shapes (the CUDA-graph path, run here on the CPU
+    provider): the rows' times padded to the bucket like the features; rows equal transformers'
+    for a 47 s clip (a full window, and the cut window in a frame bucket)."""
+    from edge_af3.engines.onnx import OnnxEncoder
+    from edge_af3.runtime.encoding import iter_windows
+
+    x = noise(47.0, seed=47)
+    bound = OnnxEncoder(mf_bundle / "encoder.onnx", io_binding=True, max_windows=40)
+    got = np.concatenate(list(iter_windows(bound, extract_features((x, SAMPLE_RATE)), 4, timed=True)))
+    assert np.abs(got - mf_ref.clip_rows(x)).max() <= 1e-4
+    assert sorted(bound._bound) == [(1, 2000), (1, 3000)]
+
+
+def test_a_gpu_runs_the_times_on_onnx_runtime_cuda():
+    """Engine choice for a time-embedding bundle on a GPU box: TensorRT and torch-cuda are passed
+    over with the reason; without ONNX Runtime CUDA the encoder stays on the CPU."""
+    from edge_af3.engines.select import NO_TIMES, choose_encoder
+
+    ok = {name: (lambda: None) for name in ("tensorrt", "onnxruntime-cuda", "torch-cuda")}
+    c = choose_encoder("auto", gpu=lambda: "NVIDIA H100", probes=ok, timed=True)
+    assert c.engine == "onnxruntime-cuda" and c.skipped == (("tensorrt", NO_TIMES),)
+    c = choose_encoder("auto", gpu=lambda: "Orin", probes=ok | {"onnxruntime-cuda": lambda: "no ep"}, timed=True)
+    assert c.engine == "onnxruntime-cpu" and dict(c.skipped) == {
+        "tensorrt": NO_TIMES,
+        "onnxruntime-cuda": "no ep",
+        "torch-cuda": NO_TIMES,
+    }
+    assert choose_encoder("auto", gpu=lambda: "NVIDIA H100", probes=ok).engine == "tensorrt"  # AF3 as before
+
+
 @pytest.mark.slow
 def test_greedy_tokens_match_transformers(mf, mf_ref):
     """Exact mode with the checkpoint's generation config: greedy tokens equal transformers' for 5 s,
@@ -197,6 +228,26 @@ def test_95_s_through_the_memory_answers_as_transformers(mf_bundle, mf_ref):
     assert ans.timings.prompt_tokens - ans.timings.reused_tokens == after_audio
 
 
+def test_listen_memory_takes_the_models_own_limit(mf_bundle, tiny_bundle, tmp_path):
+    """`listen --memory 11m`: past AF3's 10 minutes, which Music Flamingo holds (20) and AF3
+    refuses in one line naming its limit."""
+    import soundfile as sf
+
+    from .conftest import run_cli
+
+    path = tmp_path / "40s.wav"
+    sf.write(path, noise(40, seed=40), SAMPLE_RATE, subtype="FLOAT")
+    args = ["listen", "--file", str(path), "--memory", "11m", "--ask", QUESTION, "--json", "-t", "0", "-n", "4"]
+    res = run_cli(*args, "-m", str(mf_bundle))
+    assert res.returncode == 0, res.stderr[-3000:]
+    lines = [json.loads(line) for line in res.stdout.splitlines()]
+    answer = next(x for x in lines if "answer" in x)
+    assert answer["span"] == [[0.0, 30.0], [30.0, 40.0]]
+    res = run_cli(*args, "-m", str(tiny_bundle))
+    assert res.returncode == 1 and "[invalid_option]" in res.stderr and "Traceback" not in res.stderr
+    assert "30 s to 10 minutes (AF3 reads at most 20 windows)" in res.stderr, res.stderr
+
+
 def test_doctor_names_the_architecture(mf_bundle):
     from .conftest import run_cli
 
@@ -219,7 +270,7 @@ def test_make_tiny_names_the_architecture_as_the_published_configs_do(mf_ckpt, t
 
 
 def test_refusals_say_why(mf_ckpt, mf_bundle, tmp_path):
-    """fp16 angles cannot carry 20 minutes of times; the GPU engines take no times yet; a field of a
+    """fp16 angles cannot carry 20 minutes of times; TensorRT and torch take no times; a field of a
     newer exporter is left out, not a crash."""
     from edge_af3 import OptionsError
     from edge_af3.export import export
@@ -227,7 +278,7 @@ def test_refusals_say_why(mf_ckpt, mf_bundle, tmp_path):
     with pytest.raises(OptionsError, match="fp32 angles"):
         export(mf_ckpt, tmp_path / "fp16", quant="f32", encoder_precision="fp16", verify=False)
     assert not (tmp_path / "fp16").exists()
-    with pytest.raises(OptionsError, match="onnxruntime-cpu only"):
+    with pytest.raises(OptionsError, match="runs on onnxruntime-cpu or onnxruntime-cuda, not torch-cpu"):
         AF3.load(mf_bundle, encoder_engine="torch-cpu")
     m = json.loads((mf_bundle / "manifest.json").read_text())
     m["family"]["from_the_future"] = 1

@@ -71,8 +71,9 @@ def listen_cmd(
     memory: str | None = typer.Option(
         None,
         "--memory",
-        help="Remember the last DURATION heard (30s to 10m) in the KV cache instead of answering segments: "
-        "type questions (or /at 12:00-14:00 QUESTION) at any time; each costs what a text question costs.",
+        help="Remember the last DURATION heard (30s to 10m for AF3; Music Flamingo 20m, AF-Next 30m) in the KV "
+        "cache instead of answering segments: type questions (or /at 12:00-14:00 QUESTION) at any time; "
+        "each costs what a text question costs.",
     ),
     memory_exact: bool = typer.Option(
         False, "--memory-exact", help="--memory: re-prefill what is left after each eviction (exact, costs CPU)."

@@ -12,7 +12,8 @@ from .common import console, emit, emit_json, error_line, out
 
 
 def parse_duration(text: str) -> float:
-    """'10m', '90s', '1m30s', '600' -> seconds (30 s to 10 minutes)."""
+    """'10m', '90s', '1m30s', '600' -> seconds (30 s to 30 minutes: the longest model's clip; the
+    loaded model's own limit — AF3 10 minutes, Music Flamingo 20 — is checked when it loads)."""
     t = text.strip().lower()
     total, number = 0.0, ""
     try:
@@ -27,8 +28,10 @@ def parse_duration(text: str) -> float:
         total += float(number) if number else 0.0
     except ValueError:
         raise OptionsError(f"--memory takes a duration like 10m, 90s or 600, got {text!r}") from None
-    if not 30 <= total <= 600:
-        raise OptionsError(f"--memory holds 30 s to 10m (AF3 reads at most 10 minutes), got {text!r}")
+    if not 30 <= total <= 1800:
+        raise OptionsError(
+            f"--memory holds 30 s to 30m (AF3 reads at most 10 minutes, Music Flamingo 20, AF-Next 30), got {text!r}"
+        )
     return total
 
 

@@ -48,7 +48,10 @@ def serve_cmd(
         "| piper[:NAME] | PATH.onnx. Default: auto. Each starts at its first request.",
     ),
     memory: str | None = typer.Option(
-        None, "--memory", help="Listen to --memory-input and remember the last DURATION (30s to 10m): /v1/memory/ask."
+        None,
+        "--memory",
+        help="Listen to --memory-input and remember the last DURATION (30s to 10m for AF3; Music Flamingo 20m, "
+        "AF-Next 30m): /v1/memory/ask.",
     ),
     memory_input: str | None = typer.Option(
         None,

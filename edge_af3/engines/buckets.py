@@ -67,16 +67,29 @@ def padded(features: np.ndarray, mask: np.ndarray, run: Run) -> tuple[np.ndarray
     return feats, m
 
 
+def padded_times(times: np.ndarray, run: Run) -> np.ndarray:
+    """The rows' times [Wb, rows of Fb] float32 for a time-embedding graph: the run's windows' own,
+    zeros in the padding (whose rows are dropped)."""
+    wb, fb = run.shape
+    out = np.zeros((wb, rows_for_frames(fb)), np.float32)
+    part = times[run.start : run.start + run.windows]
+    out[: run.windows, : part.shape[1]] = part
+    return out
+
+
 def run_bucketed(
     features: np.ndarray,
     mask: np.ndarray,
     buckets: tuple[int, ...],
-    run_one: Callable[[Run, np.ndarray, np.ndarray], np.ndarray],
+    run_one: Callable[..., np.ndarray],
+    times: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Every bucketed run of an input: its padded inputs through `run_one` (-> [Wb, rows, H], which
-    may be the engine's reused output buffer), the valid windows and rows copied out, concatenated."""
+    """Every bucketed run of an input: its padded inputs through `run_one(run, features, mask[,
+    times])` (-> [Wb, rows, H], which may be the engine's reused output buffer), the valid windows
+    and rows copied out, concatenated. `times` [W, rows]: a time-embedding graph's third input."""
     out = []
     for run in plan(features.shape[0], features.shape[2], buckets):
         feats, m = padded(features, mask, run)
-        out.append(np.array(run_one(run, feats, m)[: run.windows, : run.rows], dtype=np.float32))
+        extra = () if times is None else (padded_times(times, run),)
+        out.append(np.array(run_one(run, feats, m, *extra)[: run.windows, : run.rows], dtype=np.float32))
     return out[0] if len(out) == 1 else np.concatenate(out)

@@ -14,14 +14,15 @@ from pathlib import Path
 import numpy as np
 
 from ..constants import N_MELS, rows_for_frames
-from ..errors import OptionsError
 from .buckets import run_bucketed, window_buckets
 
 
 class _Bound:
     """One bucket shape: device buffers bound once, updated in place before each run."""
 
-    def __init__(self, ort, session, shape: tuple[int, int], hidden: int, device: str, graph_id: int | None):
+    def __init__(
+        self, ort, session, shape: tuple[int, int], hidden: int, device: str, graph_id: int | None, timed: bool
+    ):
         wb, fb = shape
         self.features = ort.OrtValue.ortvalue_from_shape_and_type([wb, N_MELS, fb], np.float32, device, 0)
         self.mask = ort.OrtValue.ortvalue_from_shape_and_type([wb, fb], np.int64, device, 0)
@@ -29,6 +30,10 @@ class _Bound:
         self.binding = session.io_binding()
         self.binding.bind_ortvalue_input("input_features", self.features)
         self.binding.bind_ortvalue_input("input_features_mask", self.mask)
+        self.times = None
+        if timed:  # Music Flamingo's graphs: the rows' times, a buffer of the bucket's shape like the rest
+            self.times = ort.OrtValue.ortvalue_from_shape_and_type([wb, rows_for_frames(fb)], np.float32, device, 0)
+            self.binding.bind_ortvalue_input("audio_times", self.times)
         self.binding.bind_ortvalue_output(session.get_outputs()[0].name, self.out)
         self.options = ort.RunOptions()
         if graph_id is not None:  # ids > 0; ORT captures on the first run of each id, replays after
@@ -123,17 +128,19 @@ class OnnxEncoder:
             if times is not None:
                 feed["audio_times"] = np.ascontiguousarray(times, np.float32)
             return self.session.run(None, feed)[0]
-        if self.timed:
-            raise OptionsError(f"{self.name}: bound buffers (CUDA graphs) take no rows' times: run io_binding=False")
-        return run_bucketed(features, mask, self.window_buckets, self._run_bound)
+        return run_bucketed(features, mask, self.window_buckets, self._run_bound, times)
 
-    def _run_bound(self, run, feats: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    def _run_bound(self, run, feats: np.ndarray, mask: np.ndarray, times: np.ndarray | None = None) -> np.ndarray:
         bound = self._bound.get(run.shape)
         if bound is None:
             hidden = self.session.get_outputs()[0].shape[2]
             graph_id = len(self._bound) + 1 if self.cuda_graphs else None
-            bound = self._bound[run.shape] = _Bound(self._ort, self.session, run.shape, hidden, self.device, graph_id)
+            bound = self._bound[run.shape] = _Bound(
+                self._ort, self.session, run.shape, hidden, self.device, graph_id, self.timed
+            )
         bound.features.update_inplace(feats)
         bound.mask.update_inplace(mask)
+        if times is not None:
+            bound.times.update_inplace(times)
         self.session.run_with_iobinding(bound.binding, bound.options)
         return bound.out.numpy()

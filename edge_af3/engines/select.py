@@ -23,6 +23,9 @@ FP16_ONLY = {
     "tensorrt": "exact mode computes the encoder in fp32; TensorRT builds fp16",
     "torch-cuda": "exact mode computes the encoder in fp32; torch-cuda runs fp16",
 }
+# the engines that feed a time-embedding graph (Music Flamingo, AF-Next) its rows' times
+TIMED_ENGINES = ("onnxruntime-cpu", "onnxruntime-cuda")
+NO_TIMES = "takes no rows' times (this model's time embedding runs on ONNX Runtime)"
 # engines this version can run; the others are probed (so doctor can report them) but skipped
 IMPLEMENTED = {"onnxruntime-cpu", "onnxruntime-cuda", "torch-cuda", "tensorrt"}
 # every engine by name; "torch-cpu" only when asked for (tests, benchmarks): ONNX Runtime is the CPU engine
@@ -116,10 +119,12 @@ def choose_encoder(
     gpu: Callable[[], str | None] = gpu_name,
     implemented: set[str] = IMPLEMENTED,
     fp32: bool = False,
+    timed: bool = False,
 ) -> EncoderChoice:
     """The engine for `device`; raises ValueError when device='cuda' and no CUDA GPU is visible.
     fp32: only engines that compute in fp32 (exact mode): ONNX Runtime on CUDA runs the fp32 graph
-    as it is; TensorRT and torch-cuda build fp16 from it."""
+    as it is; TensorRT and torch-cuda build fp16 from it. timed: only engines that feed a
+    time-embedding graph its rows' times (TIMED_ENGINES)."""
     if device not in ("auto", "cpu", "cuda"):
         raise OptionsError(f"unknown device {device!r}; choose auto, cpu or cuda")
     if device == "cpu":
@@ -133,6 +138,7 @@ def choose_encoder(
     skipped = []
     for engine in CUDA_ENGINES:
         reason = FP16_ONLY.get(engine) if fp32 else None
+        reason = reason or (NO_TIMES if timed and engine not in TIMED_ENGINES else None)
         reason = reason or probes[engine]()
         if reason is None and engine not in implemented:
             reason = "usable here, but this edge-af3 version has no engine for it yet"
@@ -218,16 +224,24 @@ def make_encoder(
     fallback: bool = True,
     probes: dict[str, Callable[[], str | None]] | None = None,
     fp32: bool = False,
+    timed: bool = False,
 ):
     """(encoder, choice) for `choice`. A GPU engine that fails to start (e.g. TensorRT with an
     int8 bundle) hands over to the next usable GPU engine when `fallback` (with `fp32`, exact
-    mode, never to one that computes in fp16), and finally to ONNX Runtime on the CPU; the
-    returned choice says what was skipped and why."""
+    mode, never to one that computes in fp16; with `timed`, only to one that takes the rows'
+    times), and finally to ONNX Runtime on the CPU; the returned choice says what was skipped and why."""
     order = [choice.engine]
     if fallback and choice.engine in CUDA_ENGINES:
         probes = probes or PROBES
         rest = CUDA_ENGINES[CUDA_ENGINES.index(choice.engine) + 1 :]
-        order += [e for e in rest if e in IMPLEMENTED and not (fp32 and e in FP16_ONLY) and probes[e]() is None]
+        order += [
+            e
+            for e in rest
+            if e in IMPLEMENTED
+            and not (fp32 and e in FP16_ONLY)
+            and not (timed and e not in TIMED_ENGINES)
+            and probes[e]() is None
+        ]
     skipped = list(choice.skipped)
     for engine in order:
         try:

@@ -1,7 +1,8 @@
 """Clips to rows: features, then the encoder engine one run at a time, in line or on a thread.
 
-The encoder gives rows in prompt order, one chunk per run: full windows `windows_per_run` at a
-time (bounded memory: a 10 min clip is 20 windows), then a partial last window cut just past its
+The features are made FEATURE_WINDOWS windows at a time (bounded memory: AF-Next's 30 minutes are
+60 windows), and the encoder gives rows in prompt order, one chunk per run: full windows
+`windows_per_run` at a time, then a partial last window cut just past its
 valid frames when the engine takes fewer frames (a 5 s clip costs a sixth of a window; same rows).
 On a thread (the GPU default: `overlap`), each chunk goes through a `RowFeed` to the prefill,
 which decodes it while the encoder makes the next.
@@ -10,6 +11,7 @@ which decodes it while the encoder makes the next.
 from __future__ import annotations
 
 import contextlib
+import math
 import queue
 import threading
 import time
@@ -19,8 +21,10 @@ import numpy as np
 
 from ..constants import N_FRAMES, ROWS_PER_WINDOW
 from ..family import pooled_rows, row_times
-from ..features import extract_features
+from ..features import feature_groups
 from .clips import Clip, RowsCache
+
+FEATURE_WINDOWS = 8  # windows whose features are made at once (a 30-minute clip, 60 windows: 51 MB, not 132)
 
 
 def cut_frames(valid: int) -> int:
@@ -94,16 +98,20 @@ class ClipEncoder:
     def encode(self, clip: Clip, emit: Callable[[np.ndarray], None] | None = None, *, first: int = 0) -> Clip:
         """`first`: the clip's first window's place in the audio its rows join (the memory's
         windows; 0 for a clip of its own) — only a time-embedding graph reads it."""
+        run = max(1, self.windows_per_run)
+        group = run * math.ceil(FEATURE_WINDOWS / run)  # whole encoder runs: the same batches as one group
+        got, features_s, encoder_s = [], 0.0, 0.0
         t0 = time.perf_counter()
-        feats = extract_features(clip.audio)
-        t1 = time.perf_counter()
-        clip.features_ms = (t1 - t0) * 1000
-        got = []
-        for chunk in iter_windows(self.encoder, feats, self.windows_per_run, self.lock, timed=self.timed, first=first):
-            got.append(chunk)
-            if emit:
-                emit(chunk)
-        clip.encoder_ms = (time.perf_counter() - t1) * 1000
+        for w0, feats in feature_groups(clip.audio, group):
+            t1 = time.perf_counter()
+            features_s += t1 - t0
+            for chunk in iter_windows(self.encoder, feats, run, self.lock, timed=self.timed, first=first + w0):
+                got.append(chunk)
+                if emit:
+                    emit(chunk)
+            t0 = time.perf_counter()
+            encoder_s += t0 - t1
+        clip.features_ms, clip.encoder_ms = features_s * 1000, encoder_s * 1000
         clip.rows = np.concatenate(got)
         self.cache.put(clip.key, clip.rows)  # (the samples stay: another adapter's encoder may need them)
         return clip

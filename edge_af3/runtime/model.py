@@ -62,7 +62,7 @@ class AF3:
         self.eos_ids = eos_ids(self.generation)
         self.family = Family.from_manifest(bundle.manifest)  # AF3, Music Flamingo or AF-Next
         n_ctx = self.family.n_ctx if n_ctx is None else n_ctx  # room for the family's longest clip
-        encoder_engine = self.family.encoder_engine(encoder_engine)  # Music Flamingo: ONNX Runtime CPU
+        encoder_engine = self.family.encoder_engine(encoder_engine)  # Music Flamingo: ONNX Runtime
         self.options = options or GenerationOptions()  # this model's defaults; a call's own options win
         stored = bundle.manifest["encoder"]["precision"]
         ask = dict(
@@ -75,6 +75,7 @@ class AF3:
             overlap=overlap,
             n_gpu_layers=n_gpu_layers,
             exact=exact,
+            timed=self.family.time_embedding,
         )
         settings = resolve(stored, **ask)  # probes the GPU and engines once; its choice is reused below
         self._stack = contextlib.ExitStack()
@@ -83,7 +84,7 @@ class AF3:
                 settings.encoder_engine, settings.device_used, gpu=settings.gpu, skipped=settings.skipped
             )
             self.encoder, self.engine_choice = make_encoder(
-                bundle, choice, threads=threads, fallback=encoder_engine is None, fp32=exact
+                bundle, choice, threads=threads, fallback=encoder_engine is None, fp32=exact, timed=ask["timed"]
             )
             self._stack.callback(self.encoder.close)
             if self.engine_choice.engine != settings.encoder_engine:  # a GPU engine failed to start
