@@ -248,6 +248,45 @@ def test_listen_memory_takes_the_models_own_limit(mf_bundle, tiny_bundle, tmp_pa
     assert "30 s to 10 minutes (AF3 reads at most 20 windows)" in res.stderr, res.stderr
 
 
+def test_a_lora_adapter_on_music_flamingo_equals_transformers_peft(tmp_path):
+    """make-tiny --think on the Music Flamingo shape (a LoRA on the LLM plus non-LoRA weights, as
+    AF3 ships think/): `think=True` gives transformers + PEFT's greedy tokens for a 47 s clip."""
+    from edge_af3.constants import THINK_SUFFIX
+    from edge_af3.export import export
+    from edge_af3.reference.adapters import apply_adapter
+    from edge_af3.reference.loader import Reference, load_reference
+    from edge_af3.reference.tiny import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "mft", shape="tiny", seed=5, arch="musicflamingo", think=True)
+    bundle = export(ckpt, tmp_path / "b", quant="f32", encoder_precision="fp32", verify=False)
+    ref = load_reference(ckpt)
+    think = Reference(model=apply_adapter(ref.model, ckpt), processor=ref.processor, path=ref.path)
+    x = noise(47.0, seed=4)
+    with AF3.load(bundle, exact=True, options=GREEDY) as model:
+        got = model.ask(QUESTION, (x, SAMPLE_RATE), think=True, max_new_tokens=24)
+        base = model.ask(QUESTION, (x, SAMPLE_RATE), max_new_tokens=24)
+    assert got.adapter == "think" and base.tokens != got.tokens  # the adapter changes the answer
+    assert list(got.tokens) == strip_eos(think.generate(conversation(x, QUESTION + THINK_SUFFIX), max_new_tokens=24))
+
+
+def test_serve_on_music_flamingo_equals_transformers(mf_bundle, mf_ref, tmp_path):
+    """`edge-af3 serve --exact` of a Music Flamingo bundle over real HTTP (the openai SDK): greedy
+    text and prompt tokens (bos/eos around the rows) as transformers'."""
+    from .test_server import Server, user, wav_bytes
+
+    x = noise(47.0, seed=9)
+    srv = Server(mf_bundle, "--exact", tmp_path=tmp_path, key=None)
+    try:
+        r = srv.client(timeout=300).chat.completions.create(
+            model="edge-af3", messages=[user(QUESTION, wav_bytes(x))], max_tokens=16, temperature=0
+        )
+    finally:
+        srv.stop()
+    want = strip_eos(mf_ref.generate(conversation(x), max_new_tokens=16))
+    assert r.choices[0].message.content == mf_ref.processor.tokenizer.decode(want, skip_special_tokens=True)
+    assert r.usage.prompt_tokens == mf_ref.inputs(conversation(x))["input_ids"].shape[1]
+
+
 def test_doctor_names_the_architecture(mf_bundle):
     from .conftest import run_cli
 
