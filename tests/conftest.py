@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +70,23 @@ def sweep(seconds: float, rate: int = 16000) -> np.ndarray:
     f0, f1 = 50.0, 7900.0
     phase = 2 * np.pi * f0 * seconds / np.log(f1 / f0) * (np.exp(t / seconds * np.log(f1 / f0)) - 1)
     return (0.5 * np.sin(phase)).astype(np.float32)
+
+
+def wait_up(proc: subprocess.Popen, url: str, seconds: float, tail, what: str = "the server") -> None:
+    """Until GET url answers 200: a deadline guard on a server's start-up, not a timing assertion;
+    its log's tail (`tail()`) in the failure."""
+    import httpx2 as httpx
+
+    deadline = time.monotonic() + seconds
+    while True:
+        assert proc.poll() is None, f"{what} exited ({proc.returncode}): {tail()}"
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        assert time.monotonic() < deadline, f"{what} did not come up: {tail()}"
+        time.sleep(0.2)
 
 
 def run_cli(*args: str, env: dict | None = None, timeout: float = 600, cwd=None) -> subprocess.CompletedProcess:

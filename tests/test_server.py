@@ -24,7 +24,7 @@ import soundfile as sf
 from edge_af3 import AF3
 from edge_af3.constants import ASR_PROMPT
 
-from .conftest import ROOT, noise, run_cli, sweep
+from .conftest import ROOT, noise, run_cli, sweep, wait_up
 from .test_layers import BLOCKER
 from .test_runtime import conversation, strip_eos
 
@@ -59,16 +59,7 @@ class Server:
             cwd=ROOT,
             env=env,
         )
-        deadline = time.monotonic() + 180
-        while True:  # a deadline guard on start-up, not a timing assertion
-            assert self.proc.poll() is None, f"the server exited ({self.proc.returncode}): {self.tail()}"
-            try:
-                if httpx.get(self.url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"the server did not come up: {self.tail()}"
-            time.sleep(0.2)
+        wait_up(self.proc, self.url + "/health", 180, self.tail)
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-3000:] if self.log and self.log.exists() else ""

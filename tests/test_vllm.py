@@ -13,7 +13,6 @@ import os
 import signal
 import socket
 import subprocess
-import time
 
 import httpx2 as httpx
 import numpy as np
@@ -23,7 +22,7 @@ from edge_af3 import AF3
 from edge_af3.constants import ASR_PROMPT
 from edge_af3.errors import ContextOverflowError, EdgeAF3Error, ModelNotFoundError, PromptError, ServerError
 
-from .conftest import ROOT, noise, run_cli
+from .conftest import ROOT, noise, run_cli, wait_up
 from .test_runtime import conversation, strip_eos
 from .test_server import Server, wav_bytes
 
@@ -60,16 +59,7 @@ class VLLM:
             env=env,
             start_new_session=True,
         )
-        deadline = time.monotonic() + 480
-        while True:  # a deadline guard on start-up (about a minute here), not a timing assertion
-            assert self.proc.poll() is None, f"vLLM exited ({self.proc.returncode}): {self.tail()}"
-            try:
-                if httpx.get(self.url + "/v1/models", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < deadline, f"vLLM did not come up: {self.tail()}"
-            time.sleep(0.5)
+        wait_up(self.proc, self.url + "/v1/models", 480, self.tail, "vLLM")  # about a minute here
 
     def tail(self) -> str:
         return self.log.read_text(errors="replace")[-4000:] if self.log.exists() else ""
