@@ -202,12 +202,8 @@ def test_95_s_through_the_memory_answers_as_transformers(mf_bundle, mf_ref):
     time embedding) and prefilled once, `<|sound_bos|>` ending the head and `<|sound_eos|>`
     starting the question: until an eviction the greedy answer equals transformers' for the 95 s
     as one clip, and the question decodes only its own tokens."""
-    from edge_af3 import OptionsError
-
     x = noise(95, seed=95)
     with AF3.load(mf_bundle, exact=True, options=GREEDY, n_seq=2, n_ctx=8192) as model:
-        with pytest.raises(OptionsError, match="memory-exact"):
-            model.memory(120, exact=True)
         with model.memory(120, tail_every=10.0) as mem:
             for i in range(0, x.size, 8000):
                 mem.feed(x[i : i + 8000])
@@ -218,14 +214,45 @@ def test_95_s_through_the_memory_answers_as_transformers(mf_bundle, mf_ref):
             rows = np.concatenate([w.rows for w in mem.held])
             assert np.abs(rows - mf_ref.clip_rows(x)).max() <= 1e-4
             ans = mem.ask(QUESTION, max_new_tokens=16)
-            with pytest.raises(OptionsError, match="time-range"):
-                mem.ask(QUESTION, at=(0.0, 30.0))
     want = strip_eos(mf_ref.generate(conversation(x), max_new_tokens=16))
     assert list(ans.tokens) == want
     ids = mf_ref.inputs(conversation(x))["input_ids"][0].tolist()
     after_audio = len(ids) - ids.index(151671)  # <|sound_eos|> and the question's tokens
     assert ans.timings.prompt_tokens == len(ids)
     assert ans.timings.prompt_tokens - ans.timings.reused_tokens == after_audio
+
+
+def _feed(mem, x):
+    for i in range(0, x.size, 8000):
+        mem.feed(x[i : i + 8000])
+    mem.flush()
+
+
+def test_exact_memory_and_time_ranges_encode_kept_windows_at_their_new_place(mf_bundle, mf_ref):
+    """A 60 s memory fed 95 s: window 0 is evicted and windows 1, 2 and the 5 s tail become the
+    memory's windows 0, 1, 2. Exact mode encodes the kept windows again at their new places and
+    re-prefills them: rows and greedy answer equal transformers' for the kept 65 s as one clip
+    (without the rebuild the rows are far off: checked). A time-range question makes its windows
+    a clip of their own from the archived samples: equal to transformers' for those 60 s."""
+    x = noise(95, seed=96)
+    kept, first_minute = x[30 * SAMPLE_RATE :], x[: 60 * SAMPLE_RATE]
+    with AF3.load(mf_bundle, exact=True, options=GREEDY, n_seq=3, n_ctx=8192) as model:
+        with model.memory(60, tail_every=10.0) as mem:
+            _feed(mem, x)
+            rows = np.concatenate([w.rows for w in mem.held])
+            assert np.abs(rows - mf_ref.clip_rows(kept)).max() > 1e-2  # approximate: places changed
+        with model.memory(60, tail_every=10.0, exact=True) as mem:
+            _feed(mem, x)
+            assert [(w.index, w.seconds) for w in mem.held] == [(1, 30), (2, 30), (3, 5)]
+            assert mem.wait_exact(timeout=600) and mem.stats.rebuilds >= 1
+            rows = np.concatenate([w.rows for w in mem.held])
+            assert np.abs(rows - mf_ref.clip_rows(kept)).max() <= 1e-4
+            ans = mem.ask(QUESTION, max_new_tokens=16)
+            ranged = mem.stream(QUESTION, at=(0.0, 60.0), max_new_tokens=16)
+            assert ranged.span == [(0.0, 30.0), (30.0, 60.0)]
+            ranged = ranged.result()
+    assert list(ans.tokens) == strip_eos(mf_ref.generate(conversation(kept), max_new_tokens=16))
+    assert list(ranged.tokens) == strip_eos(mf_ref.generate(conversation(first_minute), max_new_tokens=16))
 
 
 def test_listen_memory_takes_the_models_own_limit(mf_bundle, tiny_bundle, tmp_path):

@@ -253,3 +253,37 @@ def test_a_pool_fails_over_from_a_dead_server_to_a_live_one(tiny_bundle, vllm, e
     res = run_cli("ask", "Hi", "--base-url", f"{dead},{vllm.url}", "-t", "0", "-n", "8", "--json")
     assert res.returncode == 0, res.stderr
     assert json.loads(res.stdout)["text"] == exact.ask("Hi", max_new_tokens=8, temperature=0).text
+
+
+def test_cli_chat_base_url_in_a_terminal(vllm, exact, clip, tmp_path):
+    """`edge-af3 chat --base-url` against vLLM in a real terminal (tmux): a clip, a question, a
+    follow-up; the saved turns are the exact in-process session's answers."""
+    import sys
+
+    import soundfile as sf
+
+    from .test_cli import Terminal
+
+    wav, saved = tmp_path / "clip.wav", tmp_path / "conv.json"
+    sf.write(wav, clip, 16000, subtype="FLOAT")
+    cmd = f"{sys.executable} -m edge_af3 chat --base-url {vllm.url} -t 0 -n 10; echo EXIT=$?; sleep 30"
+    term = Terminal(tmp_path, cmd, {"TERM": "xterm"})
+    try:
+        term.wait_for("you>")
+        term.send(f"/audio {wav}", "Enter")
+        term.wait_for("attached")
+        term.send(QUESTION, "Enter")
+        term.wait_for("tok/s")
+        term.send("Tell me more.", "Enter")
+        term.wait_for("tok/s", count=2)
+        term.send(f"/save {saved}", "Enter")
+        term.wait_for("saved 2 turn")
+        term.send("/quit", "Enter")
+        screen = term.wait_for("EXIT=")
+    finally:
+        term.close()
+    assert "EXIT=0" in screen and "Traceback" not in screen
+    turns = json.loads(saved.read_text())["turns"]
+    mine = exact.chat()
+    assert turns[0]["assistant"] == mine.ask(QUESTION, str(wav), max_new_tokens=10, temperature=0).text
+    assert turns[1]["assistant"] == mine.ask("Tell me more.", max_new_tokens=10, temperature=0).text

@@ -27,11 +27,12 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..audio import Audio
-from ..constants import MAX_WINDOWS, ROWS_PER_WINDOW, SAMPLE_RATE, SOUND_TOKEN, THINK_SUFFIX
+from ..constants import ROWS_PER_WINDOW, SAMPLE_RATE, SOUND_TOKEN, THINK_SUFFIX
 from ..errors import ContextOverflowError, OptionsError, PromptError, SessionBusyError
 from ..prompt import Message, render, split_sound
 from .clips import Clip, RowsCache, items
 from .memory_exact import Rebuilder
+from .memory_timed import encode_at, range_windows
 from .prefill import Prefill
 from .session import Turn, check_fits
 from .stream import Stream
@@ -52,6 +53,7 @@ class Window:
     rows: np.ndarray
     key: str
     label: str
+    samples: np.ndarray | None = None  # kept where rows carry their place (memory_timed.py)
 
     def clip(self, fresh: bool = False) -> Clip:
         return Clip.of_rows(self.rows, self.key if fresh else self.label)
@@ -108,7 +110,7 @@ class Memory:
         max_new_tokens: int | None = None,
         aside=None,
     ):
-        self.family = fam = check_family(model.family, seconds, exact)  # Music Flamingo: no exact mode yet
+        self.family = fam = check_family(model.family, seconds)
         self.model, self.system = model, system
         self.capacity = math.ceil(seconds / WINDOW_S)  # full windows; the tail comes on top, up to the model's most
         self.skip_silence, self.silence_db, self.exact = skip_silence, silence_db, exact
@@ -185,15 +187,18 @@ class Memory:
             self.sync()
             return
         t0 = time.perf_counter()
-        audio = Audio(heard.samples, SAMPLE_RATE, 1, f"window {heard.index}")
-        clip = self._encoder.encode(Clip(audio), first=len(self.windows))  # its place (the time embedding)
-        key = f"memory{self._id}/{heard.index}/{clip.key[:16]}"
-        window = Window(heard.index, heard.start_s, heard.seconds, clip.rows, key, key)
+        if self.family.time_embedding:  # rows that carry their place: the samples are kept too
+            rows, key = encode_at(self, heard.samples, heard.index, len(self.windows))
+            samples = heard.samples
+        else:
+            clip = self._encoder.encode(Clip(Audio(heard.samples, SAMPLE_RATE, 1, f"window {heard.index}")))
+            rows, key, samples = clip.rows, f"memory{self._id}/{heard.index}/{clip.key[:16]}", None
+        window = Window(heard.index, heard.start_s, heard.seconds, rows, key, key, samples)
         with self._lock:
             self.stats.encode_ms.append((time.perf_counter() - t0) * 1000)
             if heard.full:
                 self.stats.windows += 1
-                self.archive.put(info, clip.rows)
+                self.archive.put(info, rows, samples)
                 self.windows.append(window)
                 self.tail = None
             else:
@@ -356,24 +361,29 @@ class Memory:
             stream.cancel()
 
     def _windows_at(self, at: tuple[float, float]) -> list[Window]:
-        if self.family.time_embedding:  # kept rows carry their place in the memory, not in the range
-            raise OptionsError(f"a time-range question needs AF3's rows; {self.family.name}'s would be encoded again")
         start, end = at
         if not end > start:
             raise OptionsError(f"a time range ends after it starts, got {start:g}-{end:g} s")
-        found = []
-        for info in self.archive.between(start, end):
-            rows = self.archive.rows(info.index)
-            if rows is not None:
-                key = f"memory{self._id}/at/{info.index}"  # a full window's rows never change
-                found.append(Window(info.index, info.start_s, info.seconds, rows, key, key))
+        infos = self.archive.between(start, end)
         tail = self.tail
-        if tail is not None and tail.start_s < end and tail.start_s + tail.seconds > start:
-            found.append(Window(tail.index, tail.start_s, tail.seconds, tail.rows, tail.key, tail.key))
+        tail = tail if tail is not None and tail.start_s < end and tail.start_s + tail.seconds > start else None
+        fam = self.family
+        if len(infos) + (tail is not None) > fam.max_windows:
+            n = len(infos) + (tail is not None)
+            raise OptionsError(f"{start:g}-{end:g} s is {n} windows; {fam.name} reads at most {fam.max_windows}")
+        if fam.time_embedding:  # the windows become a clip of their own: each encoded at its place in it
+            found = range_windows(self, infos, tail)
+        else:
+            found = []
+            for info in infos:
+                rows = self.archive.rows(info.index)
+                if rows is not None:
+                    key = f"memory{self._id}/at/{info.index}"  # a full window's rows never change
+                    found.append(Window(info.index, info.start_s, info.seconds, rows, key, key))
+            if tail is not None:
+                found.append(Window(tail.index, tail.start_s, tail.seconds, tail.rows, tail.key, tail.key))
         if not found:
             raise OptionsError(f"nothing remembered between {start:g} s and {end:g} s")
-        if len(found) > MAX_WINDOWS:
-            raise OptionsError(f"{start:g}-{end:g} s is {len(found)} windows; AF3 reads at most {MAX_WINDOWS}")
         return found
 
     def _question_ended(self, stream: Stream) -> None:

@@ -2,7 +2,9 @@
 re-prefilled from the head on a spare llama.cpp sequence, a batch at a time on a thread of their
 own (a question's decode steps go first), and the spare becomes the memory's sequence when it
 has caught up. Windows heard meanwhile are applied by the sync that follows the swap; an eviction
-among them makes the memory approximate again and calls for the next rebuild."""
+among them makes the memory approximate again and calls for the next rebuild. On a model whose
+rows carry their place (Music Flamingo), the kept windows are encoded again at their new places
+first (memory_timed.py)."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import threading
 import time
 from typing import TYPE_CHECKING
 
+from .clips import Clip
+from .memory_timed import replaced
 from .prefill import Prefill
 
 if TYPE_CHECKING:
@@ -63,7 +67,10 @@ class Rebuilder:
         mem = self.memory
         model = mem.model
         held = mem.held
-        prefill = Prefill(mem._spare, [mem.head] + [w.clip(fresh=True) for w in held], step=model.llm.n_batch)
+        # rows that carry their place (Music Flamingo) are encoded again at their place now
+        fresh = replaced(mem, held) if mem.family.time_embedding else [(w.rows, w.key) for w in held]
+        clips = [Clip.of_rows(rows, key) for rows, key in fresh]
+        prefill = Prefill(mem._spare, [mem.head] + clips, step=model.llm.n_batch)
         t0 = time.perf_counter()
         while True:
             if self._stopped:
@@ -81,8 +88,8 @@ class Rebuilder:
                 if not self._answering():
                     # the spare holds `held`, freshly computed: it becomes the memory's sequence
                     mem.seq, mem._spare = mem._spare, mem.seq
-                    for w in held:
-                        w.label = w.key
+                    for w, (rows, key) in zip(held, fresh):
+                        w.rows, w.key, w.label = rows, key, key
                     mem._in_kv = held
                     mem.stats.rebuilds += 1
                     mem.stats.rebuild_ms.append((time.perf_counter() - t0) * 1000)

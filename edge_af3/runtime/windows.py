@@ -34,17 +34,13 @@ def memory_positions(seconds: float, answer_tokens: int, max_windows: int = MAX_
     return windows * ROWS_PER_WINDOW + QUESTION_ROOM + answer_tokens
 
 
-def check_family(family, seconds: float, exact: bool):
-    """The memory's limits for the model's family: `seconds` within its longest clip; no exact mode
-    for a time embedding (a kept window's rows carry its place in the memory, which an eviction
-    changes: the rebuild would have to encode every kept window again). Returns the family."""
+def check_family(family, seconds: float):
+    """The memory's limit for the model's family: `seconds` within its longest clip. Returns the family."""
     if not 0 < seconds <= family.max_seconds:
         raise OptionsError(
             f"a memory holds 30 s to {family.max_seconds // 60} minutes ({family.name} reads at most "
             f"{family.max_windows} windows), got {seconds:g} s"
         )
-    if exact and family.time_embedding:
-        raise OptionsError(f"--memory-exact runs AF3 bundles; {family.name}'s kept windows would be encoded again")
     return family
 
 
@@ -158,15 +154,17 @@ class WindowInfo:
 
 
 class Archive:
-    """Every full window's rows by index: in RAM (the last `keep` of them) or in `directory`
-    (one .npy each, written to a temporary name and renamed, and index.jsonl), so a question can
-    be asked about any stretch heard (`Memory.ask(at=...)`)."""
+    """Every full window's rows by index (and samples, where rows carry their place): in RAM (the
+    last `keep` of them) or in `directory` (one .npy each, written to a temporary name and
+    renamed, and index.jsonl), so a question can be asked about any stretch heard
+    (`Memory.ask(at=...)`)."""
 
     def __init__(self, directory: str | os.PathLike | None = None, keep: int = 20):
         self.directory = Path(directory) if directory is not None else None
         self.keep = keep
         self.infos: dict[int, WindowInfo] = {}
         self._rows: dict[int, np.ndarray] = {}
+        self._samples: dict[int, np.ndarray] = {}
         self._lock = threading.Lock()
         if self.directory is not None:
             try:
@@ -176,28 +174,40 @@ class Archive:
             except OSError as e:
                 raise OutputError(f"{self.directory}: cannot write the memory folder ({e.strerror})") from e
 
-    def put(self, info: WindowInfo, rows: np.ndarray | None) -> None:
+    def put(self, info: WindowInfo, rows: np.ndarray | None, samples: np.ndarray | None = None) -> None:
+        """A window's record, its rows and (for a model whose rows carry their place) its samples."""
         with self._lock:
             self.infos[info.index] = info
             if rows is None:
                 return
             if self.directory is None:
                 self._rows[info.index] = rows
+                if samples is not None:
+                    self._samples[info.index] = samples
                 for old in sorted(self._rows)[: max(0, len(self._rows) - self.keep)]:
                     del self._rows[old]
+                    self._samples.pop(old, None)
                 return
-            fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
-            with os.fdopen(fd, "wb") as f:
-                np.save(f, rows)
-            os.replace(tmp, self.directory / f"w{info.index:06d}.npy")
+            for name, array in ((f"w{info.index:06d}.npy", rows), (f"w{info.index:06d}.samples.npy", samples)):
+                if array is not None:
+                    fd, tmp = tempfile.mkstemp(dir=self.directory, suffix=".tmp")
+                    with os.fdopen(fd, "wb") as f:
+                        np.save(f, array)
+                    os.replace(tmp, self.directory / name)
             with open(self.directory / "index.jsonl", "a") as f:
                 f.write(json.dumps(asdict(info)) + "\n")
 
     def rows(self, index: int) -> np.ndarray | None:
+        return self._read(index, self._rows, f"w{index:06d}.npy")
+
+    def samples(self, index: int) -> np.ndarray | None:
+        return self._read(index, self._samples, f"w{index:06d}.samples.npy")
+
+    def _read(self, index: int, kept: dict, name: str) -> np.ndarray | None:
         with self._lock:
             if self.directory is None:
-                return self._rows.get(index)
-        path = self.directory / f"w{index:06d}.npy"
+                return kept.get(index)
+        path = self.directory / name
         return np.load(path) if path.exists() else None
 
     def between(self, start_s: float, end_s: float) -> list[WindowInfo]:
