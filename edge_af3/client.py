@@ -25,7 +25,7 @@ from .audio import Audio, load_audio
 from .constants import ASR_PROMPT, SAMPLE_RATE, THINK_SUFFIX
 from .errors import AudioError, OptionsError, ServerError, SessionBusyError
 from .runtime.types import Answer, GenerationOptions, Timings
-from .servers import Pool, Server, error_from
+from .servers import Pool, Server, stream_error
 
 FINISH = {"stop": "stop", "length": "length", "content_filter": "stop", None: "stop"}
 _MAGIC = (
@@ -101,15 +101,10 @@ class RemoteStream:
             except StopIteration:
                 self._end(self._finish or "stop")
                 raise
-            except Exception as e:  # the SDK's APIError, or httpx's when the connection breaks
+            except Exception as e:  # the SDK's APIError (an SSE error event), or httpx's when the connection breaks
                 self._response.close()
                 self._end("cancelled", notify=False)
-                status = getattr(e, "status_code", None)
-                if status is not None:
-                    raise error_from(self.server, e) from None
-                raise ServerError(
-                    f"{self.server.url}: the answer broke off after {len(self._pieces)} pieces: {e}", status=None
-                ) from None
+                raise stream_error(self.server, e, len(self._pieces)) from None
             if getattr(ch, "usage", None):
                 self._usage = ch.usage
             for choice in ch.choices or []:
@@ -337,6 +332,8 @@ class RemoteAF3:
             messages = [{"role": "user", "content": [part, {"type": "text", "text": text}]}]
             body = self._body(s, False, GenerationOptions(temperature=0.0), None)
             r = s.client.chat.completions.create(messages=messages, **body)
+            if not r.choices:
+                raise ServerError(f"{s.url}: a transcription through chat came back with no answer", status=None)
             return r.choices[0].message.content or ""
 
         return self.pool.call(send)

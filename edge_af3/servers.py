@@ -1,9 +1,11 @@
 """The servers behind one `AF3.connect` client: one base URL, or several tried in order.
 
-A server that cannot be reached (connection refused or reset, no answer within the timeout) or
-that answers 502 / 503 / 504 (a proxy with no backend, a server still loading its model) is
-passed over for the next one, and tried again after `RETRY_S` seconds. Any other HTTP error is
-the request's own, raised as an `EdgeAF3Error` whatever the server — never re-sent elsewhere.
+A server that cannot be reached (the connection refused, or not made within `CONNECT_S`) or that
+answers 502 / 503 (a proxy with no backend, a server still loading its model) has not started on
+the request: it is passed over for the next one, and tried again after `RETRY_S` seconds. Any
+other failure — an HTTP error, a read timeout, a connection lost after the request was sent, a
+504 (the backend may be at work on it) — is raised as an `EdgeAF3Error`, never re-sent elsewhere:
+a generation is not run twice.
 Each request starts from the server that answered last, so a conversation stays where its KV
 prefix is cached until that server goes away.
 
@@ -33,7 +35,9 @@ from .errors import (
 )
 
 RETRY_S = 30.0  # a server passed over is tried again after this long
-FAILOVER_STATUS = (502, 503, 504)
+CONNECT_S = 5.0  # a server that takes longer to accept the connection is passed over
+FAILOVER_STATUS = (502, 503)  # the request did not reach a backend
+NOT_CONNECTED = ("ConnectError", "ConnectTimeout")  # httpx's errors before the request was sent
 _AUDIO_LIMIT = re.compile(r"at most (\d+) audio", re.IGNORECASE)
 
 
@@ -107,7 +111,9 @@ class Pool:
             try:
                 self._learn(s)
                 out = fn(s)
-            except self.openai.APIConnectionError as e:  # timeouts included: nothing came back
+            except self.openai.APIConnectionError as e:
+                if type(e.__cause__).__name__ not in NOT_CONNECTED:  # sent, then lost: not re-sent
+                    raise ServerError(f"{s.url}: {e} ({type(e.__cause__).__name__})", status=None) from None
                 s.down_until = time.monotonic() + RETRY_S
                 passed.append(f"{s.url}: {e}")
                 continue
@@ -164,15 +170,34 @@ def error_from(s: Server, e) -> EdgeAF3Error:
     err = body.get("error", body) if isinstance(body, dict) else None
     code = err.get("code") if isinstance(err, dict) else None
     msg = f"{s.url}: {e.status_code} {text}"
-    by_code = {cls.code: cls for cls in kinds() if cls is not EdgeAF3Error}
-    cls = by_code.get(code) if isinstance(code, str) else None
-    if cls is QueueFullError or e.status_code == 429:
+    if code == QueueFullError.code or e.status_code == 429:
         retry = e.response.headers.get("retry-after", "1") if getattr(e, "response", None) is not None else "1"
         return QueueFullError(msg, retry_after=int(retry) if retry.isdigit() else 1)
+    cls = _by_code(code)
     if cls is None and e.status_code == 404 and "model" in text.lower():
         cls = ModelNotFoundError
     if cls is None and e.status_code == 400 and ("context length" in text or "max_model_len" in text):
         cls = ContextOverflowError  # vLLM's words for a prompt + max_tokens over its context
-    if cls is None or cls is ServerError:
+    if cls is None:
         return ServerError(msg, status=e.status_code)
     return cls(msg)
+
+
+def stream_error(s: Server, e, pieces: int) -> EdgeAF3Error:
+    """An error that came inside a streamed answer (an SSE error event: its code, no status), or
+    the stream broken off."""
+    status = getattr(e, "status_code", None)
+    if status is not None:
+        return error_from(s, e)
+    cls = _by_code(getattr(e, "code", None))
+    if cls is not None and cls is not QueueFullError:
+        return cls(f"{s.url}: {message(e)}")
+    return ServerError(f"{s.url}: the answer broke off after {pieces} pieces: {message(e)}", status=None)
+
+
+def _by_code(code) -> type[EdgeAF3Error] | None:
+    """edge-af3's error class for an error code its server sent (None: no such code)."""
+    if not isinstance(code, str):
+        return None
+    cls = {c.code: c for c in kinds() if c is not EdgeAF3Error}.get(code)
+    return None if cls is ServerError else cls

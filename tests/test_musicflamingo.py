@@ -143,16 +143,25 @@ def test_rows_after_the_time_embedding_match_transformers(mf, mf_ref):
 
 def test_bound_buffers_feed_the_times_too(mf_bundle, mf_ref):
     """ONNX Runtime with bound buffers of bucket shapes (the CUDA-graph path, run here on the CPU
-    provider): the rows' times padded to the bucket like the features; rows equal transformers'
-    for a 47 s clip (a full window, and the cut window in a frame bucket)."""
+    provider): the rows' times padded to the bucket like the features. A 95 s clip's rows equal
+    transformers' with its 3 full windows split over two runs (buckets of 2 and 1), padded into
+    one bucket of 4, and encoded from window 1 on as the clip's windows 1.. (first=1)."""
     from edge_af3.engines.onnx import OnnxEncoder
     from edge_af3.runtime.encoding import iter_windows
 
-    x = noise(47.0, seed=47)
-    bound = OnnxEncoder(mf_bundle / "encoder.onnx", io_binding=True, max_windows=40)
-    got = np.concatenate(list(iter_windows(bound, extract_features((x, SAMPLE_RATE)), 4, timed=True)))
-    assert np.abs(got - mf_ref.clip_rows(x)).max() <= 1e-4
-    assert sorted(bound._bound) == [(1, 2000), (1, 3000)]
+    x = noise(95.0, seed=95)
+    want = mf_ref.clip_rows(x)
+    feats = extract_features((x, SAMPLE_RATE))
+    split = OnnxEncoder(mf_bundle / "encoder.onnx", io_binding=True, max_windows=2)
+    got = np.concatenate(list(iter_windows(split, feats, 4, timed=True)))
+    assert np.abs(got - want).max() <= 1e-4
+    assert sorted(split._bound) == [(1, 1000), (1, 3000), (2, 3000)]
+    padded = OnnxEncoder(mf_bundle / "encoder.onnx", io_binding=True, max_windows=40)
+    got = np.concatenate(list(iter_windows(padded, feats, 4, timed=True)))
+    assert np.abs(got - want).max() <= 1e-4 and (4, 3000) in padded._bound
+    later = extract_features((x[30 * SAMPLE_RATE :], SAMPLE_RATE))
+    got = np.concatenate(list(iter_windows(padded, later, 4, timed=True, first=1)))
+    assert np.abs(got - want[750:]).max() <= 1e-4
 
 
 def test_a_gpu_runs_the_times_on_onnx_runtime_cuda():

@@ -43,8 +43,8 @@ class VLLM:
     API server), up when /v1/models answers."""
 
     def __init__(self, ckpt, log):
-        venv = os.environ.get("VLLM_VENV", str(ROOT / ".venv-vllm"))
-        assert os.path.exists(f"{venv}/bin/python"), "vLLM's CPU venv is missing: run scripts/setup_vllm.sh"
+        venv = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm")  # relative: to the repository, as the scripts read it
+        assert (venv / "bin" / "python").exists(), "vLLM's CPU venv is missing: run scripts/setup_vllm.sh"
         self.port, self.log = _port(), log
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
@@ -127,7 +127,11 @@ def test_connect_ask_stream_chat_give_transformers_tokens(vllm, exact, reference
     assert second.text == mine.ask("Tell me more.", max_new_tokens=12, temperature=0).text
 
 
-def test_what_vllm_cannot_do_is_said(vllm, edge, clip):
+def _part(data: bytes) -> dict:
+    return {"type": "input_audio", "input_audio": {"data": base64.b64encode(data).decode(), "format": "wav"}}
+
+
+def test_what_vllm_cannot_do_is_said(vllm, edge, reference, clip):
     remote = AF3.connect(vllm.url)
     two = [(clip, 16000), (noise(2.0, seed=3), 16000)]
     with pytest.raises(PromptError, match="at most 1 audio clip"):  # vLLM's own 400, explained
@@ -137,9 +141,18 @@ def test_what_vllm_cannot_do_is_said(vllm, edge, clip):
     with pytest.raises(PromptError, match="this one holds 2"):  # known now: refused before sending
         chat.ask("And this one?", (noise(2.0, seed=3), 16000), max_new_tokens=4)
     assert len(chat.messages) == 2  # the refused turn left the conversation as it was
+    # vLLM's AF3 resamples with torchaudio, which its CPU install cannot load: a raw 22.05 kHz WAV
+    # fails there (why the client sends 16 kHz); the same clip through the client is answered
+    raw = [{"role": "user", "content": [_part(wav_bytes(noise(2.0, seed=5), 22050)), {"type": "text", "text": "Hi"}]}]
+    r = httpx.post(
+        vllm.url + "/v1/chat/completions", json={"model": NAME, "messages": raw, "max_tokens": 2}, timeout=120
+    )
+    assert r.status_code == 500, r.text
     # no /v1/audio/transcriptions for AF3 in vLLM: AF3's transcription prompt through chat instead
     text = remote.transcribe((clip, 16000))
     assert remote.pool.current.transcriptions is False
+    want = strip_eos(reference.generate(conversation(clip, ASR_PROMPT), max_new_tokens=500))
+    assert text == reference.processor.tokenizer.decode(want, skip_special_tokens=True)
     served = httpx.post(
         edge.url + "/v1/audio/transcriptions", files={"file": ("a.wav", wav_bytes(clip))}, timeout=300
     ).json()["text"]

@@ -262,7 +262,15 @@ def show_plan(
     n_ctx = family.n_ctx if n_ctx is None else n_ctx  # room for the model's longest clip, as AF3.load sets it
     encoder_engine = family.encoder_engine(encoder_engine)  # as AF3.load picks it
     if target is None:
-        s = resolve(stored, device=device, encoder_engine=encoder_engine, kv_type=kv_type, n_ctx=n_ctx, exact=exact)
+        s = resolve(
+            stored,
+            device=device,
+            encoder_engine=encoder_engine,
+            kv_type=kv_type,
+            n_ctx=n_ctx,
+            exact=exact,
+            timed=family.time_embedding,
+        )
         p = make(
             n_ctx=s.n_ctx,
             kv_type=s.kv_type,
@@ -271,7 +279,8 @@ def show_plan(
             machine=s,
         )
     else:  # a GPU target: its engines build fp16 from an fp32 bundle and run 4 windows at a time
-        s = resolve(stored, kv_type=kv_type, n_ctx=n_ctx, exact=exact, choice=_gpu_choice(target), llm_gpu=True)
+        choice = _gpu_choice(target, family.time_embedding)
+        s = resolve(stored, kv_type=kv_type, n_ctx=n_ctx, exact=exact, choice=choice, llm_gpu=True)
         p = make(
             n_ctx=s.n_ctx,
             kv_type=s.kv_type,
@@ -303,9 +312,12 @@ def _local_bundle(spec: str, export_precision: str, exact: bool) -> Path | None:
     return bundle if (bundle / "manifest.json").is_file() else None
 
 
-def _gpu_choice(target: str):
-    from ..engines.select import EncoderChoice
+def _gpu_choice(target: str, timed: bool = False):
+    """A GPU target's encoder engine: TensorRT, or ONNX Runtime CUDA for a time-embedding model."""
+    from ..engines.select import NO_TIMES, EncoderChoice
 
+    if timed:
+        return EncoderChoice("onnxruntime-cuda", f"cuda ({target})", (("tensorrt", NO_TIMES),), gpu=target)
     return EncoderChoice("tensorrt", f"cuda ({target})", gpu=target)
 
 

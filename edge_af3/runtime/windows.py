@@ -51,8 +51,10 @@ def check_memory_options(given: str, seconds: float, directory, n_ctx: int | Non
         d = Path(directory)
         if d.exists() and (not d.is_dir() or any(d.iterdir())):
             raise OptionsError(f"--memory-dir {d}: not an empty folder; name a new one")
-    # the model is not known yet: past AF3's 10 minutes only a longer-reading model can hold it
-    need = memory_positions(seconds, answer_tokens, MAX_WINDOWS if seconds <= 600 else 60) + 64  # (+ the head)
+    # the model is not known yet: the fewest windows a model that can hold `seconds` reads (AF3 20,
+    # Music Flamingo 40, AF-Next 60)
+    most = next((w for w in (MAX_WINDOWS, 40, 60) if seconds <= w * WINDOW_S), 60)
+    need = memory_positions(seconds, answer_tokens, most) + 64  # (+ the chat template's head)
     if n_ctx is not None and n_ctx < need:
         raise OptionsError(f"--memory {given} needs --n-ctx >= {need} (its windows, a question, the answer)")
 
