@@ -106,7 +106,10 @@ def resolve(
     return Settings(
         device=device,
         encoder_engine=choice.engine,
-        encoder_precision="fp16" if (on_gpu_encoder and stored_precision == "fp32" and not exact) else stored_precision,
+        # TensorRT and torch-cuda build fp16 from an fp32 graph; ONNX Runtime CUDA runs the graph as it is
+        encoder_precision="fp16"
+        if (choice.engine in FP16_ONLY and stored_precision == "fp32" and not exact)
+        else stored_precision,
         windows_per_run=windows_per_run or (4 if on_gpu_encoder else 1),
         overlap=on_gpu_encoder if overlap is None else overlap,
         n_gpu_layers=gpu_layers,

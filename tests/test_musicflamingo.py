@@ -179,6 +179,13 @@ def test_a_gpu_runs_the_times_on_onnx_runtime_cuda():
         "torch-cuda": NO_TIMES,
     }
     assert choose_encoder("auto", gpu=lambda: "NVIDIA H100", probes=ok).engine == "tensorrt"  # AF3 as before
+    # what plan counts: ONNX Runtime CUDA runs the fp32 graph as it is, TensorRT builds fp16 from it
+    from edge_af3.engines.select import EncoderChoice
+    from edge_af3.settings import resolve
+
+    for engine, precision in (("onnxruntime-cuda", "fp32"), ("tensorrt", "fp16")):
+        choice = EncoderChoice(engine, "cuda (NVIDIA H100)", gpu="NVIDIA H100")
+        assert resolve("fp32", choice=choice, llm_gpu=True).encoder_precision == precision
 
 
 @pytest.mark.slow
