@@ -81,8 +81,9 @@ class Pool:
         urls = urls_of(base_url)
         key = api_key or os.environ.get("EDGE_AF3_API_KEY") or os.environ.get("OPENAI_API_KEY") or "none"
         retries = 2 if len(urls) == 1 else 0  # with several servers, the next server is the retry
+        limit = openai.Timeout(timeout, connect=min(CONNECT_S, timeout))  # an unreachable host: the next one soon
         self.servers = [
-            Server(u, openai.OpenAI(base_url=u, api_key=key, timeout=timeout, max_retries=retries)) for u in urls
+            Server(u, openai.OpenAI(base_url=u, api_key=key, timeout=limit, max_retries=retries)) for u in urls
         ]
         self.model = model
         self.current = self.servers[0]

@@ -253,6 +253,8 @@ def test_a_pool_fails_over_from_a_dead_server_to_a_live_one(tiny_bundle, vllm, e
     try:
         remote = AF3.connect([dead, edge.url, vllm.url])
         assert remote.base_url == edge.url + "/v1"  # the dead one was passed over
+        # a host that never answers the connection is passed over after 5 s, not after a whole answer's time
+        assert {(s.client.timeout.connect, s.client.timeout.read) for s in remote.pool.servers} == {(5.0, 600)}
         chat = remote.chat()
         first = chat.ask(QUESTION, (clip, 16000), max_new_tokens=10, temperature=0)
     finally:

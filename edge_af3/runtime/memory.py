@@ -26,8 +26,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..audio import Audio
-from ..constants import ROWS_PER_WINDOW, SAMPLE_RATE, SOUND_TOKEN, THINK_SUFFIX
+from ..constants import ROWS_PER_WINDOW, SOUND_TOKEN, THINK_SUFFIX
 from ..errors import ContextOverflowError, OptionsError, PromptError, SessionBusyError
 from ..prompt import Message, render, split_sound
 from .clips import Clip, RowsCache, items
@@ -187,12 +186,8 @@ class Memory:
             self.sync()
             return
         t0 = time.perf_counter()
-        if self.family.time_embedding:  # rows that carry their place: the samples are kept too
-            rows, key = encode_at(self, heard.samples, heard.index, len(self.windows))
-            samples = heard.samples
-        else:
-            clip = self._encoder.encode(Clip(Audio(heard.samples, SAMPLE_RATE, 1, f"window {heard.index}")))
-            rows, key, samples = clip.rows, f"memory{self._id}/{heard.index}/{clip.key[:16]}", None
+        rows, key = encode_at(self, heard.samples, heard.index, len(self.windows))  # its place (the time embedding)
+        samples = heard.samples if self.family.time_embedding else None  # rows that carry their place: kept
         window = Window(heard.index, heard.start_s, heard.seconds, rows, key, key, samples)
         with self._lock:
             self.stats.encode_ms.append((time.perf_counter() - t0) * 1000)

@@ -26,7 +26,8 @@ def placed_key(memory: Memory, index: int, samples_key: str, place: int) -> str:
 
 
 def encode_at(memory: Memory, samples: np.ndarray, index: int, place: int) -> tuple[np.ndarray, str]:
-    """(rows, key) of a window's samples encoded as window `place` of its clip."""
+    """(rows, key) of a window's samples encoded as window `place` of its clip (AF3's encoder
+    reads no place: its rows are the same wherever the window lies)."""
     clip = memory._encoder.encode(Clip(Audio(samples, SAMPLE_RATE, 1, f"window {index}")), first=place)
     return clip.rows, placed_key(memory, index, clip.key, place)
 
