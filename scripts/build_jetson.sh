@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Install edge-af3's runtime on a Jetson Orin (aarch64, JetPack 6, CUDA 12.x), on the device itself.
 # llama-cpp-python is compiled for the Orin GPU (compute capability 8.7); nothing else is built.
+#   scripts/build_jetson.sh [--no-doctor]
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export CUDACXX="${CUDACXX:-/usr/local/cuda/bin/nvcc}"
@@ -14,6 +15,10 @@ python3 -m pip install "llama-cpp-python==0.3.36" --no-binary llama-cpp-python
 # encoder runs on the Orin's CPU through the plain onnxruntime wheel.
 python3 -m pip install onnxruntime-gpu --extra-index-url "${JETSON_INDEX:-https://pypi.jetson-ai-lab.dev/jp6/cu126}" \
   || python3 -m pip install onnxruntime
+# cuda-python: the TensorRT engine's CUDA runtime calls (TensorRT's own bindings come from JetPack:
+# apt install python3-libnvinfer); the 12.6 line matches JetPack 6.1/6.2's CUDA.
+python3 -m pip install "cuda-python>=12.6,<12.7"
 python3 -m pip install -e ".[mic,server,client]"
 python3 -c "import llama_cpp; assert llama_cpp.llama_supports_gpu_offload(), 'llama.cpp built without CUDA'"
-edge-af3 doctor
+# --no-doctor: inside `docker build` (no GPU visible yet); the container's first start shows the engines
+[ "${1:-}" = "--no-doctor" ] || edge-af3 doctor

@@ -72,6 +72,15 @@ def sweep(seconds: float, rate: int = 16000) -> np.ndarray:
     return (0.5 * np.sin(phase)).astype(np.float32)
 
 
+def free_port() -> int:
+    """A localhost TCP port nothing listens on now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def wait_up(proc: subprocess.Popen, url: str, seconds: float, tail, what: str = "the server") -> None:
     """Until GET url answers 200: a deadline guard on a server's start-up, not a timing assertion;
     its log's tail (`tail()`) in the failure."""

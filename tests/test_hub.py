@@ -7,10 +7,13 @@ import hashlib
 import json
 import os
 import shutil
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
-from .conftest import noise, run_cli
+from .conftest import ROOT, free_port, noise, run_cli, wait_up
 
 REPO = "acme/af3-tiny-edge"
 COMMIT = "89abcdef0123456789abcdef0123456789abcdef"
@@ -157,3 +160,92 @@ def test_two_encoder_precisions_of_one_llm(two_bundles, tiny_ckpt, tmp_path):
     plan = run_cli("plan", str(made), "--device", "cpu", "--json", env=env)
     assert plan.returncode == 0, plan.stderr[-2000:]
     assert json.loads(plan.stdout)["items"]["encoder weights"] > 0  # the subfolder's encoder counted
+
+
+UNITS = [ROOT / "deploy/jetson/edge-af3.service", ROOT / "deploy/jetson/edge-af3-listen.service"]
+UNITS.append(ROOT / "deploy/systemd/edge-af3.service")
+
+
+def _unit(path: Path) -> dict[str, list[str]]:
+    """A unit file's `Key=value` lines by key (repeated keys in order), comments and sections left out."""
+    out: dict[str, list[str]] = {}
+    for line in path.read_text().splitlines():
+        if "=" in line and not line.startswith(("#", "[")):
+            key, value = line.split("=", 1)
+            out.setdefault(key, []).append(value)
+    return out
+
+
+def test_deploy_units_are_valid_systemd(tmp_path):
+    """systemd's own checker on each unit, the venv path pointed at this one's edge-af3 (it checks
+    that the program exists): any unknown key, bad value or missing program is printed, so output
+    fails the test."""
+    exe = Path(sys.executable).parent / "edge-af3"
+    assert exe.is_file()
+    for unit in UNITS:
+        copy = tmp_path / unit.name
+        copy.write_text(unit.read_text().replace("/opt/edge-af3/.venv/bin/edge-af3", str(exe)))
+        res = subprocess.run(["systemd-analyze", "verify", str(copy)], capture_output=True, text=True)
+        assert res.returncode == 0 and not (res.stdout + res.stderr).strip(), (unit.name, res.stdout + res.stderr)
+
+
+def test_jetson_deployment_commands_run_here(staged_repo, tmp_path):
+    """What deploy/jetson/ runs — the unit's pull + serve command lines, the compose file's command —
+    run on this CPU against a bundle repo in the Hub cache the unit's HF_HOME names, offline: the
+    variant is pulled, serve answers over HTTP (the official SDK), and a second start reuses the
+    pulled bundle. (No Jetson, no Docker daemon here: the image and the TensorRT build are not run.)"""
+    import openai
+    import yaml
+
+    unit = _unit(UNITS[0])
+    var = tmp_path / "var"
+    env = dict(os.environ, HF_HUB_OFFLINE="1", EDGE_AF3_MODEL=REPO)
+    for line in unit["Environment"]:
+        key, value = line.split("=", 1)
+        env[key] = value.replace("/var/lib/edge-af3", str(var))
+    env.pop("HF_HUB_CACHE", None)
+    fill_hub_cache(Path(env["HF_HOME"]) / "hub", staged_repo)
+    port = free_port()
+
+    def argv(line: str) -> list[str]:
+        words = line.replace("${EDGE_AF3_MODEL}", REPO).split()
+        assert words[0] == "/opt/edge-af3/.venv/bin/edge-af3", line
+        return [sys.executable, "-m", "edge_af3", *words[1:]]
+
+    (pre,) = unit["ExecStartPre"]
+    res = subprocess.run(argv(pre), capture_output=True, text=True, env=env, timeout=600)
+    assert res.returncode == 0, res.stderr[-2000:]
+    (made,) = (var / "cache" / "bundles").iterdir()
+    serve = argv(unit["ExecStart"][0])
+    compose = yaml.safe_load((ROOT / "deploy/jetson/compose.yaml").read_text())
+    assert compose["services"]["serve"]["command"] == serve[3:]  # the container runs the same server
+    assert compose["services"]["listen"]["command"][:2] == ["listen", "--mic"]
+    docker = (ROOT / "deploy/jetson/Dockerfile").read_text()
+    assert "ENV EDGE_AF3_CACHE=/data/edge-af3 HF_HOME=/data/huggingface" in docker and "VOLUME /data" in docker
+    assert compose["x-edge-af3"]["volumes"] == ["edge-af3-data:/data"]  # caches and engine in the volume
+    serve[serve.index("--host") + 1], serve[serve.index("--port") + 1] = "127.0.0.1", str(port)
+    for start in (1, 2):
+        log = tmp_path / f"serve{start}.log"
+        with open(log, "w") as f:
+            proc = subprocess.Popen(serve, stdout=f, stderr=subprocess.STDOUT, env=env)
+        try:
+            wait_up(proc, f"http://127.0.0.1:{port}/health", 180, lambda: log.read_text()[-2000:])
+            client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="none", max_retries=0)
+            reply = client.chat.completions.create(
+                model=client.models.list().data[0].id,
+                messages=[{"role": "user", "content": "Say hi."}],
+                max_tokens=3,
+                temperature=0,
+            )
+            assert reply.usage.completion_tokens >= 1
+        finally:
+            proc.terminate()
+            proc.wait(timeout=60)
+        assert [p.name for p in (var / "cache" / "bundles").iterdir()] == [made.name]  # no second bundle
+    res = subprocess.run(
+        [sys.executable, "-m", "edge_af3", *compose["services"]["listen"]["command"], "--help"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert res.returncode == 0, res.stderr[-2000:]  # the listen service's options exist

@@ -9,7 +9,6 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -24,7 +23,7 @@ import soundfile as sf
 from edge_af3 import AF3
 from edge_af3.constants import ASR_PROMPT
 
-from .conftest import ROOT, noise, run_cli, sweep, wait_up
+from .conftest import ROOT, free_port, noise, run_cli, sweep, wait_up
 from .test_layers import BLOCKER
 from .test_runtime import conversation, strip_eos
 
@@ -43,9 +42,7 @@ class Server:
     """`edge-af3 serve` in a subprocess, up when /health says 200."""
 
     def __init__(self, bundle, *args: str, tmp_path=None, key: str | None = KEY):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
+        self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = key
         self.log = (tmp_path / f"server-{self.port}.log") if tmp_path else None

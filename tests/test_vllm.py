@@ -11,7 +11,6 @@ import base64
 import json
 import os
 import signal
-import socket
 import subprocess
 
 import httpx2 as httpx
@@ -22,7 +21,7 @@ from edge_af3 import AF3
 from edge_af3.constants import ASR_PROMPT
 from edge_af3.errors import ContextOverflowError, EdgeAF3Error, ModelNotFoundError, PromptError, ServerError
 
-from .conftest import ROOT, noise, run_cli, wait_up
+from .conftest import ROOT, free_port, noise, run_cli, wait_up
 from .test_runtime import conversation, strip_eos
 from .test_server import Server, wav_bytes
 
@@ -32,12 +31,6 @@ NAME = "af3-tiny"  # both servers serve the checkpoint under this name
 QUESTION = "What do you hear?"
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class VLLM:
     """deploy/vllm/serve-cpu.sh in its own process group (vLLM starts an engine process beside its
     API server), up when /v1/models answers."""
@@ -45,7 +38,7 @@ class VLLM:
     def __init__(self, ckpt, log):
         venv = ROOT / os.environ.get("VLLM_VENV", ".venv-vllm")  # relative: to the repository, as the scripts read it
         assert (venv / "bin" / "python").exists(), "vLLM's CPU venv is missing: run scripts/setup_vllm.sh"
-        self.port, self.log = _port(), log
+        self.port, self.log = free_port(), log
         self.url = f"http://127.0.0.1:{self.port}"
         env = dict(os.environ, VLLM_CPU_KVCACHE_SPACE="1", HF_HUB_OFFLINE="1", VLLM_NO_USAGE_STATS="1")
         # float32 (the checkpoint's dtype) for exact greedy parity; eager: torch.compile adds minutes
@@ -165,7 +158,7 @@ def test_what_vllm_cannot_do_is_said(vllm, edge, reference, clip):
     with pytest.raises(EdgeAF3Error, match="serves no adapter"):
         remote.ask("Hi", adapter="think", max_new_tokens=2)
     with pytest.raises(ServerError, match="no server answered"):
-        AF3.connect(f"http://127.0.0.1:{_port()}")
+        AF3.connect(f"http://127.0.0.1:{free_port()}")
 
 
 def _data(x: np.ndarray, fmt: str = "WAV") -> str:
@@ -248,7 +241,7 @@ def test_the_same_request_shapes_work_on_both_servers(vllm, edge, clip):
 
 
 def test_a_pool_fails_over_from_a_dead_server_to_a_live_one(tiny_bundle, vllm, exact, clip, tmp_path):
-    dead = f"http://127.0.0.1:{_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     edge = Server(tiny_bundle, "--exact", "--name", NAME, tmp_path=tmp_path, key=None)
     try:
         remote = AF3.connect([dead, edge.url, vllm.url])

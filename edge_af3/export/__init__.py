@@ -44,7 +44,7 @@ from .adapters import export_adapters
 from .gate import ParityError, gate  # noqa: F401 - ParityError: what export() raises
 from .gguf_llm import quantize, write_gguf
 from .gguf_mmproj import MMPROJ_TYPES, write_mmproj
-from .onnx_encoder import INPUTS, PRECISIONS, TIMES, export_encoder, load_encoder
+from .onnx_encoder import INPUTS, PRECISIONS, TIMES, export_checkpoint_encoder, load_encoder
 
 Progress = Callable[[str], None]
 
@@ -74,8 +74,11 @@ def _cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a @ b / (np.linalg.norm(a) * np.linalg.norm(b) + 1e-30))
 
 
-def verify_encoder(encoder_path: Path, wrapper) -> dict:
-    """ONNX Runtime vs PyTorch on a 45 s probe (two windows, the second half padded)."""
+def verify_encoder(encoder_path: Path, ckpt: Path) -> dict:
+    """ONNX Runtime vs PyTorch on a 45 s probe (two windows, the second half padded); the PyTorch
+    modules are loaded, run and dropped before ONNX Runtime loads the graph."""
+    import gc
+
     import onnxruntime as ort
     import torch
 
@@ -83,13 +86,15 @@ def verify_encoder(encoder_path: Path, wrapper) -> dict:
 
     x = (0.1 * np.random.default_rng(1234).standard_normal(45 * SAMPLE_RATE)).astype(np.float32)
     feats = extract_features((x, SAMPLE_RATE))
-    sess = ort.InferenceSession(str(encoder_path), providers=["CPUExecutionProvider"])
     feed = {"input_features": feats.features, "input_features_mask": feats.mask}
+    wrapper = load_encoder(ckpt)
     if wrapper.time_embedding is not None:  # the rows' seconds within the clip (windows 0 and 1)
         feed[TIMES] = row_times(0, feats.windows)
-    got = sess.run(None, feed)[0]
     with torch.inference_mode():
         want = wrapper(*(torch.from_numpy(v) for v in feed.values())).numpy()
+    del wrapper
+    gc.collect()
+    got = ort.InferenceSession(str(encoder_path), providers=["CPUExecutionProvider"]).run(None, feed)[0]
     valid = (
         [got[w, :n] for w, n in enumerate(feats.rows_per_window)],
         [want[w, :n] for w, n in enumerate(feats.rows_per_window)],
@@ -98,9 +103,13 @@ def verify_encoder(encoder_path: Path, wrapper) -> dict:
     return {"probe": "45 s noise, 2 windows", "max_abs_diff": float(np.abs(g - r).max()), "cosine": _cosine(g, r)}
 
 
-def verify_mmproj(mmproj_path: Path, llm_path: Path, wrapper) -> dict:
+def verify_mmproj(mmproj_path: Path, llm_path: Path, ckpt: Path) -> dict:
     """llama.cpp's mtmd on our mmproj vs PyTorch, on a full 30 s window (where mtmd's audio path agrees
-    with the model: no padding, so neither its missing mask nor its global log-mel max matter)."""
+    with the model: no padding, so neither its missing mask nor its global log-mel max matter). The
+    PyTorch modules are dropped before llama.cpp loads; the LLM (mtmd only needs its sizes) is loaded
+    without repacking, so its weights stay in the file's pages instead of a copy."""
+    import gc
+
     import torch
 
     from ..engines.llamacpp import LlamaEngine
@@ -109,9 +118,12 @@ def verify_mmproj(mmproj_path: Path, llm_path: Path, wrapper) -> dict:
 
     x = (0.1 * np.random.default_rng(4321).standard_normal(30 * SAMPLE_RATE)).astype(np.float32)
     feats = extract_features((x, SAMPLE_RATE))
+    wrapper = load_encoder(ckpt)
     with torch.inference_mode():
         want = wrapper(torch.from_numpy(feats.features), torch.from_numpy(feats.mask)).numpy()[0]
-    with LlamaEngine(llm_path, n_ctx=512, n_batch=512) as eng, MtmdAudio(mmproj_path, eng) as mt:
+    del wrapper
+    gc.collect()
+    with LlamaEngine(llm_path, n_ctx=512, n_batch=512, repack=False) as eng, MtmdAudio(mmproj_path, eng) as mt:
         got = mt.audio_rows(x)
         five = mt.audio_rows(x[: 5 * SAMPLE_RATE]).shape[0]
     return {
@@ -123,30 +135,24 @@ def verify_mmproj(mmproj_path: Path, llm_path: Path, wrapper) -> dict:
     }
 
 
-def _probe(ckpt: Path, gguf_path: Path, dtype: str, adapter: tuple[str, Path, Path] | None = None):
-    """(probe ids, reference logits, llama.cpp logits) on the probe prompt: llama.cpp's exact path
-    (f32 KV, no flash attention), with `adapter` = (name, PEFT folder, GGUF) applied on both sides."""
-    import gc
+def _probe(ckpt: Path, gguf_path: Path, adapter: tuple[Path, Path] | None = None):
+    """(probe figures, llama.cpp logits, reference logits) on the probe prompt: llama.cpp's exact
+    path (f32 KV, no flash attention) against transformers' float32 LLM run one layer at a time
+    (`reference/streamed.py`: the whole model's logits with one layer's weights in memory), with
+    `adapter` = (PEFT folder, GGUF) applied on both sides."""
+    from transformers import AutoProcessor
 
     from ..engines.llamacpp import LlamaEngine
-    from ..reference.loader import Reference, load_reference
+    from ..reference.loader import Reference
+    from ..reference.streamed import StreamedLLM
 
-    ref = load_reference(ckpt, dtype=dtype)
-    if adapter:
-        from ..reference.adapters import apply_adapter
-
-        ref = Reference(
-            model=apply_adapter(ref.model, ckpt, adapter[0], adapter[1]), processor=ref.processor, path=ref.path
-        )
     conv = [{"role": "user", "content": [{"type": "text", "text": PROBE_TEXT}]}]
-    ids = ref.inputs(conv)["input_ids"][0].tolist()
-    want = ref.logits(conv)
-    del ref
-    gc.collect()
+    ids = Reference(None, AutoProcessor.from_pretrained(str(ckpt)), ckpt).inputs(conv)["input_ids"][0].tolist()
+    want = StreamedLLM(ckpt, adapter=adapter[0] if adapter else None).logits(ids)
     with LlamaEngine(gguf_path, n_ctx=max(256, len(ids) + 8), n_batch=256, kv_type="f32", flash_attn=False) as eng:
         if adapter:
-            eng.load_adapter(adapter[0], adapter[2])
-            eng.activate(adapter[0])
+            eng.load_adapter("probe", adapter[1])
+            eng.activate("probe")
         got = eng.decode_tokens(ids, logits="all")
         same_tokens = eng.tokenize(_decode_ids(ckpt, ids)) == ids
     p = _softmax(want)
@@ -157,31 +163,27 @@ def _probe(ckpt: Path, gguf_path: Path, dtype: str, adapter: tuple[str, Path, Pa
             "tokenization_identical": bool(same_tokens),
             "top1_agreement": float(np.mean(got.argmax(-1) == want.argmax(-1))),
             "kl_divergence": kl,
-            "reference_dtype": dtype,
+            "reference": "transformers float32, layer by layer",
         },
         got,
         want,
     )
 
 
-def verify_llm(gguf_path: Path, ckpt: Path, quant: str, *, dtype: str = "float32") -> dict:
-    """GGUF logits (llama.cpp, f32 KV, no flash attention) vs transformers on a probe prompt.
-
-    `dtype` is the reference's: float32 for small models; bfloat16 (the checkpoint's own dtype) for
-    the 7B, whose float32 copy (30 GB) would not fit next to anything on a 24 GiB machine.
-    """
-    out, got, want = _probe(ckpt, gguf_path, dtype)
+def verify_llm(gguf_path: Path, ckpt: Path, quant: str) -> dict:
+    """GGUF logits (llama.cpp, f32 KV, no flash attention) vs transformers' float32 LLM on a probe
+    prompt; the reference holds one layer at a time, so the 7B's check fits beside nothing else big."""
+    out, got, want = _probe(ckpt, gguf_path)
     if quant in ("f32", "f16"):
         out["max_abs_diff"] = float(np.abs(got - want).max())
     return out
 
 
-def verify_adapter(
-    gguf_path: Path, ckpt: Path, name: str, folder: Path, adapter_gguf: Path, *, dtype: str = "float32"
-) -> dict:
-    """The LLM with its GGUF adapter vs transformers + PEFT on the probe."""
-    out, _, _ = _probe(ckpt, gguf_path, dtype, (name, folder, adapter_gguf))
-    return out | {"reference": "transformers + PEFT"}
+def verify_adapter(gguf_path: Path, ckpt: Path, folder: Path, adapter_gguf: Path) -> dict:
+    """The LLM with its GGUF adapter vs transformers with the PEFT LoRA merged (what PEFT's
+    merge_and_unload gives) on the probe."""
+    out, _, _ = _probe(ckpt, gguf_path, (folder, adapter_gguf))
+    return out | {"reference": "transformers float32 + the PEFT LoRA merged, layer by layer"}
 
 
 def _decode_ids(ckpt: Path, ids: list[int]) -> str:
@@ -270,18 +272,17 @@ def export(
     t_start = time.perf_counter()
     with staged_folder(out, force=force) as tmp:
         say("exporting the audio encoder to ONNX")
-        wrapper = load_encoder(ckpt)
-        enc_path = export_encoder(wrapper, tmp / "encoder.onnx", precision=encoder_precision)
+        enc_path = export_checkpoint_encoder(ckpt, tmp / "encoder.onnx", precision=encoder_precision)
         checks = {}
         if verify:
             say("verifying the ONNX encoder against PyTorch")
-            checks["encoder"] = verify_encoder(enc_path, wrapper)
+            checks["encoder"] = verify_encoder(enc_path, ckpt)
 
         text = cfg["text_config"]
         n_params = text["vocab_size"] * text["hidden_size"] * 2 + text["num_hidden_layers"] * (
             4 * text["hidden_size"] ** 2 + 3 * text["hidden_size"] * text["intermediate_size"]
         )
-        big = n_params >= 2_000_000_000  # the 7B: F16 intermediate, bf16 reference for the check
+        big = n_params >= 2_000_000_000  # the 7B: an F16 intermediate (F32 would be 30 GB)
         base = "f32" if (quant == "f32" or not big) else "f16"
         base_path = tmp / f"llm-{base}.gguf"
         say(f"writing the LLM as {base.upper()} GGUF")
@@ -297,11 +298,10 @@ def export(
             mm_path = write_mmproj(ckpt, tmp / f"mmproj-{mmproj_type}.gguf", ftype=mmproj_type)
             if verify:
                 say("verifying the mmproj with llama.cpp's mtmd against PyTorch")
-                checks["mmproj"] = verify_mmproj(mm_path, llm_path, wrapper)
-        del wrapper  # before the LLM reference is loaded: the full model is tight on a 24 GiB machine
+                checks["mmproj"] = verify_mmproj(mm_path, llm_path, ckpt)
         if verify:
             say("verifying GGUF logits against transformers")
-            checks["llm"] = verify_llm(llm_path, ckpt, quant, dtype="bfloat16" if big else "float32")
+            checks["llm"] = verify_llm(llm_path, ckpt, quant)
 
         adapter_entries = export_adapters(
             ckpt, {k: Path(v) for k, v in (adapters or {}).items()}, cfg, tmp, say, adapter_type
@@ -310,9 +310,7 @@ def export(
             for name in adapter_entries:
                 folder = Path((adapters or {}).get(name) or ckpt / name).expanduser()
                 say(f"verifying adapter {name} against transformers + PEFT")
-                checks[f"adapter:{name}"] = verify_adapter(
-                    llm_path, ckpt, name, folder, tmp / f"adapter-{name}.gguf", dtype="bfloat16" if big else "float32"
-                )
+                checks[f"adapter:{name}"] = verify_adapter(llm_path, ckpt, folder, tmp / f"adapter-{name}.gguf")
         parity = gate(checks, quant, encoder_precision, verified=verify, accept=accept)
         files = {p.name: describe(p) for p in sorted(tmp.iterdir()) if p.is_file()}
         audio = cfg["audio_config"]

@@ -90,23 +90,20 @@ def _tensor(w, name: str, value: np.ndarray, dtype: str) -> None:
         w.add_tensor(name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
 
 
-def write_lora_gguf(folder: Path, cfg: dict, out: Path, dtype: str = "f16") -> dict:
-    """The PEFT LoRA in `folder` as a llama.cpp adapter GGUF at `out` (tensors in `dtype`);
-    returns what it holds."""
-    import gguf
-
-    if dtype not in ADAPTER_TYPES:
-        raise CheckpointError(f"unknown adapter type {dtype!r}; choose one of {', '.join(ADAPTER_TYPES)}")
-
+def read_lora(folder: Path, cfg: dict) -> tuple[int, float, dict[tuple[int, str], dict[str, np.ndarray]]]:
+    """(r, alpha as llama.cpp scales it: alpha / r, {(layer, module): {"A": [r, in], "B": [out, r]}})
+    of the PEFT LoRA in `folder`, checked against the base checkpoint's shapes."""
     conf_path = folder / "adapter_config.json"
     if not conf_path.is_file():
         raise CheckpointError(f"{folder}: no adapter_config.json (not a PEFT adapter folder)")
     conf = json.loads(conf_path.read_text())
     if conf.get("peft_type", "LORA") != "LORA":
         raise CheckpointError(f"{conf_path}: peft_type {conf.get('peft_type')!r}; only LoRA adapters are supported")
-    for field in ("use_dora", "modules_to_save"):
+    for field in ("use_dora", "modules_to_save", "rank_pattern", "alpha_pattern"):
         if conf.get(field):
-            raise CheckpointError(f"{conf_path}: {field} is not supported (llama.cpp's adapters hold LoRA pairs only)")
+            raise CheckpointError(
+                f"{conf_path}: {field} is not supported (llama.cpp's adapters hold LoRA pairs of one rank and scale)"
+            )
     r, alpha = int(conf["r"]), float(conf.get("lora_alpha", conf["r"]))
     if conf.get("use_rslora"):
         alpha = alpha * math.sqrt(r)  # rsLoRA scales by alpha / sqrt(r); llama.cpp by alpha / r
@@ -132,6 +129,17 @@ def write_lora_gguf(folder: Path, cfg: dict, out: Path, dtype: str = "f16") -> d
     incomplete = [f"layer {li} {m}" for (li, m), ab in pairs.items() if set(ab) != {"A", "B"}]
     if incomplete or not pairs:
         raise CheckpointError(f"{folder}: LoRA pairs missing their A or B: {', '.join(incomplete) or 'no tensors'}")
+    return r, alpha, pairs
+
+
+def write_lora_gguf(folder: Path, cfg: dict, out: Path, dtype: str = "f16") -> dict:
+    """The PEFT LoRA in `folder` as a llama.cpp adapter GGUF at `out` (tensors in `dtype`);
+    returns what it holds."""
+    import gguf
+
+    if dtype not in ADAPTER_TYPES:
+        raise CheckpointError(f"unknown adapter type {dtype!r}; choose one of {', '.join(ADAPTER_TYPES)}")
+    r, alpha, pairs = read_lora(folder, cfg)
     out.parent.mkdir(parents=True, exist_ok=True)
     w = gguf.GGUFWriter(str(out), "qwen2")
     w.add_type(gguf.GGUFType.ADAPTER)

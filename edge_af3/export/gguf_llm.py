@@ -15,6 +15,7 @@ import numpy as np
 from ..constants import EOS_TOKEN_ID
 from ..errors import OptionsError
 from ..quants import QUANTS
+from .tensors import Shard, iter_names
 
 _LAYER_MAP = {
     "self_attn.q_proj": "attn_q",
@@ -131,19 +132,13 @@ def write_gguf(ckpt: Path, out: Path, *, ftype: str = "f32", progress: Callable[
     return out
 
 
-def list_tensors(ckpt: Path, mapper: Callable[[str], str | None]) -> list[tuple[str, str, Path, tuple]]:
+def list_tensors(ckpt: Path, mapper: Callable[[str], str | None]) -> list[tuple[str, str, Shard, tuple]]:
     """(gguf name, HF name, shard, shape) of every tensor `mapper` names, sorted by gguf name."""
-    from safetensors import safe_open
-
-    from ..checkpoint import weight_files
-
     entries = []
-    for f in weight_files(ckpt):
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                g = mapper(name)
-                if g is not None:
-                    entries.append((g, name, f, tuple(sf.get_slice(name).get_shape())))
+    for name, shard in iter_names(ckpt):
+        g = mapper(name)
+        if g is not None:
+            entries.append((g, name, shard, shard.shape(name)))
     entries.sort(key=lambda e: e[0])
     return entries
 
@@ -156,9 +151,9 @@ def stream_tensors(
     reshape: Callable[[str, tuple], tuple] | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> None:
-    """Write the header, then each tensor read from its shard one at a time, then close `w`."""
+    """Write the header, then each tensor read from its shard one at a time (plain reads: the
+    process holds one tensor, never a mapping of the shards), then close `w`."""
     import torch
-    from safetensors import safe_open
 
     shapes = {g: (reshape(g, shape) if reshape else shape) for g, _, _, shape in entries}
     for g, _, _, _ in entries:
@@ -167,18 +162,17 @@ def stream_tensors(
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
-    handles = {}
     try:
-        for g, hf, f, _ in entries:
-            if f not in handles:
-                handles[f] = safe_open(str(f), framework="pt")
-            t = handles[f].get_tensor(hf).to(torch.float32).numpy().reshape(shapes[g])
-            w.write_tensor_data(t.astype(out_dtype(g, shapes[g]), copy=False))
+        for g, hf, shard, _ in entries:
+            # straight to the written type (bf16 -> f16 rounds as through f32: bf16 -> f32 is exact),
+            # so the largest tensor (the 7B's embedding) is held twice at most, not four times
+            dt = torch.float16 if np.dtype(out_dtype(g, shapes[g])) == np.float16 else torch.float32
+            t = shard.get(hf).to(dt).numpy().reshape(shapes[g])
+            w.write_tensor_data(t)
             del t
             if progress:
                 progress(g)
     finally:
-        handles.clear()
         w.close()
 
 

@@ -31,15 +31,15 @@ EXTERNAL_BYTES = 1_800_000_000  # above this the weights go to `<file>.data` (pr
 
 def load_encoder(ckpt: Path):
     """Audio tower (+ the time embedding of musicflamingo checkpoints) + projector of a checkpoint,
-    alone (the LLM is never loaded), fp32, eval."""
-    from safetensors import safe_open
+    alone (the LLM is never loaded), fp32, eval. The modules are made without storage (meta) and
+    take the checkpoint's tensors as they are read, so the weights are held once."""
     from transformers import AutoConfig
     from transformers.models.audioflamingo3.modeling_audioflamingo3 import (
         AudioFlamingo3Encoder,
         AudioFlamingo3MultiModalProjector,
     )
 
-    from ..checkpoint import weight_files
+    from .tensors import iter_names
 
     cfg = AutoConfig.from_pretrained(str(ckpt))
     cfg.audio_config._attn_implementation = "eager"
@@ -48,20 +48,21 @@ def load_encoder(ckpt: Path):
         from transformers.models.musicflamingo.modeling_musicflamingo import MusicFlamingoRotaryEmbedding
 
         time_embedding = TimeEmbedding(MusicFlamingoRotaryEmbedding(cfg), cfg.audio_frame_step)
-    wrapper = _Wrapper(AudioFlamingo3Encoder(cfg.audio_config), AudioFlamingo3MultiModalProjector(cfg), time_embedding)
+    with torch.device("meta"):
+        tower, projector = AudioFlamingo3Encoder(cfg.audio_config), AudioFlamingo3MultiModalProjector(cfg)
+    wrapper = _Wrapper(tower, projector, time_embedding)
     state = {}
-    for f in weight_files(ckpt):
-        with safe_open(str(f), framework="pt") as sf:
-            for name in sf.keys():
-                key = name.removeprefix("model.")
-                if key.startswith("audio_tower."):
-                    state["tower." + key[len("audio_tower.") :]] = sf.get_tensor(name).to(torch.float32)
-                elif key.startswith("multi_modal_projector."):
-                    state["projector." + key[len("multi_modal_projector.") :]] = sf.get_tensor(name).to(torch.float32)
-    missing, unexpected = wrapper.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    for name, shard in iter_names(ckpt):
+        key = name.removeprefix("model.")
+        for prefix, ours in (("audio_tower.", "tower."), ("multi_modal_projector.", "projector.")):
+            if key.startswith(prefix):
+                state[ours + key[len(prefix) :]] = shard.get(name).to(torch.float32)
+    missing, unexpected = wrapper.load_state_dict(state, strict=False, assign=True)
+    left = [n for n, t in list(wrapper.named_parameters()) + list(wrapper.named_buffers()) if t.is_meta]
+    if missing or unexpected or left:
         raise ValueError(
-            f"{ckpt}: encoder weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})"
+            f"{ckpt}: encoder weights do not match the config (missing {(missing or left)[:5]}, "
+            f"unexpected {unexpected[:5]})"
         )
     return wrapper.float().eval()
 
@@ -174,8 +175,40 @@ MIXED_NODES = re.compile(r"/fc1/MatMul$")
 def export_encoder(wrapper, out: Path, *, precision: str = "fp32", per_head: bool | None = None) -> Path:
     """Write `out` from `load_encoder(...)`; weights above 2 GB go to one `<out>.data` file beside it.
     per_head: attention one head at a time (default: for the CPU graphs, int8 and mixed)."""
+    with _work(out) as work:
+        raw, shape = trace_encoder(wrapper, work, precision=precision, per_head=per_head)
+        return finish_encoder(raw, out, precision=precision, shape=shape)
+
+
+def export_checkpoint_encoder(ckpt: Path, out: Path, *, precision: str) -> Path:
+    """`export_encoder(load_encoder(ckpt), out)`, the PyTorch modules dropped once traced: ONNX
+    Runtime's quantizer and the re-save then run without the weights held a second time."""
+    import gc
+
+    with _work(out) as work:
+        wrapper = load_encoder(ckpt)
+        raw, shape = trace_encoder(wrapper, work, precision=precision)
+        del wrapper
+        gc.collect()
+        return finish_encoder(raw, out, precision=precision, shape=shape)
+
+
+@contextlib.contextmanager
+def _work(out: Path):
+    """A scratch folder beside `out` (torch writes one file per tensor when the graph is large),
+    removed whatever happens."""
     import shutil
 
+    work = out.parent / f".{out.name}.work"
+    work.mkdir()
+    try:
+        yield work
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def trace_encoder(wrapper, work: Path, *, precision: str, per_head: bool | None = None) -> tuple[Path, tuple[int, int]]:
+    """torch's ONNX export of `wrapper` into `work`; returns (graph, (parameters, encoder layers))."""
     if precision not in PRECISIONS:
         raise ValueError(f"unknown encoder precision {precision!r}; choose one of {', '.join(PRECISIONS)}")
     feats = torch.zeros(2, N_MELS, N_FRAMES)
@@ -187,40 +220,43 @@ def export_encoder(wrapper, out: Path, *, precision: str = "fp32", per_head: boo
         args, names = args + (torch.from_numpy(row_times(0, 2)),), names + [TIMES]
         axes[TIMES] = {0: "windows", 1: "rows"}
     n_params = sum(p.numel() for p in wrapper.parameters())
-    large = n_params * 4 > EXTERNAL_BYTES
-    work = out.parent / f".{out.name}.work"  # torch writes one file per tensor when large
-    work.mkdir()
-    try:
-        raw = work / "encoder.onnx"
-        impl = PER_HEAD if (precision in CPU_ENCODER_GRAPHS if per_head is None else per_head) else "eager"
-        with torch.inference_mode(), _attention(wrapper, impl):
-            torch.onnx.export(
-                wrapper,
-                args,
-                str(raw),
-                input_names=names,
-                output_names=[OUTPUT],
-                dynamic_axes=axes | {OUTPUT: {0: "windows", 1: "rows"}},
-                opset_version=OPSET,
-                dynamo=False,
-                external_data=large,
-            )
-        if precision == "fp32":
-            resave(raw, out, large)
-        elif precision == "fp16":
-            to_fp16(raw, out, n_params * 2 > EXTERNAL_BYTES)
-        elif precision == "int8":
-            from onnxruntime.quantization import QuantType, quantize_dynamic
+    raw = work / "encoder.onnx"
+    impl = PER_HEAD if (precision in CPU_ENCODER_GRAPHS if per_head is None else per_head) else "eager"
+    with torch.inference_mode(), _attention(wrapper, impl):
+        torch.onnx.export(
+            wrapper,
+            args,
+            str(raw),
+            input_names=names,
+            output_names=[OUTPUT],
+            dynamic_axes=axes | {OUTPUT: {0: "windows", 1: "rows"}},
+            opset_version=OPSET,
+            dynamo=False,
+            external_data=n_params * 4 > EXTERNAL_BYTES,
+        )
+    return raw, (n_params, len(wrapper.tower.layers))
 
-            q = work / "encoder.int8.onnx"
-            with _quiet_quantizer():
-                quantize_dynamic(str(raw), str(q), weight_type=QuantType.QInt8, use_external_data_format=large)
-            resave(q, out, n_params > EXTERNAL_BYTES)
-        else:
-            quantize_mixed(raw, work / "encoder.mixed.onnx", n_layers=len(wrapper.tower.layers), large=large)
-            resave(work / "encoder.mixed.onnx", out, n_params * 3 > EXTERNAL_BYTES)
-    finally:
-        shutil.rmtree(work, ignore_errors=True)
+
+def finish_encoder(raw: Path, out: Path, *, precision: str, shape: tuple[int, int]) -> Path:
+    """The traced fp32 graph `raw` as `out` in `precision` (quantized or halved, weights re-saved
+    inline or in one `<out>.data`)."""
+    n_params, n_layers = shape
+    large = n_params * 4 > EXTERNAL_BYTES
+    work = raw.parent
+    if precision == "fp32":
+        resave(raw, out, large)
+    elif precision == "fp16":
+        to_fp16(raw, out, n_params * 2 > EXTERNAL_BYTES)
+    elif precision == "int8":
+        from onnxruntime.quantization import QuantType, quantize_dynamic
+
+        q = work / "encoder.int8.onnx"
+        with _quiet_quantizer():
+            quantize_dynamic(str(raw), str(q), weight_type=QuantType.QInt8, use_external_data_format=large)
+        resave(q, out, n_params > EXTERNAL_BYTES)
+    else:
+        quantize_mixed(raw, work / "encoder.mixed.onnx", n_layers=n_layers, large=large)
+        resave(work / "encoder.mixed.onnx", out, n_params * 3 > EXTERNAL_BYTES)
     return out
 
 

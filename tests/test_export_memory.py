@@ -1,0 +1,101 @@
+"""Export in bounded memory: the pieces that let a 16 GB machine export the 7B, each against the
+thing it replaces — the streamed LLM reference against transformers' whole model (and PEFT), the
+plain-read safetensors reader against safetensors itself, the meta-built encoder against the model's
+own audio tower. The full-shape figures come from benchmarks/bench_export_memory.py."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from edge_af3.errors import CheckpointError
+
+pytestmark = pytest.mark.filterwarnings("ignore::FutureWarning")
+
+CONV = [{"role": "user", "content": [{"type": "text", "text": "Describe the sound in one sentence. 数字 42 🦙"}]}]
+
+
+def _ids(reference) -> list[int]:
+    return reference.inputs(CONV)["input_ids"][0].tolist()
+
+
+def test_streamed_llm_is_the_whole_model(tiny_ckpt, reference):
+    from edge_af3.reference.streamed import StreamedLLM
+
+    llm = StreamedLLM(tiny_ckpt)
+    seen = []
+
+    def count(module, args):  # after our loader: what the whole model holds while this part runs
+        seen.append(sum(p.numel() for p in llm.model.parameters() if not p.is_meta))
+
+    parts = [llm.model.model.embed_tokens, *llm.model.model.layers, llm.model.model.norm, llm.model.lm_head]
+    for part in parts:
+        part.register_forward_pre_hook(count)
+    got = llm.logits(_ids(reference))
+    want = reference.logits(CONV)
+    assert got.shape == want.shape and np.array_equal(got, want)  # the same arithmetic on the same weights
+    # one part at a time, never the model: each count is that part's own size, and nothing stays
+    sizes = [sum(p.numel() for p in part.parameters()) for part in parts]
+    assert seen == sizes and len(seen) == len(parts)
+    assert all(p.is_meta for p in llm.model.parameters())
+
+
+def test_streamed_llm_with_lora_is_peft(think_ckpt):
+    from edge_af3.reference.adapters import apply_adapter
+    from edge_af3.reference.loader import Reference, load_reference
+    from edge_af3.reference.streamed import StreamedLLM
+
+    base = load_reference(think_ckpt)
+    ids = _ids(base)
+    without = base.logits(CONV)
+    peft = Reference(apply_adapter(base.model, think_ckpt, "think"), base.processor, base.path).logits(CONV)
+    got = StreamedLLM(think_ckpt, adapter=think_ckpt / "think").logits(ids)
+    assert np.abs(peft - without).max() > 1.0  # the adapter moves the logits a lot...
+    np.testing.assert_allclose(got, peft, atol=1e-4, rtol=0)  # ...and the merged layers move them as PEFT does
+
+
+def test_shard_reader_matches_safetensors(tiny_ckpt, tmp_path):
+    from safetensors.torch import load_file
+
+    from edge_af3.checkpoint import weight_files
+    from edge_af3.export.tensors import Shard
+
+    for f in weight_files(tiny_ckpt):
+        want = load_file(str(f))
+        shard = Shard(f)
+        assert sorted(shard.keys()) == sorted(want)
+        for name, tensor in want.items():
+            got = shard.get(name)
+            assert got.dtype == tensor.dtype and got.shape == tensor.shape and torch.equal(got, tensor), name
+    # a malformed file is one clear error, never a crash or a tensor read from the wrong bytes
+    src = weight_files(tiny_ckpt)[0].read_bytes()
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(src[: len(src) // 2])
+    with pytest.raises(CheckpointError, match="past the file's end"):
+        Shard(cut)
+    junk = tmp_path / "junk.safetensors"
+    junk.write_bytes(struct.pack("<Q", 10**12) + b"{}")
+    with pytest.raises(CheckpointError, match="not a safetensors file"):
+        Shard(junk)
+    bad = tmp_path / "bad.safetensors"
+    header = json.dumps({"x": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}).encode()
+    bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
+    with pytest.raises(CheckpointError, match="malformed"):
+        Shard(bad)
+
+
+def test_meta_built_encoder_is_the_models_tower(tiny_ckpt, reference):
+    from edge_af3.export.onnx_encoder import load_encoder
+
+    wrapper = load_encoder(tiny_ckpt)
+    assert not any(t.is_meta for t in list(wrapper.parameters()) + list(wrapper.buffers()))
+    rng = np.random.default_rng(3)
+    feats = rng.standard_normal((1, 128, 3000)).astype(np.float32)
+    mask = np.ones((1, 3000), np.int64)
+    with torch.inference_mode():
+        got = wrapper(torch.from_numpy(feats), torch.from_numpy(mask)).numpy()
+    np.testing.assert_allclose(got, reference.audio_rows(feats, mask), atol=1e-5, rtol=0)
