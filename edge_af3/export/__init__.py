@@ -45,6 +45,7 @@ from .gate import ParityError, gate  # noqa: F401 - ParityError: what export() r
 from .gguf_llm import quantize, write_gguf
 from .gguf_mmproj import MMPROJ_TYPES, write_mmproj
 from .onnx_encoder import INPUTS, PRECISIONS, TIMES, export_checkpoint_encoder, load_encoder
+from .tensors import give_back_freed, heap_for_big_tensors
 
 Progress = Callable[[str], None]
 
@@ -149,6 +150,7 @@ def _probe(ckpt: Path, gguf_path: Path, adapter: tuple[Path, Path] | None = None
     conv = [{"role": "user", "content": [{"type": "text", "text": PROBE_TEXT}]}]
     ids = Reference(None, AutoProcessor.from_pretrained(str(ckpt)), ckpt).inputs(conv)["input_ids"][0].tolist()
     want = StreamedLLM(ckpt, adapter=adapter[0] if adapter else None).logits(ids)
+    give_back_freed()  # the reference's last part (the LM head) before llama.cpp loads
     with LlamaEngine(gguf_path, n_ctx=max(256, len(ids) + 8), n_batch=256, kv_type="f32", flash_attn=False) as eng:
         if adapter:
             eng.load_adapter("probe", adapter[1])
@@ -270,13 +272,16 @@ def export(
         )
     say(f"model: {family.name} ({family.max_windows} windows per clip)")
     t_start = time.perf_counter()
+    heap_for_big_tensors()
     with staged_folder(out, force=force) as tmp:
         say("exporting the audio encoder to ONNX")
         enc_path = export_checkpoint_encoder(ckpt, tmp / "encoder.onnx", precision=encoder_precision)
+        give_back_freed()
         checks = {}
         if verify:
             say("verifying the ONNX encoder against PyTorch")
             checks["encoder"] = verify_encoder(enc_path, ckpt)
+            give_back_freed()
 
         text = cfg["text_config"]
         n_params = text["vocab_size"] * text["hidden_size"] * 2 + text["num_hidden_layers"] * (
@@ -287,11 +292,13 @@ def export(
         base_path = tmp / f"llm-{base}.gguf"
         say(f"writing the LLM as {base.upper()} GGUF")
         write_gguf(ckpt, base_path, ftype=base)
+        give_back_freed()
         llm_path = tmp / f"llm-{quant}.gguf"
         if quant != base:
             say(f"quantizing to {quant.upper()} with llama.cpp")
             quantize(base_path, llm_path, quant)
             base_path.unlink()
+            give_back_freed()
         mm_path = None
         if mmproj:
             say(f"writing llama.cpp's mmproj ({mmproj_type.upper()})")
@@ -299,6 +306,7 @@ def export(
             if verify:
                 say("verifying the mmproj with llama.cpp's mtmd against PyTorch")
                 checks["mmproj"] = verify_mmproj(mm_path, llm_path, ckpt)
+                give_back_freed()
         if verify:
             say("verifying GGUF logits against transformers")
             checks["llm"] = verify_llm(llm_path, ckpt, quant)

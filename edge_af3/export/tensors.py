@@ -99,3 +99,43 @@ def iter_names(ckpt: Path) -> Iterator[tuple[str, Shard]]:
     for shard in shards(ckpt):
         for name in shard.keys():
             yield name, shard
+
+
+# glibc's mallopt parameters (malloc.h)
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
+BIG_ALLOCATION = 1 << 20
+
+
+def _libc():
+    import ctypes
+    import ctypes.util
+
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        return libc if hasattr(libc, "mallopt") and hasattr(libc, "malloc_trim") else None
+    except OSError:  # not glibc (musl, macOS): nothing to tune
+        return None
+
+
+def heap_for_big_tensors() -> None:
+    """Make glibc give freed memory back at once: blocks of 1 MiB and more are mapped on their own
+    (released when freed) and the heap's free top is trimmed past 1 MiB. glibc's defaults keep
+    freed blocks up to 32 MiB in the heap, where the exporter's stream of tensors fragments it:
+    measured on the bench-small encoder's ONNX export, 2.85 GB peak and 2.17 GB still resident
+    after it with the defaults, 1.80 and 0.78 GB with this. Process-wide and lasting (the export is
+    a batch job; a server that exports on first use keeps it too, at a small cost per allocation)."""
+    libc = _libc()
+    if libc is not None:
+        libc.mallopt(_M_MMAP_THRESHOLD, BIG_ALLOCATION)
+        libc.mallopt(_M_TRIM_THRESHOLD, BIG_ALLOCATION)
+
+
+def give_back_freed() -> None:
+    """Collect Python's garbage and hand the heap's free memory back to the system (malloc_trim)
+    between the export's stages, so one stage's leftovers do not add to the next one's peak."""
+    import gc
+
+    gc.collect()
+    libc = _libc()
+    if libc is not None:
+        libc.malloc_trim(0)
