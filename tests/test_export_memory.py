@@ -99,3 +99,34 @@ def test_meta_built_encoder_is_the_models_tower(tiny_ckpt, reference):
     with torch.inference_mode():
         got = wrapper(torch.from_numpy(feats), torch.from_numpy(mask)).numpy()
     np.testing.assert_allclose(got, reference.audio_rows(feats, mask), atol=1e-5, rtol=0)
+
+
+def test_mixed_quantization_of_the_fc1_matmuls_alone_is_the_whole_graph_run(tiny_ckpt, tmp_path):
+    """ONNX Runtime's quantizer on the whole traced graph (what the export ran before, holding the
+    graph's weights three times) and on the fc1 matmuls alone, spliced back: the same graph."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import numpy_helper
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from edge_af3.export.onnx_encoder import MIXED_NODES, load_encoder, quantize_mixed, trace_encoder
+
+    wrapper = load_encoder(tiny_ckpt)
+    raw, (_, n_layers) = trace_encoder(wrapper, tmp_path, precision="mixed")
+    names = [n.name for n in onnx.load(str(raw)).graph.node if n.op_type == "MatMul" and MIXED_NODES.search(n.name)]
+    whole = tmp_path / "whole.onnx"
+    quantize_dynamic(str(raw), str(whole), weight_type=QuantType.QInt8, per_channel=True, nodes_to_quantize=names)
+    ours = quantize_mixed(raw, tmp_path / "ours.onnx", n_layers=n_layers, external=False)
+    a, b = onnx.load(str(whole)).graph, onnx.load(str(ours)).graph
+    nodes = lambda g: sorted((n.op_type, tuple(n.input), tuple(n.output)) for n in g.node)  # noqa: E731
+    assert nodes(a) == nodes(b)  # the same nodes (ONNX Runtime re-sorts the whole graph; order aside)
+    wa = {t.name: numpy_helper.to_array(t) for t in a.initializer}
+    wb = {t.name: numpy_helper.to_array(t) for t in b.initializer}
+    assert wa.keys() == wb.keys() and all(np.array_equal(wa[k], wb[k]) for k in wa)
+    assert sum(n.op_type == "MatMulInteger" for n in b.node) == n_layers
+    feed = {
+        "input_features": np.random.default_rng(5).standard_normal((1, 128, 3000)).astype(np.float32),
+        "input_features_mask": np.ones((1, 3000), np.int64),
+    }
+    run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
+    assert np.array_equal(run(whole), run(ours))

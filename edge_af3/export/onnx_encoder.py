@@ -19,7 +19,7 @@ import torch
 
 from ..constants import N_FRAMES, N_MELS, ROWS_PER_WINDOW
 from ..family import row_times
-from ..onnx_tools import resave, to_fp16
+from ..onnx_tools import resave, to_fp16, write
 from ..quants import CPU_ENCODER_GRAPHS, ENCODER_PRECISIONS
 
 OPSET = 17
@@ -255,29 +255,89 @@ def finish_encoder(raw: Path, out: Path, *, precision: str, shape: tuple[int, in
             quantize_dynamic(str(raw), str(q), weight_type=QuantType.QInt8, use_external_data_format=large)
         resave(q, out, n_params > EXTERNAL_BYTES)
     else:
-        quantize_mixed(raw, work / "encoder.mixed.onnx", n_layers=n_layers, large=large)
-        resave(work / "encoder.mixed.onnx", out, n_params * 3 > EXTERNAL_BYTES)
+        quantize_mixed(raw, out, n_layers=n_layers, external=n_params * 3 > EXTERNAL_BYTES)
     return out
 
 
-def quantize_mixed(src: Path, dst: Path, *, n_layers: int, large: bool = False) -> Path:
-    """`src` with int8 (per-channel, dynamic activations) on each layer's fc1 matmul only."""
+def quantize_mixed(src: Path, dst: Path, *, n_layers: int, external: bool) -> Path:
+    """`src` with int8 (per-channel weights, dynamic activations) on each layer's fc1 matmul only,
+    written to `dst`. ONNX Runtime's dynamic quantizer runs on a model made of those matmuls alone
+    (their weights are all it reads), and what it makes of each one takes that matmul's place in the
+    whole graph: ONNX Runtime quantizing the whole graph held it three times (8.1 GB for AF3's
+    encoder); this holds the graph's weights once, when `dst` is written. The same nodes and
+    initializers as the whole-graph run (tests/test_export_memory.py checks it)."""
+    import tempfile
+
     import onnx
+    from onnx import external_data_helper, helper
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    graph = onnx.load(str(src), load_external_data=False).graph
-    nodes = [n.name for n in graph.node if n.op_type == "MatMul" and MIXED_NODES.search(n.name)]
-    if len(nodes) != n_layers:
-        raise ValueError(f"{src}: found {len(nodes)} fc1 matmuls for {n_layers} encoder layers (graph names changed?)")
-    with _quiet_quantizer():
-        quantize_dynamic(
-            str(src),
-            str(dst),
-            weight_type=QuantType.QInt8,
-            per_channel=True,
-            nodes_to_quantize=nodes,
-            use_external_data_format=large,
+    model = onnx.load(str(src), load_external_data=False)
+    graph = model.graph
+    targets = [n for n in graph.node if n.op_type == "MatMul" and MIXED_NODES.search(n.name)]
+    inits = {t.name: t for t in graph.initializer}
+    if len(targets) != n_layers or any(n.input[1] not in inits for n in targets):
+        raise ValueError(
+            f"{src}: found {len(targets)} fc1 matmuls for {n_layers} encoder layers (graph names changed?)"
         )
+    weights = []
+    for n in targets:
+        w = onnx.TensorProto()
+        w.CopyFrom(inits[n.input[1]])
+        if external_data_helper.uses_external_data(w):
+            external_data_helper.load_external_data_for_tensor(w, str(src.parent))
+            w.data_location = onnx.TensorProto.DEFAULT
+            del w.external_data[:]
+        weights.append(w)
+    float_info = lambda name: helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, None)  # noqa: E731
+    mini = helper.make_model(
+        helper.make_graph(
+            list(targets),
+            "fc1",
+            [float_info(n.input[0]) for n in targets],
+            [float_info(n.output[0]) for n in targets],
+            initializer=weights,
+        ),
+        opset_imports=list(model.opset_import),
+        ir_version=model.ir_version,
+    )
+    del weights
+    with tempfile.TemporaryDirectory(dir=dst.parent, prefix=".mixed.") as tmp:
+        plain, quantized = Path(tmp) / "fc1.onnx", Path(tmp) / "fc1.int8.onnx"
+        onnx.save_model(mini, str(plain), save_as_external_data=True, location="fc1.onnx.data")
+        del mini
+        with _quiet_quantizer():
+            quantize_dynamic(
+                str(plain),
+                str(quantized),
+                weight_type=QuantType.QInt8,
+                per_channel=True,
+                nodes_to_quantize=[n.name for n in targets],
+                use_external_data_format=True,
+            )
+        q = onnx.load(str(quantized))
+    # each matmul's replacement nodes, found by the activation they start from
+    owner = {n.input[0]: n.name for n in targets}
+    made: dict[str, list] = {n.name: [] for n in targets}
+    for node in q.graph.node:
+        group = next((owner[i] for i in node.input if i in owner), None)
+        if group is None:
+            raise ValueError(f"{src}: the quantizer made {node.name} from no fc1 input")
+        made[group].append(node)
+        for o in node.output:
+            owner[o] = group
+    nodes = []
+    for node in graph.node:
+        nodes.extend(made[node.name] if node.name in made else [node])
+    used = {i for n in nodes for i in n.input}
+    kept = [t for t in graph.initializer if t.name in used]
+    del graph.node[:], graph.initializer[:]
+    graph.node.extend(nodes)
+    graph.initializer.extend(kept + [t for t in q.graph.initializer if t.name in used])
+    domains = {o.domain for o in model.opset_import}
+    model.opset_import.extend(o for o in q.opset_import if o.domain not in domains)
+    external_data_helper.load_external_data_for_model(model, str(src.parent))
+    write(model, dst, external)
     return dst
 
 
