@@ -79,11 +79,18 @@ def exported(source, quant: str, progress=None, encoder_precision: str = "auto")
     return out
 
 
+# The export's peak RSS per byte of checkpoint: 8.42 GB (8027 MiB) for the 7B's 16.55 GB of
+# safetensors, every check on (benchmarks/results/epyc-zen4-avx512/export-memory-full-q4_k_m.md);
+# small checkpoints are dominated by the libraries themselves (~1 GB).
+EXPORT_RAM_PER_BYTE = 0.51
+EXPORT_RAM_FLOOR = 1.0e9
+
+
 def first_use(source: str | os.PathLike, quant: str = "auto", encoder_precision: str = "auto") -> dict | None:
     """What loading `source` will do first when its bundle is not made yet: {download_gb,
     remote, disk_gb, ram_gb, free_disk_gb, ram_avail_gb}; None when nothing big is ahead (a
     bundle, an already exported checkpoint) or its size cannot be known (offline). RAM: the export
-    peaks at ~2.7x the weights (measured: 19.7 GB for the 7B's 7.4 GB of bf16 safetensors)."""
+    with its checks peaks at about half the checkpoint's size (`EXPORT_RAM_PER_BYTE`)."""
     import shutil
 
     path = Path(str(source)).expanduser()
@@ -125,7 +132,7 @@ def first_use(source: str | os.PathLike, quant: str = "auto", encoder_precision:
         "download_gb": size / 1e9,
         "remote": remote,
         "disk_gb": size * (2 if remote else 1) / 1e9,
-        "ram_gb": 2.7 * size / 1e9,
+        "ram_gb": max(EXPORT_RAM_FLOOR, EXPORT_RAM_PER_BYTE * size) / 1e9,
         "free_disk_gb": free / 1e9,
         "ram_avail_gb": avail / 1e9,
     }
