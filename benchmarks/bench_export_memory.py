@@ -72,10 +72,19 @@ class Cgroup:
 
     def __init__(self, limit: int):
         name = f"edge-af3-bench-{os.getpid()}"
-        v2 = Path("/sys/fs/cgroup/cgroup.controllers").exists()
-        self.path = Path("/sys/fs/cgroup") / name if v2 else Path("/sys/fs/cgroup/memory") / name
+        root = Path("/sys/fs/cgroup")
+        v2 = (root / "cgroup.controllers").exists()
+        if v2 and "memory" not in (root / "cgroup.subtree_control").read_text().split():
+            (root / "cgroup.subtree_control").write_text("+memory")
+        self.path = root / name if v2 else root / "memory" / name
         self.path.mkdir()
-        (self.path / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(limit))
+        try:
+            (self.path / ("memory.max" if v2 else "memory.limit_in_bytes")).write_text(str(limit))
+            if v2 and (self.path / "memory.swap.max").exists():
+                (self.path / "memory.swap.max").write_text("0")  # a cap that swap cannot pass
+        except OSError:
+            self.path.rmdir()
+            raise
         self.peak_file = self.path / ("memory.peak" if v2 else "memory.max_usage_in_bytes")
 
     @classmethod
@@ -86,8 +95,9 @@ class Cgroup:
             print(f"no memory cgroup ({e}): the run is not capped", file=sys.stderr)
             return None
 
-    def add(self, pid: int) -> None:
-        (self.path / "cgroup.procs").write_text(str(pid))
+    def join(self) -> None:
+        """Move the calling process in (the child, before it execs: all it allocates is counted)."""
+        (self.path / "cgroup.procs").write_text(str(os.getpid()))
 
     def peak_mb(self) -> float | None:
         try:
@@ -104,11 +114,27 @@ class Cgroup:
                 time.sleep(0.1)
 
 
-def watch(cmd: list[str], env: dict, cgroup: Cgroup | None) -> dict:
+def watch(cmd: list[str], env: dict, cgroup: Cgroup | None, cwd: Path) -> dict:
     """Run the export child, sampling its memory per stage; returns the stages and the exit code."""
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
-    if cgroup:
-        cgroup.add(proc.pid)
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+        cwd=cwd,
+        preexec_fn=cgroup.join if cgroup else None,
+    )
+    errors: list[str] = []
+
+    def keep_errors() -> None:  # the child's stderr, echoed, its tail kept for the report
+        for line in proc.stderr:
+            sys.stderr.write(line)
+            errors.append(line)
+            del errors[:-20]
+
+    err_thread = threading.Thread(target=keep_errors, daemon=True)
+    err_thread.start()
     stages: list[dict] = []
     result: dict = {}
     lock = threading.Lock()
@@ -149,10 +175,14 @@ def watch(cmd: list[str], env: dict, cgroup: Cgroup | None) -> dict:
                 st["peak_anon_mb"] = max(st["peak_anon_mb"], round(s.get("RssAnon", 0) / 1024, 1))
         time.sleep(0.02)
     th.join()
+    err_thread.join(timeout=5)
     with lock:
         if stages and "t" in stages[-1]:
             stages[-1]["seconds"] = round(time.perf_counter() - stages[-1].pop("t"), 2)
-    return {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1), "stages": stages} | result
+    out = {"returncode": proc.returncode, "seconds": round(time.perf_counter() - t0, 1), "stages": stages} | result
+    if proc.returncode:
+        out["stderr_tail"] = "".join(errors)[-2000:]
+    return out
 
 
 def summarize(run: dict) -> dict:
@@ -236,6 +266,7 @@ def main(argv=None) -> dict:
             [sys.executable, "-c", _CHILD, str(ckpt), str(bundle), args.quant, "0" if args.no_verify else "1"],
             env,
             cgroup,
+            args.tree.resolve(),  # `python -c` puts its working folder first on sys.path: the tree's code runs
         )
         run["cgroup_peak_mb"] = cgroup.peak_mb() if cgroup else None
     finally:

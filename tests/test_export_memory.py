@@ -6,7 +6,9 @@ own audio tower. The full-shape figures come from benchmarks/bench_export_memory
 from __future__ import annotations
 
 import json
+import shutil
 import struct
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -44,7 +46,7 @@ def test_streamed_llm_is_the_whole_model(tiny_ckpt, reference):
     assert all(p.is_meta for p in llm.model.parameters())
 
 
-def test_streamed_llm_with_lora_is_peft(think_ckpt):
+def test_streamed_llm_with_lora_is_peft(think_ckpt, tmp_path):
     from edge_af3.reference.adapters import apply_adapter
     from edge_af3.reference.loader import Reference, load_reference
     from edge_af3.reference.streamed import StreamedLLM
@@ -56,6 +58,15 @@ def test_streamed_llm_with_lora_is_peft(think_ckpt):
     got = StreamedLLM(think_ckpt, adapter=think_ckpt / "think").logits(ids)
     assert np.abs(peft - without).max() > 1.0  # the adapter moves the logits a lot...
     np.testing.assert_allclose(got, peft, atol=1e-4, rtol=0)  # ...and the merged layers move them as PEFT does
+    # rsLoRA scales by alpha / sqrt(r) (5.66 here) instead of alpha / r (2): PEFT reads the flag itself
+    rs = tmp_path / "think-rs"
+    shutil.copytree(think_ckpt / "think", rs)
+    conf = json.loads((rs / "adapter_config.json").read_text())
+    (rs / "adapter_config.json").write_text(json.dumps(conf | {"use_rslora": True}))
+    base = load_reference(think_ckpt)
+    peft_rs = Reference(apply_adapter(base.model, think_ckpt, "think", rs), base.processor, base.path).logits(CONV)
+    assert np.abs(peft_rs - peft).max() > 1.0
+    np.testing.assert_allclose(StreamedLLM(think_ckpt, adapter=rs).logits(ids), peft_rs, atol=1e-4, rtol=0)
 
 
 def test_shard_reader_matches_safetensors(tiny_ckpt, tmp_path):
@@ -81,11 +92,21 @@ def test_shard_reader_matches_safetensors(tiny_ckpt, tmp_path):
     junk.write_bytes(struct.pack("<Q", 10**12) + b"{}")
     with pytest.raises(CheckpointError, match="not a safetensors file"):
         Shard(junk)
-    bad = tmp_path / "bad.safetensors"
-    header = json.dumps({"x": {"dtype": "Q9", "shape": [1], "data_offsets": [0, 1]}}).encode()
-    bad.write_bytes(struct.pack("<Q", len(header)) + header + b"\0")
+
+    def write(name, table, data=b"\0" * 4):
+        header = json.dumps(table).encode()
+        (tmp_path / name).write_bytes(struct.pack("<Q", len(header)) + header + data)
+        return tmp_path / name
+
+    odd = Shard(write("odd.safetensors", {"x": {"dtype": "F8_E4M3", "shape": [4], "data_offsets": [0, 4]}}))
+    with pytest.raises(CheckpointError, match="does not take"):  # refused when read, not when listed
+        odd.get("x")
+    with pytest.raises(CheckpointError, match="4 bytes for its shape"):
+        Shard(write("short.safetensors", {"x": {"dtype": "F32", "shape": [2], "data_offsets": [0, 4]}}))
     with pytest.raises(CheckpointError, match="malformed"):
-        Shard(bad)
+        Shard(write("bad.safetensors", {"x": {"dtype": "F32", "shape": [1], "data_offsets": "zero"}}))
+    with pytest.raises(CheckpointError, match="not a table"):
+        Shard(write("list.safetensors", [1, 2]))
 
 
 def test_meta_built_encoder_is_the_models_tower(tiny_ckpt, reference):
@@ -130,3 +151,17 @@ def test_mixed_quantization_of_the_fc1_matmuls_alone_is_the_whole_graph_run(tiny
     }
     run = lambda p: ort.InferenceSession(str(p), providers=["CPUExecutionProvider"]).run(None, feed)[0]  # noqa: E731
     assert np.array_equal(run(whole), run(ours))
+
+
+def test_first_use_states_the_measured_export_peak():
+    """The RAM `first_use` / `models pull` announce for the 7B is the benchmark's measured peak (a
+    little above it), not a guess: the figure moves with the results file."""
+    from edge_af3.runtime.locate import export_ram_bytes
+
+    root = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "epyc-zen4-avx512"
+    report = json.loads((root / "export-memory-full-q4_k_m.json").read_text())
+    run = report["runs"]["after"]
+    peak = run["summary"]["all"]["peak_rss_mb"] * 2**20
+    stated = export_ram_bytes(report["checkpoint_bytes"], report["quant"])
+    assert run["returncode"] == 0 and peak <= stated <= 1.15 * peak
+    assert export_ram_bytes(report["checkpoint_bytes"], "f32") > 2 * stated  # --exact checks an F32 GGUF

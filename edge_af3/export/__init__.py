@@ -272,8 +272,7 @@ def export(
         )
     say(f"model: {family.name} ({family.max_windows} windows per clip)")
     t_start = time.perf_counter()
-    heap_for_big_tensors()
-    with staged_folder(out, force=force) as tmp:
+    with heap_for_big_tensors(), staged_folder(out, force=force) as tmp:
         say("exporting the audio encoder to ONNX")
         enc_path = export_checkpoint_encoder(ckpt, tmp / "encoder.onnx", precision=encoder_precision)
         give_back_freed()

@@ -326,11 +326,19 @@ def quantize_mixed(src: Path, dst: Path, *, n_layers: int, external: bool) -> Pa
         made[group].append(node)
         for o in node.output:
             owner[o] = group
+    odd = [k for k, group in made.items() if [n.op_type for n in group].count("MatMulInteger") != 1]
+    if odd or any(a.type == onnx.AttributeProto.GRAPH for n in graph.node for a in n.attribute):
+        raise ValueError(
+            f"{src}: the quantizer did not make one MatMulInteger of {odd[:3]} (or the graph has subgraphs)"
+        )
     nodes = []
     for node in graph.node:
         nodes.extend(made[node.name] if node.name in made else [node])
     used = {i for n in nodes for i in n.input}
     kept = [t for t in graph.initializer if t.name in used]
+    clash = {t.name for t in kept} & {t.name for t in q.graph.initializer}
+    if clash:
+        raise ValueError(f"{src}: quantized initializers would replace the graph's own: {sorted(clash)[:3]}")
     del graph.node[:], graph.initializer[:]
     graph.node.extend(nodes)
     graph.initializer.extend(kept + [t for t in q.graph.initializer if t.name in used])

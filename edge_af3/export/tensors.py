@@ -9,7 +9,10 @@ keeps; the kernel's page cache still serves a second read of the same bytes.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import json
+import math
 import struct
 from collections.abc import Iterator
 from pathlib import Path
@@ -49,14 +52,24 @@ class Shard:
                 header = json.loads(f.read(n))
             except ValueError as e:
                 raise CheckpointError(f"{self.path}: unreadable safetensors header ({e})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{self.path}: not a safetensors file (its header is not a table)")
         header.pop("__metadata__", None)
         self.base = 8 + n
         self.header: dict[str, dict] = header
         size = self.path.stat().st_size
         for name, info in header.items():
-            start, end = info["data_offsets"]
-            if info["dtype"] not in DTYPES or not 0 <= start <= end or self.base + end > size:
+            try:
+                start, end = (int(x) for x in info["data_offsets"])
+                shape = [int(d) for d in info["shape"]]
+                str(info["dtype"])
+            except (TypeError, ValueError, KeyError):
+                raise CheckpointError(f"{self.path}: tensor {name!r} is malformed") from None
+            if not 0 <= start <= end or self.base + end > size:
                 raise CheckpointError(f"{self.path}: tensor {name!r} is malformed or runs past the file's end")
+            dtype = DTYPES.get(info["dtype"])
+            if dtype is not None and end - start != math.prod(shape) * dtype.itemsize:
+                raise CheckpointError(f"{self.path}: tensor {name!r} has {end - start} bytes for its shape {shape}")
 
     def keys(self) -> list[str]:
         return list(self.header)
@@ -71,6 +84,8 @@ class Shard:
     def get(self, name: str) -> torch.Tensor:
         """The tensor `name` in its stored dtype, in memory of its own."""
         info = self.header[name]
+        if info["dtype"] not in DTYPES:  # refused when read, so a file may hold types never asked for
+            raise CheckpointError(f"{self.path}: tensor {name!r} has a type this reader does not take: {info['dtype']}")
         start, end = info["data_offsets"]
         buf = bytearray(end - start)
         with open(self.path, "rb", buffering=0) as f:
@@ -104,8 +119,12 @@ def iter_names(ckpt: Path) -> Iterator[tuple[str, Shard]]:
 # glibc's mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3
 BIG_ALLOCATION = 1 << 20
+# where glibc's own adaptive thresholds end up once big blocks have come and gone (its maximum
+# mmap threshold on 64-bit, and twice that for the trim): what a process gets back after the export
+SETTLED_MMAP, SETTLED_TRIM = 32 << 20, 64 << 20
 
 
+@functools.lru_cache(maxsize=1)
 def _libc():
     import ctypes
     import ctypes.util
@@ -117,17 +136,25 @@ def _libc():
         return None
 
 
-def heap_for_big_tensors() -> None:
-    """Make glibc give freed memory back at once: blocks of 1 MiB and more are mapped on their own
-    (released when freed) and the heap's free top is trimmed past 1 MiB. glibc's defaults keep
-    freed blocks up to 32 MiB in the heap, where the exporter's stream of tensors fragments it:
-    measured on the bench-small encoder's ONNX export, 2.85 GB peak and 2.17 GB still resident
-    after it with the defaults, 1.80 and 0.78 GB with this. Process-wide and lasting (the export is
-    a batch job; a server that exports on first use keeps it too, at a small cost per allocation)."""
+@contextlib.contextmanager
+def heap_for_big_tensors():
+    """For the duration, glibc gives freed memory back at once: blocks of 1 MiB and more are mapped
+    on their own (released when freed) and the heap's free top is trimmed past 1 MiB. Its defaults
+    keep freed blocks up to 32 MiB in the heap, where the exporter's stream of tensors fragments
+    it: measured on the bench-small encoder's ONNX export, 2.85 GB peak and 2.17 GB still resident
+    after it with the defaults, 1.80 and 0.78 GB with this; on AF3's encoder, 11.3 GB -> 3.2 GB.
+    Afterwards the thresholds are set where glibc's adaptive ones settle (32 / 64 MiB), so a server
+    that exported on first use does not map every big block afresh for the rest of its life."""
     libc = _libc()
     if libc is not None:
         libc.mallopt(_M_MMAP_THRESHOLD, BIG_ALLOCATION)
         libc.mallopt(_M_TRIM_THRESHOLD, BIG_ALLOCATION)
+    try:
+        yield
+    finally:
+        if libc is not None:
+            libc.mallopt(_M_MMAP_THRESHOLD, SETTLED_MMAP)
+            libc.mallopt(_M_TRIM_THRESHOLD, SETTLED_TRIM)
 
 
 def give_back_freed() -> None:

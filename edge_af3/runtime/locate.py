@@ -79,18 +79,30 @@ def exported(source, quant: str, progress=None, encoder_precision: str = "auto")
     return out
 
 
-# The export's peak RSS per byte of checkpoint: 8.42 GB (8027 MiB) for the 7B's 16.55 GB of
-# safetensors, every check on (benchmarks/results/epyc-zen4-avx512/export-memory-full-q4_k_m.md);
-# small checkpoints are dominated by the libraries themselves (~1 GB).
-EXPORT_RAM_PER_BYTE = 0.51
+# The export's peak RSS, measured on the 7B's 16.55 GB of bf16 safetensors with every check on
+# (benchmarks/results/epyc-zen4-avx512/export-memory-full-q4_k_m.md): 8.42 GB in the LLM check,
+# 3.86 GB of it the process's own (0.233 per checkpoint byte) and the rest llama.cpp's mapping of the
+# GGUF it checks (so it grows with the type: F32 for --exact); 5.25 GB at most before it (0.32).
+# Small checkpoints are dominated by the libraries themselves (~1 GB).
+EXPORT_CHECK_OWN_PER_BYTE = 0.233
+EXPORT_OTHER_PER_BYTE = 0.32
 EXPORT_RAM_FLOOR = 1.0e9
+
+
+def export_ram_bytes(checkpoint_bytes: int, quant: str) -> float:
+    """The export's peak RSS for a bf16 checkpoint of `checkpoint_bytes` exported as `quant`."""
+    from ..plan import GGUF_BITS
+
+    gguf = checkpoint_bytes / 2 * GGUF_BITS.get(quant, GGUF_BITS["q4_k_m"]) / 8  # ~1 parameter per 2 bytes
+    check = EXPORT_CHECK_OWN_PER_BYTE * checkpoint_bytes + gguf
+    return max(EXPORT_RAM_FLOOR, check, EXPORT_OTHER_PER_BYTE * checkpoint_bytes)
 
 
 def first_use(source: str | os.PathLike, quant: str = "auto", encoder_precision: str = "auto") -> dict | None:
     """What loading `source` will do first when its bundle is not made yet: {download_gb,
     remote, disk_gb, ram_gb, free_disk_gb, ram_avail_gb}; None when nothing big is ahead (a
-    bundle, an already exported checkpoint) or its size cannot be known (offline). RAM: the export
-    with its checks peaks at about half the checkpoint's size (`EXPORT_RAM_PER_BYTE`)."""
+    bundle, an already exported checkpoint) or its size cannot be known (offline). RAM: the
+    export's measured peak scaled to this checkpoint and type (`export_ram_bytes`)."""
     import shutil
 
     path = Path(str(source)).expanduser()
@@ -132,7 +144,7 @@ def first_use(source: str | os.PathLike, quant: str = "auto", encoder_precision:
         "download_gb": size / 1e9,
         "remote": remote,
         "disk_gb": size * (2 if remote else 1) / 1e9,
-        "ram_gb": max(EXPORT_RAM_FLOOR, EXPORT_RAM_PER_BYTE * size) / 1e9,
+        "ram_gb": export_ram_bytes(size, quant) / 1e9,
         "free_disk_gb": free / 1e9,
         "ram_avail_gb": avail / 1e9,
     }
