@@ -228,7 +228,8 @@ def render(report: dict) -> str:
         cap = (
             f", capped at {run['limit_gb']} GiB (cgroup peak {run.get('cgroup_peak_mb')} MB)" if run["limit_gb"] else ""
         )
-        status = "completed" if run["returncode"] == 0 else f"FAILED (exit {run['returncode']})"
+        why = (run.get("stderr_tail") or "").strip().splitlines()[-1:]
+        status = "completed" if run["returncode"] == 0 else f"FAILED (exit {run['returncode']}: {''.join(why)})"
         lines.append(
             f"- **{label}** ({run['when']}, {run['commit']}): {status}{cap} in {run['seconds']:.0f} s; peak RSS "
             f"{summ['all']['peak_rss_mb']:.0f} MB (anon {summ['all']['peak_anon_mb']:.0f}); without the LLM check "
