@@ -165,3 +165,24 @@ def test_first_use_states_the_measured_export_peak():
     stated = export_ram_bytes(report["checkpoint_bytes"], report["quant"])
     assert run["returncode"] == 0 and peak <= stated <= 1.15 * peak
     assert export_ram_bytes(report["checkpoint_bytes"], "f32") > 2 * stated  # --exact checks an F32 GGUF
+
+
+def test_streamed_llm_on_bf16_weights_is_the_whole_model(tmp_path):
+    """AF3's own on-disk type: bf16 tensors read by the plain reader, widened to float32 part by
+    part, give the whole float32 reference's logits exactly (and the reader gives safetensors' own
+    bf16 tensors)."""
+    from safetensors.torch import load_file
+
+    from edge_af3.checkpoint import weight_files
+    from edge_af3.export.tensors import Shard
+    from edge_af3.reference.loader import load_reference
+    from edge_af3.reference.streamed import StreamedLLM
+    from edge_af3.reference.tiny import make_checkpoint
+
+    ckpt = make_checkpoint(tmp_path / "k256", shape="tiny-k256", seed=0)
+    f = weight_files(ckpt)[0]
+    want = load_file(str(f))
+    assert {t.dtype for t in want.values()} == {torch.bfloat16}
+    assert all(torch.equal(Shard(f).get(k), v) for k, v in want.items())
+    ref = load_reference(ckpt)
+    assert np.array_equal(StreamedLLM(ckpt).logits(_ids(ref)), ref.logits(CONV))
