@@ -227,14 +227,9 @@ def export_adapters(ckpt: Path, extra: dict[str, Path], cfg: dict, tmp: Path, sa
 
 def _checkpoint_shapes(ckpt: Path) -> dict[str, tuple]:
     """{state-dict name (as transformers' model names it): shape} from the checkpoint's safetensors."""
-    from safetensors import safe_open
+    from .tensors import iter_names
 
-    from ..checkpoint import weight_files
-
-    shapes = {}
-    for f in weight_files(ckpt):
-        with safe_open(str(f), "np") as st:
-            for key in st.keys():
-                shape = tuple(st.get_slice(key).get_shape())
-                shapes[key if key.startswith(("model.", "lm_head")) else "model." + key] = shape
-    return shapes
+    return {
+        (key if key.startswith(("model.", "lm_head")) else "model." + key): shard.shape(key)
+        for key, shard in iter_names(ckpt)
+    }

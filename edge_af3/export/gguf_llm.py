@@ -30,17 +30,20 @@ _LAYER_MAP = {
 }
 
 
-def gguf_name(hf_name: str) -> str | None:
-    """On-disk HF name of an LLM tensor -> llama.cpp's qwen2 tensor name (None: not an LLM tensor)."""
+def llm_name(hf_name: str) -> str | None:
+    """On-disk HF name of an AF3 tensor -> its name inside the Qwen2 LLM (`layers.0.mlp.up_proj.weight`,
+    `embed_tokens.weight`, `norm.weight`, `lm_head.weight`); None: not an LLM tensor."""
     for prefix in ("language_model.model.", "model.language_model.", "language_model."):
         if hf_name.startswith(prefix):
-            rest = hf_name[len(prefix) :]
-            break
-    else:
-        if hf_name.startswith("lm_head."):
-            rest = hf_name
-        else:
-            return None
+            return hf_name[len(prefix) :]
+    return hf_name if hf_name.startswith("lm_head.") else None
+
+
+def gguf_name(hf_name: str) -> str | None:
+    """On-disk HF name of an LLM tensor -> llama.cpp's qwen2 tensor name (None: not an LLM tensor)."""
+    rest = llm_name(hf_name)
+    if rest is None:
+        return None
     if rest.startswith("lm_head."):
         return "output." + rest.split(".", 1)[1]
     if rest == "embed_tokens.weight":

@@ -23,11 +23,12 @@ import numpy as np
 
 def _llm_key(disk_name: str) -> str | None:
     """On-disk AF3 name -> `Qwen2ForCausalLM`'s parameter name (None: not an LLM tensor)."""
-    for prefix in ("language_model.model.", "model.language_model.", "language_model."):
-        if disk_name.startswith(prefix):
-            rest = disk_name[len(prefix) :]
-            return rest if rest.startswith("lm_head.") else "model." + rest
-    return disk_name if disk_name.startswith("lm_head.") else None
+    from ..export.gguf_llm import llm_name
+
+    rest = llm_name(disk_name)
+    if rest is None:
+        return None
+    return rest if rest.startswith("lm_head.") else "model." + rest
 
 
 class StreamedLLM:
