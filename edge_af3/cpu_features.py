@@ -140,9 +140,10 @@ def llama_system_info() -> str:
     return llama_cpp.llama_print_system_info().decode(errors="replace").strip()
 
 
-def build_mismatch(cpu: CpuInfo, info: dict[str, bool]) -> tuple[list[str], list[str], bool]:
+def build_mismatch(cpu: CpuInfo, info: dict[str, bool], amx_fixed: bool = False) -> tuple[list[str], list[str], bool]:
     """Compare a build's features with the CPU: (built in but missing on this CPU: SIGILL,
-    supported here but not built in: slower, AMX compiled in and present: the crashing path)."""
+    supported here but not built in: slower, AMX compiled in and present: the crashing path —
+    unless the build is one edge_af3/llama_amx.py fixed, `amx_fixed`)."""
     if not cpu.is_x86:
         return [], [], False
     missing, unused = [], []
@@ -154,15 +155,43 @@ def build_mismatch(cpu: CpuInfo, info: dict[str, bool]) -> tuple[list[str], list
             missing.append(option)
         elif not built and cpu.supports(option):
             unused.append(option)
-    amx = bool(info.get("AMX_INT8")) and cpu.has_amx
+    amx = bool(info.get("AMX_INT8")) and cpu.has_amx and not amx_fixed
     return missing, unused, amx
 
 
 @functools.lru_cache(maxsize=1)
 def amx_path_would_run() -> bool:
-    """Whether the installed llama.cpp has the AMX path compiled in and this CPU would take it:
-    the case where models must load without extra buffer types (`use_extra_bufts=False`)."""
-    return build_mismatch(read_cpu(), parse_system_info(llama_system_info()))[2]
+    """Whether the llama.cpp in use has llama.cpp's AMX path as shipped (not fixed) compiled in
+    and this CPU would take it: the case where models must load without extra buffer types
+    (`use_extra_bufts=False`)."""
+    return build_mismatch(read_cpu(), parse_system_info(llama_system_info()), amx_fixed=amx_fixed_in_use())[2]
+
+
+def llama_lib_dir() -> Path | None:
+    """The folder llama-cpp-python loads its libraries from (LLAMA_CPP_LIB_PATH, else its own),
+    found without loading it."""
+    import importlib.util
+    import os
+
+    named = os.environ.get("LLAMA_CPP_LIB_PATH")
+    if named:
+        return Path(named)
+    spec = importlib.util.find_spec("llama_cpp")
+    return Path(spec.origin).parent / "lib" if spec and spec.origin else None
+
+
+# Exported by a libggml-cpu that edge_af3/llama_amx.py built with its AMX fix.
+AMX_FIX_SYMBOL = "edge_af3_amx_tile_fix"
+
+
+def amx_fixed_in_use(lib_dir: Path | None = None) -> bool:
+    """Whether the libggml-cpu llama-cpp-python loads is one with edge-af3's AMX fix (its dynamic
+    symbols name AMX_FIX_SYMBOL); read as bytes, without loading it."""
+    lib_dir = lib_dir or llama_lib_dir()
+    try:
+        return lib_dir is not None and AMX_FIX_SYMBOL.encode() in (lib_dir / "libggml-cpu.so").read_bytes()
+    except OSError:
+        return False
 
 
 def main(argv: list[str]) -> int:

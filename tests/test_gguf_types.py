@@ -87,12 +87,10 @@ def k256_ckpt(tmp_path_factory):
     return make_checkpoint(tmp_path_factory.mktemp("k256") / "af3-k256", shape="tiny-k256", seed=0)
 
 
-@pytest.fixture(scope="module")
-def ggufs(tiny_ckpt, k256_ckpt, tmp_path_factory):
+def make_ggufs(tiny_ckpt, k256_ckpt, out) -> dict:
     """{(shape, type): path}: the tiny checkpoint in every type, the 256-wide one in Q4_K_M."""
     from edge_af3.export.gguf_llm import quantize, write_gguf
 
-    out = tmp_path_factory.mktemp("types")
     paths = {}
     for shape, ckpt in (("tiny", tiny_ckpt), ("tiny-k256", k256_ckpt)):
         f32 = write_gguf(ckpt, out / f"{shape}-f32.gguf", ftype="f32")
@@ -101,6 +99,11 @@ def ggufs(tiny_ckpt, k256_ckpt, tmp_path_factory):
             if q != "f32":
                 paths[(shape, q)] = quantize(f32, out / f"{shape}-{q}.gguf", q)
     return paths
+
+
+@pytest.fixture(scope="module")
+def ggufs(tiny_ckpt, k256_ckpt, tmp_path_factory):
+    return make_ggufs(tiny_ckpt, k256_ckpt, tmp_path_factory.mktemp("types"))
 
 
 def _ids(ckpt) -> list[int]:

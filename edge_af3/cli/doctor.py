@@ -121,9 +121,11 @@ def cpu_report(system_info: str | None) -> dict:
         "build_uses_missing": [],
         "build_leaves_unused": [],
         "amx_path": False,
+        "amx_fixed": cf.amx_fixed_in_use(),
     }
     if system_info and not system_info.startswith("error:"):
-        missing, unused, amx = cf.build_mismatch(cpu, cf.parse_system_info(system_info))
+        info = cf.parse_system_info(system_info)
+        missing, unused, amx = cf.build_mismatch(cpu, info, amx_fixed=report["amx_fixed"])
         report.update(build_uses_missing=missing, build_leaves_unused=unused, amx_path=amx)
     return report
 
@@ -142,6 +144,11 @@ def _cpu_hints(cpu: dict) -> list[str]:
         hints.append(
             "llama-cpp-python was built with llama.cpp's AMX path, which crashes (llama.cpp #20824): edge-af3 "
             "loads models without weight repacking on it (slower); rebuild with scripts/setup.sh (AMX off)"
+        )
+    if cpu.get("amx_fixed"):
+        hints.append(
+            "llama.cpp's AMX path with edge-af3's fix is in use (LLAMA_CPP_LIB_PATH, edge_af3/llama_amx.py): "
+            "correct in tests, its speed not yet measured against AVX-512 on an AMX CPU (docs/cpu.md)"
         )
     if cpu["build_leaves_unused"]:
         hints.append(
