@@ -4,6 +4,8 @@ Sections (each in a fresh child process, so threads, arenas and peak memory are 
   llm       prefill rows/s and decode tok/s per GGUF type (q4_k_m, iq4_nl, q4_0, q8_0), on the
             bench shape and on a shape whose widths are multiples of 256 (as the real 7B's are:
             K-quants keep their blocks there, on bench-small they fall back to Q5_0/Q8_0)
+  amx       on an AMX CPU: llama.cpp's AMX path with edge-af3's fix vs the same build without AMX,
+            per GGUF type (prefill rows/s, decode tok/s); elsewhere it says so and times nothing
   settings  on `--quant auto`'s type: flash attention on/off x KV f16/bf16/q8_0 at 750 and 3000
             rows, n_ubatch 512/1024/2048, 1 vs 2 threads (`--long`: FA on/off at 15000 rows)
   encoder   ms per full window and rows cosine vs fp32 for: fp32, ORT's transformer fusions, int8
@@ -75,10 +77,12 @@ def _gguf(ckpt: Path, quant: str, work: Path) -> Path:
     from edge_af3.export.gguf_llm import quantize, write_gguf
 
     out = work / f"{ckpt.name}-{quant}.gguf"
+    base = work / f"{ckpt.name}-f16.gguf"
+    if not base.is_file():
+        write_gguf(ckpt, base, ftype="f16")
+    if quant == "f16":
+        return base
     if not out.is_file():
-        base = work / f"{ckpt.name}-f16.gguf"
-        if not base.is_file():
-            write_gguf(ckpt, base, ftype="f16")
         quantize(base, out, quant)
     return out
 
@@ -127,6 +131,62 @@ def section_repack(ckpt: Path, work: Path, args) -> dict:
                 print(
                     f"  {label:14s} {q:7s} {'repack' if repack else 'plain ':6s} "
                     f"prefill {r['rows_per_s']:6.0f} rows/s  "
+                    f"decode {r['decode_tok_s']:5.1f} tok/s",
+                    flush=True,
+                )
+    return out
+
+
+# One prefill timing in a process of its own, with the llama.cpp libraries of LLAMA_CPP_LIB_PATH.
+_PREFILL_CHILD = (
+    "import json, sys; from pathlib import Path; from benchmarks.bench_cpu import _prefill; "
+    "print(json.dumps(_prefill(Path(sys.argv[1]), 750, decode=64)))"
+)
+
+
+def section_amx(ckpt: Path, work: Path, args) -> dict:
+    """llama.cpp's AMX path with edge-af3's fix (edge_af3/llama_amx.py) against the same build
+    without AMX, per GGUF type, each load in a process of its own. Needs an AMX CPU: emulated AMX
+    (tests/native/amx_emu.c) is a correctness check, its speed means nothing."""
+    import os
+    import subprocess
+    import sys
+
+    from edge_af3.cpu_features import build_tag, read_cpu
+    from edge_af3.llama_amx import build
+    from edge_af3.paths import cache_dir
+
+    cpu = read_cpu()
+    emulator = args.amx_emulator
+    if not cpu.has_amx and emulator is None:
+        print(f"  {cpu.name} has no AMX: nothing to time here", flush=True)
+        return {"skipped": f"{cpu.name} has no AMX"}
+    root = cache_dir() / "llama-amx" / build_tag(cpu)  # the builds tests/test_amx.py makes
+    libs = {"no AMX": build(root / "control", amx=False), "AMX fixed": build(root / "fixed")}
+    tree = Path(__file__).resolve().parents[1]
+    out = {"emulated": emulator is not None} if emulator else {}
+    shapes = (("bench", ckpt),) if emulator else (("bench", ckpt), ("widths of 256", _k256_checkpoint(work)))
+    for label, source in shapes:
+        for q in args.amx_types:
+            path = _gguf(source, q, work)
+            for name, lib in libs.items():
+                env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib))
+                if emulator:  # a run of the code, not a timing
+                    env["LD_PRELOAD"] = str(emulator)
+                proc = subprocess.run(
+                    [sys.executable, "-c", _PREFILL_CHILD, str(path)],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=tree,
+                    check=False,
+                )
+                if proc.returncode != 0:
+                    raise RuntimeError(f"{label} {q} with {name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
+                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                out[f"{label}/{q}/{name}"] = r
+                print(
+                    f"  {label:14s} {q:7s} {name:9s} prefill {r['rows_per_s']:6.0f} rows/s  "
                     f"decode {r['decode_tok_s']:5.1f} tok/s",
                     flush=True,
                 )
@@ -427,6 +487,7 @@ def _llm_memory_child(gguf: str, release: bool, q) -> None:
 SECTIONS = {
     "llm": section_llm,
     "repack": section_repack,
+    "amx": section_amx,
     "settings": section_settings,
     "encoder": section_encoder,
     "overlap": section_overlap,
@@ -436,7 +497,7 @@ SECTIONS = {
 
 def _child(name, ckpt, fp32, bundle, work, args, q):
     try:
-        src = ckpt if name in ("llm", "repack", "settings") else fp32 if name == "encoder" else bundle
+        src = ckpt if name in ("llm", "repack", "amx", "settings") else fp32 if name == "encoder" else bundle
         q.put(("ok", SECTIONS[name](Path(src), Path(work), args)))
     except BaseException as e:  # noqa: BLE001 - reported to the parent
         import traceback
@@ -472,6 +533,20 @@ def markdown(report: dict) -> str:
             "|---|---|---|---|---|",
         ]
         for k, r in s["repack"].items():
+            shape, q, how = k.split("/")
+            lines.append(f"| {shape} | {q} | {how} | {r['rows_per_s']:.0f} | {r['decode_tok_s']:.1f} |")
+        lines.append("")
+    if "amx" in s and "skipped" not in s["amx"]:
+        lines += [
+            "llama.cpp's AMX path with edge-af3's fix (edge_af3/llama_amx.py) against the same build without AMX"
+            + (" — EMULATED AMX: these timings mean nothing." if s["amx"].get("emulated") else "."),
+            "",
+            "| shape | GGUF | build | prefill rows/s (750 rows) | decode tok/s |",
+            "|---|---|---|---|---|",
+        ]
+        for k, r in s["amx"].items():
+            if k == "emulated":
+                continue
             shape, q, how = k.split("/")
             lines.append(f"| {shape} | {q} | {how} | {r['rows_per_s']:.0f} | {r['decode_tok_s']:.1f} |")
         lines.append("")
@@ -532,6 +607,14 @@ def main(argv=None) -> dict:
     ap.add_argument("--sections", nargs="+", default=list(SECTIONS), choices=list(SECTIONS))
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--long", action="store_true", help="also prefill 15000 rows with flash attention on and off")
+    ap.add_argument("--amx-types", nargs="+", default=[*QUANTS, "f16"], help="the amx section's GGUF types")
+    ap.add_argument(
+        "--amx-emulator",
+        type=Path,
+        default=None,
+        help="run the amx section on a CPU without AMX under tests/native/amx_emu.c built as a .so "
+        "(checks the code runs; its timings mean nothing)",
+    )
     ap.add_argument("--work", type=Path, default=None)
     ap.add_argument("--out", type=Path, default=RESULTS)
     args = ap.parse_args(argv)
