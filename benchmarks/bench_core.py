@@ -15,14 +15,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS, machine
+from .common import RESULTS, json_child, machine
 
 CHILD = r"""
 import json, sys, time
@@ -60,17 +58,8 @@ print(json.dumps(out))
 
 def run_tree(tree: Path, bundle: Path, work: Path, new_tokens: int, repeats: int) -> dict:
     env = dict(os.environ, PYTHONPATH=str(tree.resolve()))
-    res = subprocess.run(
-        [sys.executable, "-c", CHILD, str(bundle), str(work), str(new_tokens), str(repeats)],
-        capture_output=True,
-        text=True,
-        env=env,
-        cwd=tree,
-        check=False,
-    )
-    if res.returncode != 0:
-        raise RuntimeError(f"{tree}: {res.stderr[-3000:]}")
-    return json.loads(res.stdout.strip().splitlines()[-1])
+    args = [str(bundle), str(work), str(new_tokens), str(repeats)]
+    return json_child(CHILD, args, env=env, cwd=tree, what=str(tree))
 
 
 def _median(rounds: list[dict]) -> dict:

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import RESULTS, cosine, machine, peak_rss_mb, rss_mb
+from .common import RESULTS, cosine, json_child, machine, peak_rss_mb, rss_mb
 
 QUANTS = ("q4_k_m", "iq4_nl", "q4_0", "q8_0")
 K256 = dict(
@@ -149,8 +149,6 @@ def section_amx(ckpt: Path, work: Path, args) -> dict:
     without AMX, per GGUF type, each load in a process of its own. Needs an AMX CPU: emulated AMX
     (tests/native/amx_emu.c) is a correctness check, its speed means nothing."""
     import os
-    import subprocess
-    import sys
 
     from edge_af3.cpu_features import build_tag, read_cpu
     from edge_af3.llama_amx import build
@@ -173,17 +171,7 @@ def section_amx(ckpt: Path, work: Path, args) -> dict:
                 env = dict(os.environ, LLAMA_CPP_LIB_PATH=str(lib))
                 if emulator:  # a run of the code, not a timing
                     env["LD_PRELOAD"] = str(emulator)
-                proc = subprocess.run(
-                    [sys.executable, "-c", _PREFILL_CHILD, str(path)],
-                    capture_output=True,
-                    text=True,
-                    env=env,
-                    cwd=tree,
-                    check=False,
-                )
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{label} {q} with {name}: exit {proc.returncode}\n{proc.stderr[-2000:]}")
-                r = json.loads(proc.stdout.strip().splitlines()[-1])
+                r = json_child(_PREFILL_CHILD, [str(path)], env=env, cwd=tree, what=f"{label} {q} with {name}")
                 out[f"{label}/{q}/{name}"] = r
                 print(
                     f"  {label:14s} {q:7s} {name:9s} prefill {r['rows_per_s']:6.0f} rows/s  "

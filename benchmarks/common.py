@@ -6,6 +6,8 @@ import json
 import platform
 import resource
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
@@ -89,6 +91,17 @@ def gpu_process_mb(pid: int | None = None) -> float | None:
         if len(parts) == 2 and parts[0] == str(pid) and parts[1].isdigit():
             return float(parts[1])
     return None
+
+
+def json_child(code: str, args: list[str], *, env: dict, cwd: Path, what: str) -> dict:
+    """Run `python -c code ARGS` in `cwd` with `env`; the JSON on its last line of stdout, or a
+    RuntimeError naming `what` with the end of its stderr."""
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, env=env, cwd=cwd, check=False
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(f"{what}: exit {proc.returncode}\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def machine() -> dict:
