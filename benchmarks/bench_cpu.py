@@ -155,7 +155,7 @@ def section_amx(ckpt: Path, work: Path, args) -> dict:
     from edge_af3.paths import cache_dir
 
     cpu = read_cpu()
-    emulator = args.amx_emulator
+    emulator = args.amx_emulator if not cpu.has_amx else None  # real AMX: never emulated
     if not cpu.has_amx and emulator is None:
         print(f"  {cpu.name} has no AMX: nothing to time here", flush=True)
         return {"skipped": f"{cpu.name} has no AMX"}

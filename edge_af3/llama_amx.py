@@ -57,6 +57,7 @@ static inline void edge_af3_tile_loadconfig(const void * config) {
     __asm__ volatile("{tileloadd\t(%0,%1,1), %%tmm" #dst "|tileloadd\t%%tmm" #dst ", [%0+%1*1]}" \
                      : : "r"((const void *) (base)), "r"((long) (stride)) : "memory")
 #endif
+// Exported whatever the compiler: clang's intrinsics are builtins that declare what they read.
 extern "C" __attribute__((visibility("default"))) int edge_af3_amx_tile_fix(void) { return 1; }
 """
 BUILD_RECORD = "edge-af3-amx-build.json"
@@ -84,6 +85,62 @@ def amx_cmake_args(cpu: cpu_features.CpuInfo) -> list[str]:
     return [on.get(a, a) for a in cpu_features.cmake_args(cpu)]
 
 
+# A function shaped like llama.cpp's ggml_tile_config_init, with rows and widths no other code
+# would store (11, 44): a compiler with GCC 12's `_tile_loadconfig` drops both stores.
+PROBE = r"""
+#include <immintrin.h>
+#include <string.h>
+struct cfg { unsigned char palette, start_row, reserved[14]; unsigned short colsb[16]; unsigned char rows[16]; };
+void probe(void) {
+    struct cfg tc __attribute__((aligned(64)));
+    memset(&tc, 0, sizeof tc);
+    tc.palette = 1;
+    tc.rows[0] = 11;
+    tc.colsb[0] = 44;
+    _tile_loadconfig(&tc);
+}
+"""
+
+
+def compiler_drops_tile_config(cc: str = "cc") -> bool:
+    """Whether this C compiler, at -O2, deletes the row and width stores before `ldtilecfg` (the
+    cause of #20824; GCC versions whose intrinsic is a builtin keep them)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "probe.c"
+        src.write_text(PROBE)
+        try:
+            proc = subprocess.run(
+                [cc, "-O2", "-mamx-tile", "-S", "-o", "-", str(src)], capture_output=True, text=True, check=False
+            )
+        except OSError as e:
+            raise RuntimeError(f"no C compiler ({cc}): {e}") from e
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cc} cannot compile AMX code: {proc.stderr[-500:]}")
+    return not ("$11" in proc.stdout and "$44" in proc.stdout)
+
+
+def _compiler_version(cc: str = "cc") -> str:
+    try:
+        return subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout.split("\n")[0]
+    except OSError:
+        return "none"
+
+
+def wheel_lib_dir() -> Path:
+    """The installed llama-cpp-python's own library folder (whatever LLAMA_CPP_LIB_PATH says), after
+    checking it is the version whose sdist the libraries are built from."""
+    import importlib.metadata
+    import importlib.util
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or spec.origin is None:
+        raise RuntimeError("llama-cpp-python is not installed: run scripts/setup.sh")
+    version = importlib.metadata.version("llama_cpp_python")
+    if SDIST_NAME != f"llama_cpp_python-{version}":
+        raise RuntimeError(f"llama-cpp-python {version} is installed; these libraries are built from {SDIST_NAME}")
+    return Path(spec.origin).parent / "lib"
+
+
 def default_sdist() -> Path | None:
     """The sdist scripts/setup.sh keeps in the checkout, or EDGE_AF3_LLAMA_SDIST."""
     named = os.environ.get("EDGE_AF3_LLAMA_SDIST")
@@ -99,7 +156,10 @@ def _extract_llama_cpp(sdist: Path, dest: Path) -> Path:
         members = [m for m in tar.getmembers() if m.name.startswith(prefix) and (m.isfile() or m.isdir())]
         if not members:
             raise RuntimeError(f"{sdist}: no vendor/llama.cpp inside (is it {SDIST_NAME}.tar.gz?)")
-        tar.extractall(dest, members=members, filter="data")
+        if hasattr(tarfile, "data_filter"):  # Python >= 3.10.12
+            tar.extractall(dest, members=members, filter="data")
+        else:
+            tar.extractall(dest, members=members)
     return dest / prefix
 
 
@@ -107,8 +167,8 @@ def build(out: Path, *, fixed: bool = True, amx: bool = True, sdist: Path | None
     """A folder for LLAMA_CPP_LIB_PATH: the installed wheel's libraries with libggml-cpu rebuilt
     with AMX (`fixed`: with `FIX`; without it, the crashing path as llama.cpp ships it), or built
     the same way without AMX (`amx=False`: the control a comparison needs, one compiler run apart
-    from the AMX build only by AMX). Kept: a folder whose record matches (same options, same fix,
-    same sdist) is returned as is."""
+    from the AMX build only by AMX). Kept: a folder whose record matches (same options, fix,
+    sdist, compiler and wheel libraries) is returned as is."""
     out = Path(out)
     sdist = Path(sdist) if sdist else default_sdist()
     if sdist is None or not sdist.exists():
@@ -116,15 +176,22 @@ def build(out: Path, *, fixed: bool = True, amx: bool = True, sdist: Path | None
     cpu = cpu_features.read_cpu()
     args = amx_cmake_args(cpu) if amx else cpu_features.cmake_args(cpu)
     fixed = fixed and amx
-    record = {"sdist": sdist.name, "cmake_args": args, "fixed": fixed, "fix": FIX if fixed else None}
+    base = wheel_lib_dir()
+    wheel = {p.name: p.stat().st_size for p in sorted(base.iterdir()) if p.is_file()}
+    stat = sdist.stat()
+    record = {
+        "sdist": [sdist.name, stat.st_size, int(stat.st_mtime)],
+        "wheel_libs": wheel,
+        "compiler": _compiler_version(),
+        "cmake_args": args,
+        "fixed": fixed,
+        "fix": FIX if fixed else None,
+    }
     try:
         if json.loads((out / BUILD_RECORD).read_text()) == record:
             return out
     except (OSError, ValueError):
         pass
-    base = cpu_features.llama_lib_dir()
-    if base is None or os.environ.get("LLAMA_CPP_LIB_PATH"):
-        raise RuntimeError("build from the installed llama-cpp-python: unset LLAMA_CPP_LIB_PATH")
     out.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         tmp = Path(tmp)
@@ -147,13 +214,18 @@ def build(out: Path, *, fixed: bool = True, amx: bool = True, sdist: Path | None
             "-DLLAMA_BUILD_EXAMPLES=OFF",
             "-DLLAMA_BUILD_TOOLS=OFF",
             "-DLLAMA_BUILD_SERVER=OFF",
+            "-DCMAKE_BUILD_WITH_INSTALL_RPATH=ON",  # the wheel's own RUNPATH, not the build tree's
+            "-DCMAKE_INSTALL_RPATH=$ORIGIN",
             *args,
         ]
         for cmd in (
             configure,
             ["cmake", "--build", str(tmp / "build"), "--target", "ggml-cpu", "-j", str(os.cpu_count() or 2)],
         ):
-            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            except OSError as e:
+                raise RuntimeError(f"cannot run {cmd[0]}: {e} (scripts/setup.sh installs cmake)") from e
             if proc.returncode != 0:
                 raise RuntimeError(f"{' '.join(cmd[:3])} failed:\n{(proc.stdout + proc.stderr)[-3000:]}")
         built = tmp / "build" / "bin" / "libggml-cpu.so"
@@ -166,8 +238,8 @@ def build(out: Path, *, fixed: bool = True, amx: bool = True, sdist: Path | None
         for p in replaced:
             shutil.copyfile(built, p)
         (libs / BUILD_RECORD).write_text(json.dumps(record, indent=1))
-        if out.exists():
-            shutil.rmtree(out)
+        if out.exists():  # moved aside first: a reader never finds the folder half gone
+            os.replace(out, tmp / "old")
         os.replace(libs, out)
     progress(f"[llama-amx] {out}")
     return out

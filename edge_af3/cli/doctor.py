@@ -121,7 +121,7 @@ def cpu_report(system_info: str | None) -> dict:
         "build_uses_missing": [],
         "build_leaves_unused": [],
         "amx_path": False,
-        "amx_fixed": cf.amx_fixed_in_use(),
+        "amx_fixed": cpu.has_amx and cf.amx_fixed_in_use(),  # the AMX buffer exists only on an AMX CPU
     }
     if system_info and not system_info.startswith("error:"):
         info = cf.parse_system_info(system_info)

@@ -43,6 +43,8 @@ struct tiles {
     uint8_t data[8][16][64];
 };
 
+/* initial-exec: no allocation on first use in a signal handler; right for a preloaded library
+   (loaded at start-up), not for one opened later with dlopen. */
 static __thread struct tiles T __attribute__((tls_model("initial-exec")));
 
 enum { LDTILECFG, STTILECFG, TILERELEASE, TILEZERO, TILELOADD, TILESTORED, TDP_INT8, TDP_BF16, N_OPS };
@@ -84,7 +86,12 @@ static void undefined(const char *why, int tile) {
 static void general_protection(const char *why) {
     say("amx_emu: #GP (SIGSEGV): %s", why);
     signal(SIGSEGV, SIG_DFL);
+    sigset_t segv;
+    sigemptyset(&segv);
+    sigaddset(&segv, SIGSEGV);
+    sigprocmask(SIG_UNBLOCK, &segv, NULL);
     raise(SIGSEGV);
+    _exit(128 + SIGSEGV); /* not reached */
 }
 
 struct operand {
@@ -273,26 +280,29 @@ static int dot_product(int dst, int a, int b, int kind, const char *name) {
         memset(&T.data[dst][m][T.colsb[dst]], 0, 64 - T.colsb[dst]);
     }
     for (int m = m_rows; m < 16; m++) memset(T.data[dst][m], 0, 64);
+    T.start_row = 0;
     return 1;
 }
 
 static struct sigaction previous_sigill;
 
+/* Not an AMX instruction: give SIGILL back to whoever had it (the default: the end of the
+   process) and return; the instruction faults again and the kernel delivers it to them, with
+   their own flags and mask. */
 static void pass_on(int sig, siginfo_t *info, void *ctx) {
-    if (previous_sigill.sa_flags & SA_SIGINFO && previous_sigill.sa_sigaction) {
-        previous_sigill.sa_sigaction(sig, info, ctx);
-    } else if (previous_sigill.sa_handler != SIG_IGN && previous_sigill.sa_handler != SIG_DFL &&
-               previous_sigill.sa_handler) {
-        previous_sigill.sa_handler(sig);
-    } else {
-        signal(SIGILL, SIG_DFL); /* not ours: let it end the process as it would have */
-    }
+    (void)sig, (void)info, (void)ctx;
+    sigaction(SIGILL, &previous_sigill, NULL);
 }
 
 static void on_sigill(int sig, siginfo_t *info, void *ctx) {
     ucontext_t *uc = ctx;
     greg_t *g = uc->uc_mcontext.gregs;
     const uint8_t *p = (const uint8_t *)g[REG_RIP];
+    if (info->si_code <= 0) { /* sent by kill/raise: no instruction to carry out */
+        pass_on(sig, info, ctx);
+        raise(SIGILL);
+        return;
+    }
     if (p[0] != 0xC4 || (p[1] & 0x1f) != 2) return pass_on(sig, info, ctx); /* VEX3, map 0F38 */
     int rex_r = !(p[1] & 0x80), rex_x = !(p[1] & 0x40), rex_b = !(p[1] & 0x20);
     int w = p[2] >> 7, vvvv = (~p[2] >> 3) & 0xf, l = (p[2] >> 2) & 1, pp = p[2] & 3;
@@ -304,6 +314,7 @@ static void on_sigill(int sig, siginfo_t *info, void *ctx) {
     int length = 4 + decode_rm(p + 4, rex_x, rex_b, g, &op, &rip_relative);
     if (rip_relative) op.addr += (intptr_t)(p + length);
     int ok = 1;
+    if ((opcode == 0x49 || opcode == 0x4B) && vvvv != 0) return pass_on(sig, info, ctx); /* VEX.vvvv must be 1111b */
     switch (opcode) {
     case 0x49:
         if (pp == 0 && !op.is_reg && reg == 0) {
@@ -381,7 +392,7 @@ long syscall(long number, ...) {
 static void print_counts(void) {
     char line[256];
     int n = snprintf(line, sizeof line, "amx_emu: %s", emulating ? "emulated" : "native AMX, not emulated");
-    for (int i = 0; i < N_OPS && emulating; i++)
+    for (int i = 0; i < N_OPS && emulating && n < (int)sizeof line; i++)
         n += snprintf(line + n, sizeof line - n, " %s=%lu", OP_NAMES[i], counts[i]);
     say("%s", line);
 }
