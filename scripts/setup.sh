@@ -11,8 +11,9 @@ EXTRAS="export,mic,bench,server,client,voice"
 TORCH_PIN="torch==2.13.0"
 LLAMA_PIN="llama-cpp-python==0.3.36"
 APT_PKGS="libsndfile1 libportaudio2 espeak-ng sox alsa-utils tmux pulseaudio pulseaudio-utils libasound2-plugins time"
-# systemd (systemd-analyze): the tests check the deploy/ units
-[ "${1:-}" = "--dev" ] && APT_PKGS="$APT_PKGS systemd"
+# systemd (systemd-analyze): the tests check the deploy/ units; cmake + a C compiler: tests/test_amx.py
+# builds ggml's CPU backend with AMX (edge_af3/llama_amx.py)
+[ "${1:-}" = "--dev" ] && APT_PKGS="$APT_PKGS systemd cmake build-essential"
 
 if command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
   missing=$(for p in $APT_PKGS; do dpkg -s "$p" >/dev/null 2>&1 || echo "$p"; done)
