@@ -164,16 +164,18 @@ def amx_path_would_run() -> bool:
     """Whether the llama.cpp in use has llama.cpp's AMX path as shipped (not fixed) compiled in
     and this CPU would take it: the case where models must load without extra buffer types
     (`use_extra_bufts=False`)."""
-    return build_mismatch(read_cpu(), parse_system_info(llama_system_info()), amx_fixed=amx_fixed_in_use())[2]
+    cpu, info = read_cpu(), parse_system_info(llama_system_info())
+    # the library is read for the fix's mark only where the shipped path would otherwise run
+    return build_mismatch(cpu, info)[2] and not amx_fixed_in_use()
 
 
-def llama_lib_dir() -> Path | None:
-    """The folder llama-cpp-python loads its libraries from (LLAMA_CPP_LIB_PATH, else its own),
-    found without loading it."""
+def llama_lib_dir(honour_env: bool = True) -> Path | None:
+    """The folder llama-cpp-python loads its libraries from (LLAMA_CPP_LIB_PATH unless
+    `honour_env` is off, else its own), found without loading it."""
     import importlib.util
     import os
 
-    named = os.environ.get("LLAMA_CPP_LIB_PATH")
+    named = os.environ.get("LLAMA_CPP_LIB_PATH") if honour_env else None
     if named:
         return Path(named)
     spec = importlib.util.find_spec("llama_cpp")

@@ -130,15 +130,14 @@ def wheel_lib_dir() -> Path:
     """The installed llama-cpp-python's own library folder (whatever LLAMA_CPP_LIB_PATH says), after
     checking it is the version whose sdist the libraries are built from."""
     import importlib.metadata
-    import importlib.util
 
-    spec = importlib.util.find_spec("llama_cpp")
-    if spec is None or spec.origin is None:
+    lib_dir = cpu_features.llama_lib_dir(honour_env=False)
+    if lib_dir is None:
         raise RuntimeError("llama-cpp-python is not installed: run scripts/setup.sh")
     version = importlib.metadata.version("llama_cpp_python")
     if SDIST_NAME != f"llama_cpp_python-{version}":
         raise RuntimeError(f"llama-cpp-python {version} is installed; these libraries are built from {SDIST_NAME}")
-    return Path(spec.origin).parent / "lib"
+    return lib_dir
 
 
 def default_sdist() -> Path | None:

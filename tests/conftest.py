@@ -37,6 +37,20 @@ def tiny_bundle(tiny_ckpt, tmp_path_factory) -> Path:
     )
 
 
+def compile_native(name: str, out: Path, *flags: str) -> Path:
+    """Compile tests/native/NAME with the system's C compiler into `out`."""
+    src = Path(__file__).parent / "native" / name
+    proc = subprocess.run(["cc", "-O2", *flags, "-o", str(out), str(src), "-ldl"], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stderr
+    return out
+
+
+@pytest.fixture(scope="session")
+def amx_emulator(tmp_path_factory) -> Path:
+    """tests/native/amx_emu.c as a library for LD_PRELOAD (AMX on CPUs without it)."""
+    return compile_native("amx_emu.c", tmp_path_factory.mktemp("amx") / "libamx_emu.so", "-shared", "-fPIC")
+
+
 @pytest.fixture(scope="session")
 def reference(tiny_ckpt):
     from edge_af3.reference.loader import load_reference

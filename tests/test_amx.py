@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -24,10 +23,18 @@ import pytest
 
 from edge_af3 import cpu_features as cf
 from edge_af3.quants import QUANTS
-from tests.conftest import run_cli
-from tests.test_gguf_types import CHILD, FLOORS, _ids, agreement, make_ggufs, reference_logits
+from tests.conftest import compile_native, run_cli
+from tests.test_gguf_types import (
+    CHILD,
+    FLOORS,
+    _ids,
+    agreement,
+    child_result,
+    decode_process,
+    make_ggufs,
+    reference_logits,
+)
 
-NATIVE = Path(__file__).parent / "native"
 CPU = cf.read_cpu()
 pytestmark = [
     pytest.mark.slow,
@@ -49,17 +56,6 @@ AMX_TAKES = {"q4_0": "tiles", "q8_0": "tiles", "q4_k_m": "tiles", "f16": "avx512
 TOLERANCE = {"q4_0": 0.0, "q8_0": 0.0, "q4_k_m": 1e-3, "f16": 0.02, "f32": 0.0, "iq4_nl": 0.0}
 
 
-def _compile(src: Path, out: Path, *flags: str) -> Path:
-    proc = subprocess.run(["cc", "-O2", *flags, "-o", str(out), str(src), "-ldl"], capture_output=True, text=True)
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
-@pytest.fixture(scope="module")
-def emulator(tmp_path_factory) -> Path:
-    return _compile(NATIVE / "amx_emu.c", tmp_path_factory.mktemp("amx") / "libamx_emu.so", "-shared", "-fPIC")
-
-
 @pytest.fixture(scope="module")
 def amx_builds(tmp_path_factory) -> dict[str, Path]:
     """{"fixed": lib dir, "shipped": lib dir, "control": lib dir}, each for LLAMA_CPP_LIB_PATH;
@@ -76,13 +72,13 @@ def amx_builds(tmp_path_factory) -> dict[str, Path]:
     }
 
 
-def amx_env(emulator: Path, lib_dir: Path | None, **extra: str) -> dict:
+def amx_env(amx_emulator: Path, lib_dir: Path | None, **extra: str) -> dict:
     env = dict(os.environ, AMX_EMU_STATS="1", **extra)
     env.pop("LLAMA_CPP_LIB_PATH", None)
     if lib_dir is not None:
         env["LLAMA_CPP_LIB_PATH"] = str(lib_dir)
     if EMULATED:
-        env["LD_PRELOAD"] = str(emulator)
+        env["LD_PRELOAD"] = str(amx_emulator)
     return env
 
 
@@ -99,29 +95,15 @@ def decode(gguf: Path, ids: list[int], env: dict, adapter: Path | str = "", guar
     assert child != CHILD
     if not guard:
         child = "import edge_af3.engines.llamacpp as L\nL.amx_path_would_run = lambda: False\n" + child
-    return subprocess.run(
-        [sys.executable, "-c", child, str(gguf), json.dumps(ids), str(adapter)],
-        capture_output=True,
-        text=True,
-        timeout=600,
-        env=env,
-        check=False,
-    )
+    return decode_process(gguf, ids, adapter, child=child, env=env)
 
 
-def result(proc: subprocess.CompletedProcess, what: str) -> dict:
-    if proc.returncode != 0:
-        how = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        pytest.fail(f"{what}: the decode process {how}\n{proc.stderr[-3000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
-def test_the_emulator_follows_the_instruction_set(emulator, tmp_path):
+def test_the_emulator_follows_the_instruction_set(amx_emulator, tmp_path):
     """The emulated (or, on an AMX CPU, the real) dot products, loads and stores against plain C
     loops; under emulation also the faults the SDM defines, and a deliberately wrong dot product
     caught by the same program."""
-    exe = _compile(NATIVE / "amx_selftest.c", tmp_path / "amx_selftest", "-mamx-tile", "-mamx-int8", "-mamx-bf16")
-    env = amx_env(emulator, None)
+    exe = compile_native("amx_selftest.c", tmp_path / "amx_selftest", "-mamx-tile", "-mamx-int8", "-mamx-bf16")
+    env = amx_env(amx_emulator, None)
     run = subprocess.run([str(exe)], capture_output=True, text=True, env=env, timeout=60)
     assert run.returncode == 0 and run.stdout.strip() == "ok", run.stdout + run.stderr
     if not EMULATED:
@@ -146,7 +128,7 @@ def test_the_builds_are_told_apart(amx_builds):
     assert cf.build_mismatch(spr, info)[2] and not cf.build_mismatch(spr, info, amx_fixed=True)[2]
 
 
-def test_the_shipped_amx_path_fails_as_issue_22_reported(amx_builds, emulator, tiny_ckpt, tmp_path):
+def test_the_shipped_amx_path_fails_as_issue_22_reported(amx_builds, amx_emulator, tiny_ckpt, tmp_path):
     """llama.cpp's AMX path as shipped (edge-af3's guard off), on a Q4_0 GGUF: the process dies at
     the first batched decode; emulated, the emulator names the cause (tiles configured with no
     rows) — with a compiler that drops the configuration's stores, as GCC 12.2 does."""
@@ -156,7 +138,7 @@ def test_the_shipped_amx_path_fails_as_issue_22_reported(amx_builds, emulator, t
     if not compiler_drops_tile_config():
         pytest.skip("this compiler keeps the tile configuration's stores: llama.cpp's AMX path needs no fix with it")
     gguf = quantize(write_gguf(tiny_ckpt, tmp_path / "f32.gguf", ftype="f32"), tmp_path / "q4_0.gguf", "q4_0")
-    proc = decode(gguf, _ids(tiny_ckpt), amx_env(emulator, amx_builds["shipped"]), guard=False)
+    proc = decode(gguf, _ids(tiny_ckpt), amx_env(amx_emulator, amx_builds["shipped"]), guard=False)
     crash = (-signal.SIGILL,) if EMULATED else (-signal.SIGSEGV, -signal.SIGILL)
     assert proc.returncode in crash, (proc.returncode, proc.stderr[-2000:])
     assert "AMX model buffer" in proc.stderr  # llama.cpp put the weights in its AMX buffers first
@@ -190,15 +172,17 @@ def transformers_logits():
 
 @pytest.mark.parametrize("shape,quant", [("tiny", q) for q in QUANTS] + [("tiny-k256", "q4_k_m")])
 def test_the_fixed_amx_path_decodes_every_type(
-    shape, quant, ggufs, amx_builds, emulator, tiny_ckpt, transformers_logits
+    shape, quant, ggufs, amx_builds, amx_emulator, tiny_ckpt, transformers_logits
 ):
     paths, k256 = ggufs
     ckpt = tiny_ckpt if shape == "tiny" else k256
     ids = _ids(ckpt)
     gguf = paths[(shape, quant)]
-    amx = decode(gguf, ids, amx_env(emulator, amx_builds["fixed"]))
-    got = result(amx, f"{shape} {quant} on the fixed AMX path")
-    plain = result(decode(gguf, ids, amx_env(emulator, amx_builds["control"])), f"{shape} {quant} without AMX")
+    amx = decode(gguf, ids, amx_env(amx_emulator, amx_builds["fixed"]))
+    got = child_result(amx, f"{shape} {quant} on the fixed AMX path")
+    plain = child_result(
+        decode(gguf, ids, amx_env(amx_emulator, amx_builds["control"])), f"{shape} {quant} without AMX"
+    )
     logits, plain_logits = np.asarray(got["logits"]), np.asarray(plain["logits"])
     takes = AMX_TAKES[quant]
     apart = np.abs(logits - plain_logits).max()
@@ -211,23 +195,25 @@ def test_the_fixed_amx_path_decodes_every_type(
         assert (emulated_counts(amx.stderr)["tdpb*d"] > 0) == (takes == "tiles"), amx.stderr[-500:]
 
 
-def test_a_wrong_amx_kernel_would_be_caught(ggufs, amx_builds, emulator, tiny_ckpt):
+def test_a_wrong_amx_kernel_would_be_caught(ggufs, amx_builds, amx_emulator, tiny_ckpt):
     """The comparison above can fail: the same decode with every emulated dot product off by one
     is far from llama.cpp without AMX."""
     if not EMULATED:
         pytest.skip("the AMX instructions run on this CPU: no emulator to make them wrong")
     paths, _ = ggufs
     ids = _ids(tiny_ckpt)
-    wrong = result(decode(paths[("tiny", "q8_0")], ids, amx_env(emulator, amx_builds["fixed"], AMX_EMU_FAULT="1")), "")
-    plain = result(decode(paths[("tiny", "q8_0")], ids, amx_env(emulator, amx_builds["control"])), "")
+    wrong = child_result(
+        decode(paths[("tiny", "q8_0")], ids, amx_env(amx_emulator, amx_builds["fixed"], AMX_EMU_FAULT="1")), ""
+    )
+    plain = child_result(decode(paths[("tiny", "q8_0")], ids, amx_env(amx_emulator, amx_builds["control"])), "")
     assert np.abs(np.asarray(wrong["logits"]) - np.asarray(plain["logits"])).max() > 1e-2
 
 
-def test_export_and_ask_on_the_fixed_amx_path(amx_builds, emulator, tiny_ckpt, speech_wav, tmp_path):
+def test_export_and_ask_on_the_fixed_amx_path(amx_builds, amx_emulator, tiny_ckpt, speech_wav, tmp_path):
     """#22's failing commands: `export --quant q4_0` (its check of the GGUF logits against
     transformers) and then `ask`, on the fixed AMX path; the answer is the one the same build
     without AMX gives on the same bundle."""
-    env = amx_env(emulator, amx_builds["fixed"])
+    env = amx_env(amx_emulator, amx_builds["fixed"])
     res = run_cli("export", str(tiny_ckpt), str(tmp_path / "b"), "--quant", "q4_0", env=env)
     assert res.returncode == 0, res.stderr[-3000:]
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
@@ -237,6 +223,6 @@ def test_export_and_ask_on_the_fixed_amx_path(amx_builds, emulator, tiny_ckpt, s
         assert emulated_counts(res.stderr).get("tdpb*d", 0) > 0
     question = [str(speech_wav), "What do you hear?", "-m", str(tmp_path / "b"), "-n", "16", "--json"]
     on_amx = run_cli("ask", *question, env=env)
-    plain = run_cli("ask", *question, env=amx_env(emulator, amx_builds["control"]))
+    plain = run_cli("ask", *question, env=amx_env(amx_emulator, amx_builds["control"]))
     assert on_amx.returncode == 0 and plain.returncode == 0, on_amx.stderr[-2000:] + plain.stderr[-2000:]
     assert json.loads(on_amx.stdout)["text"] == json.loads(plain.stdout)["text"]

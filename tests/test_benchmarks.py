@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -128,7 +126,7 @@ def test_cpu_levers_benchmark_smoke_on_tiny(tiny_ckpt, tmp_path):
 
 
 @pytest.mark.skipif(not read_cpu().supports("AVX512_VNNI"), reason="llama.cpp's AMX kernels need AVX-512 VNNI")
-def test_cpu_levers_amx_section_runs(tiny_ckpt, tmp_path):
+def test_cpu_levers_amx_section_runs(tiny_ckpt, amx_emulator, tmp_path):
     """The amx section (timed only on an AMX CPU) runs its code: under the emulator where the CPU
     has no AMX, on one type."""
     from benchmarks.bench_cpu import main
@@ -136,11 +134,8 @@ def test_cpu_levers_amx_section_runs(tiny_ckpt, tmp_path):
     work = tmp_path / "work"
     work.mkdir()
     shutil.copytree(tiny_ckpt, work / "tiny-seed0")
-    emulator = tmp_path / "libamx_emu.so"
-    native = Path(__file__).parent / "native" / "amx_emu.c"
-    subprocess.run(["cc", "-O2", "-shared", "-fPIC", "-o", str(emulator), str(native), "-ldl"], check=True)
     args = ["--shape", "tiny", "--sections", "amx", "--amx-types", "q4_0", "--work", str(work)]
-    args += ["--out", str(tmp_path / "out")] + ([] if read_cpu().has_amx else ["--amx-emulator", str(emulator)])
+    args += ["--out", str(tmp_path / "out")] + ([] if read_cpu().has_amx else ["--amx-emulator", str(amx_emulator)])
     amx = main(args)["sections"]["amx"]
     assert {"bench/q4_0/no AMX", "bench/q4_0/AMX fixed"} <= set(amx)
     assert all(amx[k]["rows_per_s"] > 0 for k in ("bench/q4_0/no AMX", "bench/q4_0/AMX fixed"))

@@ -49,20 +49,28 @@ TEXT = (
 )
 
 
-def run_child(gguf, ids, adapter="") -> dict:
-    proc = subprocess.run(
-        [sys.executable, "-c", CHILD, str(gguf), json.dumps(ids), str(adapter)],
+def decode_process(gguf, ids, adapter="", *, child: str = CHILD, env: dict | None = None):
+    """The child run on a GGUF (and adapter), its CompletedProcess whatever its end."""
+    return subprocess.run(
+        [sys.executable, "-c", child, str(gguf), json.dumps(ids), str(adapter)],
         capture_output=True,
         text=True,
-        timeout=300,
+        timeout=600,
+        env=env,
         check=False,
     )
+
+
+def child_result(proc: subprocess.CompletedProcess, what: str) -> dict:
+    """The child's JSON; a failed test naming `what` and how the process ended, if it did not end well."""
     if proc.returncode != 0:
         how = f"killed by {signal.Signals(-proc.returncode).name}" if proc.returncode < 0 else f"exit {proc.returncode}"
-        pytest.fail(
-            f"{gguf.name}{' + ' + adapter.name if adapter else ''}: the decode process {how}\n{proc.stderr[-3000:]}"
-        )
+        pytest.fail(f"{what}: the decode process {how}\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def run_child(gguf, ids, adapter="") -> dict:
+    return child_result(decode_process(gguf, ids, adapter), f"{gguf.name}{' + ' + adapter.name if adapter else ''}")
 
 
 def reference_logits(model, ids) -> np.ndarray:
