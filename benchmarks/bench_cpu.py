@@ -228,7 +228,7 @@ def _window(seed: int, kind: str):
     return {"input_features": f.features[:1], "input_features_mask": f.mask[:1].astype(np.int64)}
 
 
-def _encoder_variants(ckpt: Path, src: Path, work: Path, n_layers: int, hidden: int, heads: int) -> dict[str, Path]:
+def _encoder_variants(ckpt: Path, work: Path, n_layers: int, hidden: int, heads: int) -> dict[str, Path]:
     import re
 
     import onnx
@@ -244,17 +244,23 @@ def _encoder_variants(ckpt: Path, src: Path, work: Path, n_layers: int, hidden: 
 
     from edge_af3.export.onnx_encoder import export_encoder, load_encoder
 
-    out = {"fp32": src}
-    names = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
+    out = {}
     wrapper = None
 
     def exported(tag, precision, per_head=None):
         nonlocal wrapper
-        p = work / f"enc-{precision}-{'ph' if per_head else 'default'}.onnx"
+        layout = {True: "per-head", False: "batched", None: "default"}[per_head]
+        p = work / f"enc-{precision}-{layout}.onnx"
         if not p.is_file():
             wrapper = wrapper or load_encoder(ckpt)
             export_encoder(wrapper, p, precision=precision, per_head=per_head)
         out[tag] = p
+
+    # the baseline, and the graph ORT's own quantizers and optimizer start from: fp32 with batched
+    # attention (whatever layout the bundle's own graph has)
+    exported("fp32", "fp32", per_head=False)
+    src = out["fp32"]
+    names = [n.name for n in onnx.load(str(src), load_external_data=False).graph.node if n.op_type == "MatMul"]
 
     def layer(n):
         m = re.search(r"/layers\.(\d+)/", n)
@@ -356,9 +362,7 @@ def section_encoder(bundle: Path, work: Path, args) -> dict:
 
     m = open_bundle(bundle, check_hashes=False).manifest["model"]
     ckpt = Path(json.loads((bundle / "manifest.json").read_text())["source"]["path"])
-    variants = _encoder_variants(
-        ckpt, bundle / "encoder.onnx", work, m["encoder_layers"], m["encoder_hidden"], m["encoder_heads"]
-    )
+    variants = _encoder_variants(ckpt, work, m["encoder_layers"], m["encoder_hidden"], m["encoder_heads"])
     mixed = variants["mixed precision (int8 fc1 only, one head at a time)"]
     runs = [(name, p, {}) for name, p in variants.items()]
     runs += [

@@ -16,8 +16,12 @@ def resave(src: Path, dst: Path, external: bool) -> None:
 
 
 def write(model, dst: Path, external: bool) -> None:
+    """Save `model` (its external data already loaded) as `dst`, its weights inline or in one
+    `dst.data` file. A `dst.data` already there is removed first: onnx appends to it, so a stale one
+    would be kept inside the new file (twice the bytes), and an inline save would leave it orphaned."""
     import onnx
 
+    dst.with_name(dst.name + ".data").unlink(missing_ok=True)
     if external:
         onnx.save_model(
             model,

@@ -132,7 +132,10 @@ def plan(bundle, **settings) -> dict:
     # encoder.onnx (+ .data), or encoder-<precision>/encoder.onnx pulled from a Hub repo
     onnx_bytes = sum(m["files"][n]["bytes"] for n in encoder_files(m))
     llm = (b.llm.name, b.llm.stat().st_size, llm_shape(b.llm))
-    encoder = (onnx_bytes, m["encoder"]["precision"], int(m["model"]["encoder_hidden"]))
+    stored = m["encoder"]["precision"]
+    # bundles from before `encoder.attention` was recorded: per-head exactly for the CPU graphs
+    per_head = m["encoder"].get("attention", "per-head" if stored in CPU_ENCODER_GRAPHS else "batched") == "per-head"
+    encoder = (onnx_bytes, stored, int(m["model"]["encoder_hidden"]), per_head)
     return _plan(str(b.path), llm, encoder, max_windows=Family.from_manifest(m).max_windows, **settings)
 
 
@@ -142,7 +145,7 @@ def plan_known(model_id: str, quant: str, **settings) -> dict:
     if quant not in GGUF_BITS:
         raise OptionsError(f"no size known for a {quant} GGUF; choose one of {', '.join(GGUF_BITS)}")
     llm = (f"{quant} GGUF (estimated)", int(known["llm_params"] * GGUF_BITS[quant] / 8), known["llm"])
-    encoder = (int(known["encoder_params"] * 4), "fp32", known["encoder_hidden"])  # the bundle's onnx: fp32
+    encoder = (int(known["encoder_params"] * 4), "fp32", known["encoder_hidden"], False)  # the bundle's onnx: fp32
     label = f"{model_id} (its published shapes; nothing downloaded)"
     return _plan(label, llm, encoder, max_windows=known["max_windows"], **settings)
 
@@ -150,7 +153,7 @@ def plan_known(model_id: str, quant: str, **settings) -> dict:
 def _plan(
     label: str,
     llm: tuple[str, int, LlmShape],
-    encoder: tuple[int, str, int],
+    encoder: tuple[int, str, int, bool],
     *,
     n_ctx: int = DEFAULT_N_CTX,
     kv_type: str = "f16",
@@ -161,10 +164,11 @@ def _plan(
     machine=None,
     max_windows: int = 20,
 ) -> dict:
-    """llm: (file name, bytes, shape); encoder: (onnx bytes, stored precision, hidden width);
+    """llm: (file name, bytes, shape); encoder: (onnx bytes, stored precision, hidden width,
+    attention one head at a time);
     max_windows: the model's longest clip (AF3 20, Music Flamingo 40, AF-Next 60)."""
     llm_file, llm_bytes, shape = llm
-    onnx_bytes, stored, enc_hidden = encoder
+    onnx_bytes, stored, enc_hidden, per_head = encoder
     if kv_type not in KV_BYTES:
         raise OptionsError(f"unknown KV type {kv_type!r}; choose one of {', '.join(KV_BYTES)}")
     if target is not None and target not in TARGETS:
@@ -181,14 +185,11 @@ def _plan(
         "KV cache": int(2 * shape.n_layer * n_ctx * shape.n_head_kv * head_dim * KV_BYTES[kv_type]),
         # llama.cpp's compute buffer: the widest activations of one ubatch plus its logits (estimate)
         "LLM compute buffer (est.)": int(n_ubatch * (shape.n_vocab + 4 * shape.n_embd + 2 * shape.n_ff) * 4),
-        # encoder: one layer's attention scores (the CPU graphs, int8 and mixed, hold one head's at a
-        # time: measured ~80 MB a window on bench-small) + hidden states for the windows of one run
+        # encoder: one layer's attention scores (a per-head graph holds one head's at a time: measured
+        # ~80 MB a window on bench-small) + hidden states for the windows of one run
         "encoder activations (est.)": int(
             windows_per_run
-            * (
-                (3 * 1500 * 1500 * 4 if run_as in CPU_ENCODER_GRAPHS else 20 * 1500 * 1500 * act / 2)
-                + 8 * 1500 * enc_hidden * act
-            )
+            * ((3 * 1500 * 1500 * 4 if per_head else 20 * 1500 * 1500 * act / 2) + 8 * 1500 * enc_hidden * act)
         ),
         # the projected rows of the longest clip the context holds (AF3: 10 min = 15000 rows), float32 on the host
         "audio rows": int(min(max_windows * ROWS_PER_WINDOW, n_ctx) * shape.n_embd * 4),

@@ -32,6 +32,10 @@ ENCODER_PRECISIONS = ("fp32", "fp16", "int8", "mixed")
 # quantized encoder graphs (ONNX Runtime's MatMulInteger): only ONNX Runtime runs them, TensorRT
 # refuses them, exact mode cannot use them; exported with attention one head at a time
 CPU_ENCODER_GRAPHS = ("int8", "mixed")
+# how the encoder graph's attention is laid out: per-head (one head's [T, T] scores at a time: what
+# ONNX Runtime on a CPU runs fastest and in least memory) or batched (all heads in one MatMul: the
+# form GPU builders fuse)
+ENCODER_ATTENTIONS = ("per-head", "batched")
 K_BLOCK = 256  # the K-quants' super-block width
 
 
@@ -73,6 +77,28 @@ def exact_quant(quant: str, exact: bool) -> str:
     """The LLM type a checkpoint is exported in: `auto` in exact mode is F32 (the configuration
     whose greedy tokens equal transformers'; quantized weights cannot)."""
     return "f32" if exact and quant == "auto" else quant
+
+
+def resolve_encoder_attention(attention: str = "auto", precision: str = "fp32") -> str:
+    """`attention` itself, or what `auto` picks for a graph of `precision`: per-head for the CPU
+    graphs (int8, mixed) and for fp32 exported on a machine without a CUDA GPU; batched for fp16
+    and for fp32 where a CUDA GPU's engines will build from it. Per-head fp32 computes the same
+    rows (cosine 1.000000 against batched) and ONNX Runtime runs it faster and in less memory:
+    per window 2929 against 3709 ms on an AVX2 AMD EPYC Zen 3, 1022 against 1087 ms on a Zen 4,
+    activation peak ~540 against ~920 MB on both (bench-small; docs/cpu.md)."""
+    if attention not in ("auto",) + ENCODER_ATTENTIONS:
+        raise OptionsError(
+            f"unknown encoder attention {attention!r}; choose auto or one of {', '.join(ENCODER_ATTENTIONS)}"
+        )
+    if attention != "auto":
+        return attention
+    if precision in CPU_ENCODER_GRAPHS:
+        return "per-head"
+    if precision != "fp32":
+        return "batched"
+    from .engines.select import gpu_name
+
+    return "batched" if gpu_name() else "per-head"
 
 
 def checked_encoder_precision(precision: str = "auto", *, exact: bool = False) -> str:

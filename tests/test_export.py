@@ -54,19 +54,60 @@ def test_onnx_reduced_precision(tiny_ckpt, tmp_path, reference, precision):
     assert got @ want / (np.linalg.norm(got) * np.linalg.norm(want)) >= min_cos
 
 
-def test_mixed_encoder_graph(tiny_ckpt, tmp_path):
-    """mixed: int8 on each layer's fc1 only, attention one head at a time (tiny: 4 layers x 2 heads);
-    fp32 keeps the batched attention GPU builders fuse."""
+def test_encoder_graphs_attention_layouts(tiny_ckpt, tmp_path, reference, monkeypatch):
+    """mixed: int8 on each layer's fc1 only, attention one head at a time (tiny: 4 layers x 2 heads).
+    fp32: per-head when exported without a CUDA GPU, batched (the form GPU builders fuse) with one
+    or when asked; both layouts give transformers' rows, and the manifest says which it holds."""
     import onnx
 
-    ops = {}
-    for precision in ("mixed", "fp32"):
-        b = export(tiny_ckpt, tmp_path / precision, quant="q8_0", encoder_precision=precision, verify=False)
+    from edge_af3.engines import select
+
+    monkeypatch.setattr(select, "gpu_name", lambda: None)  # a CPU-only exporter, whatever this machine has
+    ops, got = {}, {}
+    feats = extract_features((noise(20.0, seed=9), 16000))
+    for tag, precision, attention in (
+        ("mixed", "mixed", "auto"),
+        ("fp32", "fp32", "auto"),
+        ("fp32-batched", "fp32", "batched"),
+    ):
+        b = export(
+            tiny_ckpt,
+            tmp_path / tag,
+            quant="q8_0",
+            encoder_precision=precision,
+            encoder_attention=attention,
+            verify=False,
+        )
         nodes = onnx.load(str(b / "encoder.onnx")).graph.node
-        ops[precision] = {op: [n.name for n in nodes if n.op_type == op] for op in ("MatMulInteger", "Softmax")}
-        assert open_bundle(b).manifest["encoder"]["precision"] == precision
+        ops[tag] = {op: [n.name for n in nodes if n.op_type == op] for op in ("MatMulInteger", "Softmax")}
+        enc = open_bundle(b).manifest["encoder"]
+        assert enc["precision"] == precision
+        assert enc["attention"] == ("batched" if tag == "fp32-batched" else "per-head")
+        sess = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])
+        got[tag] = rows(sess, feats)
     assert len(ops["mixed"]["MatMulInteger"]) == 4 and all("/fc1/" in n for n in ops["mixed"]["MatMulInteger"])
-    assert (len(ops["mixed"]["Softmax"]), len(ops["fp32"]["Softmax"]), ops["fp32"]["MatMulInteger"]) == (8, 4, [])
+    softmax = {tag: len(o["Softmax"]) for tag, o in ops.items()}
+    assert softmax == {"mixed": 8, "fp32": 8, "fp32-batched": 4}
+    assert ops["fp32"]["MatMulInteger"] == ops["fp32-batched"]["MatMulInteger"] == []
+    want = reference_rows(reference, feats)
+    for tag in ("fp32", "fp32-batched"):
+        assert np.abs(got[tag] - want).max() <= 1e-4, tag
+    assert np.abs(got["fp32"] - got["fp32-batched"]).max() <= 1e-5  # the same arithmetic, head by head
+
+
+def test_encoder_attention_auto_follows_the_target(monkeypatch):
+    from edge_af3.engines import select
+    from edge_af3.errors import OptionsError
+    from edge_af3.quants import resolve_encoder_attention
+
+    for gpu, want in ((None, "per-head"), ("NVIDIA H100", "batched")):
+        monkeypatch.setattr(select, "gpu_name", lambda gpu=gpu: gpu)
+        assert resolve_encoder_attention("auto", "fp32") == want
+        assert resolve_encoder_attention("auto", "fp16") == "batched"
+        assert resolve_encoder_attention("auto", "mixed") == resolve_encoder_attention("auto", "int8") == "per-head"
+        assert resolve_encoder_attention("batched", "mixed") == "batched"  # asked for: taken as asked
+    with pytest.raises(OptionsError, match="unknown encoder attention 'heads'; choose auto or one of per-head"):
+        resolve_encoder_attention("heads", "fp32")
 
 
 def test_gguf_f32_logits_match_reference(bundle_f32, reference):
@@ -163,6 +204,8 @@ def test_refusals(tiny_ckpt, tmp_path):
         export(noshard, tmp_path / "o2")
     with pytest.raises(ValueError, match="unknown quant"):
         export(tiny_ckpt, tmp_path / "o3", quant="q3_xs")
+    with pytest.raises(ValueError, match="unknown encoder attention 'flash'"):
+        export(tiny_ckpt, tmp_path / "o3", encoder_attention="flash")
     (tmp_path / "exists").mkdir()
     with pytest.raises(FileExistsError, match="--force"):
         export(tiny_ckpt, tmp_path / "exists")
@@ -199,10 +242,14 @@ def test_cli_export_subprocess(tiny_ckpt, tmp_path):
     assert m["verification"]["encoder"]["cosine"] >= encoder_floor(auto_enc)
     assert m["parity_gate"] == {"verified": True, "passed": True, "accepted": False, "failures": []}
     assert "--quant auto: iq4_nl" in res.stderr and "Please consider" not in res.stderr
+    assert f"--encoder-attention auto: {m['encoder']['attention']}" in res.stderr
     res = run_cli("export", str(tiny_ckpt), str(tmp_path / "b"))
     assert res.returncode == 1 and "exists" in res.stderr and "Traceback" not in res.stderr
     res = run_cli("export", str(tiny_ckpt), str(tmp_path / "c"), "--quant", "bogus")
     assert res.returncode == 1 and "unknown quant" in res.stderr
+    res = run_cli("export", str(tiny_ckpt), str(tmp_path / "c"), "--encoder-attention", "flash")
+    assert res.returncode == 1 and "unknown encoder attention 'flash'" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "c").exists()
 
 
 def test_mmproj_runs_in_llama_cpp(tiny_ckpt, tmp_path, reference):
@@ -250,3 +297,35 @@ def test_large_encoder_goes_to_one_data_file(tiny_ckpt, tmp_path, reference, mon
             assert np.abs(got - want).max() <= 1e-4
         else:
             assert got.ravel() @ want.ravel() / (np.linalg.norm(got) * np.linalg.norm(want)) >= encoder_floor("mixed")
+
+
+def test_onnx_write_replaces_a_stale_data_file(tmp_path):
+    """onnx appends external data to an existing file: `onnx_tools.write` starts it afresh, and an
+    inline save leaves no `.data` behind."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from edge_af3.onnx_tools import write
+
+    w = np.arange(64 * 64, dtype=np.float32).reshape(64, 64) / 4096
+    model = helper.make_model(
+        helper.make_graph(
+            [helper.make_node("MatMul", ["x", "w"], ["y"])],
+            "g",
+            [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 64])],
+            [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 64])],
+            initializer=[numpy_helper.from_array(w, "w")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    dst, data = tmp_path / "m.onnx", tmp_path / "m.onnx.data"
+    sizes = []
+    for _ in range(2):
+        write(onnx.load_from_string(model.SerializeToString()), dst, external=True)
+        sizes.append(data.stat().st_size)
+    assert sizes == [w.nbytes, w.nbytes]
+    x = np.ones((1, 64), np.float32)
+    sess = ort.InferenceSession(str(dst), providers=["CPUExecutionProvider"])
+    assert np.allclose(sess.run(None, {"x": x})[0], x @ w)
+    write(model, dst, external=False)
+    assert not data.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]

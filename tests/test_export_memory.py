@@ -186,3 +186,45 @@ def test_streamed_llm_on_bf16_weights_is_the_whole_model(tmp_path):
     assert all(torch.equal(Shard(f).get(k), v) for k, v in want.items())
     ref = load_reference(ckpt)
     assert np.array_equal(StreamedLLM(ckpt).logits(_ids(ref)), ref.logits(CONV))
+
+
+def test_a_checkpoint_without_its_lm_head_is_refused(tiny_ckpt, tmp_path):
+    """A checkpoint with no lm_head tensor, its config saying `tie_word_embeddings` (as the smaller
+    Qwen2.5 models ship): transformers' AudioFlamingo3 model does not tie its head to the embedding,
+    it starts it at random — shown here, so this test fails the day transformers ties it and the
+    exporter should follow. The exporter, the GGUF writer and the streamed reference refuse it,
+    before anything is written."""
+    from safetensors.numpy import load_file, save_file
+
+    from edge_af3.export import export
+    from edge_af3.export.gguf_llm import write_gguf
+    from edge_af3.reference.loader import load_reference
+    from edge_af3.reference.streamed import StreamedLLM
+
+    ckpt = tmp_path / "tied"
+    shutil.copytree(tiny_ckpt, ckpt)
+    (shard,) = ckpt.glob("*.safetensors")
+    tensors = load_file(str(shard))
+    del tensors["language_model.lm_head.weight"]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    cfg = json.loads((ckpt / "config.json").read_text())
+    cfg["text_config"]["tie_word_embeddings"] = True
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+
+    ref = load_reference(ckpt)
+    head, embed = ref.model.get_output_embeddings().weight, ref.model.get_input_embeddings().weight
+    assert head.shape == embed.shape and not torch.equal(head, embed)  # untied: a head made up at load
+
+    why = "no LM head weight.*tie_word_embeddings.*no defined output layer"
+    with pytest.raises(CheckpointError, match=why):
+        export(ckpt, tmp_path / "bundle", quant="f32")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tied"]
+    with pytest.raises(CheckpointError, match=why):
+        write_gguf(ckpt, tmp_path / "llm.gguf", ftype="f32")
+    assert not (tmp_path / "llm.gguf").exists()
+    with pytest.raises(CheckpointError, match=why):
+        StreamedLLM(ckpt)
+    del cfg["text_config"]["tie_word_embeddings"]
+    (ckpt / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(CheckpointError, match=r"no LM head weight \(lm_head.weight\)$"):
+        export(ckpt, tmp_path / "bundle", quant="f32")

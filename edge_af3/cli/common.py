@@ -39,6 +39,11 @@ QUANT_HELP = (
     "LLM weights: auto | q4_k_m | iq4_nl | q4_0 | q8_0 | f16 | f32 (auto: q4_k_m when every matrix width is a "
     "multiple of 256, as in the real AF3; else iq4_nl)"
 )
+ENC_ATTN_EXPORT_HELP = (
+    "auto | per-head | batched: the encoder graph's attention (auto: per-head, one head's scores at a time, "
+    "which ONNX Runtime runs fastest on a CPU, unless this machine has a CUDA GPU and the graph is fp32/fp16, "
+    "whose engines fuse the batched form; export for a GPU from a CPU-only machine with batched)"
+)
 ENC_PREC_EXPORT_HELP = (
     "auto | fp32 | fp16 | int8 | mixed (auto: fp32 where this machine has a CUDA GPU, whose engines build fp16 "
     "from it, or a CPU without VNNI, where int8 loses accuracy; else mixed: int8 on each layer's fc1 only)"
@@ -120,10 +125,17 @@ class ExportProgress:
         self.progress.update(self.task, completed=done, description=msg[:48])
 
 
-def export_steps(quant: str, *, encoder_precision: str = "auto", verify: bool = True, mmproj: bool = False) -> int:
+def export_steps(
+    quant: str,
+    *,
+    encoder_precision: str = "auto",
+    encoder_attention: str = "auto",
+    verify: bool = True,
+    mmproj: bool = False,
+) -> int:
     """How many progress steps an export reports (before its adapters): an unquantized LLM skips
     the quantizer; each `auto` choice says what it picked."""
-    autos = (quant == "auto") + (encoder_precision == "auto")
+    autos = (quant == "auto") + (encoder_precision == "auto") + (encoder_attention == "auto")
     return 4 + (2 if verify else 0) + (quant not in ("f32", "f16")) + ((1 + verify) if mmproj else 0) + autos
 
 

@@ -11,6 +11,7 @@ import typer
 
 from ..errors import OptionsError
 from .common import (
+    ENC_ATTN_EXPORT_HELP,
     ENC_PREC_EXPORT_HELP,
     QUANT_HELP,
     ExportProgress,
@@ -90,6 +91,7 @@ def export_cmd(
         "--encoder-precision",
         help=ENC_PREC_EXPORT_HELP,
     ),
+    encoder_attention: str = typer.Option("auto", "--encoder-attention", help=ENC_ATTN_EXPORT_HELP),
     force: bool = typer.Option(False, "--force", help="Replace an existing bundle."),
     no_verify: bool = typer.Option(False, "--no-verify", help="Skip the parity checks against PyTorch."),
     accept: bool = typer.Option(
@@ -128,13 +130,20 @@ def export_cmd(
         adapters[name] = Path(folder).expanduser()
     try:
         with ExportProgress(
-            export_steps(quant, encoder_precision=encoder_precision, verify=not no_verify, mmproj=mmproj)
+            export_steps(
+                quant,
+                encoder_precision=encoder_precision,
+                encoder_attention=encoder_attention,
+                verify=not no_verify,
+                mmproj=mmproj,
+            )
         ) as steps:
             path = export(
                 src,
                 out_dir,
                 quant=quant,
                 encoder_precision=encoder_precision,
+                encoder_attention=encoder_attention,
                 force=force,
                 verify=not no_verify,
                 revision=revision,

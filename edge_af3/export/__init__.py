@@ -39,10 +39,10 @@ from ..constants import (
 )
 from ..errors import OptionsError
 from ..family import Family, row_times
-from ..quants import auto_quant, check_quant, resolve_encoder_precision
+from ..quants import ENCODER_ATTENTIONS, auto_quant, check_quant, resolve_encoder_attention, resolve_encoder_precision
 from .adapters import export_adapters
 from .gate import ParityError, gate  # noqa: F401 - ParityError: what export() raises
-from .gguf_llm import quantize, write_gguf
+from .gguf_llm import quantize, require_lm_head, write_gguf
 from .gguf_mmproj import MMPROJ_TYPES, write_mmproj
 from .onnx_encoder import INPUTS, PRECISIONS, TIMES, export_checkpoint_encoder, load_encoder
 from .tensors import give_back_freed, heap_for_big_tensors
@@ -211,6 +211,7 @@ def export(
     *,
     quant: str = "auto",
     encoder_precision: str = "auto",
+    encoder_attention: str = "auto",
     force: bool = False,
     verify: bool = True,
     revision: str | None = None,
@@ -224,7 +225,9 @@ def export(
     """Export checkpoint `src` (folder or Hub id) into the bundle folder `out`; returns its path.
     A checkpoint's `think/` adapter is exported with it; `adapters` adds {name: PEFT folder}.
     quant="auto": the type `quants.auto_quant` picks for this checkpoint's widths;
-    encoder_precision="auto": `auto_encoder_precision()`. With `verify`, figures below their
+    encoder_precision="auto": `auto_encoder_precision()`; encoder_attention="auto": per-head
+    attention for a graph ONNX Runtime runs on a CPU, batched where a CUDA GPU's engines build from
+    it (`quants.resolve_encoder_attention`). With `verify`, figures below their
     type's floor (export/gate.py) refuse the export (ParityError, nothing written) unless `accept`."""
     from ..checkpoint import read_config, read_generation_config, resolve_checkpoint, weight_files
 
@@ -233,6 +236,10 @@ def export(
     if encoder_precision not in ("auto",) + PRECISIONS:
         raise OptionsError(
             f"unknown encoder precision {encoder_precision!r}; choose auto or one of {', '.join(PRECISIONS)}"
+        )
+    if encoder_attention not in ("auto",) + ENCODER_ATTENTIONS:
+        raise OptionsError(
+            f"unknown encoder attention {encoder_attention!r}; choose auto or one of {', '.join(ENCODER_ATTENTIONS)}"
         )
     if mmproj_type not in MMPROJ_TYPES:
         raise OptionsError(f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
@@ -249,6 +256,7 @@ def export(
     ckpt = resolve_checkpoint(src, revision=revision)
     cfg = read_config(ckpt)
     weight_files(ckpt)
+    require_lm_head(ckpt, cfg=cfg)  # headers only: refused before minutes of work
     asked = quant
     quant, quant_why = auto_quant(cfg["text_config"]) if quant == "auto" else (quant, "asked for")
     if asked == "auto":
@@ -257,6 +265,9 @@ def export(
     if encoder_precision == "auto":
         encoder_precision = auto_encoder_precision()
         say(f"--encoder-precision auto: {encoder_precision}")
+    attention = resolve_encoder_attention(encoder_attention, encoder_precision)
+    if encoder_attention == "auto":
+        say(f"--encoder-attention auto: {attention}")
     if mmproj and cfg["audio_config"]["num_hidden_layers"] < 3:
         raise ValueError(f"{ckpt}: llama.cpp's mmproj needs >= 3 encoder layers")
     family = Family.from_checkpoint(ckpt, cfg)
@@ -274,7 +285,9 @@ def export(
     t_start = time.perf_counter()
     with heap_for_big_tensors(), staged_folder(out, force=force) as tmp:
         say("exporting the audio encoder to ONNX")
-        enc_path = export_checkpoint_encoder(ckpt, tmp / "encoder.onnx", precision=encoder_precision)
+        enc_path = export_checkpoint_encoder(
+            ckpt, tmp / "encoder.onnx", precision=encoder_precision, per_head=attention == "per-head"
+        )
         give_back_freed()
         checks = {}
         if verify:
@@ -360,6 +373,7 @@ def export(
                 "file": "encoder.onnx",
                 "precision": encoder_precision,
                 "precision_asked": enc_asked,
+                "attention": attention,
                 "opset": 17,
                 "inputs": list(INPUTS) + ([TIMES] if family.time_embedding else []),
                 "output": "audio_rows",

@@ -96,12 +96,7 @@ def write_gguf(ckpt: Path, out: Path, *, ftype: str = "f32", progress: Callable[
     template = template_path.read_text("utf-8") if template_path.exists() else None
 
     entries = list_tensors(ckpt, gguf_name)
-    names = {e[0] for e in entries}
-    if "output.weight" not in names:
-        if text.get("tie_word_embeddings"):
-            entries.append(("output.weight",) + next(e for e in entries if e[0] == "token_embd.weight")[1:])
-        else:
-            raise ValueError(f"{ckpt}: no lm_head weight")
+    require_lm_head(ckpt, {e[0] for e in entries}, cfg)
     n_rows = next(e[3][0] for e in entries if e[0] == "token_embd.weight")
     tokens, types, merges = read_tokenizer(ckpt, n_rows)
 
@@ -133,6 +128,32 @@ def write_gguf(ckpt: Path, out: Path, *, ftype: str = "f32", progress: Callable[
 
     stream_tensors(w, entries, out_dtype, progress=progress)
     return out
+
+
+def require_lm_head(ckpt: Path, names: set[str] | None = None, cfg: dict | None = None) -> None:
+    """CheckpointError unless the checkpoint holds the LM head (`lm_head.weight`). `names`: its
+    tensors' llama.cpp names (read from the shards' headers when not given). A head left out because
+    the config says `tie_word_embeddings` is refused too: transformers' AudioFlamingo3 and
+    MusicFlamingo models have a head of their own and do not tie it (loading such a checkpoint,
+    transformers reports `lm_head.weight | MISSING` and initializes it at random), so there is no
+    reference output to be faithful to."""
+    from ..errors import CheckpointError
+
+    if names is None:
+        names = {e[0] for e in list_tensors(ckpt, gguf_name)}
+    if "output.weight" in names:
+        return
+    tied = bool(((cfg or {}).get("text_config") or {}).get("tie_word_embeddings"))
+    raise CheckpointError(
+        f"{ckpt}: no LM head weight (lm_head.weight)"
+        + (
+            "; its config ties it to the embedding (tie_word_embeddings), which transformers' Audio Flamingo "
+            "models do not do (they would start it at random), so this checkpoint has no defined output layer: "
+            "save it with its lm_head"
+            if tied
+            else ""
+        )
+    )
 
 
 def list_tensors(ckpt: Path, mapper: Callable[[str], str | None]) -> list[tuple[str, str, Shard, tuple]]:

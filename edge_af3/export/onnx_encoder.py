@@ -71,7 +71,8 @@ def per_head_attention(module, query, key, value, attention_mask, scaling=None, 
     """transformers' eager attention, one head at a time: the same arithmetic, but ONNX Runtime's
     planner then holds one head's [T, T] scores instead of all heads' (measured on bench-small:
     activation peak 257 -> 83 MB per window, and no slower). Used for the CPU graphs (int8,
-    mixed); fp32/fp16 keep the batched form that GPU builders fuse."""
+    mixed) and for fp32 exported without a CUDA GPU (`quants.resolve_encoder_attention`); fp16,
+    and fp32 for a GPU, keep the batched form that GPU builders fuse."""
     outs = []
     for h in range(query.shape[1]):
         w = torch.matmul(query[:, h : h + 1], key[:, h : h + 1].transpose(2, 3))
@@ -180,14 +181,14 @@ def export_encoder(wrapper, out: Path, *, precision: str = "fp32", per_head: boo
         return finish_encoder(raw, out, precision=precision, shape=shape)
 
 
-def export_checkpoint_encoder(ckpt: Path, out: Path, *, precision: str) -> Path:
+def export_checkpoint_encoder(ckpt: Path, out: Path, *, precision: str, per_head: bool | None = None) -> Path:
     """`export_encoder(load_encoder(ckpt), out)`, the PyTorch modules dropped once traced: ONNX
     Runtime's quantizer and the re-save then run without the weights held a second time."""
     import gc
 
     with _work(out) as work:
         wrapper = load_encoder(ckpt)
-        raw, shape = trace_encoder(wrapper, work, precision=precision)
+        raw, shape = trace_encoder(wrapper, work, precision=precision, per_head=per_head)
         del wrapper
         gc.collect()
         return finish_encoder(raw, out, precision=precision, shape=shape)

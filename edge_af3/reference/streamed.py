@@ -53,8 +53,10 @@ class StreamedLLM:
             key = _llm_key(name)
             if key is not None:
                 self.index[key] = (shard, name)
-        if "lm_head.weight" not in self.index and getattr(cfg, "tie_word_embeddings", False):
-            self.index["lm_head.weight"] = self.index["model.embed_tokens.weight"]
+        if "lm_head.weight" not in self.index:  # the exporter refuses it first (gguf_llm.require_lm_head)
+            from ..export.gguf_llm import require_lm_head
+
+            require_lm_head(self.ckpt, set(), {"text_config": cfg.to_dict()})
         self.lora = self._read_lora(Path(adapter)) if adapter else {}
         self.names = {}
         parts = [model.model.embed_tokens, *model.model.layers, model.model.norm, model.lm_head]
