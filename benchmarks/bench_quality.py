@@ -113,6 +113,7 @@ def encoder_side(ckpt: Path, precisions: list[str], work: Path) -> dict:
 
     from edge_af3.export.onnx_encoder import export_encoder, load_encoder
     from edge_af3.features import extract_features
+    from edge_af3.quants import resolve_encoder_attention  # each graph laid out as an export here would
 
     wrapper = load_encoder(ckpt)
     t = np.arange(45 * 16000) / 16000
@@ -131,7 +132,7 @@ def encoder_side(ckpt: Path, precisions: list[str], work: Path) -> dict:
     res = {}
     for prec in ["fp32"] + [p for p in precisions if p != "fp32"]:
         path = work / f"quality-encoder-{prec}.onnx"
-        export_encoder(wrapper, path, precision=prec)
+        export_encoder(wrapper, path, precision=prec, per_head=resolve_encoder_attention("auto", prec) == "per-head")
         sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
         res[prec] = {}
         for k, f in feats.items():

@@ -386,15 +386,19 @@ def prepare(
         make_checkpoint(ckpt, shape=shape, seed=0, force=True, device=device)
     from edge_af3.checkpoint import read_config
     from edge_af3.export import auto_encoder_precision
-    from edge_af3.quants import resolve_quant
+    from edge_af3.quants import resolve_encoder_attention, resolve_quant
 
     quant = resolve_quant(quant, read_config(ckpt)["text_config"])  # "auto": the type export picks
     if encoder_precision == "auto":
         encoder_precision = auto_encoder_precision()
+    attention = resolve_encoder_attention("auto", encoder_precision)
     enc = "" if encoder_precision == "fp32" else f"-enc-{encoder_precision}"
     bundle = work / f"{shape}-seed0-{quant}{enc}-bundle"
     manifest = bundle / "manifest.json"
-    if not manifest.is_file() or (mmproj and not json.loads(manifest.read_text()).get("mmproj")):
+    m = json.loads(manifest.read_text()) if manifest.is_file() else None
+    # a bundle cached before the encoder's attention layout was chosen per machine is stale: the
+    # benchmarks time what an export here writes now
+    if m is None or (mmproj and not m.get("mmproj")) or m["encoder"].get("attention") != attention:
         say(f"exporting {bundle} ({quant}{', with mmproj' if mmproj else ''})")
         export(
             ckpt,

@@ -10,6 +10,7 @@ from pathlib import Path
 from .bundle import MANIFEST, encoder_files
 from .errors import OptionsError
 from .hub import read_bundles, variants
+from .quants import CPU_ENCODER_GRAPHS
 
 # the source checkpoints whose licence we know: NVIDIA's, carried over, never relicensed
 NVIDIA_LICENSE = (
@@ -35,7 +36,14 @@ def stage(bundles: list[Path], out: Path) -> dict:
             llm_v[q] = m["llm"]
             _link(Path(path) / llm_file, out / llm_file)
             files[llm_file] = m["files"][llm_file]
-        if p not in enc_v:
+        if p in enc_v:  # the same precision again: once, if it is the same graph
+            seen = files[enc_v[p]["file"]]["sha256"]
+            if seen != m["files"][m["encoder"]["file"]]["sha256"]:
+                raise OptionsError(
+                    f"two bundles hold different {p} encoders (attention {enc_v[p].get('attention', '?')} and "
+                    f"{m['encoder'].get('attention', '?')}, or other weights); publish one of them"
+                )
+        else:
             folder = "" if not enc_v else f"encoder-{p}/"  # the first at the root, as a plain bundle has it
             enc_v[p] = dict(m["encoder"], file=folder + m["encoder"]["file"])
             for n in encoder_files(m):
@@ -96,8 +104,8 @@ def card(m: dict, repo_id: str) -> str:
         "",
         "## Variants",
         "",
-        "| LLM | encoder | download | memory (est.) | fits |",
-        "|---|---|---:|---:|---|",
+        "| LLM | encoder | attention | download | memory (est.) | fits |",
+        "|---|---|---|---:|---:|---|",
     ]
     from .hub import files_for
 
@@ -106,7 +114,8 @@ def card(m: dict, repo_id: str) -> str:
             size = sum(m["files"][n]["bytes"] for n in files_for(m, q, p))
             need = need_bytes(m, q, p)
             fits = ", ".join(t for t, (budget, _) in TARGETS.items() if need <= budget) or "none of the targets"
-            lines.append(f"| {q} | {p} | {size / GIB:.2f} GiB | {need / GIB:.2f} GiB | {fits} |")
+            attention = enc_v[p].get("attention") or ("per-head" if p in CPU_ENCODER_GRAPHS else "batched")
+            lines.append(f"| {q} | {p} | {attention} | {size / GIB:.2f} GiB | {need / GIB:.2f} GiB | {fits} |")
     lines += ["", f"## Parity (from the manifest of the {next(iter(llm_v))} / {next(iter(enc_v))} export)", ""]
     for name, check in (m.get("verification") or {}).items():
         figures = ", ".join(f"{k} {v:.4g}" for k, v in check.items() if isinstance(v, float))

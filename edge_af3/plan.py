@@ -16,7 +16,7 @@ from pathlib import Path
 from .constants import DEFAULT_N_CTX, ROWS_PER_WINDOW
 from .errors import OptionsError
 from .family import Family
-from .quants import CPU_ENCODER_GRAPHS
+from .quants import CPU_ENCODER_GRAPHS, resolve_encoder_attention
 
 GIB = 1 << 30
 
@@ -145,7 +145,8 @@ def plan_known(model_id: str, quant: str, **settings) -> dict:
     if quant not in GGUF_BITS:
         raise OptionsError(f"no size known for a {quant} GGUF; choose one of {', '.join(GGUF_BITS)}")
     llm = (f"{quant} GGUF (estimated)", int(known["llm_params"] * GGUF_BITS[quant] / 8), known["llm"])
-    encoder = (int(known["encoder_params"] * 4), "fp32", known["encoder_hidden"], False)  # the bundle's onnx: fp32
+    # the bundle's onnx: fp32, its attention as an export would lay it out (decided by the run's precision)
+    encoder = (int(known["encoder_params"] * 4), "fp32", known["encoder_hidden"], None)
     label = f"{model_id} (its published shapes; nothing downloaded)"
     return _plan(label, llm, encoder, max_windows=known["max_windows"], **settings)
 
@@ -153,7 +154,7 @@ def plan_known(model_id: str, quant: str, **settings) -> dict:
 def _plan(
     label: str,
     llm: tuple[str, int, LlmShape],
-    encoder: tuple[int, str, int, bool],
+    encoder: tuple[int, str, int, bool | None],
     *,
     n_ctx: int = DEFAULT_N_CTX,
     kv_type: str = "f16",
@@ -165,7 +166,7 @@ def _plan(
     max_windows: int = 20,
 ) -> dict:
     """llm: (file name, bytes, shape); encoder: (onnx bytes, stored precision, hidden width,
-    attention one head at a time);
+    attention one head at a time; None: as an export for this run would lay it out);
     max_windows: the model's longest clip (AF3 20, Music Flamingo 40, AF-Next 60)."""
     llm_file, llm_bytes, shape = llm
     onnx_bytes, stored, enc_hidden, per_head = encoder
@@ -177,6 +178,10 @@ def _plan(
     if run_as not in ENCODER_BYTES:
         raise OptionsError(f"unknown encoder precision {run_as!r}; choose one of {', '.join(ENCODER_BYTES)}")
     enc_weights = int(onnx_bytes * ENCODER_BYTES[run_as] / ENCODER_BYTES[stored])
+    if per_head is None:  # a model not exported yet: a CPU graph, or fp32 exported here without a GPU
+        per_head = run_as in CPU_ENCODER_GRAPHS or (
+            target is None and run_as == "fp32" and resolve_encoder_attention("auto", "fp32") == "per-head"
+        )
     head_dim = shape.n_embd // shape.n_head
     act = {"int8": 2, "mixed": 4}.get(run_as, ENCODER_BYTES[run_as])
     items = {

@@ -62,15 +62,16 @@ def test_encoder_graphs_attention_layouts(tiny_ckpt, tmp_path, reference, monkey
 
     from edge_af3.engines import select
 
-    monkeypatch.setattr(select, "gpu_name", lambda: None)  # a CPU-only exporter, whatever this machine has
-    ops, got = {}, {}
+    ops, got, bundles = {}, {}, {}
     feats = extract_features((noise(20.0, seed=9), 16000))
-    for tag, precision, attention in (
-        ("mixed", "mixed", "auto"),
-        ("fp32", "fp32", "auto"),
-        ("fp32-batched", "fp32", "batched"),
+    for tag, precision, attention, gpu in (
+        ("mixed", "mixed", "auto", None),
+        ("fp32", "fp32", "auto", None),
+        ("fp32-batched", "fp32", "batched", None),
+        ("fp32-gpu", "fp32", "auto", "NVIDIA H100 80GB HBM3"),  # an exporter with a CUDA GPU
     ):
-        b = export(
+        monkeypatch.setattr(select, "gpu_name", lambda gpu=gpu: gpu)
+        bundles[tag] = b = export(
             tiny_ckpt,
             tmp_path / tag,
             quant="q8_0",
@@ -82,17 +83,34 @@ def test_encoder_graphs_attention_layouts(tiny_ckpt, tmp_path, reference, monkey
         ops[tag] = {op: [n.name for n in nodes if n.op_type == op] for op in ("MatMulInteger", "Softmax")}
         enc = open_bundle(b).manifest["encoder"]
         assert enc["precision"] == precision
-        assert enc["attention"] == ("batched" if tag == "fp32-batched" else "per-head")
+        assert enc["attention"] == ("per-head" if tag in ("mixed", "fp32") else "batched")
         sess = ort.InferenceSession(str(b / "encoder.onnx"), providers=["CPUExecutionProvider"])
         got[tag] = rows(sess, feats)
     assert len(ops["mixed"]["MatMulInteger"]) == 4 and all("/fc1/" in n for n in ops["mixed"]["MatMulInteger"])
     softmax = {tag: len(o["Softmax"]) for tag, o in ops.items()}
-    assert softmax == {"mixed": 8, "fp32": 8, "fp32-batched": 4}
+    assert softmax == {"mixed": 8, "fp32": 8, "fp32-batched": 4, "fp32-gpu": 4}
     assert ops["fp32"]["MatMulInteger"] == ops["fp32-batched"]["MatMulInteger"] == []
     want = reference_rows(reference, feats)
-    for tag in ("fp32", "fp32-batched"):
+    for tag in ("fp32", "fp32-batched", "fp32-gpu"):
         assert np.abs(got[tag] - want).max() <= 1e-4, tag
     assert np.abs(got["fp32"] - got["fp32-batched"]).max() <= 1e-5  # the same arithmetic, head by head
+
+    # the memory plan follows the manifest: one head's scores per window (3 x 1500^2 floats) for a
+    # per-head graph, all heads' for a batched one; a manifest from before `attention` was recorded
+    # counts fp32 as batched, as it was then
+    from edge_af3.plan import plan
+
+    def activations(bundle):
+        return plan(bundle, encoder_precision="fp32", windows_per_run=1)["items"]["encoder activations (est.)"]
+
+    per_head, batched = activations(bundles["fp32"]), activations(bundles["fp32-batched"])
+    assert batched - per_head == 20 * 1500 * 1500 * 4 // 2 - 3 * 1500 * 1500 * 4
+    old = tmp_path / "old"
+    shutil.copytree(bundles["fp32"], old)
+    m = json.loads((old / "manifest.json").read_text())
+    del m["encoder"]["attention"]
+    (old / "manifest.json").write_text(json.dumps(m))
+    assert activations(old) == batched
 
 
 def test_encoder_attention_auto_follows_the_target(monkeypatch):

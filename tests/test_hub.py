@@ -13,6 +13,8 @@ from pathlib import Path
 
 import pytest
 
+from edge_af3.errors import OptionsError
+
 from .conftest import ROOT, free_port, noise, run_cli, wait_up
 
 REPO = "acme/af3-tiny-edge"
@@ -126,7 +128,8 @@ def test_push_dry_run_lists_the_files_and_renders_the_card(two_bundles, tmp_path
     assert r["total_bytes"] == sum(r["files"].values())
     card = r["card"]
     assert "**Licence**: the licence of the source checkpoint" in card  # a local folder: said, not invented
-    assert f"edge-af3 ask -m {REPO}" in card and "| f32 | fp32 |" in card and "| q8_0 | fp32 |" in card
+    layout = json.loads((two_bundles[0] / "manifest.json").read_text())["encoder"]["attention"]
+    assert f"edge-af3 ask -m {REPO}" in card and f"| f32 | fp32 | {layout} |" in card and "| q8_0 | fp32 |" in card
     assert "GiB" in card
     bad = run_cli("models", "push", str(two_bundles[0]), "not-a-repo", "--dry-run")
     assert bad.returncode != 0 and "ORG/NAME" in bad.stderr + bad.stdout
@@ -160,6 +163,16 @@ def test_two_encoder_precisions_of_one_llm(two_bundles, tiny_ckpt, tmp_path):
     plan = run_cli("plan", str(made), "--device", "cpu", "--json", env=env)
     assert plan.returncode == 0, plan.stderr[-2000:]
     assert json.loads(plan.stdout)["items"]["encoder weights"] > 0  # the subfolder's encoder counted
+    # the same precision in the other attention layout: a different graph, refused, not dropped
+    layout = json.loads((two_bundles[0] / "manifest.json").read_text())["encoder"]["attention"]
+    other = "batched" if layout == "per-head" else "per-head"
+    b = export(
+        tiny_ckpt, tmp_path / other, quant="f32", encoder_precision="fp32", encoder_attention=other, verify=False
+    )
+    with pytest.raises(
+        OptionsError, match=f"two bundles hold different fp32 encoders \\(attention {layout} and {other}"
+    ):
+        stage([two_bundles[0], b], tmp_path / "repo2")
 
 
 UNITS = [ROOT / "deploy/jetson/edge-af3.service", ROOT / "deploy/jetson/edge-af3-listen.service"]

@@ -41,8 +41,9 @@ QUANT_HELP = (
 )
 ENC_ATTN_EXPORT_HELP = (
     "auto | per-head | batched: the encoder graph's attention (auto: per-head, one head's scores at a time, "
-    "which ONNX Runtime runs fastest on a CPU, unless this machine has a CUDA GPU and the graph is fp32/fp16, "
-    "whose engines fuse the batched form; export for a GPU from a CPU-only machine with batched)"
+    "which ONNX Runtime runs fastest on a CPU, for int8/mixed and for fp32 on a machine without a CUDA GPU; "
+    "batched, which GPU engines fuse, for fp16 and for fp32 with a GPU; a bundle for a GPU exported on a "
+    "CPU-only machine: --encoder-precision fp32 --encoder-attention batched)"
 )
 ENC_PREC_EXPORT_HELP = (
     "auto | fp32 | fp16 | int8 | mixed (auto: fp32 where this machine has a CUDA GPU, whose engines build fp16 "

@@ -175,7 +175,8 @@ MIXED_NODES = re.compile(r"/fc1/MatMul$")
 
 def export_encoder(wrapper, out: Path, *, precision: str = "fp32", per_head: bool | None = None) -> Path:
     """Write `out` from `load_encoder(...)`; weights above 2 GB go to one `<out>.data` file beside it.
-    per_head: attention one head at a time (default: for the CPU graphs, int8 and mixed)."""
+    per_head: attention one head at a time (default: for the CPU graphs, int8 and mixed; `export()`
+    decides it for fp32 too, by `quants.resolve_encoder_attention`)."""
     with _work(out) as work:
         raw, shape = trace_encoder(wrapper, work, precision=precision, per_head=per_head)
         return finish_encoder(raw, out, precision=precision, shape=shape)
