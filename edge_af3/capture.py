@@ -45,6 +45,11 @@ class MicSource:
             )
         if isinstance(device, str) and device.isdigit():
             device = int(device)
+        if device is not None:  # a wrong index or name: said now, before the model loads, not once it has
+            try:
+                sd.query_devices(device, "input")
+            except (sd.PortAudioError, ValueError) as e:
+                raise InputDeviceError(f"no input device {device!r} ({e}); see `edge-af3 listen --list-devices`") from e
         self.device = device
         self.block = block
         self.stall_s = stall_s

@@ -307,6 +307,10 @@ class Listener:
             if self.worker.is_alive():  # a second Ctrl-C or a device error: stop without waiting for answers
                 self._stop.set()  # the worker ends its answer at the next piece (it never outlives the model)
                 self._silence(self._current)  # and the answer being spoken goes quiet now
+                try:  # a worker waiting for a segment is woken (a full queue wakes it with that one)
+                    self.pending.put_nowait(None)
+                except queue.Full:
+                    pass
                 self.worker.join(timeout=30)
         if self._error is not None:
             raise self._error

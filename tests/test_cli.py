@@ -347,8 +347,15 @@ def test_listen_device_faults(tiny_bundle, tmp_path, pulse):
         "listen", "--mic", "-m", str(tiny_bundle), env={"XDG_RUNTIME_DIR": str(tmp_path), "PULSE_SERVER": "unix:/nope"}
     )
     assert res.returncode == 1 and "no audio input device" in res.stderr and "Traceback" not in res.stderr
-    res = run_cli("listen", "--mic", "--input", "99", "-m", str(tiny_bundle), env=pulse)
-    assert res.returncode == 1 and "--list-devices" in res.stderr and "Traceback" not in res.stderr
+    # a device index or name that is not there: said before the model loads
+    for wrong, why in (("99", "Error querying device 99"), ("nosuch", "No input device matching 'nosuch'")):
+        res = run_cli("listen", "--mic", "--input", wrong, "-m", str(tiny_bundle), env=pulse)
+        assert res.returncode == 1 and "Traceback" not in res.stderr, res.stderr[-2000:]
+        assert (
+            f"no input device {wrong if wrong == '99' else repr(wrong)} ({why}); see `edge-af3 listen --list-devices`"
+            in (res.stderr)
+        )
+        assert "listening to" not in res.stderr and "encoder engine" not in res.stderr  # nothing was loaded
     res = run_cli("listen", "--list-devices", "--json", env=pulse)
     assert res.returncode == 0 and any(d["name"] == "pulse" for d in json.loads(res.stdout))
     # the device vanishes mid-stream: the only source of a second audio server is unloaded
