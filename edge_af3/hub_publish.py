@@ -10,7 +10,7 @@ from pathlib import Path
 from .bundle import MANIFEST, encoder_files
 from .errors import OptionsError
 from .hub import read_bundles, variants
-from .quants import CPU_ENCODER_GRAPHS
+from .quants import stored_attention
 
 # the source checkpoints whose licence we know: NVIDIA's, carried over, never relicensed
 NVIDIA_LICENSE = (
@@ -114,8 +114,9 @@ def card(m: dict, repo_id: str) -> str:
             size = sum(m["files"][n]["bytes"] for n in files_for(m, q, p))
             need = need_bytes(m, q, p)
             fits = ", ".join(t for t, (budget, _) in TARGETS.items() if need <= budget) or "none of the targets"
-            attention = enc_v[p].get("attention") or ("per-head" if p in CPU_ENCODER_GRAPHS else "batched")
-            lines.append(f"| {q} | {p} | {attention} | {size / GIB:.2f} GiB | {need / GIB:.2f} GiB | {fits} |")
+            lines.append(
+                f"| {q} | {p} | {stored_attention(enc_v[p])} | {size / GIB:.2f} GiB | {need / GIB:.2f} GiB | {fits} |"
+            )
     lines += ["", f"## Parity (from the manifest of the {next(iter(llm_v))} / {next(iter(enc_v))} export)", ""]
     for name, check in (m.get("verification") or {}).items():
         figures = ", ".join(f"{k} {v:.4g}" for k, v in check.items() if isinstance(v, float))

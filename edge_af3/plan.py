@@ -16,7 +16,7 @@ from pathlib import Path
 from .constants import DEFAULT_N_CTX, ROWS_PER_WINDOW
 from .errors import OptionsError
 from .family import Family
-from .quants import CPU_ENCODER_GRAPHS, resolve_encoder_attention
+from .quants import CPU_ENCODER_GRAPHS, resolve_encoder_attention, stored_attention
 
 GIB = 1 << 30
 
@@ -133,8 +133,7 @@ def plan(bundle, **settings) -> dict:
     onnx_bytes = sum(m["files"][n]["bytes"] for n in encoder_files(m))
     llm = (b.llm.name, b.llm.stat().st_size, llm_shape(b.llm))
     stored = m["encoder"]["precision"]
-    # bundles from before `encoder.attention` was recorded: per-head exactly for the CPU graphs
-    per_head = m["encoder"].get("attention", "per-head" if stored in CPU_ENCODER_GRAPHS else "batched") == "per-head"
+    per_head = stored_attention(m["encoder"]) == "per-head"
     encoder = (onnx_bytes, stored, int(m["model"]["encoder_hidden"]), per_head)
     return _plan(str(b.path), llm, encoder, max_windows=Family.from_manifest(m).max_windows, **settings)
 

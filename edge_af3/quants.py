@@ -79,6 +79,21 @@ def exact_quant(quant: str, exact: bool) -> str:
     return "f32" if exact and quant == "auto" else quant
 
 
+def check_encoder_attention(attention: str) -> str:
+    """A known attention layout (or auto), else OptionsError naming the choices."""
+    if attention not in ("auto",) + ENCODER_ATTENTIONS:
+        raise OptionsError(
+            f"unknown encoder attention {attention!r}; choose auto or one of {', '.join(ENCODER_ATTENTIONS)}"
+        )
+    return attention
+
+
+def stored_attention(encoder: dict) -> str:
+    """The attention layout of a bundle's encoder (its manifest's `encoder` entry); a manifest from
+    before the layout was recorded: per-head exactly for the CPU graphs, as exports were then."""
+    return encoder.get("attention") or ("per-head" if encoder["precision"] in CPU_ENCODER_GRAPHS else "batched")
+
+
 def resolve_encoder_attention(attention: str = "auto", precision: str = "fp32") -> str:
     """`attention` itself, or what `auto` picks for a graph of `precision`: per-head for the CPU
     graphs (int8, mixed) and for fp32 exported on a machine without a CUDA GPU; batched for fp16
@@ -86,11 +101,7 @@ def resolve_encoder_attention(attention: str = "auto", precision: str = "fp32") 
     rows (cosine 1.000000 against batched) and ONNX Runtime runs it faster and in less memory:
     per window 2929 against 3709 ms on an AVX2 AMD EPYC Zen 3, 1022 against 1087 ms on a Zen 4,
     activation peak ~540 against ~920 MB on both (bench-small; docs/cpu.md)."""
-    if attention not in ("auto",) + ENCODER_ATTENTIONS:
-        raise OptionsError(
-            f"unknown encoder attention {attention!r}; choose auto or one of {', '.join(ENCODER_ATTENTIONS)}"
-        )
-    if attention != "auto":
+    if check_encoder_attention(attention) != "auto":
         return attention
     if precision in CPU_ENCODER_GRAPHS:
         return "per-head"

@@ -39,7 +39,13 @@ from ..constants import (
 )
 from ..errors import OptionsError
 from ..family import Family, row_times
-from ..quants import ENCODER_ATTENTIONS, auto_quant, check_quant, resolve_encoder_attention, resolve_encoder_precision
+from ..quants import (
+    auto_quant,
+    check_encoder_attention,
+    check_quant,
+    resolve_encoder_attention,
+    resolve_encoder_precision,
+)
 from .adapters import export_adapters
 from .gate import ParityError, gate  # noqa: F401 - ParityError: what export() raises
 from .gguf_llm import quantize, require_lm_head, write_gguf
@@ -237,10 +243,7 @@ def export(
         raise OptionsError(
             f"unknown encoder precision {encoder_precision!r}; choose auto or one of {', '.join(PRECISIONS)}"
         )
-    if encoder_attention not in ("auto",) + ENCODER_ATTENTIONS:
-        raise OptionsError(
-            f"unknown encoder attention {encoder_attention!r}; choose auto or one of {', '.join(ENCODER_ATTENTIONS)}"
-        )
+    check_encoder_attention(encoder_attention)
     if mmproj_type not in MMPROJ_TYPES:
         raise OptionsError(f"unknown mmproj type {mmproj_type!r}; choose one of {', '.join(MMPROJ_TYPES)}")
     out = Path(out).expanduser().resolve()
